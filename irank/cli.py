@@ -1,0 +1,347 @@
+"""The `irank` command: a thin typer layer over the library functions. No math and no file formats here.
+
+Exit codes: 0 success; 1 an internal error (a bug: please report it); 2 a command line that does not
+parse (unknown flag, missing argument); 3 bad input (a file, row or flag named in the message);
+130 interrupted (Ctrl-C): no output was written.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .evaluation import evaluate as run_evaluate
+from ._version import __version__
+from .errors import IrankError, UsageError
+from .files import is_stdio
+from .loading import ModelOptions, RunOptions
+from .progress import RichReporter
+
+EXIT_INPUT_ERROR = 3
+EXIT_INTERRUPTED = 130
+
+app = typer.Typer(
+    name="irank",
+    help=(
+        "Find mislabeled training samples by their influence on a trained classifier's decision boundary, "
+        "remove them and refine the model.\n\n"
+        "Stages read and write plain files: score → prune → refine. "
+        "Exit codes: 0 ok, 2 bad command line, 3 bad input (named in the message), 130 interrupted, 1 internal error."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+stdout = Console(highlight=False)
+
+
+class Method(str, Enum):
+    influence = "influence"
+    loss = "loss"
+    margin = "margin"
+    gradnorm = "gradnorm"
+
+
+class Measure(str, Enum):
+    self_influence = "self-influence"
+    boundary_shift = "boundary-shift"
+    parameter_shift = "parameter-shift"
+
+
+class Curvature(str, Enum):
+    auto = "auto"
+    exact = "exact"
+    kfac = "kfac"
+
+
+class Scope(str, Enum):
+    head = "head"
+    full = "full"
+
+
+class Augment(str, Enum):
+    none = "none"
+    flip = "flip"
+    crop_flip = "crop-flip"
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+MODEL = "Model and preprocessing"
+RUN = "Running"
+# Options shared by the commands that load a checkpoint.
+ArchOpt = Annotated[Optional[str], typer.Option(
+    help="Architecture when the checkpoint has no irank metadata: a built-in (tiny-cnn, small-cnn), a torchvision "
+    "model name (resnet18, ...), 'module.path:factory' or 'file.py:factory' (called with num_classes=C).",
+    rich_help_panel=MODEL)]
+HeadOpt = Annotated[Optional[str], typer.Option(help="Name of the head module (default: the last nn.Linear).", rich_help_panel=MODEL)]
+ClassesOpt = Annotated[Optional[Path], typer.Option(
+    help="Class list, one name per line, when the checkpoint has none (default: sorted unique labels).", rich_help_panel=MODEL)]
+PresetOpt = Annotated[Optional[str], typer.Option(
+    "--preprocess", help="Preprocessing preset: imagenet (resize 256, crop 224) or cifar10 (32, CIFAR mean/std).", rich_help_panel=MODEL)]
+ImageSizeOpt = Annotated[Optional[int], typer.Option(help="Centre-crop images to this size (after --resize).", rich_help_panel=MODEL)]
+ResizeOpt = Annotated[Optional[int], typer.Option(help="Resize the shorter side of images to this size first.", rich_help_panel=MODEL)]
+MeanOpt = Annotated[Optional[str], typer.Option(help="Normalization mean per channel, e.g. 0.5 or 0.485,0.456,0.406.", rich_help_panel=MODEL)]
+StdOpt = Annotated[Optional[str], typer.Option(help="Normalization std per channel, e.g. 0.5 or 0.229,0.224,0.225.", rich_help_panel=MODEL)]
+DeviceOpt = Annotated[Device, typer.Option(help="Where to run the model: auto picks CUDA when present.", rich_help_panel=RUN)]
+BatchOpt = Annotated[int, typer.Option(help="Images per batch.", rich_help_panel=RUN)]
+WorkersOpt = Annotated[int, typer.Option(help="DataLoader worker processes for image decoding.", rich_help_panel=RUN)]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or messages on stderr.", rich_help_panel=RUN)]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON summary on stdout.", rich_help_panel=RUN)]
+
+
+def model_options(arch, head, classes, preprocess, image_size, resize, mean, std) -> ModelOptions:
+    return ModelOptions(arch=arch, head=head, classes=str(classes) if classes else None, preprocess=preprocess,
+                        image_size=image_size, resize=resize, mean=mean, std=std)
+
+
+def print_json(payload: dict) -> None:
+    sys.stdout.write(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+
+
+@app.command()
+def score(
+    checkpoint: Annotated[Path, typer.Argument(help="Trained model: .safetensors, or a .pt/.pth state dict.")],
+    manifest: Annotated[Path, typer.Argument(help="Samples to score: CSV/TSV/JSONL/Parquet with path and label columns.")],
+    output: Annotated[str, typer.Option("-o", "--output", help="Scores table (CSV); '-' writes it to stdout.")],
+    method: Annotated[Method, typer.Option(help="influence: the sample's influence on the head's decision boundary; "
+                                           "loss, margin, gradnorm: baselines read off the same forward pass.")] = Method.influence,
+    influence_measure: Annotated[Measure, typer.Option(help="With --method influence: self-influence (rise of its own loss "
+                                                       "if left out), boundary-shift (mean squared change of all logits) "
+                                                       "or parameter-shift (‖Δθ‖).")] = Measure.self_influence,
+    curvature: Annotated[Curvature, typer.Option(help="Head curvature: exact Gauss-Newton, Kronecker-factored (kfac), "
+                                                 "or auto (exact when small).")] = Curvature.auto,
+    damping: Annotated[float, typer.Option(help="Damping, relative to the mean eigenvalue of the curvature.")] = 0.01,
+    arch: ArchOpt = None, head: HeadOpt = None, classes: ClassesOpt = None, preprocess: PresetOpt = None,
+    image_size: ImageSizeOpt = None, resize: ResizeOpt = None, mean: MeanOpt = None, std: StdOpt = None,
+    device: DeviceOpt = Device.auto, batch_size: BatchOpt = 128, num_workers: WorkersOpt = 0,
+    quiet: QuietOpt = False, json_out: JsonOpt = False,
+) -> None:
+    """Score every sample's influence and write the influential rank (rank 1 = the first to suspect).
+
+    One forward pass over the manifest; the CSV is sorted by rank with the columns rank, id, path, label, predicted, label_prob, predicted_prob, loss, score, class_rank and then the manifest's own columns. A sidecar SCORES.json records the parameters and the sha256 of the inputs.
+
+    Example: irank score model.safetensors train.csv -o scores.csv
+    """
+    from .scoring import score as run_score
+
+    if json_out and is_stdio(output):
+        raise UsageError("--json and -o - both write to stdout; pick one")
+    reporter = RichReporter(quiet)
+    result = run_score(
+        str(checkpoint), str(manifest), output=output, method=method.value, influence_measure=influence_measure.value,
+        curvature=curvature.value, damping=damping,
+        model_options=model_options(arch, head, classes, preprocess, image_size, resize, mean, std),
+        run_options=RunOptions(device=device.value, batch_size=batch_size, num_workers=num_workers), reporter=reporter,
+    )
+    if not is_stdio(output):
+        reporter.info(f"wrote {output} ({len(result.table)} rows) and {output}.json")
+    if json_out:
+        print_json({**result.sidecar, "output": output})
+
+
+@app.command()
+def prune(
+    scores: Annotated[str, typer.Argument(help="Scores table from irank score; '-' reads it from stdin.")],
+    manifest: Annotated[Path, typer.Argument(help="The manifest that was scored.")],
+    output: Annotated[str, typer.Option("-o", "--output", help="Kept manifest: the input's rows, columns and order minus the removed rows.")],
+    fraction: Annotated[Optional[float], typer.Option(help="Remove this share of the rows (0 < F < 1), most influential first.")] = None,
+    count: Annotated[Optional[int], typer.Option(help="Remove this many rows (per class with --per-class).")] = None,
+    min_score: Annotated[Optional[float], typer.Option(help="Remove every row whose score is at least this.")] = None,
+    per_class: Annotated[bool, typer.Option("--per-class", help="Take the same fraction (or count) from each class, by class_rank.")] = False,
+    min_per_class: Annotated[int, typer.Option(help="Never keep fewer than this many rows of a class.")] = 1,
+    removed: Annotated[Optional[str], typer.Option(help="Also write the removed rows (with rank, class_rank, score) here.")] = None,
+    quiet: QuietOpt = False, json_out: JsonOpt = False,
+) -> None:
+    """Remove the most influential rows from a manifest. Needs no model.
+
+    Example: irank score ck.safetensors train.csv -o - | irank prune - train.csv --fraction 0.1 -o clean.csv
+    """
+    from .prune import prune as run_prune
+
+    if json_out and is_stdio(output):
+        raise UsageError("--json and -o - both write to stdout; pick one")
+    reporter = RichReporter(quiet)
+    result = run_prune(scores, str(manifest), output=output, removed_output=removed, fraction=fraction, count=count,
+                       min_score=min_score, per_class=per_class, min_per_class=min_per_class)
+    summary = result.summary
+    reporter.info(f"kept {summary['kept_rows']} of {summary['input_rows']} rows, removed {summary['removed_rows']}")
+    if summary["unscored_rows_kept"]:
+        reporter.warn(f"{summary['unscored_rows_kept']} manifest rows had no score and were kept")
+    if json_out:
+        print_json({**summary, "output": output, "removed_output": removed})
+
+
+def _train_options(scope, epochs, lr, weight_decay, augment, seed):
+    from .refine import TrainOptions
+
+    return TrainOptions(scope=scope.value, epochs=epochs, lr=lr, weight_decay=weight_decay, augment=augment.value, seed=seed)
+
+
+@app.command()
+def refine(
+    checkpoint: Annotated[Path, typer.Argument(help="The model to fine-tune.")],
+    manifest: Annotated[Path, typer.Argument(help="The (cleaned) manifest to fine-tune on.")],
+    output: Annotated[str, typer.Option("-o", "--output", help="Refined checkpoint (.safetensors, with irank metadata).")],
+    scope: Annotated[Scope, typer.Option(help="head: train the last linear layer only, on features computed once; full: the whole network.")] = Scope.head,
+    epochs: Annotated[int, typer.Option(help="Passes over the manifest.")] = 5,
+    lr: Annotated[float, typer.Option(help="Peak learning rate of SGD with momentum 0.9 (cosine decay).")] = 0.01,
+    weight_decay: Annotated[float, typer.Option(help="L2 weight decay.")] = 5e-4,
+    augment: Annotated[Augment, typer.Option(help="Training augmentation.")] = Augment.none,
+    seed: Annotated[int, typer.Option(help="Seed for shuffling and augmentation.")] = 0,
+    val: Annotated[Optional[Path], typer.Option(help="Clean labelled manifest: accuracy after every epoch, the best epoch is kept.")] = None,
+    arch: ArchOpt = None, head: HeadOpt = None, classes: ClassesOpt = None, preprocess: PresetOpt = None,
+    image_size: ImageSizeOpt = None, resize: ResizeOpt = None, mean: MeanOpt = None, std: StdOpt = None,
+    device: DeviceOpt = Device.auto, batch_size: BatchOpt = 128, num_workers: WorkersOpt = 0,
+    quiet: QuietOpt = False, json_out: JsonOpt = False,
+) -> None:
+    """Fine-tune a checkpoint on a manifest and save it as safetensors that score and eval load with no flags.
+
+    Example: irank refine model.safetensors clean.csv -o refined.safetensors --scope full --epochs 3
+    """
+    from .refine import refine as run_refine
+
+    reporter = RichReporter(quiet)
+    result = run_refine(
+        str(checkpoint), str(manifest), output=output, train_options=_train_options(scope, epochs, lr, weight_decay, augment, seed),
+        val=str(val) if val else None, model_options=model_options(arch, head, classes, preprocess, image_size, resize, mean, std),
+        run_options=RunOptions(device=device.value, batch_size=batch_size, num_workers=num_workers), reporter=reporter,
+    )
+    reporter.info(f"wrote {output} (best epoch {result.best_epoch})")
+    if json_out:
+        print_json({"output": output, "best_epoch": result.best_epoch, "history": result.history})
+
+
+@app.command()
+def train(
+    arch: Annotated[str, typer.Argument(help="Architecture to build from random weights (tiny-cnn, small-cnn, resnet18, module:factory, ...).")],
+    manifest: Annotated[Path, typer.Argument(help="Labelled manifest to train on.")],
+    output: Annotated[str, typer.Option("-o", "--output", help="Trained checkpoint (.safetensors).")],
+    epochs: Annotated[int, typer.Option(help="Passes over the manifest.")] = 20,
+    lr: Annotated[float, typer.Option(help="Peak learning rate of SGD with momentum 0.9 (cosine decay).")] = 0.05,
+    weight_decay: Annotated[float, typer.Option(help="L2 weight decay.")] = 5e-4,
+    augment: Annotated[Augment, typer.Option(help="Training augmentation.")] = Augment.none,
+    seed: Annotated[int, typer.Option(help="Seed for initialization, shuffling and augmentation.")] = 0,
+    val: Annotated[Optional[Path], typer.Option(help="Labelled manifest scored after every epoch; the best epoch is kept.")] = None,
+    classes: ClassesOpt = None, preprocess: PresetOpt = None,
+    image_size: ImageSizeOpt = None, resize: ResizeOpt = None, mean: MeanOpt = None, std: StdOpt = None,
+    device: DeviceOpt = Device.auto, batch_size: BatchOpt = 128, num_workers: WorkersOpt = 0,
+    quiet: QuietOpt = False, json_out: JsonOpt = False,
+) -> None:
+    """Train a classifier from scratch (all layers), e.g. to get a base model for the demo or a benchmark."""
+    from .refine import train as run_train
+
+    reporter = RichReporter(quiet)
+    result = run_train(
+        arch, str(manifest), output=output, train_options=_train_options(Scope.full, epochs, lr, weight_decay, augment, seed),
+        val=str(val) if val else None, model_options=model_options(None, None, classes, preprocess, image_size, resize, mean, std),
+        run_options=RunOptions(device=device.value, batch_size=batch_size, num_workers=num_workers), reporter=reporter,
+    )
+    reporter.info(f"wrote {output}")
+    if json_out:
+        print_json({"output": output, "best_epoch": result.best_epoch, "history": result.history})
+
+
+@app.command("eval")
+def eval_command(
+    checkpoint: Annotated[Path, typer.Argument(help="The model to evaluate.")],
+    manifest: Annotated[Path, typer.Argument(help="Labelled manifest (ideally clean labels).")],
+    arch: ArchOpt = None, head: HeadOpt = None, classes: ClassesOpt = None, preprocess: PresetOpt = None,
+    image_size: ImageSizeOpt = None, resize: ResizeOpt = None, mean: MeanOpt = None, std: StdOpt = None,
+    device: DeviceOpt = Device.auto, batch_size: BatchOpt = 128, num_workers: WorkersOpt = 0,
+    quiet: QuietOpt = False, json_out: JsonOpt = False,
+) -> None:
+    """Accuracy of a checkpoint on a manifest, overall and per class.
+
+    Example: irank eval refined.safetensors test.csv --json
+    """
+    report = run_evaluate(
+        str(checkpoint), str(manifest), model_options=model_options(arch, head, classes, preprocess, image_size, resize, mean, std),
+        run_options=RunOptions(device=device.value, batch_size=batch_size, num_workers=num_workers), reporter=RichReporter(quiet),
+    )
+    if json_out:
+        print_json(report)
+        return
+    table = Table(title=f"{checkpoint} on {manifest}")
+    table.add_column("class")
+    table.add_column("samples", justify="right")
+    table.add_column("accuracy", justify="right")
+    for name, row in report["per_class"].items():
+        table.add_row(name, str(row["count"]), f"{row['accuracy']:.4f}")
+    table.add_row("[bold]all", str(report["num_samples"]), f"[bold]{report['accuracy']:.4f}")
+    stdout.print(table)
+
+
+@app.command()
+def manifest(
+    image_dir: Annotated[Path, typer.Argument(help="An ImageFolder tree: IMAGE_DIR/<class>/<image>.")],
+    output: Annotated[str, typer.Option("-o", "--output", help="Manifest to write (CSV/TSV/JSONL/Parquet by extension; '-' for stdout).")],
+    quiet: QuietOpt = False,
+) -> None:
+    """Write a manifest (path, label) for an ImageFolder tree; paths are relative to the manifest's folder."""
+    from .manifest import manifest_from_folder, write_table
+
+    table = manifest_from_folder(image_dir, output)
+    write_table(table, output)
+    if not is_stdio(output):
+        RichReporter(quiet).info(f"wrote {output}: {len(table)} images in {table['label'].nunique()} classes")
+
+
+@app.command()
+def demo(
+    folder: Annotated[Path, typer.Argument(help="Where to write the demo's data, models and tables.")] = Path("irank-demo"),
+    noise: Annotated[float, typer.Option(help="Share of training labels flipped to a wrong class.")] = 0.25,
+    seed: Annotated[int, typer.Option(help="Seed for the data and the training.")] = 0,
+    quiet: QuietOpt = False, json_out: JsonOpt = False,
+) -> None:
+    """Run the whole pipeline offline on a small generated image set with flipped labels (about a minute on 2 CPU cores).
+
+    Makes the data, trains a small CNN on the noisy labels, then score → prune → refine, and reports how many flipped labels the influential rank caught and the test accuracy before and after.
+    """
+    from .demo import run_demo
+
+    reporter = RichReporter(quiet)
+    summary = run_demo(folder, noise=noise, seed=seed, reporter=reporter)
+    if json_out:
+        print_json(summary)
+        return
+    table = Table(title="irank demo")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    for label, value in summary["display"]:
+        table.add_row(label, value)
+    stdout.print(table)
+
+
+@app.command()
+def version() -> None:
+    """Print irank's version."""
+    sys.stdout.write(f"irank {__version__}\n")
+
+
+def main() -> None:
+    """Entry point: turns IrankError into one line on stderr and exit code 3, Ctrl-C into 130."""
+    try:
+        app()
+    except IrankError as error:
+        Console(stderr=True, highlight=False).print(f"irank: error: {error}", markup=False, soft_wrap=True)
+        sys.exit(error.exit_code)
+    except OSError as error:  # a file the user named cannot be read or written (permissions, full disk)
+        where = f": {error.filename}" if error.filename else ""
+        Console(stderr=True, highlight=False).print(f"irank: error: {error.strerror or error}{where}", markup=False, soft_wrap=True)
+        sys.exit(EXIT_INPUT_ERROR)
+    except KeyboardInterrupt:
+        Console(stderr=True, highlight=False).print("irank: interrupted; no partial output was written", markup=False)
+        sys.exit(EXIT_INTERRUPTED)

@@ -1,0 +1,186 @@
+"""Datasets and transforms built from a manifest and a preprocessing spec."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+
+from .errors import ImageError, UsageError
+
+PRESETS = {
+    "imagenet": {"resize": 256, "image_size": 224, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)},
+    "cifar10": {"resize": None, "image_size": 32, "mean": (0.4914, 0.4822, 0.4465), "std": (0.2470, 0.2435, 0.2616)},
+    "none": {"resize": None, "image_size": None, "mean": (0.0,), "std": (1.0,)},
+}
+AUGMENTS = ("none", "flip", "crop-flip")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How an image file becomes a tensor: optional resize (shorter side), centre crop, normalization."""
+
+    image_size: int | None = None
+    resize: int | None = None
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "Preprocess":
+        return cls(
+            image_size=values.get("image_size"),
+            resize=values.get("resize"),
+            mean=tuple(values.get("mean", (0.0,))),
+            std=tuple(values.get("std", (1.0,))),
+        )
+
+    def transform(self, augment: str = "none") -> transforms.Compose:
+        steps: list = []
+        if self.resize:
+            steps.append(transforms.Resize(self.resize))
+        if self.image_size:
+            if not self.resize:
+                steps.append(transforms.Resize(self.image_size))
+            steps.append(transforms.CenterCrop(self.image_size))
+        if augment == "crop-flip":
+            size = self.image_size
+            if not size:
+                raise UsageError("--augment crop-flip needs a known image size: pass --image-size")
+            steps.append(transforms.RandomCrop(size, padding=max(1, size // 8), padding_mode="reflect"))
+        if augment in ("flip", "crop-flip"):
+            steps.append(transforms.RandomHorizontalFlip())
+        steps += [transforms.ToTensor(), transforms.Normalize(self.mean, self.std)]
+        return transforms.Compose(steps)
+
+
+def parse_channels(text: str | None, flag: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise UsageError(f"{flag} {text!r}: expected one number or comma-separated numbers per channel") from None
+    if flag == "--std" and any(value <= 0 for value in values):
+        raise UsageError(f"{flag} {text!r}: every value must be positive")
+    return values
+
+
+def resolve_preprocess(
+    *,
+    stored: dict | None = None,
+    preset: str | None = None,
+    image_size: int | None = None,
+    resize: int | None = None,
+    mean: str | None = None,
+    std: str | None = None,
+) -> Preprocess:
+    """Flags override a preset, which overrides what the checkpoint stored, which overrides no-op defaults."""
+    values = dict(PRESETS["none"])
+    if stored:
+        values.update({key: stored[key] for key in values if key in stored})
+    if preset:
+        if preset not in PRESETS:
+            raise UsageError(f"--preprocess {preset}: unknown preset (choose from {', '.join(PRESETS)})")
+        values.update(PRESETS[preset])
+    for key, value in (("image_size", image_size), ("resize", resize)):
+        if value is not None:
+            if value <= 0:
+                raise UsageError(f"--{key.replace('_', '-')} {value}: must be positive")
+            values[key] = value
+    parsed_mean, parsed_std = parse_channels(mean, "--mean"), parse_channels(std, "--std")
+    if parsed_mean:
+        values["mean"] = parsed_mean
+    if parsed_std:
+        values["std"] = parsed_std
+    return Preprocess.from_dict(values)
+
+
+class ImageDataset(Dataset):
+    """Images of a manifest; each item is (tensor or None, row, error message or None)."""
+
+    def __init__(self, paths: list[Path], transform, rows: list[int] | None = None):
+        self.paths = paths
+        self.transform = transform
+        self.rows = rows if rows is not None else list(range(len(paths)))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, item: int):
+        row = self.rows[item]
+        path = self.paths[row]
+        try:
+            with Image.open(path) as image:
+                tensor = self.transform(image.convert("RGB"))
+        except FileNotFoundError:
+            return None, row, f"image {path} (row {row + 1}): no such file"
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+            return None, row, f"image {path} (row {row + 1}): cannot decode ({type(exc).__name__}: {exc})"
+        return tensor, row, None
+
+
+def collate_images(items):
+    """Stack a batch; a bad image or a size mismatch comes back as a message, raised by `batches`.
+
+    (Raising inside a DataLoader worker would wrap the message in a traceback.)
+    """
+    rows = torch.tensor([row for _, row, _ in items], dtype=torch.long)
+    for _, _, error in items:
+        if error:
+            return None, rows, error
+    tensors = [tensor for tensor, _, _ in items]
+    shapes = sorted({tuple(t.shape) for t in tensors})
+    if len(shapes) > 1:
+        first, second = shapes[:2]
+        return None, rows, (
+            f"images differ in size ({first[1]}x{first[2]} and {second[1]}x{second[2]} in one batch); "
+            "pass --image-size (and --resize) to bring them to one size"
+        )
+    return torch.stack(tensors), rows, None
+
+
+def batches(loader):
+    """Yield (images, rows) from a loader built by `make_loader`, raising ImageError for bad input."""
+    for images, rows, error in loader:
+        if error:
+            raise ImageError(error)
+        yield images, rows
+
+
+def make_loader(
+    paths: list[Path],
+    preprocess: Preprocess,
+    *,
+    batch_size: int,
+    num_workers: int = 0,
+    augment: str = "none",
+    rows: list[int] | None = None,
+    shuffle: bool = False,
+    seed: int = 0,
+    drop_last: bool = False,
+) -> DataLoader:
+    if batch_size <= 0:
+        raise UsageError(f"--batch-size {batch_size}: must be positive")
+    if num_workers < 0:
+        raise UsageError(f"--num-workers {num_workers}: must be 0 or more")
+    if augment not in AUGMENTS:
+        raise UsageError(f"--augment {augment}: choose from {', '.join(AUGMENTS)}")
+    dataset = ImageDataset(paths, preprocess.transform(augment), rows)
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        collate_fn=collate_images,
+        generator=generator,
+        drop_last=drop_last,
+        persistent_workers=False,
+    )

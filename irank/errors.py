@@ -1,0 +1,27 @@
+"""Errors a user can cause. The CLI turns each into one line on stderr and a stable exit code."""
+
+
+class IrankError(Exception):
+    """Base class: bad input, named by file, row or flag. Exit code 3."""
+
+    exit_code = 3
+
+
+class UsageError(IrankError):
+    """A flag or a combination of flags that cannot work."""
+
+
+class ManifestError(IrankError):
+    """A manifest that cannot be read or does not validate."""
+
+
+class CheckpointError(IrankError):
+    """A checkpoint that cannot be loaded into the architecture."""
+
+
+class ImageError(IrankError):
+    """An image that is missing, unreadable or of the wrong size."""
+
+
+class NumericsError(IrankError):
+    """Non-finite values in what the model produced."""

@@ -1,0 +1,44 @@
+"""`irank eval`: accuracy of a checkpoint on a labelled manifest, overall and per class."""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import UsageError
+from .loading import ModelOptions, RunOptions, prepare
+from .progress import Reporter
+
+
+def accuracy_report(logits: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict:
+    """Overall accuracy and, for every class present, its accuracy and count."""
+    correct = logits.argmax(dim=1) == labels
+    per_class = {}
+    for index, name in enumerate(classes):
+        members = labels == index
+        count = int(members.sum())
+        if count:
+            per_class[name] = {"accuracy": float(correct[members].float().mean()), "count": count}
+    return {"accuracy": float(correct.float().mean()), "num_samples": len(labels), "per_class": per_class}
+
+
+def evaluate(
+    checkpoint: str,
+    manifest: str,
+    *,
+    model_options: ModelOptions | None = None,
+    run_options: RunOptions | None = None,
+    reporter: Reporter | None = None,
+) -> dict:
+    """Accuracy of `checkpoint` on the labels of `manifest`."""
+    from .scoring import run_forward
+
+    reporter = reporter or Reporter()
+    run_options = run_options or RunOptions()
+    if run_options.batch_size <= 0:
+        raise UsageError(f"--batch-size {run_options.batch_size}: must be positive")
+    prepared = prepare(checkpoint, manifest, model_options or ModelOptions())
+    outputs = run_forward(prepared, run_options, reporter)
+    report = accuracy_report(outputs.logits, torch.from_numpy(prepared.labels), prepared.classes)
+    report["checkpoint"] = checkpoint
+    report["manifest"] = manifest
+    return report

@@ -1,0 +1,74 @@
+"""The one forward pass: head inputs and logits for every sample, streamed in batches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from .data import batches
+from .errors import NumericsError
+from .progress import Reporter
+
+
+@dataclass
+class ForwardOutputs:
+    """Per-sample tensors, row-aligned with the manifest."""
+
+    head_inputs: torch.Tensor  # (n, D): what flows into the head, flattened
+    logits: torch.Tensor  # (n, C): what comes out of it
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        from .errors import UsageError
+
+        raise UsageError("--device cuda: no CUDA device is available here (use --device cpu or auto)")
+    return torch.device(name)
+
+
+def forward_pass(
+    model: nn.Module,
+    head: nn.Linear,
+    loader: DataLoader,
+    *,
+    num_rows: int,
+    device: torch.device,
+    reporter: Reporter | None = None,
+    description: str = "forward pass",
+) -> ForwardOutputs:
+    """Run the model once over the loader in eval mode, capturing the head's input and output."""
+    reporter = reporter or Reporter()
+    captured: dict[str, torch.Tensor] = {}
+
+    def hook(_module, inputs, output):
+        captured["inputs"] = inputs[0].detach()
+        captured["logits"] = output.detach()
+
+    head_inputs = torch.empty(num_rows, head.in_features, dtype=torch.float32)
+    logits = torch.empty(num_rows, head.out_features, dtype=torch.float32)
+    model.to(device).eval()
+    handle = head.register_forward_hook(hook)
+    try:
+        with torch.inference_mode(), reporter.task(description, len(loader)) as advance:
+            for images, rows in batches(loader):
+                model(images.to(device, non_blocking=True))
+                head_inputs[rows] = captured["inputs"].reshape(len(rows), -1).float().cpu()
+                logits[rows] = captured["logits"].reshape(len(rows), -1).float().cpu()
+                advance(1)
+    finally:
+        handle.remove()
+    check_finite(head_inputs, logits)
+    return ForwardOutputs(head_inputs=head_inputs, logits=logits)
+
+
+def check_finite(head_inputs: torch.Tensor, logits: torch.Tensor) -> None:
+    bad = ~torch.isfinite(logits).all(dim=1) | ~torch.isfinite(head_inputs).all(dim=1)
+    if bad.any():
+        rows = (torch.nonzero(bad).flatten() + 1).tolist()
+        shown = ", ".join(str(r) for r in rows[:8]) + (f" (+{len(rows) - 8} more)" if len(rows) > 8 else "")
+        raise NumericsError(f"the model produced NaN or infinite values in {len(rows)} rows (manifest rows {shown})")

@@ -1,0 +1,109 @@
+"""Open a checkpoint against a manifest: the model, its head, the class list and preprocessing.
+
+This is the shared first step of `score`, `eval` and `refine`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from ._version import __version__
+from .checkpoint import Checkpoint, build_model, find_head, load_weights, read_checkpoint
+from .data import Preprocess, resolve_preprocess
+from .errors import CheckpointError, UsageError
+from .manifest import Manifest, encode_labels, read_manifest, resolve_classes
+
+
+@dataclass
+class ModelOptions:
+    """How to build the model and read images, when the checkpoint's metadata does not say (or to override it)."""
+
+    arch: str | None = None
+    head: str | None = None
+    classes: str | None = None  # a file, one class name per line
+    preprocess: str | None = None  # preset name
+    image_size: int | None = None
+    resize: int | None = None
+    mean: str | None = None
+    std: str | None = None
+
+
+@dataclass
+class RunOptions:
+    device: str = "auto"
+    batch_size: int = 128
+    num_workers: int = 0
+
+
+@dataclass
+class Prepared:
+    checkpoint: Checkpoint | None  # None for a model built fresh by `irank train`
+    manifest: Manifest
+    model: nn.Module
+    head_name: str
+    head: nn.Linear
+    arch: str
+    classes: list[str]
+    class_source: str
+    labels: np.ndarray
+    preprocess: Preprocess
+    notes: list[str] = field(default_factory=list)
+
+    def metadata(self, **extra) -> dict:
+        """irank metadata for a checkpoint derived from this one."""
+        meta = {
+            "format": 1,
+            "irank_version": __version__,
+            "arch": self.arch,
+            "classes": self.classes,
+            "head": self.head_name,
+            "preprocess": self.preprocess.to_dict(),
+        }
+        meta.update(extra)
+        return meta
+
+
+def prepare(checkpoint_path: str | None, manifest_path: str, options: ModelOptions) -> Prepared:
+    """Load `checkpoint_path` (or, when it is None, build a fresh `options.arch`) for `manifest_path`."""
+    manifest = read_manifest(manifest_path)
+    checkpoint = read_checkpoint(checkpoint_path) if checkpoint_path else None
+    meta = checkpoint.metadata if checkpoint else {}
+    classes, class_source = resolve_classes(
+        manifest.labels, checkpoint_classes=meta.get("classes"), classes_file=options.classes
+    )
+    labels = encode_labels(manifest, classes)
+    arch = options.arch or meta.get("arch")
+    if not arch:
+        if checkpoint is None:
+            raise UsageError("--arch is needed to build a model")
+        raise UsageError(
+            f"checkpoint {checkpoint_path} has no irank metadata naming its architecture: pass --arch "
+            "(a torchvision model name such as resnet18, a built-in such as small-cnn, or module:factory)"
+        )
+    model = build_model(arch, len(classes))
+    if checkpoint is not None:
+        load_weights(model, checkpoint, arch)
+    head_name, head = find_head(model, options.head or meta.get("head"))
+    if head.out_features != len(classes):
+        raise CheckpointError(
+            f"the head {head_name} has {head.out_features} outputs but there are {len(classes)} classes "
+            f"(from {class_source}); pass --classes or --head"
+        )
+    preprocess = resolve_preprocess(
+        stored=meta.get("preprocess"),
+        preset=options.preprocess,
+        image_size=options.image_size,
+        resize=options.resize,
+        mean=options.mean,
+        std=options.std,
+    )
+    notes = [f"{len(classes)} classes from {class_source}", f"head: {head_name} ({head.in_features} → {head.out_features})"]
+    return Prepared(checkpoint, manifest, model, head_name, head, arch, classes, class_source, labels, preprocess, notes)
+
+
+def labels_tensor(prepared: Prepared) -> torch.Tensor:
+    return torch.from_numpy(prepared.labels)

@@ -1,0 +1,267 @@
+"""Manifests: read, validate and write the tables that list a data set's samples.
+
+A manifest has one row per sample with a `path` (relative to the manifest's folder, or absolute)
+and a `label` (a class name or an integer index), and optionally an `id` (default: the path).
+Every other column is the user's and is carried through every stage untouched.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .errors import ManifestError
+from .files import atomic_path, is_stdio
+
+FORMATS = {
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".tab": "tsv",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+
+
+def table_format(path: str | os.PathLike) -> str:
+    if is_stdio(path):
+        return "csv"
+    suffix = Path(path).suffix.lower()
+    if suffix not in FORMATS:
+        known = ", ".join(sorted(FORMATS))
+        raise ManifestError(f"{path}: unknown table format {suffix or '(no extension)'!r}; use one of {known}")
+    return FORMATS[suffix]
+
+
+def read_table(path: str | os.PathLike, *, what: str = "manifest") -> pd.DataFrame:
+    """Read a CSV/TSV/JSONL/Parquet table (or CSV from stdin for '-'), values kept as the user wrote them."""
+    fmt = table_format(path)
+    source = sys.stdin.buffer if is_stdio(path) else path
+    if not is_stdio(path):
+        if not Path(path).exists():
+            raise ManifestError(f"{what} {path}: no such file")
+        if Path(path).is_dir():
+            raise ManifestError(f"{what} {path}: is a folder, not a file")
+    try:
+        if fmt in ("csv", "tsv"):
+            if is_stdio(path):
+                source = io.BytesIO(sys.stdin.buffer.read())
+            table = pd.read_csv(
+                source,
+                sep="\t" if fmt == "tsv" else ",",
+                dtype=str,
+                keep_default_na=False,
+                encoding="utf-8-sig",
+            )
+        elif fmt == "jsonl":
+            table = pd.read_json(source, lines=True, dtype=False)
+        else:
+            try:
+                table = pd.read_parquet(source)
+            except ImportError as exc:
+                raise ManifestError(f"{what} {path}: reading Parquet needs pyarrow (pip install pyarrow)") from exc
+    except ManifestError:
+        raise
+    except pd.errors.EmptyDataError:
+        raise ManifestError(f"{what} {path}: the file is empty") from None
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"{what} {path}: not valid UTF-8 text (byte {exc.start})") from None
+    except (pd.errors.ParserError, ValueError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ManifestError(f"{what} {path}: cannot parse as {fmt}: {first_line}") from None
+    except OSError as exc:
+        raise ManifestError(f"{what} {path}: cannot read: {exc.strerror or exc}") from None
+    table.columns = [str(column) for column in table.columns]
+    return table
+
+
+def column_as_text(table: pd.DataFrame, column: str) -> list[str]:
+    """A column's values as strings, as the user wrote them (JSON numbers without a trailing .0)."""
+    values = []
+    for value in table[column].tolist():
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        values.append("" if value is None else str(value))
+    return values
+
+
+@dataclass
+class Manifest:
+    """A validated manifest: the user's table plus the columns irank reads from it."""
+
+    table: pd.DataFrame
+    source: str
+    root: Path
+    ids: list[str]
+    paths: list[str]
+    labels: list[str]
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def resolved_paths(self) -> list[Path]:
+        return [Path(p) if os.path.isabs(p) else self.root / p for p in self.paths]
+
+
+def read_manifest(path: str | os.PathLike, *, require_label: bool = True) -> Manifest:
+    table = read_table(path)
+    name = str(path)
+    needed = ["path", "label"] if require_label else ["path"]
+    missing = [column for column in needed if column not in table.columns]
+    if missing:
+        found = ", ".join(table.columns) or "none"
+        raise ManifestError(f"manifest {name}: missing column {' and '.join(repr(m) for m in missing)} (columns found: {found})")
+    if len(table) == 0:
+        raise ManifestError(f"manifest {name}: has a header but no rows")
+    paths = column_as_text(table, "path")
+    labels = column_as_text(table, "label") if "label" in table.columns else [""] * len(table)
+    ids = column_as_text(table, "id") if "id" in table.columns else list(paths)
+    for row, (sample_path, label, sample_id) in enumerate(zip(paths, labels, ids), start=1):
+        if not sample_path.strip():
+            raise ManifestError(f"manifest {name}: row {row} has an empty path")
+        if require_label and not label.strip():
+            raise ManifestError(f"manifest {name}: row {row} has an empty label")
+        if not sample_id.strip():
+            raise ManifestError(f"manifest {name}: row {row} has an empty id")
+    first_row: dict[str, int] = {}
+    for row, sample_id in enumerate(ids, start=1):
+        if sample_id in first_row:
+            raise ManifestError(
+                f"manifest {name}: duplicate id {sample_id!r} in rows {first_row[sample_id]} and {row}"
+            )
+        first_row[sample_id] = row
+    root = Path.cwd() if is_stdio(path) else Path(path).resolve().parent
+    return Manifest(table=table, source=name, root=root, ids=ids, paths=paths, labels=labels)
+
+
+def _is_int(text: str) -> bool:
+    text = text.strip()
+    return text.lstrip("-").isdigit()
+
+
+def read_classes_file(path: str | os.PathLike) -> list[str]:
+    try:
+        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
+    except FileNotFoundError:
+        raise ManifestError(f"--classes {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"--classes {path}: cannot read: {exc}") from None
+    classes = [line.strip() for line in lines if line.strip()]
+    if not classes:
+        raise ManifestError(f"--classes {path}: no class names in the file")
+    if len(set(classes)) != len(classes):
+        raise ManifestError(f"--classes {path}: a class name is listed twice")
+    return classes
+
+
+def resolve_classes(
+    labels: list[str], *, checkpoint_classes: list[str] | None = None, classes_file: str | None = None
+) -> tuple[list[str], str]:
+    """The class list and where it came from: checkpoint metadata, else --classes, else the labels."""
+    if checkpoint_classes:
+        return list(checkpoint_classes), "the checkpoint's metadata"
+    if classes_file:
+        return read_classes_file(classes_file), f"--classes {classes_file}"
+    unique = sorted(set(labels))
+    if all(_is_int(label) for label in unique):
+        top = max(int(label) for label in unique)
+        if min(int(label) for label in unique) < 0:
+            raise ManifestError("labels are integers but one is negative; class indices start at 0")
+        return [str(index) for index in range(top + 1)], "the integer labels (classes 0..max)"
+    return unique, "the sorted unique labels of the manifest"
+
+
+def encode_labels(manifest: Manifest, classes: list[str]) -> np.ndarray:
+    """Class index of every row; a label may be a class name or an integer index into `classes`."""
+    index_of = {name: index for index, name in enumerate(classes)}
+    encoded = np.empty(len(manifest), dtype=np.int64)
+    for row, label in enumerate(manifest.labels):
+        if label in index_of:
+            encoded[row] = index_of[label]
+        elif _is_int(label) and 0 <= int(label) < len(classes):
+            encoded[row] = int(label)
+        else:
+            shown = ", ".join(classes[:12]) + (", ..." if len(classes) > 12 else "")
+            raise ManifestError(
+                f"manifest {manifest.source}: row {row + 1}: label {label!r} is not in the class list ({shown})"
+            )
+    return encoded
+
+
+def write_table(table: pd.DataFrame, path: str | os.PathLike) -> None:
+    """Write a table atomically in the format its extension names; '-' writes CSV to stdout."""
+    if is_stdio(path):
+        sys.stdout.write(table.to_csv(index=False))
+        sys.stdout.flush()
+        return
+    fmt = table_format(path)
+    with atomic_path(path) as tmp:
+        if fmt == "csv":
+            table.to_csv(tmp, index=False)
+        elif fmt == "tsv":
+            table.to_csv(tmp, index=False, sep="\t")
+        elif fmt == "jsonl":
+            table.to_json(tmp, orient="records", lines=True, force_ascii=False)
+        else:
+            try:
+                table.to_parquet(tmp, index=False)
+            except ImportError as exc:
+                raise ManifestError(f"{path}: writing Parquet needs pyarrow (pip install pyarrow)") from exc
+
+
+def manifest_from_folder(image_dir: str | os.PathLike, output: str | os.PathLike) -> pd.DataFrame:
+    """An ImageFolder tree (`class/xxx.jpg`) as a manifest table, paths relative to the output's folder."""
+    root = Path(image_dir)
+    if not root.is_dir():
+        raise ManifestError(f"{image_dir}: not a folder")
+    out_dir = Path(output).resolve().parent if not is_stdio(output) else Path.cwd()
+    rows = []
+    for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        for image in sorted(class_dir.rglob("*")):
+            if image.is_file() and image.suffix.lower() in IMAGE_SUFFIXES:
+                absolute = image.resolve()
+                try:
+                    shown = os.path.relpath(absolute, out_dir)
+                except ValueError:
+                    shown = str(absolute)
+                rows.append({"path": Path(shown).as_posix(), "label": class_dir.name})
+    if not rows:
+        raise ManifestError(f"{image_dir}: no images found in class sub-folders (expected {image_dir}/<class>/<image>)")
+    return pd.DataFrame(rows, columns=["path", "label"])
+
+
+def rebase_paths(table: pd.DataFrame, source_root: Path, output: str | os.PathLike) -> pd.DataFrame:
+    """The table with relative paths rewritten to resolve from the output's folder.
+
+    A manifest written to another folder keeps pointing at the same files. When paths change and
+    the table has no `id` column, one is added holding the original paths, so ids stay stable.
+    """
+    target_root = Path.cwd() if is_stdio(output) else Path(output).resolve().parent
+    if target_root == source_root.resolve():
+        return table
+    original = column_as_text(table, "path")
+    rebased = []
+    for value in original:
+        if os.path.isabs(value):
+            rebased.append(value)
+        else:
+            absolute = os.path.normpath(source_root / value)
+            try:
+                rebased.append(Path(os.path.relpath(absolute, target_root)).as_posix())
+            except ValueError:
+                rebased.append(absolute)
+    if rebased == original:
+        return table
+    table = table.copy()
+    if "id" not in table.columns:
+        table.insert(0, "id", original)
+    table["path"] = rebased
+    return table

@@ -1,0 +1,174 @@
+"""`irank prune`: a scores table + the manifest → the kept manifest and the removed rows. No model needed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from ._version import __version__
+from .errors import ManifestError, UsageError
+from .files import check_outputs_clear_of_inputs, is_stdio, sha256_file, write_json_atomic
+from .manifest import read_manifest, read_table, rebase_paths, table_format, write_table
+
+SCORE_COLUMNS = ("id", "label", "rank", "class_rank", "score")
+
+
+def validate_rule(*, fraction: float | None, count: int | None, min_score: float | None, min_per_class: int) -> None:
+    """Refuse a pruning rule that cannot work, before any file is read."""
+    chosen = [name for name, value in (("--fraction", fraction), ("--count", count), ("--min-score", min_score)) if value is not None]
+    if len(chosen) != 1:
+        raise UsageError("give exactly one of --fraction, --count or --min-score" + (f" (got {', '.join(chosen)})" if chosen else ""))
+    if fraction is not None and not 0 < fraction < 1:
+        raise UsageError(f"--fraction {fraction}: must be between 0 and 1 (exclusive)")
+    if count is not None and count < 0:
+        raise UsageError(f"--count {count}: must be 0 or more")
+    if min_per_class < 0:
+        raise UsageError(f"--min-per-class {min_per_class}: must be 0 or more")
+
+
+def removal_mask(
+    scores: np.ndarray,
+    ranks: np.ndarray,
+    class_ranks: np.ndarray,
+    labels: np.ndarray,
+    *,
+    fraction: float | None = None,
+    count: int | None = None,
+    min_score: float | None = None,
+    per_class: bool = False,
+    min_per_class: int = 1,
+) -> np.ndarray:
+    """Which rows to remove. Exactly one of fraction / count / min_score; per class by class_rank if asked.
+
+    With per_class, `fraction` is taken from each class and `count` means that many from each class.
+    Afterwards every class keeps at least min(min_per_class, its size) rows: the least influential of
+    the rows chosen for removal are put back first.
+    """
+    validate_rule(fraction=fraction, count=count, min_score=min_score, min_per_class=min_per_class)
+    labels = np.asarray(labels)
+    if min_score is not None:
+        remove = scores >= min_score
+    elif not per_class:
+        size = count if count is not None else int(round(fraction * len(scores)))
+        remove = ranks <= size
+    else:
+        remove = np.zeros(len(scores), dtype=bool)
+        for label in np.unique(labels):
+            members = labels == label
+            size = count if count is not None else int(round(fraction * members.sum()))
+            remove |= members & (class_ranks <= size)
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        floor = min(min_per_class, len(members))
+        shortfall = floor - int((~remove[members]).sum())
+        if shortfall > 0:
+            removed_members = members[remove[members]]
+            put_back = removed_members[np.argsort(-class_ranks[removed_members], kind="stable")[:shortfall]]
+            remove[put_back] = False
+    return remove
+
+
+def read_scores(path: str) -> pd.DataFrame:
+    table = read_table(path, what="scores")
+    missing = [column for column in SCORE_COLUMNS if column not in table.columns]
+    if missing:
+        raise ManifestError(f"scores {path}: missing column {', '.join(missing)}; is this the output of irank score?")
+    table["id"] = table["id"].astype(str)
+    table["label"] = table["label"].astype(str)
+    for column in ("rank", "class_rank", "score"):
+        converted = pd.to_numeric(table[column], errors="coerce")
+        bad = np.flatnonzero(converted.isna().to_numpy())
+        if len(bad):
+            raise ManifestError(f"scores {path}: row {bad[0] + 1}: {column} {table[column].iloc[bad[0]]!r} is not a number")
+        table[column] = converted
+    duplicated = table["id"].duplicated()
+    if duplicated.any():
+        raise ManifestError(f"scores {path}: id {table['id'][duplicated].iloc[0]!r} appears twice")
+    return table
+
+
+@dataclass
+class PruneResult:
+    kept: pd.DataFrame
+    removed: pd.DataFrame
+    summary: dict
+
+
+def prune(
+    scores: str,
+    manifest: str,
+    *,
+    output: str | None = None,
+    removed_output: str | None = None,
+    fraction: float | None = None,
+    count: int | None = None,
+    min_score: float | None = None,
+    per_class: bool = False,
+    min_per_class: int = 1,
+) -> PruneResult:
+    """Remove the most influential rows of `manifest` according to `scores` (see `removal_mask`).
+
+    The kept manifest has the input's rows, columns and order minus the removed rows; the removed
+    rows come sorted by rank, with their rank, class_rank and score appended.
+    """
+    validate_rule(fraction=fraction, count=count, min_score=min_score, min_per_class=min_per_class)
+    if output is not None:
+        table_format(output)
+    if removed_output is not None:
+        table_format(removed_output)
+    check_outputs_clear_of_inputs(
+        {"-o": output, "--removed": removed_output, "the sidecar": output + ".json" if output and not is_stdio(output) else None},
+        {"scores": scores, "manifest": manifest},
+    )
+    if is_stdio(output) and is_stdio(removed_output):
+        raise UsageError("-o and --removed cannot both go to stdout")
+    score_table = read_scores(scores)
+    samples = read_manifest(manifest, require_label=False)
+    position = {sample_id: row for row, sample_id in enumerate(samples.ids)}
+    unknown = [sample_id for sample_id in score_table["id"] if sample_id not in position]
+    if unknown:
+        raise ManifestError(f"scores {scores}: id {unknown[0]!r} is not in manifest {manifest} ({len(unknown)} such ids)")
+    remove = removal_mask(
+        score_table["score"].to_numpy(np.float64),
+        score_table["rank"].to_numpy(np.int64),
+        score_table["class_rank"].to_numpy(np.int64),
+        score_table["label"].to_numpy(),
+        fraction=fraction, count=count, min_score=min_score, per_class=per_class, min_per_class=min_per_class,
+    )
+    removed_scores = score_table[remove].sort_values("rank", kind="mergesort")
+    removed_rows = removed_scores["id"].map(position).to_numpy(np.int64)
+    keep = np.ones(len(samples), dtype=bool)
+    keep[removed_rows] = False
+    kept = samples.table[keep]
+    removed = samples.table.iloc[removed_rows].reset_index(drop=True)
+    for column in ("rank", "class_rank", "score"):
+        name = column if column not in removed.columns else f"{column}_irank"
+        removed[name] = removed_scores[column].to_numpy()
+    per_class_removed = removed_scores["label"].value_counts().sort_index()
+    summary = {
+        "irank_version": __version__,
+        "command": "prune",
+        "parameters": {
+            "fraction": fraction, "count": count, "min_score": min_score,
+            "per_class": per_class, "min_per_class": min_per_class,
+        },
+        "input_rows": len(samples),
+        "scored_rows": len(score_table),
+        "unscored_rows_kept": len(samples) - len(score_table),
+        "kept_rows": int(keep.sum()),
+        "removed_rows": int((~keep).sum()),
+        "removed_per_class": {str(k): int(v) for k, v in per_class_removed.items()},
+        "inputs": {
+            "scores": {"path": scores, "sha256": None if is_stdio(scores) else sha256_file(scores)},
+            "manifest": {"path": manifest, "sha256": sha256_file(manifest)},
+        },
+    }
+    if output is not None:
+        write_table(rebase_paths(kept, samples.root, output), output)
+        if not is_stdio(output):
+            write_json_atomic(output + ".json", summary)
+    if removed_output is not None:
+        write_table(rebase_paths(removed, samples.root, removed_output), removed_output)
+    return PruneResult(kept=kept, removed=removed, summary=summary)

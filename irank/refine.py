@@ -1,0 +1,215 @@
+"""`irank refine`: fine-tune a checkpoint on a (cleaned) manifest and save it with irank metadata."""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import save_checkpoint
+from .data import AUGMENTS, batches, make_loader
+from .errors import UsageError
+from .evaluation import accuracy_report
+from .features import forward_pass, resolve_device
+from .files import check_outputs_clear_of_inputs, sha256_file
+from .loading import ModelOptions, Prepared, RunOptions, prepare
+from .manifest import encode_labels, read_manifest
+from .progress import Reporter
+
+SCOPES = ("head", "full")
+
+
+@dataclass
+class TrainOptions:
+    scope: str = "head"
+    epochs: int = 5
+    lr: float = 0.01
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    augment: str = "none"
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.scope not in SCOPES:
+            raise UsageError(f"--scope {self.scope}: choose from {', '.join(SCOPES)}")
+        if self.augment not in AUGMENTS:
+            raise UsageError(f"--augment {self.augment}: choose from {', '.join(AUGMENTS)}")
+        if self.epochs < 1:
+            raise UsageError(f"--epochs {self.epochs}: must be at least 1")
+        if not self.lr > 0:
+            raise UsageError(f"--lr {self.lr}: must be positive")
+        if self.weight_decay < 0:
+            raise UsageError(f"--weight-decay {self.weight_decay}: must be 0 or more")
+
+
+@dataclass
+class RefineResult:
+    history: list[dict] = field(default_factory=list)  # per epoch: train loss, val accuracy
+    best_epoch: int = 0
+    metadata: dict = field(default_factory=dict)
+
+
+class ValidationSet:
+    """A clean labelled manifest on which every epoch is scored; head-only training scores cached features."""
+
+    def __init__(self, prepared: Prepared, path: str, run: RunOptions, device: torch.device):
+        manifest = read_manifest(path)
+        self.labels = torch.from_numpy(encode_labels(manifest, prepared.classes))
+        self.loader = make_loader(manifest.resolved_paths(), prepared.preprocess, batch_size=run.batch_size, num_workers=run.num_workers)
+        self.classes = prepared.classes
+        self.device = device
+        self.cached_inputs: torch.Tensor | None = None
+
+    def accuracy(self, prepared: Prepared, reporter: Reporter, cache_head_inputs: bool) -> float:
+        if cache_head_inputs and self.cached_inputs is not None:
+            with torch.no_grad():
+                logits = prepared.head(self.cached_inputs.to(self.device)).float().cpu()
+        else:
+            outputs = forward_pass(prepared.model, prepared.head, self.loader, num_rows=len(self.labels),
+                                   device=self.device, reporter=reporter, description="validation")
+            logits = outputs.logits
+            if cache_head_inputs:
+                self.cached_inputs = outputs.head_inputs
+        return accuracy_report(logits, self.labels, self.classes)["accuracy"]
+
+
+def _cosine(step: int, total: int) -> float:
+    return 0.5 * (1 + math.cos(math.pi * step / max(1, total)))
+
+
+def train_epochs(prepared: Prepared, options: TrainOptions, run: RunOptions, device: torch.device,
+                 reporter: Reporter, validation: ValidationSet | None) -> RefineResult:
+    """The training loop. Head scope with no augmentation trains on head inputs computed once."""
+    torch.manual_seed(options.seed)
+    model, head = prepared.model.to(device), prepared.head
+    labels = torch.from_numpy(prepared.labels)
+    head_only = options.scope == "head"
+    cached = head_only and options.augment == "none"
+    for parameter in model.parameters():
+        parameter.requires_grad_(not head_only)
+    for parameter in head.parameters():
+        parameter.requires_grad_(True)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(trainable, lr=options.lr, momentum=options.momentum, weight_decay=options.weight_decay)
+    paths = prepared.manifest.resolved_paths()
+    if cached:
+        plain = make_loader(paths, prepared.preprocess, batch_size=run.batch_size, num_workers=run.num_workers)
+        head_inputs = forward_pass(model, head, plain, num_rows=len(labels), device=device, reporter=reporter,
+                                   description="head inputs").head_inputs
+        steps_per_epoch = math.ceil(len(labels) / run.batch_size)
+    else:
+        loader = make_loader(paths, prepared.preprocess, batch_size=run.batch_size, num_workers=run.num_workers,
+                             augment=options.augment, shuffle=True, seed=options.seed)
+        steps_per_epoch = len(loader)
+    total_steps = options.epochs * steps_per_epoch
+    result = RefineResult()
+    best_accuracy, best_state, step = -1.0, None, 0
+    generator = torch.Generator().manual_seed(options.seed)
+    for epoch in range(1, options.epochs + 1):
+        running, seen = 0.0, 0
+        if head_only:
+            model.eval()  # a frozen backbone keeps its batch-norm statistics
+        else:
+            model.train()
+        with reporter.task(f"epoch {epoch}/{options.epochs}", steps_per_epoch) as advance:
+            if cached:
+                order = torch.randperm(len(labels), generator=generator)
+                chunks = [(None, order[i : i + run.batch_size]) for i in range(0, len(labels), run.batch_size)]
+            else:
+                chunks = batches(loader)
+            for images, rows in chunks:
+                for group in optimizer.param_groups:
+                    group["lr"] = options.lr * _cosine(step, total_steps)
+                if cached:
+                    logits = head(head_inputs[rows].to(device))
+                else:
+                    logits = model(images.to(device, non_blocking=True))
+                loss = F.cross_entropy(logits, labels[rows].to(device))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                running += float(loss.detach()) * len(rows)
+                seen += len(rows)
+                step += 1
+                advance(1)
+        record = {"epoch": epoch, "train_loss": running / max(1, seen)}
+        if validation is not None:
+            record["val_accuracy"] = validation.accuracy(prepared, reporter, cache_head_inputs=head_only)
+            if record["val_accuracy"] > best_accuracy:
+                best_accuracy, result.best_epoch = record["val_accuracy"], epoch
+                best_state = copy.deepcopy(model.state_dict())
+        else:
+            result.best_epoch = epoch
+        result.history.append(record)
+        reporter.info("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    for parameter in model.parameters():
+        parameter.requires_grad_(True)
+    return result
+
+
+def _fit_and_save(checkpoint: str | None, manifest: str, output: str, options: TrainOptions, val: str | None,
+                  model_options: ModelOptions, run: RunOptions, reporter: Reporter, provenance_key: str) -> RefineResult:
+    options.validate()
+    if not str(output).endswith(".safetensors"):
+        raise UsageError(f"-o {output}: irank writes checkpoints as safetensors; name the output *.safetensors")
+    check_outputs_clear_of_inputs({"-o": output}, {"checkpoint": checkpoint, "manifest": manifest, "--val": val})
+    prepared = prepare(checkpoint, manifest, model_options)
+    for note in prepared.notes:
+        reporter.info(note)
+    device = resolve_device(run.device)
+    validation = ValidationSet(prepared, val, run, device) if val else None
+    result = train_epochs(prepared, options, run, device, reporter, validation)
+    provenance = {
+        "manifest": {"path": manifest, "sha256": sha256_file(manifest), "rows": len(prepared.manifest)},
+        "options": dict(options.__dict__),
+        "best_epoch": result.best_epoch,
+        "history": result.history,
+    }
+    if checkpoint:
+        provenance["from"] = {"path": checkpoint, "sha256": sha256_file(checkpoint)}
+    result.metadata = prepared.metadata(**{provenance_key: provenance})
+    save_checkpoint(prepared.model.cpu(), output, result.metadata)
+    return result
+
+
+def refine(
+    checkpoint: str,
+    manifest: str,
+    *,
+    output: str,
+    train_options: TrainOptions | None = None,
+    val: str | None = None,
+    model_options: ModelOptions | None = None,
+    run_options: RunOptions | None = None,
+    reporter: Reporter | None = None,
+) -> RefineResult:
+    """Fine-tune `checkpoint` on `manifest` (the head only, or the whole network) and write `output`.
+
+    With `val`, accuracy on that manifest is measured after every epoch and the best epoch is kept.
+    """
+    return _fit_and_save(checkpoint, manifest, output, train_options or TrainOptions(), val,
+                         model_options or ModelOptions(), run_options or RunOptions(), reporter or Reporter(), "refined")
+
+
+def train(
+    arch: str,
+    manifest: str,
+    *,
+    output: str,
+    train_options: TrainOptions | None = None,
+    val: str | None = None,
+    model_options: ModelOptions | None = None,
+    run_options: RunOptions | None = None,
+    reporter: Reporter | None = None,
+) -> RefineResult:
+    """Train a fresh `arch` from random weights on `manifest` (all layers) and write `output`."""
+    model_options = model_options or ModelOptions()
+    model_options.arch = arch
+    options = train_options or TrainOptions(scope="full", epochs=20, lr=0.05)
+    return _fit_and_save(None, manifest, output, options, val, model_options,
+                         run_options or RunOptions(), reporter or Reporter(), "trained")

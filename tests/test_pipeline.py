@@ -1,0 +1,198 @@
+"""End to end through the CLI on a tiny generated image set with a tiny model trained in the test."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from irank.checkpoint import read_checkpoint
+from irank.metrics import auroc
+
+CLASSES = ["cross", "disk", "hstripes", "vstripes"]  # sorted unique labels: how `irank train` names classes
+SCORE_COLUMNS = ["rank", "id", "path", "label", "predicted", "label_prob", "predicted_prob", "loss", "score", "class_rank"]
+
+
+@pytest.fixture(scope="module")
+def scored(tiny_data, tiny_model, tmp_path_factory):
+    from irank.cli import main  # noqa: F401  (import check)
+    import irank
+
+    output = str(tmp_path_factory.mktemp("scores") / "scores.csv")
+    irank.score(tiny_model, tiny_data["train"], output=output, run_options=irank.RunOptions(device="cpu"))
+    return output
+
+
+def test_score_cli_writes_ranked_table_and_sidecar(cli, tiny_data, tiny_model, tmp_path):
+    output = tmp_path / "scores.csv"
+    code, _, err = cli("score", tiny_model, tiny_data["train"], "-o", output, "--device", "cpu")
+    assert code == 0, err
+    table = pd.read_csv(output)
+    assert list(table.columns[: len(SCORE_COLUMNS)]) == SCORE_COLUMNS
+    assert "true_label" in table.columns  # the manifest's own columns survive
+    assert table["rank"].tolist() == list(range(1, len(table) + 1))
+    assert (np.diff(table["score"].to_numpy()) <= 0).all()
+    for label, group in table.groupby("label"):
+        assert sorted(group["class_rank"]) == list(range(1, len(group) + 1))
+        assert (np.diff(group.sort_values("class_rank")["score"].to_numpy()) <= 0).all()
+    sidecar = json.loads((tmp_path / "scores.csv.json").read_text())
+    assert sidecar["method"] == "influence"
+    assert sidecar["classes"] == CLASSES
+    assert len(sidecar["inputs"]["checkpoint"]["sha256"]) == 64
+    assert sidecar["num_samples"] == len(table) == 240
+
+
+def test_flipped_labels_rank_at_the_top(scored):
+    table = pd.read_csv(scored)
+    flipped = (table["label"] != table["true_label"]).to_numpy()
+    assert flipped.sum() == 24
+    assert auroc(table["score"].to_numpy(), flipped) >= 0.9
+    assert flipped[:24].mean() >= 0.6  # precision at k
+
+
+@pytest.mark.parametrize("method", ["loss", "margin", "gradnorm"])
+def test_baseline_methods_also_find_flips(cli, tiny_data, tiny_model, tmp_path, method):
+    output = tmp_path / "scores.csv"
+    code, _, err = cli("score", tiny_model, tiny_data["train"], "-o", output, "--method", method, "--device", "cpu", "-q")
+    assert code == 0, err
+    table = pd.read_csv(output)
+    assert auroc(table["score"].to_numpy(), (table["label"] != table["true_label"]).to_numpy()) >= 0.85
+
+
+@pytest.mark.parametrize("measure", ["boundary-shift", "parameter-shift"])
+@pytest.mark.parametrize("curvature", ["exact", "kfac"])
+def test_every_influence_variant_runs(cli, tiny_data, tiny_model, tmp_path, measure, curvature):
+    output = tmp_path / "scores.csv"
+    code, _, err = cli("score", tiny_model, tiny_data["train"], "-o", output, "--influence-measure", measure,
+                       "--curvature", curvature, "--device", "cpu", "-q")
+    assert code == 0, err
+    assert json.loads((tmp_path / "scores.csv.json").read_text())["parameters"]["curvature"] == curvature
+
+
+def test_prune_keeps_exactly_the_right_rows(cli, scored, tiny_data, tmp_path):
+    clean, removed = tmp_path / "clean.csv", tmp_path / "removed.csv"
+    code, _, err = cli("prune", scored, tiny_data["train"], "--fraction", "0.1", "-o", clean, "--removed", removed)
+    assert code == 0, err
+    scores = pd.read_csv(scored)
+    manifest = pd.read_csv(tiny_data["train"])
+    expected_removed = set(scores[scores["rank"] <= 24]["id"])
+    kept = pd.read_csv(clean)
+    # Written to another folder: paths are rebased and the original paths kept as ids.
+    assert list(kept.columns) == ["id"] + list(manifest.columns)
+    assert kept["id"].tolist() == [p for p in manifest["path"] if p not in expected_removed]  # order kept
+    assert all((tmp_path / p).exists() for p in kept["path"])
+    gone = pd.read_csv(removed)
+    assert set(gone["id"]) == expected_removed and gone["rank"].tolist() == list(range(1, 25))
+
+
+def test_prune_beside_the_manifest_keeps_its_columns_exactly(cli, scored, tiny_data):
+    folder = os.path.dirname(tiny_data["train"])
+    clean = os.path.join(folder, "clean-same-folder.csv")
+    code, _, err = cli("prune", scored, tiny_data["train"], "--count", "10", "-o", clean)
+    assert code == 0, err
+    manifest = pd.read_csv(tiny_data["train"])
+    kept = pd.read_csv(clean)
+    top = set(pd.read_csv(scored)["id"][:10])
+    pd.testing.assert_frame_equal(kept, manifest[~manifest["path"].isin(top)].reset_index(drop=True))
+
+
+def test_prune_per_class_takes_from_each_class(cli, scored, tiny_data, tmp_path):
+    clean = tmp_path / "clean.csv"
+    code, _, err = cli("prune", scored, tiny_data["train"], "--fraction", "0.25", "--per-class", "-o", clean)
+    assert code == 0, err
+    scores = pd.read_csv(scored)
+    kept_ids = set(pd.read_csv(clean)["id"])
+    for label, group in scores.groupby("label"):
+        expected = int(round(0.25 * len(group)))
+        assert (~group["id"].isin(kept_ids)).sum() == expected
+        assert set(group[group["class_rank"] <= expected]["id"]).isdisjoint(kept_ids)
+
+
+def test_prune_min_per_class_never_empties_a_class(cli, scored, tiny_data, tmp_path):
+    clean = tmp_path / "clean.csv"
+    code, _, err = cli("prune", scored, tiny_data["train"], "--count", "239", "--min-per-class", "5", "-o", clean)
+    assert code == 0, err
+    assert pd.read_csv(clean)["label"].value_counts().min() >= 5
+
+
+def test_refine_then_score_and_eval_need_no_flags(cli, tiny_data, tiny_model, tmp_path):
+    refined = tmp_path / "refined.safetensors"
+    code, _, err = cli("refine", tiny_model, tiny_data["train"], "-o", refined, "--scope", "full", "--epochs", "1",
+                       "--device", "cpu", "--val", tiny_data["test"], "-q")
+    assert code == 0, err
+    meta = read_checkpoint(str(refined)).metadata
+    assert meta["arch"] == "tiny-cnn" and meta["head"] == "fc" and meta["classes"] == CLASSES
+    assert meta["refined"]["best_epoch"] == 1 and "val_accuracy" in meta["refined"]["history"][0]
+    code, _, err = cli("score", refined, tiny_data["train"], "-o", tmp_path / "s.csv", "-q")
+    assert code == 0, err
+    code, out, err = cli("eval", refined, tiny_data["test"], "--json", "-q")
+    assert code == 0, err
+    report = json.loads(out)
+    assert 0.5 <= report["accuracy"] <= 1 and set(report["per_class"]) == set(CLASSES)
+
+
+def test_refine_head_keeps_the_backbone(tiny_data, tiny_model, tmp_path):
+    import irank
+
+    refined = str(tmp_path / "refined.safetensors")
+    irank.refine(tiny_model, tiny_data["train"], output=refined, train_options=irank.TrainOptions(scope="head", epochs=2),
+                 run_options=irank.RunOptions(device="cpu"))
+    before, after = read_checkpoint(tiny_model).state_dict, read_checkpoint(refined).state_dict
+    assert all(np.array_equal(before[k], after[k]) for k in before if not k.startswith("fc."))
+    assert not np.array_equal(before["fc.weight"], after["fc.weight"])
+
+
+def test_pipeline_through_stdin(tiny_data, tiny_model, tmp_path):
+    python = sys.executable
+    command = (
+        f"{python} -m irank score {tiny_model} {tiny_data['train']} -o - -q --device cpu | "
+        f"{python} -m irank prune - {tiny_data['train']} --fraction 0.1 -o {tmp_path / 'clean.csv'} -q"
+    )
+    completed = subprocess.run(["bash", "-o", "pipefail", "-c", command], capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stderr
+    kept = pd.read_csv(tmp_path / "clean.csv")
+    assert len(kept) == 216
+    assert "id" in kept.columns  # paths were rebased to the new folder; ids stay the original paths
+    assert all((tmp_path / p).exists() for p in kept["path"])
+
+
+def test_manifest_from_image_folder(cli, tmp_path):
+    from PIL import Image
+
+    for name in ("cat", "dog"):
+        (tmp_path / "imgs" / name).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (8, 8)).save(tmp_path / "imgs" / name / f"{i}.png")
+    code, _, err = cli("manifest", tmp_path / "imgs", "-o", tmp_path / "m.csv")
+    assert code == 0, err
+    table = pd.read_csv(tmp_path / "m.csv")
+    assert table["label"].tolist() == ["cat"] * 3 + ["dog"] * 3
+    assert table["path"][0] == "imgs/cat/0.png"
+
+
+def test_pt_state_dict_with_arch_flag(cli, tiny_data, tiny_model, tmp_path):
+    import torch
+
+    state = {k: v for k, v in read_checkpoint(tiny_model).state_dict.items()}
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, tmp_path / "model.pt")
+    code, _, err = cli("score", tmp_path / "model.pt", tiny_data["train"], "-o", tmp_path / "s.csv",
+                       "--arch", "tiny-cnn", "-q")
+    assert code == 0, err
+    assert "classes from the sorted unique labels" not in err  # quiet
+    sidecar = json.loads((tmp_path / "s.csv.json").read_text())
+    assert sidecar["class_source"] == "the sorted unique labels of the manifest"
+    assert sidecar["classes"] == CLASSES
+
+
+def test_demo_runs_and_catches_flipped_labels(cli, tmp_path):
+    code, out, err = cli("demo", tmp_path / "demo", "--json", "-q")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["removed"] == summary["flipped_labels"] == 375
+    assert summary["precision_at_k"] > 0.5  # random removal would catch 25%
+    assert os.path.exists(tmp_path / "demo" / "refined.safetensors")
