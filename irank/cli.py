@@ -320,7 +320,18 @@ def demo(
     table = Table(title="irank demo")
     table.add_column("what")
     table.add_column("value", justify="right")
-    for label, value in summary["display"]:
+    rows = [
+        ("flipped training labels", f"{summary['flipped_labels']} of {summary['train_rows']}"),
+        ("removed (most influential)", str(summary["removed"])),
+        ("flipped labels among them", f"{summary['flipped_among_removed']} ({summary['precision_at_k']:.1%})"),
+        ("AUROC of the rank for flipped labels", f"{summary['auroc']:.3f}"),
+        ("model's fit to the noisy labels", f"{summary['train_accuracy_on_noisy_labels']:.1%}"),
+        ("test accuracy before", f"{summary['test_accuracy_before']:.1%}"),
+        ("test accuracy after refine", f"{summary['test_accuracy_after']:.1%}"),
+        ("files", f"{folder}/ (scores.csv, clean.csv, removed.csv, refined.safetensors)"),
+        ("time", f"{summary['seconds']:.0f} s"),
+    ]
+    for label, value in rows:
         table.add_row(label, value)
     stdout.print(table)
 

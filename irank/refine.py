@@ -158,6 +158,7 @@ def _fit_and_save(checkpoint: str | None, manifest: str, output: str, options: T
     if not str(output).endswith(".safetensors"):
         raise UsageError(f"-o {output}: irank writes checkpoints as safetensors; name the output *.safetensors")
     check_outputs_clear_of_inputs({"-o": output}, {"checkpoint": checkpoint, "manifest": manifest, "--val": val})
+    torch.manual_seed(options.seed)  # before the model is built: a fresh model's initial weights depend on it
     prepared = prepare(checkpoint, manifest, model_options)
     for note in prepared.notes:
         reporter.info(note)

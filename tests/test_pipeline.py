@@ -196,3 +196,15 @@ def test_demo_runs_and_catches_flipped_labels(cli, tmp_path):
     assert summary["removed"] == summary["flipped_labels"] == 375
     assert summary["precision_at_k"] > 0.5  # random removal would catch 25%
     assert os.path.exists(tmp_path / "demo" / "refined.safetensors")
+
+
+def test_same_inputs_give_the_same_bytes(tiny_data, tmp_path):
+    import irank
+
+    options = irank.TrainOptions(scope="full", epochs=1, lr=0.05, seed=7)
+    run = irank.RunOptions(device="cpu", batch_size=32)
+    for name in ("a", "b"):
+        irank.train("tiny-cnn", tiny_data["train"], output=str(tmp_path / f"{name}.safetensors"), train_options=options, run_options=run)
+        irank.score(str(tmp_path / f"{name}.safetensors"), tiny_data["train"], output=str(tmp_path / f"{name}.csv"), run_options=run)
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    assert (tmp_path / "a.csv").read_bytes() == (tmp_path / "b.csv").read_bytes()
