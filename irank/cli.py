@@ -65,6 +65,7 @@ class Curvature(str, Enum):
 class Scope(str, Enum):
     head = "head"
     full = "full"
+    refit = "refit"
 
 
 class Augment(str, Enum):
@@ -184,10 +185,11 @@ def prune(
         print_json({**summary, "output": output, "removed_output": removed})
 
 
-def _train_options(scope, epochs, lr, weight_decay, augment, seed):
+def _train_options(scope, epochs, lr, weight_decay, augment, seed, l2=1e-3):
     from .refine import TrainOptions
 
-    return TrainOptions(scope=scope.value, epochs=epochs, lr=lr, weight_decay=weight_decay, augment=augment.value, seed=seed)
+    return TrainOptions(scope=scope.value, epochs=epochs, lr=lr, weight_decay=weight_decay, augment=augment.value,
+                        seed=seed, l2=l2)
 
 
 @app.command()
@@ -195,7 +197,8 @@ def refine(
     checkpoint: Annotated[Path, typer.Argument(help="The model to fine-tune.")],
     manifest: Annotated[Path, typer.Argument(help="The (cleaned) manifest to fine-tune on.")],
     output: Annotated[str, typer.Option("-o", "--output", help="Refined checkpoint (.safetensors, with irank metadata).")],
-    scope: Annotated[Scope, typer.Option(help="head: train the last linear layer only, on features computed once; full: the whole network.")] = Scope.head,
+    scope: Annotated[Scope, typer.Option(help="head: fine-tune the last linear layer only, on features computed once; full: the whole network; refit: refit the head from scratch as an L2-regularized softmax regression on the frozen features (convex, deterministic; see --l2).")] = Scope.head,
+    l2: Annotated[float, typer.Option(help="With --scope refit: L2 strength on standardized head inputs.")] = 1e-3,
     epochs: Annotated[int, typer.Option(help="Passes over the manifest.")] = 5,
     lr: Annotated[float, typer.Option(help="Peak learning rate of SGD with momentum 0.9 (cosine decay).")] = 0.01,
     weight_decay: Annotated[float, typer.Option(help="L2 weight decay.")] = 5e-4,
@@ -215,7 +218,7 @@ def refine(
 
     reporter = RichReporter(quiet)
     result = run_refine(
-        str(checkpoint), str(manifest), output=output, train_options=_train_options(scope, epochs, lr, weight_decay, augment, seed),
+        str(checkpoint), str(manifest), output=output, train_options=_train_options(scope, epochs, lr, weight_decay, augment, seed, l2),
         val=str(val) if val else None, model_options=model_options(arch, head, classes, preprocess, image_size, resize, mean, std),
         run_options=RunOptions(device=device.value, batch_size=batch_size, num_workers=num_workers), reporter=reporter,
     )
@@ -252,6 +255,73 @@ def train(
     reporter.info(f"wrote {output}")
     if json_out:
         print_json({"output": output, "best_epoch": result.best_epoch, "history": result.history})
+
+
+@app.command("post-train")
+def post_train(
+    checkpoint: Annotated[Path, typer.Argument(help="The trained model to post-train.")],
+    manifest: Annotated[Path, typer.Argument(help="Its (noisy) training manifest.")],
+    out_dir: Annotated[Path, typer.Option("--out-dir", help="Folder for round-NN/, final.safetensors, removed.csv and summary.json; run again to resume.")],
+    rounds: Annotated[Optional[int], typer.Option(help=f"Number of rounds (default {5} when only a budget is known).")] = None,
+    step: Annotated[Optional[float], typer.Option(help="Share of the ORIGINAL size removed per round.")] = None,
+    budget: Annotated[Optional[float], typer.Option(help="Total share to remove over all rounds (default: estimated from the first round's scores).")] = None,
+    per_class: Annotated[bool, typer.Option("--per-class", help="Remove the same share from each class in every round.")] = False,
+    min_per_class: Annotated[int, typer.Option(help="Never keep fewer than this many rows of a class.")] = 1,
+    scope: Annotated[Scope, typer.Option(help="How each round refines: refit (the head refit from scratch on frozen features, convex), head (fine-tune the head) or full (the whole network).")] = Scope.refit,
+    epochs: Annotated[int, typer.Option(help="Epochs per round (head and full scopes).")] = 2,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (head and full scopes).")] = 0.01,
+    weight_decay: Annotated[float, typer.Option(help="L2 weight decay (head and full scopes).")] = 5e-4,
+    l2: Annotated[float, typer.Option(help="L2 strength of the refit (scope refit).")] = 1e-3,
+    augment: Annotated[Augment, typer.Option(help="Training augmentation (full scope).")] = Augment.none,
+    seed: Annotated[int, typer.Option(help="Seed for shuffling and augmentation.")] = 0,
+    val: Annotated[Optional[Path], typer.Option(help="Clean labelled manifest: stop when its accuracy stops improving and keep the best round.")] = None,
+    patience: Annotated[int, typer.Option(help="With --val: rounds without improvement before stopping.")] = 1,
+    method: Annotated[Method, typer.Option(help="Score used to rank each round.")] = Method.influence,
+    influence_measure: Annotated[Measure, typer.Option(help="With --method influence: which influence measure.")] = Measure.self_influence,
+    curvature: Annotated[Curvature, typer.Option(help="Head curvature: exact, kfac or auto.")] = Curvature.auto,
+    damping: Annotated[float, typer.Option(help="Damping relative to the mean eigenvalue of the curvature.")] = 0.01,
+    arch: ArchOpt = None, head: HeadOpt = None, classes: ClassesOpt = None, preprocess: PresetOpt = None,
+    image_size: ImageSizeOpt = None, resize: ResizeOpt = None, mean: MeanOpt = None, std: StdOpt = None,
+    device: DeviceOpt = Device.auto, batch_size: BatchOpt = 128, num_workers: WorkersOpt = 0,
+    quiet: QuietOpt = False, json_out: JsonOpt = False,
+) -> None:
+    """Post-train: remove the most influential samples gradually, refining the model after each round.
+
+    Round by round: score the kept samples under the current model, remove the top --step share (of the original size), refine on the rest. Writes DIR/round-NN/{scores.csv,kept.csv,removed.csv,model.safetensors}, DIR/final.safetensors (the best round with --val, else the last), DIR/removed.csv (every removed row with its round and rank) and DIR/summary.json. Run the same command again to resume after the last finished round.
+
+    Example: irank post-train model.safetensors train.csv --out-dir post --budget 0.3 --rounds 6 --val val.csv
+    """
+    from .posttrain import LoopOptions, post_train as run_post_train
+
+    reporter = RichReporter(quiet)
+    table = Table(title="post-train rounds")
+    for column in ("round", "removed", "kept", "val accuracy", "seconds"):
+        table.add_column(column, justify="right")
+
+    def show(record: dict) -> None:
+        accuracy = f"{record['val_accuracy']:.4f}" if "val_accuracy" in record else "-"
+        seconds = f"{sum(record['seconds'].values()):.1f}"
+        table.add_row(str(record["round"]), str(record["removed"]), str(record["kept"]), accuracy, seconds)
+        reporter.info(f"round {record['round']}: removed {record['removed']}, kept {record['kept']}, val accuracy {accuracy}")
+
+    result = run_post_train(
+        str(checkpoint), str(manifest), out_dir=str(out_dir),
+        loop=LoopOptions(rounds=rounds, step=step, budget=budget, per_class=per_class, min_per_class=min_per_class,
+                         patience=patience, method=method.value, influence_measure=influence_measure.value,
+                         curvature=curvature.value, damping=damping),
+        train_options=_train_options(scope, epochs, lr, weight_decay, augment, seed, l2),
+        val=str(val) if val else None,
+        model_options=model_options(arch, head, classes, preprocess, image_size, resize, mean, std),
+        run_options=RunOptions(device=device.value, batch_size=batch_size, num_workers=num_workers),
+        reporter=reporter, on_round=show,
+    )
+    summary = result.summary
+    if json_out:
+        print_json(summary)
+        return
+    if not quiet:
+        Console(stderr=True).print(table)
+    reporter.info(f"{summary.get('stopped_because', 'done')}; final model: {result.final_model} (round {summary['final_round']})")
 
 
 @app.command("eval")

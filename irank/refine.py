@@ -16,10 +16,11 @@ from .evaluation import accuracy_report
 from .features import forward_pass, resolve_device
 from .files import check_outputs_clear_of_inputs, sha256_file
 from .loading import ModelOptions, Prepared, RunOptions, prepare
+from .linear import fit_softmax_regression
 from .manifest import encode_labels, read_manifest
 from .progress import Reporter
 
-SCOPES = ("head", "full")
+SCOPES = ("head", "full", "refit")
 
 
 @dataclass
@@ -31,6 +32,7 @@ class TrainOptions:
     momentum: float = 0.9
     augment: str = "none"
     seed: int = 0
+    l2: float = 1e-3  # scope refit: L2 strength on standardized head inputs
 
     def validate(self) -> None:
         if self.scope not in SCOPES:
@@ -43,6 +45,8 @@ class TrainOptions:
             raise UsageError(f"--lr {self.lr}: must be positive")
         if self.weight_decay < 0:
             raise UsageError(f"--weight-decay {self.weight_decay}: must be 0 or more")
+        if not self.l2 > 0:
+            raise UsageError(f"--l2 {self.l2}: must be positive")
 
 
 @dataclass
@@ -80,9 +84,34 @@ def _cosine(step: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * step / max(1, total)))
 
 
+def refit_head(prepared: Prepared, options: TrainOptions, run: RunOptions, device: torch.device,
+               reporter: Reporter, validation: ValidationSet | None) -> RefineResult:
+    """Replace the head by the L2-regularized softmax regression fitted from scratch on frozen head inputs."""
+    model, head = prepared.model.to(device), prepared.head
+    loader = make_loader(prepared.manifest.resolved_paths(), prepared.preprocess, batch_size=run.batch_size,
+                         num_workers=run.num_workers)
+    head_inputs = forward_pass(model, head, loader, num_rows=len(prepared.labels), device=device, reporter=reporter,
+                               description="head inputs").head_inputs
+    labels = torch.from_numpy(prepared.labels)
+    weight, bias = fit_softmax_regression(head_inputs, labels, head.out_features, l2=options.l2)
+    with torch.no_grad():
+        head.weight.copy_(weight.to(head.weight))
+        if head.bias is not None:
+            head.bias.copy_(bias.to(head.bias))
+        else:
+            reporter.warn("the head has no bias: the refit's intercept is dropped")
+        logits = head(head_inputs.to(device)).float().cpu()
+    record = {"epoch": 1, "train_loss": float(F.cross_entropy(logits, labels))}
+    if validation is not None:
+        record["val_accuracy"] = validation.accuracy(prepared, reporter, cache_head_inputs=True)
+    return RefineResult(history=[record], best_epoch=1)
+
+
 def train_epochs(prepared: Prepared, options: TrainOptions, run: RunOptions, device: torch.device,
                  reporter: Reporter, validation: ValidationSet | None) -> RefineResult:
     """The training loop. Head scope with no augmentation trains on head inputs computed once."""
+    if options.scope == "refit":
+        return refit_head(prepared, options, run, device, reporter, validation)
     torch.manual_seed(options.seed)
     model, head = prepared.model.to(device), prepared.head
     labels = torch.from_numpy(prepared.labels)

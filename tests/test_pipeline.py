@@ -208,3 +208,15 @@ def test_same_inputs_give_the_same_bytes(tiny_data, tmp_path):
         irank.score(str(tmp_path / f"{name}.safetensors"), tiny_data["train"], output=str(tmp_path / f"{name}.csv"), run_options=run)
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
     assert (tmp_path / "a.csv").read_bytes() == (tmp_path / "b.csv").read_bytes()
+
+
+def test_refine_refit_replaces_only_the_head_with_a_convex_fit(cli, tiny_data, tiny_model, tmp_path):
+    refined = tmp_path / "refit.safetensors"
+    code, _, err = cli("refine", tiny_model, tiny_data["train"], "-o", refined, "--scope", "refit", "--l2", "0.01",
+                       "--val", tiny_data["test"], "-q")
+    assert code == 0, err
+    before, after = read_checkpoint(tiny_model).state_dict, read_checkpoint(str(refined)).state_dict
+    assert all(np.array_equal(before[k], after[k]) for k in before if not k.startswith("fc."))
+    assert not np.array_equal(before["fc.weight"], after["fc.weight"])
+    history = read_checkpoint(str(refined)).metadata["refined"]["history"]
+    assert history[0]["val_accuracy"] > 0.7

@@ -1,0 +1,236 @@
+"""`irank post-train`: the paper's gradual loop — score, remove the most influential, refine — round by round.
+
+Each round's files go to `DIR/round-NN/` (built in a hidden sibling folder and renamed when the round
+is complete), and `DIR/summary.json` is rewritten after every round, so an interrupted run resumes
+after its last finished round.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+
+from ._version import __version__
+from .errors import UsageError
+from .estimate import estimate_noise_share
+from .evaluation import evaluate
+from .files import atomic_path, sha256_file, write_json_atomic
+from .loading import ModelOptions, RunOptions
+from .manifest import read_manifest, read_table, rebase_paths, write_table
+from .progress import Reporter
+from .prune import prune
+from .refine import TrainOptions, refine
+from .scoring import score, validate_score_options
+
+DEFAULT_ROUNDS = 5
+
+
+@dataclass
+class LoopOptions:
+    """How much to remove and how: the plan of the gradual loop."""
+
+    rounds: int | None = None
+    step: float | None = None  # share of the original size removed per round
+    budget: float | None = None  # total share removed over all rounds
+    per_class: bool = False
+    min_per_class: int = 1
+    patience: int = 1  # with --val: rounds without improvement before stopping
+    method: str = "influence"
+    influence_measure: str = "self-influence"
+    curvature: str = "auto"
+    damping: float = 0.01
+
+    def validate(self) -> None:
+        for name, value in (("--step", self.step), ("--budget", self.budget)):
+            if value is not None and not 0 < value < 1:
+                raise UsageError(f"{name} {value}: must be between 0 and 1 (exclusive)")
+        if self.rounds is not None and self.rounds < 1:
+            raise UsageError(f"--rounds {self.rounds}: must be at least 1")
+        if self.rounds and self.step and self.budget and not math.isclose(self.rounds * self.step, self.budget, rel_tol=1e-6):
+            raise UsageError("--rounds × --step must equal --budget; give two of the three")
+        if self.patience < 1:
+            raise UsageError(f"--patience {self.patience}: must be at least 1")
+        validate_score_options(self.method, self.influence_measure, self.curvature, self.damping)
+
+
+def plan_rounds(options: LoopOptions, estimated_budget: float | None = None) -> dict:
+    """Rounds, step and budget from any two of them (or one plus the estimate, or the estimate alone)."""
+    rounds, step, budget = options.rounds, options.step, options.budget
+    source = "--budget" if budget is not None else None
+    if budget is None and step is not None and rounds is not None:
+        budget, source = step * rounds, "--rounds × --step"
+    if budget is None:
+        if estimated_budget is None:
+            raise ValueError("the budget must be estimated first")
+        budget, source = estimated_budget, "estimated"
+    if step is None:
+        rounds = rounds or DEFAULT_ROUNDS
+        step = budget / rounds
+    elif rounds is None:
+        rounds = max(1, math.ceil(budget / step - 1e-9))
+    return {"rounds": int(rounds), "step": float(step), "budget": float(budget), "budget_source": source}
+
+
+@dataclass
+class PostTrainResult:
+    summary: dict = field(default_factory=dict)
+    final_model: str = ""
+
+
+def _removal_count(step: float, original_rows: int) -> int:
+    return max(1, int(round(step * original_rows)))
+
+
+def _load_state(out_dir: Path, config: dict) -> dict | None:
+    summary_path = out_dir / "summary.json"
+    if not summary_path.exists():
+        return None
+    state = json.loads(summary_path.read_text())
+    if state.get("config") != config:
+        raise UsageError(
+            f"--out-dir {out_dir} holds a post-train run with other inputs or parameters; "
+            "use another --out-dir to start afresh, or repeat the original command to resume"
+        )
+    return state
+
+
+def _best_round(state: dict) -> int:
+    """The round with the best validation accuracy so far (0 = the input checkpoint); ties go to the earlier."""
+    candidates = [(0, state["input_val_accuracy"])] + [(r["round"], r["val_accuracy"]) for r in state["rounds"]]
+    return max(candidates, key=lambda item: (item[1], -item[0]))[0]
+
+
+def _collect_removed(out_dir: Path, rounds: list[dict]) -> None:
+    """DIR/removed.csv: every removed row with the round that removed it and its rank then."""
+    tables = []
+    for record in rounds:
+        round_dir = out_dir / record["folder"]
+        removed = read_table(round_dir / "removed.csv")
+        removed = rebase_paths(removed, round_dir, out_dir / "removed.csv")
+        removed.insert(0, "round", record["round"])
+        tables.append(removed)
+    if tables:
+        write_table(pd.concat(tables, ignore_index=True), out_dir / "removed.csv")
+
+
+def post_train(
+    checkpoint: str,
+    manifest: str,
+    *,
+    out_dir: str,
+    loop: LoopOptions | None = None,
+    train_options: TrainOptions | None = None,
+    val: str | None = None,
+    model_options: ModelOptions | None = None,
+    run_options: RunOptions | None = None,
+    reporter: Reporter | None = None,
+    on_round: Callable[[dict], None] | None = None,
+) -> PostTrainResult:
+    """Gradually remove the most influential samples and refine the model after each removal.
+
+    Round r scores the samples kept so far under the model of round r−1, removes the top `step` share
+    (of the original size), and refines on the rest. With `val`, the loop stops once validation
+    accuracy has not improved for `patience` rounds, and the best round becomes `final.safetensors`;
+    without it, the last round does. Without a budget, the share to remove is estimated from the
+    first round's scores (see irank.estimate).
+    """
+    loop = loop or LoopOptions()
+    train_options = train_options or TrainOptions(scope="refit")
+    run = run_options or RunOptions()
+    reporter = reporter or Reporter()
+    model_options = model_options or ModelOptions()
+    loop.validate()
+    train_options.validate()
+    out = Path(out_dir)
+    config = {
+        "checkpoint": {"path": str(checkpoint), "sha256": sha256_file(checkpoint)},
+        "manifest": {"path": str(manifest), "sha256": sha256_file(manifest)},
+        "val": {"path": str(val), "sha256": sha256_file(val)} if val else None,
+        "loop": asdict(loop),
+        "train": asdict(train_options),
+        "model": asdict(model_options),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    state = _load_state(out, config) or {"irank_version": __version__, "config": config, "rounds": [], "plan": None}
+    original = read_manifest(manifest)
+    original_rows = len(original)
+    eval_kwargs = {"model_options": model_options, "run_options": run}
+    if val and "input_val_accuracy" not in state:
+        state["input_val_accuracy"] = evaluate(checkpoint, val, **eval_kwargs)["accuracy"]
+    if state["rounds"]:
+        reporter.info(f"resuming {out}: {len(state['rounds'])} rounds already finished")
+    for leftover in out.glob(".round-*.tmp"):
+        shutil.rmtree(leftover)
+    while not state.get("finished"):
+        number = len(state["rounds"]) + 1
+        previous = state["rounds"][-1] if state["rounds"] else None
+        current_model = str(out / previous["folder"] / "model.safetensors") if previous else str(checkpoint)
+        current_manifest = str(out / previous["folder"] / "kept.csv") if previous else str(manifest)
+        folder = f"round-{number:02d}"
+        building = out / f".{folder}.tmp"
+        building.mkdir()
+        started = time.perf_counter()
+        table = score(current_model, current_manifest, output=str(building / "scores.csv"), method=loop.method,
+                      influence_measure=loop.influence_measure, curvature=loop.curvature, damping=loop.damping,
+                      model_options=model_options, run_options=run, reporter=reporter).table
+        scored = time.perf_counter()
+        if state["plan"] is None:
+            estimate = estimate_noise_share(table) if loop.budget is None and not (loop.step and loop.rounds) else None
+            state["plan"] = plan_rounds(loop, estimate["share"] if estimate else None)
+            if estimate:
+                state["plan"]["estimate"] = estimate
+                reporter.info(f"budget: remove {estimate['share']:.1%} in all, estimated as the {estimate['reason']}")
+        plan = state["plan"]
+        count = _removal_count(plan["step"], original_rows)
+        prune_kwargs = {"count": count} if not loop.per_class else {"fraction": min(0.99, count / len(table))}
+        pruned = prune(str(building / "scores.csv"), current_manifest, output=str(building / "kept.csv"),
+                       removed_output=str(building / "removed.csv"), per_class=loop.per_class,
+                       min_per_class=loop.min_per_class, **prune_kwargs)
+        pruned_at = time.perf_counter()
+        refined = refine(current_model, str(building / "kept.csv"), output=str(building / "model.safetensors"),
+                         train_options=train_options, val=val, model_options=model_options, run_options=run,
+                         reporter=reporter)
+        finished_at = time.perf_counter()
+        record = {
+            "round": number,
+            "folder": folder,
+            "scored_rows": len(table),
+            "removed": pruned.summary["removed_rows"],
+            "kept": pruned.summary["kept_rows"],
+            "removed_total": original_rows - pruned.summary["kept_rows"],
+            "removed_per_class": pruned.summary["removed_per_class"],
+            "seconds": {"score": scored - started, "prune": pruned_at - scored, "refine": finished_at - pruned_at},
+        }
+        if val:
+            record["val_accuracy"] = max(r.get("val_accuracy", -1.0) for r in refined.history)
+        building.rename(out / folder)
+        state["rounds"].append(record)
+        done_by_plan = number >= plan["rounds"]
+        stopped_by_val = bool(val) and number - _best_round(state) >= loop.patience
+        if done_by_plan or stopped_by_val:
+            state["finished"] = True
+            state["stopped_because"] = "validation accuracy stopped improving" if stopped_by_val and not done_by_plan else "all planned rounds done"
+        write_json_atomic(out / "summary.json", state)
+        _collect_removed(out, state["rounds"])
+        if on_round:
+            on_round(record)
+    if val:
+        best = max(state["rounds"], key=lambda r: (r["val_accuracy"], -r["round"]))
+    else:
+        best = state["rounds"][-1]
+    state["final_round"] = best["round"]
+    final = out / "final.safetensors"
+    with atomic_path(final) as tmp:
+        shutil.copyfile(out / best["folder"] / "model.safetensors", tmp)
+    write_json_atomic(out / "summary.json", state)
+    if val and best["val_accuracy"] < state["input_val_accuracy"]:
+        reporter.warn(f"no round beat the input checkpoint on --val ({state['input_val_accuracy']:.4f}); "
+                      f"final.safetensors is the best round ({best['val_accuracy']:.4f})")
+    return PostTrainResult(summary=state, final_model=str(final))

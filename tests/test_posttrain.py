@@ -1,0 +1,85 @@
+"""The gradual loop: rounds on disk, removal bookkeeping, budget planning, resume."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from irank.checkpoint import read_checkpoint
+from irank.posttrain import LoopOptions, plan_rounds
+
+
+def test_plan_rounds_from_any_two_or_the_estimate():
+    assert plan_rounds(LoopOptions(budget=0.3, rounds=6))["step"] == pytest.approx(0.05)
+    assert plan_rounds(LoopOptions(step=0.05, rounds=4))["budget"] == pytest.approx(0.2)
+    assert plan_rounds(LoopOptions(step=0.1, budget=0.35))["rounds"] == 4
+    estimated = plan_rounds(LoopOptions(), estimated_budget=0.2)
+    assert estimated["budget_source"] == "estimated" and estimated["rounds"] == 5 and estimated["step"] == pytest.approx(0.04)
+
+
+def test_post_train_writes_rounds_and_removes_flips(cli, tiny_data, tiny_model, tmp_path):
+    out = tmp_path / "post"
+    code, out_text, err = cli("post-train", tiny_model, tiny_data["train"], "--out-dir", out, "--rounds", "3",
+                              "--step", "0.04", "--val", tiny_data["test"], "--patience", "3", "--json", "-q")
+    assert code == 0, err
+    summary = json.loads(out_text)
+    assert [r["round"] for r in summary["rounds"]] == [1, 2, 3]
+    for number in (1, 2, 3):
+        folder = out / f"round-{number:02d}"
+        assert {p.name for p in folder.iterdir()} >= {"scores.csv", "kept.csv", "removed.csv", "model.safetensors"}
+    kept = [len(pd.read_csv(out / f"round-{n:02d}" / "kept.csv")) for n in (1, 2, 3)]
+    assert kept == [230, 220, 210]  # 4% of the original 240, i.e. 10, per round
+    removed = pd.read_csv(out / "removed.csv")
+    assert len(removed) == 30 and removed["round"].tolist() == [1] * 10 + [2] * 10 + [3] * 10
+    assert removed.groupby("round")["rank"].apply(list).tolist() == [list(range(1, 11))] * 3
+    truth = pd.read_csv(tiny_data["train"]).set_index("path")
+    flipped_removed = sum(truth.loc[i, "label"] != truth.loc[i, "true_label"] for i in removed["id"])
+    assert flipped_removed >= 18  # 24 flips among 240; random removal would catch 3
+    assert (out / "final.safetensors").exists()
+    assert summary["final_round"] in (1, 2, 3)
+    assert all("val_accuracy" in r for r in summary["rounds"])
+    assert read_checkpoint(str(out / "final.safetensors")).metadata["classes"]
+
+
+def test_post_train_resumes_after_the_last_finished_round(tiny_data, tiny_model, tmp_path):
+    from irank.loading import RunOptions
+    from irank.posttrain import post_train
+
+    run = RunOptions(device="cpu")
+    full = post_train(tiny_model, tiny_data["train"], out_dir=str(tmp_path / "a"), loop=LoopOptions(rounds=2, step=0.05), run_options=run)
+    # Simulate an interruption after round 1: drop round 2 and mark the run unfinished.
+    partial = tmp_path / "b"
+    post_train(tiny_model, tiny_data["train"], out_dir=str(partial), loop=LoopOptions(rounds=2, step=0.05), run_options=run)
+    state = json.loads((partial / "summary.json").read_text())
+    state["rounds"] = state["rounds"][:1]
+    state.pop("finished")
+    (partial / "summary.json").write_text(json.dumps(state))
+    import shutil
+
+    shutil.rmtree(partial / "round-02")
+    resumed = post_train(tiny_model, tiny_data["train"], out_dir=str(partial), loop=LoopOptions(rounds=2, step=0.05), run_options=run)
+    assert [r["round"] for r in resumed.summary["rounds"]] == [1, 2]
+    assert (partial / "round-02" / "kept.csv").read_bytes() == (tmp_path / "a" / "round-02" / "kept.csv").read_bytes()
+    resumed_weights = read_checkpoint(str(partial / "final.safetensors")).state_dict
+    uninterrupted = read_checkpoint(str(tmp_path / "a" / "final.safetensors")).state_dict
+    assert all(torch.equal(resumed_weights[k], uninterrupted[k]) for k in uninterrupted)
+    assert full.summary["rounds"][1]["kept"] == resumed.summary["rounds"][1]["kept"]
+
+
+def test_post_train_refuses_a_folder_of_another_run(cli, tiny_data, tiny_model, tmp_path):
+    out = tmp_path / "post"
+    assert cli("post-train", tiny_model, tiny_data["train"], "--out-dir", out, "--rounds", "1", "--step", "0.05", "-q")[0] == 0
+    code, _, err = cli("post-train", tiny_model, tiny_data["train"], "--out-dir", out, "--rounds", "2", "--step", "0.05", "-q")
+    assert code == 3 and "another --out-dir" in err
+
+
+def test_post_train_without_budget_estimates_it(cli, tiny_data, tiny_model, tmp_path):
+    code, out_text, err = cli("post-train", tiny_model, tiny_data["train"], "--out-dir", tmp_path / "p", "--rounds", "2",
+                              "--json", "-q")
+    assert code == 0, err
+    plan = json.loads(out_text)["plan"]
+    assert plan["budget_source"] == "estimated" and plan["estimate"]["method"] == "disagreement"
+    assert 0 < plan["budget"] < 0.5
