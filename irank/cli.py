@@ -185,11 +185,11 @@ def prune(
         print_json({**summary, "output": output, "removed_output": removed})
 
 
-def _train_options(scope, epochs, lr, weight_decay, augment, seed, l2=1e-3):
+def _train_options(scope, epochs, lr, weight_decay, augment, seed, l2=1e-3, loss="ce"):
     from .refine import TrainOptions
 
     return TrainOptions(scope=scope.value, epochs=epochs, lr=lr, weight_decay=weight_decay, augment=augment.value,
-                        seed=seed, l2=l2)
+                        seed=seed, l2=l2, loss=loss)
 
 
 @app.command()
@@ -238,6 +238,7 @@ def train(
     augment: Annotated[Augment, typer.Option(help="Training augmentation.")] = Augment.none,
     seed: Annotated[int, typer.Option(help="Seed for initialization, shuffling and augmentation.")] = 0,
     val: Annotated[Optional[Path], typer.Option(help="Labelled manifest scored after every epoch; the best epoch is kept.")] = None,
+    loss: Annotated[str, typer.Option(help="ce (cross-entropy) or gce (generalized cross-entropy, q=0.7: a noise-robust loss).")] = "ce",
     classes: ClassesOpt = None, preprocess: PresetOpt = None,
     image_size: ImageSizeOpt = None, resize: ResizeOpt = None, mean: MeanOpt = None, std: StdOpt = None,
     device: DeviceOpt = Device.auto, batch_size: BatchOpt = 128, num_workers: WorkersOpt = 0,
@@ -248,7 +249,7 @@ def train(
 
     reporter = RichReporter(quiet)
     result = run_train(
-        arch, str(manifest), output=output, train_options=_train_options(Scope.full, epochs, lr, weight_decay, augment, seed),
+        arch, str(manifest), output=output, train_options=_train_options(Scope.full, epochs, lr, weight_decay, augment, seed, loss=loss),
         val=str(val) if val else None, model_options=model_options(None, None, classes, preprocess, image_size, resize, mean, std),
         run_options=RunOptions(device=device.value, batch_size=batch_size, num_workers=num_workers), reporter=reporter,
     )

@@ -21,6 +21,16 @@ from .manifest import encode_labels, read_manifest
 from .progress import Reporter
 
 SCOPES = ("head", "full", "refit")
+LOSSES = ("ce", "gce")
+GCE_Q = 0.7
+
+
+def training_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> torch.Tensor:
+    """Mean cross-entropy, or generalized cross-entropy (1 − p_y^q) / q, which bounds a wrong label's pull."""
+    if kind == "gce":
+        label_prob = torch.softmax(logits, dim=1).gather(1, labels[:, None]).squeeze(1).clamp_min(1e-7)
+        return ((1 - label_prob**GCE_Q) / GCE_Q).mean()
+    return F.cross_entropy(logits, labels)
 
 
 @dataclass
@@ -33,6 +43,7 @@ class TrainOptions:
     augment: str = "none"
     seed: int = 0
     l2: float = 1e-3  # scope refit: L2 strength on standardized head inputs
+    loss: str = "ce"  # ce, or gce: generalized cross-entropy (Zhang & Sabuncu 2018), robust to label noise
 
     def validate(self) -> None:
         if self.scope not in SCOPES:
@@ -45,6 +56,8 @@ class TrainOptions:
             raise UsageError(f"--lr {self.lr}: must be positive")
         if self.weight_decay < 0:
             raise UsageError(f"--weight-decay {self.weight_decay}: must be 0 or more")
+        if self.loss not in LOSSES:
+            raise UsageError(f"--loss {self.loss}: choose from {', '.join(LOSSES)}")
         if not self.l2 > 0:
             raise UsageError(f"--l2 {self.l2}: must be positive")
 
@@ -156,7 +169,7 @@ def train_epochs(prepared: Prepared, options: TrainOptions, run: RunOptions, dev
                     logits = head(head_inputs[rows].to(device))
                 else:
                     logits = model(images.to(device, non_blocking=True))
-                loss = F.cross_entropy(logits, labels[rows].to(device))
+                loss = training_loss(logits, labels[rows].to(device), options.loss)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

@@ -220,3 +220,23 @@ def test_refine_refit_replaces_only_the_head_with_a_convex_fit(cli, tiny_data, t
     assert not np.array_equal(before["fc.weight"], after["fc.weight"])
     history = read_checkpoint(str(refined)).metadata["refined"]["history"]
     assert history[0]["val_accuracy"] > 0.7
+
+
+def test_train_with_generalized_cross_entropy(cli, tiny_data, tmp_path):
+    out = tmp_path / "gce.safetensors"
+    code, _, err = cli("train", "tiny-cnn", tiny_data["train"], "-o", out, "--epochs", "2", "--loss", "gce", "-q")
+    assert code == 0, err
+    assert read_checkpoint(str(out)).metadata["trained"]["options"]["loss"] == "gce"
+    code, _, err = cli("train", "tiny-cnn", tiny_data["train"], "-o", out, "--loss", "mse", "-q")
+    assert code == 3 and "--loss mse" in err
+
+
+def test_gce_loss_matches_its_formula():
+    import torch
+
+    from irank.refine import training_loss
+
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    labels = torch.tensor([0, 0])
+    probs = torch.softmax(logits, 1)[:, 0]
+    assert torch.allclose(training_loss(logits, labels, "gce"), ((1 - probs**0.7) / 0.7).mean())
