@@ -1,0 +1,210 @@
+"""Post-train benchmark on CIFAR-10 subsets with label noise (not run by CI).
+
+    python tests/bench/posttrain_cifar.py SETTING [--scopes refit,full] [--rounds 8]
+
+SETTING is a base checkpoint name from tests/bench/train_bases.sh (ce-sym40, ce-sym20, ce-asym40,
+ce-sym0, gce-sym40). Writes bench-out/<SETTING>/results.json and prints a markdown table. Every stage
+caches its result in that JSON, so an interrupted run continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+import irank
+from irank.data import batches, make_loader
+from irank.features import forward_pass
+from irank.linear import fit_softmax_regression
+from irank.loading import ModelOptions, RunOptions, prepare
+from irank.metrics import auroc, precision_at_k
+from irank.posttrain import LoopOptions, post_train
+from irank.refine import TrainOptions
+from irank.scoring import method_scores
+
+ROOT = Path(__file__).resolve().parents[2]
+DATA = ROOT / "bench-data" / "cifar10"
+RUN = RunOptions(device="auto", batch_size=256, num_workers=2)
+
+
+def load_results(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def stage(results: dict, path: Path, name: str, compute):
+    if name not in results:
+        started = time.perf_counter()
+        results[name] = compute()
+        results[name + "_seconds"] = time.perf_counter() - started
+        path.write_text(json.dumps(results, indent=2, sort_keys=True))
+        print(f"[{name}] done in {results[name + '_seconds']:.0f} s", flush=True)
+    return results[name]
+
+
+def truth_mask(manifest: str) -> np.ndarray:
+    table = pd.read_csv(manifest)
+    return (table["label"] != table["true_label"]).to_numpy()
+
+
+def detection(scores: np.ndarray, corrupted: np.ndarray) -> dict:
+    order = np.argsort(-scores, kind="stable")
+    return {"auroc": auroc(scores, corrupted), "precision_at_k": precision_at_k(order, corrupted)}
+
+
+def plain_inference_seconds(checkpoint: str, manifest: str) -> float:
+    prepared = prepare(checkpoint, manifest, ModelOptions())
+    loader = make_loader(prepared.manifest.resolved_paths(), prepared.preprocess, batch_size=RUN.batch_size, num_workers=RUN.num_workers)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = prepared.model.to(device).eval()
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for images, _ in batches(loader):
+            model(images.to(device))
+    return time.perf_counter() - started
+
+
+def one_shot(checkpoint: str, manifest: str, corrupted: np.ndarray, out: Path) -> dict:
+    """Every ranking from one forward pass of the base checkpoint, plus the timed `score` run."""
+    infer = plain_inference_seconds(checkpoint, manifest)
+    started = time.perf_counter()
+    irank.score(checkpoint, manifest, output=str(out / "scores.csv"), run_options=RUN)
+    score_seconds = time.perf_counter() - started
+    prepared = prepare(checkpoint, manifest, ModelOptions())
+    loader = make_loader(prepared.manifest.resolved_paths(), prepared.preprocess, batch_size=RUN.batch_size, num_workers=RUN.num_workers)
+    outputs = forward_pass(prepared.model, prepared.head, loader, num_rows=len(corrupted), device=torch.device("cpu"))
+    labels = torch.from_numpy(prepared.labels)
+    rows = {}
+    for name, method, measure in [
+        ("influence (self-influence)", "influence", "self-influence"),
+        ("influence (boundary-shift)", "influence", "boundary-shift"),
+        ("influence (parameter-shift)", "influence", "parameter-shift"),
+        ("loss", "loss", None), ("margin", "margin", None), ("gradnorm", "gradnorm", None),
+    ]:
+        values, _ = method_scores(method, outputs.logits, outputs.head_inputs, labels, measure=measure or "self-influence")
+        rows[name] = detection(values.numpy(), corrupted)
+    rows["random"] = detection(np.random.default_rng(0).random(len(corrupted)), corrupted)
+    rows["cleanlab find_label_issues (5-fold probes)"] = cleanlab_reference(outputs.head_inputs, labels, corrupted)
+    torch.save({"head_inputs": outputs.head_inputs, "labels": labels}, out / "features.pt")
+    return {"rankings": rows, "score_seconds": score_seconds, "inference_seconds": infer, "cost_ratio": score_seconds / infer}
+
+
+def cleanlab_reference(features: torch.Tensor, labels: torch.Tensor, corrupted: np.ndarray, folds: int = 5, l2: float = 1e-3) -> dict:
+    """cleanlab 2.x fed with out-of-sample probabilities from k-fold linear probes on the checkpoint's features."""
+    from cleanlab.filter import find_label_issues
+    from cleanlab.rank import get_label_quality_scores
+
+    n, classes = len(labels), int(labels.max()) + 1
+    fold_of = np.random.default_rng(0).permutation(n) % folds
+    probs = np.zeros((n, classes))
+    for fold in range(folds):
+        held = torch.from_numpy(fold_of == fold)
+        weight, bias = fit_softmax_regression(features[~held], labels[~held], classes, l2=l2)
+        probs[held.numpy()] = torch.softmax(features[held].double() @ weight.T + bias, 1).numpy()
+    flagged = find_label_issues(labels.numpy(), probs)
+    quality = get_label_quality_scores(labels.numpy(), probs)
+    result = detection(-quality, corrupted)
+    result["flagged"] = int(flagged.sum())
+    result["flagged_precision"] = float(corrupted[flagged].mean()) if flagged.any() else float("nan")
+    result["flagged_recall"] = float(flagged[corrupted].mean())
+    return result
+
+
+def gradual_order(post_dir: Path, manifest: str) -> np.ndarray:
+    """Suspicion score per manifest row from post-train's removal order: removed rows first (by round,
+    then rank), then the never-removed rows by the last round's scores."""
+    ids = pd.read_csv(manifest)["path"].tolist()
+    position = {sample_id: row for row, sample_id in enumerate(ids)}
+    removed = pd.read_csv(post_dir / "removed.csv")
+    summary = json.loads((post_dir / "summary.json").read_text())
+    last_scores = pd.read_csv(post_dir / summary["rounds"][-1]["folder"] / "scores.csv")
+    order = [position[i] for i in removed["id"]]
+    seen = set(order)
+    order += [position[i] for i in last_scores["id"] if position[i] not in seen]
+    suspicion = np.empty(len(ids))
+    suspicion[np.array(order)] = -np.arange(len(order), dtype=float)
+    return suspicion
+
+
+def refine_on_subset(checkpoint: str, manifest: str, keep: np.ndarray, out: Path, name: str, options: TrainOptions) -> str:
+    table = pd.read_csv(manifest)
+    subset = out / f"{name}.csv"
+    table[keep].to_csv(subset, index=False)
+    # The subset sits in bench-out/...; point its paths at the images.
+    table = pd.read_csv(subset)
+    table["path"] = [str(Path(manifest).parent / p) for p in table["path"]]
+    table.to_csv(subset, index=False)
+    model = str(out / f"{name}.safetensors")
+    irank.refine(checkpoint, str(subset), output=model, train_options=options, run_options=RUN)
+    return model
+
+
+def test_accuracy(model: str) -> float:
+    return irank.evaluate(model, str(DATA / "test.csv"), run_options=RUN)["accuracy"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("setting")
+    parser.add_argument("--scopes", default="refit,full")
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--l2", type=float, default=1e-3)
+    parser.add_argument("--full-epochs", type=int, default=2)
+    parser.add_argument("--estimate-budget", action="store_true", help="let post-train estimate the budget")
+    args = parser.parse_args()
+    checkpoint = str(ROOT / "bench-out" / "base" / f"{args.setting}.safetensors")
+    noise = args.setting.split("-")[1]
+    manifest = str(DATA / f"train-{noise}.csv")
+    out = ROOT / "bench-out" / args.setting
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "results.json"
+    results = load_results(results_path)
+    corrupted = truth_mask(manifest)
+    results["corrupted"] = int(corrupted.sum())
+    stage(results, results_path, "base_test_accuracy", lambda: test_accuracy(checkpoint))
+    stage(results, results_path, "base_train_fit", lambda: irank.evaluate(checkpoint, manifest, run_options=RUN)["accuracy"])
+    stage(results, results_path, "one_shot", lambda: one_shot(checkpoint, manifest, corrupted, out))
+    budget = corrupted.mean() if corrupted.any() else None
+    rng = np.random.default_rng(0)
+    random_keep = np.ones(len(corrupted), dtype=bool)
+    if corrupted.any():
+        random_keep[rng.choice(len(corrupted), size=int(corrupted.sum()), replace=False)] = False
+    for scope in args.scopes.split(","):
+        if scope == "refit":
+            options = TrainOptions(scope="refit", l2=args.l2)
+            reference = options
+        else:
+            options = TrainOptions(scope=scope, epochs=args.full_epochs, lr=0.01)
+            reference = TrainOptions(scope=scope, epochs=args.full_epochs * args.rounds, lr=0.01)
+        tag = f"{scope}" + ("-estimated" if args.estimate_budget else "")
+        loop = LoopOptions(rounds=args.rounds, budget=None if args.estimate_budget else budget)
+
+        def run_post(tag=tag, loop=loop, options=options):
+            post_dir = out / f"post-{tag}"
+            started = time.perf_counter()
+            result = post_train(checkpoint, manifest, out_dir=str(post_dir), loop=loop, train_options=options, run_options=RUN)
+            seconds = time.perf_counter() - started
+            record = {"test_accuracy": test_accuracy(result.final_model), "seconds": seconds,
+                      "removed": int(result.summary["rounds"][-1]["removed_total"]), "plan": result.summary["plan"]}
+            if corrupted.any():
+                record["gradual"] = detection(gradual_order(post_dir, manifest), corrupted)
+            return record
+
+        stage(results, results_path, f"post_{tag}", run_post)
+        stage(results, results_path, f"refine_all_{scope}",
+              lambda: test_accuracy(refine_on_subset(checkpoint, manifest, np.ones(len(corrupted), bool), out, f"all-{scope}", reference)))
+        if corrupted.any():
+            stage(results, results_path, f"random_{scope}",
+                  lambda: test_accuracy(refine_on_subset(checkpoint, manifest, random_keep, out, f"random-{scope}", reference)))
+            stage(results, results_path, f"oracle_{scope}",
+                  lambda: test_accuracy(refine_on_subset(checkpoint, manifest, ~corrupted, out, f"oracle-{scope}", reference)))
+    print(json.dumps(results, indent=2, sort_keys=True))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""Layer features and probes on a refit linear boundary."""
+
+import torch
+
+from irank.checkpoint import build_model
+from irank.data import make_loader
+from irank.layers import candidate_layers, layer_features, pool
+from irank.loading import ModelOptions, prepare
+from irank.metrics import auroc
+from irank.probe import heldout_probe_loss, probe_scores
+
+
+def test_pool_shapes():
+    assert pool(torch.randn(2, 3, 4, 4)).shape == (2, 6)
+    assert pool(torch.randn(2, 5, 7)).shape == (2, 7)
+    assert pool(torch.randn(2, 9)).shape == (2, 9)
+    maps = torch.zeros(1, 1, 2, 2)
+    maps[0, 0, 0, 0] = 4.0
+    assert pool(maps).tolist() == [[1.0, 4.0]]
+
+
+def test_candidate_layers_in_run_order():
+    model = build_model("tiny-cnn", 3)
+    names = [name for name, *_ in candidate_layers(model, torch.zeros(1, 3, 16, 16))]
+    assert names.index("features.0") < names.index("features.2") < names.index("fc")
+    shapes = {name: shape for name, _, shape, _ in candidate_layers(model, torch.zeros(1, 3, 16, 16))}
+    assert shapes["features.1"] == (16, 4, 4) and shapes["fc"] == (3,)
+
+
+def test_layer_features_stop_early_and_match_a_full_pass(tiny_data, tiny_model):
+    prepared = prepare(tiny_model, tiny_data["train"], ModelOptions())
+    loader = make_loader(prepared.manifest.resolved_paths(), prepared.preprocess, batch_size=64)
+    features = layer_features(prepared.model, "features.1", loader, num_rows=240, device=torch.device("cpu"))
+    images = torch.stack([loader.dataset[i][0] for i in range(5)])
+    with torch.no_grad():
+        expected = pool(prepared.model.features[:2](images))
+    assert features.shape == (240, 32)
+    assert torch.allclose(features[:5], expected, atol=1e-5)
+
+
+def test_probe_finds_flipped_labels_and_heldout_loss_prefers_informative_features():
+    torch.manual_seed(0)
+    n, classes = 300, 3
+    truth = torch.arange(n) % classes
+    informative = torch.nn.functional.one_hot(truth, classes).float() * 3 + torch.randn(n, classes)
+    noise = torch.randn(n, classes)
+    labels = truth.clone()
+    flipped = torch.arange(n) % 10 == 0
+    labels[flipped] = (truth[flipped] + 1) % classes
+    for measure in ("loss", "margin", "self-influence", "boundary-shift"):
+        scores, _, _ = probe_scores(informative, labels, classes, l2=0.01, measure=measure)
+        assert auroc(scores.numpy(), flipped.numpy()) > 0.9, measure
+    assert heldout_probe_loss(informative, labels, classes, l2=0.01) < heldout_probe_loss(noise, labels, classes, l2=0.01)
