@@ -19,6 +19,7 @@ from rich.table import Table
 
 from .evaluation import evaluate as run_evaluate
 from ._version import __version__
+from .boundary import BoundaryOptions
 from .errors import IrankError, UsageError
 from .files import is_stdio
 from .loading import ModelOptions, RunOptions
@@ -60,6 +61,11 @@ class Curvature(str, Enum):
     auto = "auto"
     exact = "exact"
     kfac = "kfac"
+
+
+class Boundary(str, Enum):
+    head = "head"
+    refit = "refit"
 
 
 class Scope(str, Enum):
@@ -125,6 +131,9 @@ def score(
     curvature: Annotated[Curvature, typer.Option(help="Head curvature: exact Gauss-Newton, Kronecker-factored (kfac), "
                                                  "or auto (exact when small).")] = Curvature.auto,
     damping: Annotated[float, typer.Option(help="Damping, relative to the mean eigenvalue of the curvature.")] = 0.01,
+    boundary: Annotated[Boundary, typer.Option(help="head: the checkpoint's own head; refit: an L2-regularized linear probe refit on --layer's features, a boundary that cannot bend around memorized labels.")] = Boundary.head,
+    layer: Annotated[Optional[str], typer.Option(help="With --boundary refit: the module whose pooled output feeds the probe (see `irank layers`), or auto (lowest k-fold held-out probe loss). Default: the head's input.")] = None,
+    l2: Annotated[float, typer.Option(help="With --boundary refit: the probe's L2 strength on standardized features.")] = 1e-2,
     arch: ArchOpt = None, head: HeadOpt = None, classes: ClassesOpt = None, preprocess: PresetOpt = None,
     image_size: ImageSizeOpt = None, resize: ResizeOpt = None, mean: MeanOpt = None, std: StdOpt = None,
     device: DeviceOpt = Device.auto, batch_size: BatchOpt = 128, num_workers: WorkersOpt = 0,
@@ -144,6 +153,7 @@ def score(
     result = run_score(
         str(checkpoint), str(manifest), output=output, method=method.value, influence_measure=influence_measure.value,
         curvature=curvature.value, damping=damping,
+        boundary=BoundaryOptions(kind=boundary.value, layer=layer, l2=l2),
         model_options=model_options(arch, head, classes, preprocess, image_size, resize, mean, std),
         run_options=RunOptions(device=device.value, batch_size=batch_size, num_workers=num_workers), reporter=reporter,
     )
@@ -404,6 +414,29 @@ def demo(
     ]
     for label, value in rows:
         table.add_row(label, value)
+    stdout.print(table)
+
+
+@app.command()
+def layers(
+    checkpoint: Annotated[Path, typer.Argument(help="The model whose layers to list.")],
+    arch: ArchOpt = None, head: HeadOpt = None, classes: ClassesOpt = None,
+    image_size: Annotated[int, typer.Option(help="Side of the square dummy input used to trace shapes (default: the checkpoint's, else 224).")] = 0,
+    json_out: JsonOpt = False,
+) -> None:
+    """List the layers --layer can name, with their output shapes and pooled feature sizes; marks the ones --layer auto tries."""
+    from .layers import list_layers
+
+    rows = list_layers(str(checkpoint), ModelOptions(arch=arch, head=head, classes=str(classes) if classes else None),
+                       image_size or None)
+    if json_out:
+        print_json({"layers": rows})
+        return
+    table = Table(title=f"layers of {checkpoint}")
+    for column in ("layer", "type", "output shape", "pooled features", "auto candidate"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row["name"], row["type"], "×".join(map(str, row["shape"])), str(row["pooled"]), "yes" if row["candidate"] else "")
     stdout.print(table)
 
 

@@ -22,6 +22,8 @@ class _Stop(Exception):
 
 
 def pool(output: torch.Tensor) -> torch.Tensor:
+    if output.dim() == 4 and output.shape[2] * output.shape[3] == 1:
+        return output.reshape(len(output), -1)  # already pooled: average and max would be the same numbers
     if output.dim() == 4:
         return torch.cat([output.mean(dim=(2, 3)), output.amax(dim=(2, 3))], dim=1)
     if output.dim() == 3:
@@ -36,49 +38,61 @@ def get_layer(model: nn.Module, name: str) -> nn.Module:
         raise UsageError(f"--layer {name}: no such module; `irank layers CHECKPOINT` lists the candidates") from None
 
 
-def run_until(model: nn.Module, layer: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """The pooled output of `layer` for a batch, without running the rest of the model."""
-    captured = {}
+def run_until(model: nn.Module, layers: dict[str, nn.Module], images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Pooled outputs of `layers` (name → module) for a batch, stopping once the last of them has run."""
+    captured: dict[str, torch.Tensor] = {}
 
-    def hook(_module, _inputs, output):
-        captured["output"] = output[0] if isinstance(output, (tuple, list)) else output
-        raise _Stop
+    def make_hook(name):
+        def hook(_module, _inputs, output):
+            output = output[0] if isinstance(output, (tuple, list)) else output
+            captured[name] = pool(output.detach())
+            if len(captured) == len(layers):
+                raise _Stop
+        return hook
 
-    handle = layer.register_forward_hook(hook)
+    handles = [module.register_forward_hook(make_hook(name)) for name, module in layers.items()]
     try:
         model(images)
     except _Stop:
         pass
     finally:
-        handle.remove()
-    if "output" not in captured:
-        raise UsageError("the chosen layer did not run during the forward pass")
-    return pool(captured["output"].detach())
+        for handle in handles:
+            handle.remove()
+    missing = [name for name in layers if name not in captured]
+    if missing:
+        raise UsageError(f"--layer {missing[0]}: the module did not run during the forward pass")
+    return captured
 
 
 def layer_features(
     model: nn.Module,
-    layer_name: str,
+    layer_names: list[str] | str,
     loader: DataLoader,
     *,
     num_rows: int,
     device: torch.device,
     reporter: Reporter | None = None,
-) -> torch.Tensor:
-    """Pooled features of `layer_name` for every row of the loader, float32 on the CPU."""
+) -> dict[str, torch.Tensor] | torch.Tensor:
+    """Pooled features of each named layer for every row of the loader (float32, CPU), in one pass.
+
+    Given one name (a str), returns its tensor; given a list, a dict name → tensor.
+    """
     reporter = reporter or Reporter()
-    layer = get_layer(model, layer_name)
+    single = isinstance(layer_names, str)
+    names = [layer_names] if single else list(layer_names)
+    layers = {name: get_layer(model, name) for name in names}
     model.to(device).eval()
-    features = None
-    with torch.inference_mode(), reporter.task(f"features at {layer_name}", len(loader)) as advance:
+    features: dict[str, torch.Tensor] = {}
+    with torch.inference_mode(), reporter.task(f"features at {', '.join(names)}", len(loader)) as advance:
         for images, rows in batches(loader):
-            pooled = run_until(model, layer, images.to(device, non_blocking=True)).float().cpu()
-            if features is None:
-                features = torch.empty(num_rows, pooled.shape[1], dtype=torch.float32)
-            features[rows] = pooled
+            for name, pooled in run_until(model, layers, images.to(device, non_blocking=True)).items():
+                if name not in features:
+                    features[name] = torch.empty(num_rows, pooled.shape[1], dtype=torch.float32)
+                features[name][rows] = pooled.float().cpu()
             advance(1)
-    check_finite(features, torch.zeros(num_rows, 1))
-    return features
+    for tensor in features.values():
+        check_finite(tensor, torch.zeros(num_rows, 1))
+    return features[names[0]] if single else features
 
 
 def candidate_layers(model: nn.Module, example: torch.Tensor) -> list[tuple[str, str, tuple[int, ...], int]]:
@@ -102,3 +116,26 @@ def candidate_layers(model: nn.Module, example: torch.Tensor) -> list[tuple[str,
         for handle in handles:
             handle.remove()
     return found
+
+
+def list_layers(checkpoint_path: str, options, image_size: int | None = None) -> list[dict]:
+    """Every module of a checkpoint's model with its output shape on a dummy image, and whether --layer auto tries it."""
+    from .boundary import block_candidates
+    from .checkpoint import build_model, find_head, load_weights, read_checkpoint
+    from .manifest import read_classes_file
+
+    checkpoint = read_checkpoint(checkpoint_path)
+    meta = checkpoint.metadata
+    classes = meta.get("classes") or (read_classes_file(options.classes) if options.classes else None)
+    arch = options.arch or meta.get("arch")
+    if not arch or not classes:
+        raise UsageError(f"checkpoint {checkpoint_path} has no irank metadata: pass --arch and --classes")
+    model = build_model(arch, len(classes))
+    load_weights(model, checkpoint, arch)
+    head_name, _ = find_head(model, options.head or meta.get("head"))
+    size = image_size or (meta.get("preprocess") or {}).get("image_size") or 224
+    candidates = set(block_candidates(model, head_name))
+    return [
+        {"name": name, "type": kind, "shape": list(shape), "pooled": pooled, "candidate": name in candidates}
+        for name, kind, shape, pooled in candidate_layers(model, torch.zeros(1, 3, size, size))
+    ]

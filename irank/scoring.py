@@ -10,9 +10,11 @@ import torch
 
 from . import influence
 from ._version import __version__
+from .boundary import BoundaryOptions, LayerChoice, block_candidates, choose_layer, refit_scores
 from .data import make_loader
 from .errors import UsageError
 from .features import ForwardOutputs, forward_pass, resolve_device
+from .layers import layer_features
 from .files import check_outputs_clear_of_inputs, is_stdio, sha256_file, write_json_atomic
 from .loading import ModelOptions, Prepared, RunOptions, prepare
 from .manifest import table_format, write_table
@@ -75,6 +77,31 @@ def run_forward(prepared: Prepared, run: RunOptions, reporter: Reporter) -> Forw
     )
 
 
+def refit_boundary(prepared: Prepared, labels: torch.Tensor, method: str, measure: str, boundary: BoundaryOptions,
+                   run: RunOptions, reporter: Reporter) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Scores on an L2 probe refit at the chosen layer: (scores, probe logits, details for the sidecar)."""
+    loader = make_loader(prepared.manifest.resolved_paths(), prepared.preprocess, batch_size=run.batch_size,
+                         num_workers=run.num_workers)
+    names = block_candidates(prepared.model, prepared.head_name) if boundary.layer == "auto" else [boundary.layer]
+    if boundary.layer is None:
+        features = {"head-input": run_forward(prepared, run, reporter).head_inputs}
+    else:
+        features = layer_features(prepared.model, names, loader, num_rows=len(labels), device=resolve_device(run.device),
+                                  reporter=reporter)
+    if boundary.layer == "auto":
+        choice = choose_layer(features, labels, len(prepared.classes), l2=boundary.l2, reporter=reporter)
+        reporter.info(f"layer: {choice.layer} ({choice.how})")
+    else:
+        choice = LayerChoice(next(iter(features)), "given" if boundary.layer else "the head's input (default)")
+    scores, logits = refit_scores(features[choice.layer], labels, len(prepared.classes), method=method,
+                                  measure=measure, l2=boundary.l2)
+    details = {"boundary": "refit", "layer": choice.layer, "layer_choice": choice.how, "l2": boundary.l2,
+               "influence_measure": measure if method == "influence" else None}
+    if choice.figures:
+        details["layers"] = choice.figures
+    return scores, logits, details
+
+
 def score(
     checkpoint: str,
     manifest: str,
@@ -84,6 +111,7 @@ def score(
     influence_measure: str = "self-influence",
     curvature: str = "auto",
     damping: float = 0.01,
+    boundary: BoundaryOptions | None = None,
     model_options: ModelOptions | None = None,
     run_options: RunOptions | None = None,
     reporter: Reporter | None = None,
@@ -97,6 +125,8 @@ def score(
     model_options = model_options or ModelOptions()
     run_options = run_options or RunOptions()
     validate_score_options(method, influence_measure, curvature, damping)
+    boundary = boundary or BoundaryOptions()
+    boundary.validate()
     if output is not None:
         table_format(output)
         sidecar_path = None if is_stdio(output) else output + ".json"
@@ -106,13 +136,18 @@ def score(
     prepared = prepare(checkpoint, manifest, model_options)
     for note in prepared.notes:
         reporter.info(note)
-    outputs = run_forward(prepared, run_options, reporter)
     labels = torch.from_numpy(prepared.labels)
-    scores, details = method_scores(
-        method, outputs.logits, outputs.head_inputs, labels,
-        has_bias=prepared.head.bias is not None, damping=damping, measure=influence_measure, curvature=curvature,
-    )
-    probs = torch.softmax(outputs.logits.double(), dim=1).numpy()
+    if boundary.kind == "head":
+        outputs = run_forward(prepared, run_options, reporter)
+        logits = outputs.logits
+        scores, details = method_scores(
+            method, outputs.logits, outputs.head_inputs, labels,
+            has_bias=prepared.head.bias is not None, damping=damping, measure=influence_measure, curvature=curvature,
+        )
+        details["boundary"] = "head"
+    else:
+        scores, logits, details = refit_boundary(prepared, labels, method, influence_measure, boundary, run_options, reporter)
+    probs = torch.softmax(logits.double(), dim=1).numpy()
     table = scores_table(
         prepared.manifest.table,
         ids=prepared.manifest.ids,
@@ -120,7 +155,7 @@ def score(
         labels=prepared.labels,
         classes=prepared.classes,
         probs=probs,
-        loss=influence.cross_entropy(outputs.logits, labels).numpy(),
+        loss=influence.cross_entropy(logits, labels).numpy(),
         scores=scores.numpy(),
     )
     sidecar = {

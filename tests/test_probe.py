@@ -51,3 +51,40 @@ def test_probe_finds_flipped_labels_and_heldout_loss_prefers_informative_feature
         scores, _, _ = probe_scores(informative, labels, classes, l2=0.01, measure=measure)
         assert auroc(scores.numpy(), flipped.numpy()) > 0.9, measure
     assert heldout_probe_loss(informative, labels, classes, l2=0.01) < heldout_probe_loss(noise, labels, classes, l2=0.01)
+
+
+def test_score_on_a_refit_boundary_with_auto_layer(cli, tiny_data, tiny_model, tmp_path):
+    import json
+
+    import pandas as pd
+
+    out = tmp_path / "s.csv"
+    code, _, err = cli("score", tiny_model, tiny_data["train"], "-o", out, "--boundary", "refit", "--layer", "auto", "-q")
+    assert code == 0, err
+    parameters = json.loads((tmp_path / "s.csv.json").read_text())["parameters"]
+    assert parameters["boundary"] == "refit" and parameters["layer"] in parameters["layers"]
+    chosen = parameters["layers"][parameters["layer"]]["heldout_loss"]
+    assert chosen == min(figure["heldout_loss"] for figure in parameters["layers"].values())
+    table = pd.read_csv(out)
+    assert auroc(table["score"].to_numpy(), (table["label"] != table["true_label"]).to_numpy()) > 0.85
+
+
+def test_score_refit_on_a_named_layer_and_bad_layer(cli, tiny_data, tiny_model, tmp_path):
+    code, _, err = cli("score", tiny_model, tiny_data["train"], "-o", tmp_path / "s.csv", "--boundary", "refit",
+                       "--layer", "features.2", "--method", "loss", "-q")
+    assert code == 0, err
+    code, _, err = cli("score", tiny_model, tiny_data["train"], "-o", tmp_path / "t.csv", "--boundary", "refit",
+                       "--layer", "features.9")
+    assert code == 3 and "--layer features.9" in err and "irank layers" in err
+    code, _, err = cli("score", tiny_model, tiny_data["train"], "-o", tmp_path / "t.csv", "--layer", "features.2")
+    assert code == 3 and "--boundary refit" in err
+
+
+def test_layers_command_lists_candidates(cli, tiny_model):
+    import json
+
+    code, out, err = cli("layers", tiny_model, "--image-size", "16", "--json")
+    assert code == 0, err
+    rows = {row["name"]: row for row in json.loads(out)["layers"]}
+    assert rows["features.1"]["candidate"] and rows["features.1"]["shape"] == [16, 4, 4]
+    assert not rows["fc"]["candidate"]
