@@ -195,11 +195,11 @@ def prune(
         print_json({**summary, "output": output, "removed_output": removed})
 
 
-def _train_options(scope, epochs, lr, weight_decay, augment, seed, l2=1e-3, loss="ce"):
+def _train_options(scope, epochs, lr, weight_decay, augment, seed, l2=1e-3, loss="ce", layer=None):
     from .refine import TrainOptions
 
     return TrainOptions(scope=scope.value, epochs=epochs, lr=lr, weight_decay=weight_decay, augment=augment.value,
-                        seed=seed, l2=l2, loss=loss)
+                        seed=seed, l2=l2, loss=loss, layer=layer)
 
 
 @app.command()
@@ -208,7 +208,8 @@ def refine(
     manifest: Annotated[Path, typer.Argument(help="The (cleaned) manifest to fine-tune on.")],
     output: Annotated[str, typer.Option("-o", "--output", help="Refined checkpoint (.safetensors, with irank metadata).")],
     scope: Annotated[Scope, typer.Option(help="head: fine-tune the last linear layer only, on features computed once; full: the whole network; refit: refit the head from scratch as an L2-regularized softmax regression on the frozen features (convex, deterministic; see --l2).")] = Scope.head,
-    l2: Annotated[float, typer.Option(help="With --scope refit: L2 strength on standardized head inputs.")] = 1e-3,
+    l2: Annotated[float, typer.Option(help="With --scope refit: L2 strength on standardized features.")] = 1e-3,
+    layer: Annotated[Optional[str], typer.Option(help="With --scope refit: refit on this layer's pooled output (see `irank layers`); the written model is the network cut at that layer plus the refit head.")] = None,
     epochs: Annotated[int, typer.Option(help="Passes over the manifest.")] = 5,
     lr: Annotated[float, typer.Option(help="Peak learning rate of SGD with momentum 0.9 (cosine decay).")] = 0.01,
     weight_decay: Annotated[float, typer.Option(help="L2 weight decay.")] = 5e-4,
@@ -228,7 +229,7 @@ def refine(
 
     reporter = RichReporter(quiet)
     result = run_refine(
-        str(checkpoint), str(manifest), output=output, train_options=_train_options(scope, epochs, lr, weight_decay, augment, seed, l2),
+        str(checkpoint), str(manifest), output=output, train_options=_train_options(scope, epochs, lr, weight_decay, augment, seed, l2, layer=layer),
         val=str(val) if val else None, model_options=model_options(arch, head, classes, preprocess, image_size, resize, mean, std),
         run_options=RunOptions(device=device.value, batch_size=batch_size, num_workers=num_workers), reporter=reporter,
     )
@@ -291,6 +292,9 @@ def post_train(
     influence_measure: Annotated[Measure, typer.Option(help="With --method influence: which influence measure.")] = Measure.self_influence,
     curvature: Annotated[Curvature, typer.Option(help="Head curvature: exact, kfac or auto.")] = Curvature.auto,
     damping: Annotated[float, typer.Option(help="Damping relative to the mean eigenvalue of the curvature.")] = 0.01,
+    boundary: Annotated[Boundary, typer.Option(help="head: score on the current model's head; refit: on an L2 probe refit each round at --layer.")] = Boundary.head,
+    layer: Annotated[Optional[str], typer.Option(help="With --boundary refit: the probe's layer, or auto (chosen in round 1). With --scope refit the refined model is the network cut there plus the probe.")] = None,
+    probe_l2: Annotated[float, typer.Option(help="With --boundary refit: the scoring probe's L2 strength.")] = 1e-2,
     arch: ArchOpt = None, head: HeadOpt = None, classes: ClassesOpt = None, preprocess: PresetOpt = None,
     image_size: ImageSizeOpt = None, resize: ResizeOpt = None, mean: MeanOpt = None, std: StdOpt = None,
     device: DeviceOpt = Device.auto, batch_size: BatchOpt = 128, num_workers: WorkersOpt = 0,
@@ -319,7 +323,8 @@ def post_train(
         str(checkpoint), str(manifest), out_dir=str(out_dir),
         loop=LoopOptions(rounds=rounds, step=step, budget=budget, per_class=per_class, min_per_class=min_per_class,
                          patience=patience, method=method.value, influence_measure=influence_measure.value,
-                         curvature=curvature.value, damping=damping),
+                         curvature=curvature.value, damping=damping, boundary=boundary.value, layer=layer,
+                         probe_l2=probe_l2),
         train_options=_train_options(scope, epochs, lr, weight_decay, augment, seed, l2),
         val=str(val) if val else None,
         model_options=model_options(arch, head, classes, preprocess, image_size, resize, mean, std),

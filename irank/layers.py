@@ -139,3 +139,18 @@ def list_layers(checkpoint_path: str, options, image_size: int | None = None) ->
         {"name": name, "type": kind, "shape": list(shape), "pooled": pooled, "candidate": name in candidates}
         for name, kind, shape, pooled in candidate_layers(model, torch.zeros(1, 3, size, size))
     ]
+
+
+class ProbeModel(nn.Module):
+    """A network cut at `layer`, its pooled output fed to a linear head `probe`: a real classifier that
+    `eval` and `score` run like any other (irank metadata key "probe" says how to rebuild it)."""
+
+    def __init__(self, backbone: nn.Module, layer: str, in_features: int, num_classes: int):
+        super().__init__()
+        self.backbone = backbone
+        self.layer = layer
+        self.probe = nn.Linear(in_features, num_classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        features = run_until(self.backbone, {self.layer: get_layer(self.backbone, self.layer)}, images)[self.layer]
+        return self.probe(features)

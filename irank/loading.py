@@ -52,6 +52,7 @@ class Prepared:
     labels: np.ndarray
     preprocess: Preprocess
     notes: list[str] = field(default_factory=list)
+    extra_metadata: dict = field(default_factory=dict)  # e.g. "probe" when refine cut the model at a layer
 
     def metadata(self, **extra) -> dict:
         """irank metadata for a checkpoint derived from this one."""
@@ -85,6 +86,10 @@ def prepare(checkpoint_path: str | None, manifest_path: str, options: ModelOptio
             "(a torchvision model name such as resnet18, a built-in such as small-cnn, or module:factory)"
         )
     model = build_model(arch, len(classes))
+    if meta.get("probe"):
+        from .layers import ProbeModel
+
+        model = ProbeModel(model, meta["probe"]["layer"], meta["probe"]["in_features"], len(classes))
     if checkpoint is not None:
         load_weights(model, checkpoint, arch)
     head_name, head = find_head(model, options.head or meta.get("head"))
@@ -102,7 +107,8 @@ def prepare(checkpoint_path: str | None, manifest_path: str, options: ModelOptio
         std=options.std,
     )
     notes = [f"{len(classes)} classes from {class_source}", f"head: {head_name} ({head.in_features} → {head.out_features})"]
-    return Prepared(checkpoint, manifest, model, head_name, head, arch, classes, class_source, labels, preprocess, notes)
+    extra = {"probe": meta["probe"]} if meta.get("probe") else {}
+    return Prepared(checkpoint, manifest, model, head_name, head, arch, classes, class_source, labels, preprocess, notes, extra)
 
 
 def labels_tensor(prepared: Prepared) -> torch.Tensor:

@@ -11,7 +11,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -19,6 +19,7 @@ import pandas as pd
 
 from ._version import __version__
 from .errors import UsageError
+from .boundary import BoundaryOptions
 from .estimate import estimate_noise_share
 from .evaluation import evaluate
 from .files import atomic_path, sha256_file, write_json_atomic
@@ -46,6 +47,9 @@ class LoopOptions:
     influence_measure: str = "self-influence"
     curvature: str = "auto"
     damping: float = 0.01
+    boundary: str = "head"  # head, or refit: an L2 probe refit each round at `layer`
+    layer: str | None = None  # with boundary refit: a module name, "auto" (chosen in round 1), or the head's input
+    probe_l2: float = 1e-2
 
     def validate(self) -> None:
         for name, value in (("--step", self.step), ("--budget", self.budget)):
@@ -58,6 +62,10 @@ class LoopOptions:
         if self.patience < 1:
             raise UsageError(f"--patience {self.patience}: must be at least 1")
         validate_score_options(self.method, self.influence_measure, self.curvature, self.damping)
+        self.boundary_options().validate()
+
+    def boundary_options(self, layer: str | None = None) -> BoundaryOptions:
+        return BoundaryOptions(kind=self.boundary, layer=layer or self.layer, l2=self.probe_l2)
 
 
 def plan_rounds(options: LoopOptions, estimated_budget: float | None = None) -> dict:
@@ -171,7 +179,9 @@ def post_train(
     while not state.get("finished"):
         number = len(state["rounds"]) + 1
         previous = state["rounds"][-1] if state["rounds"] else None
-        current_model = str(out / previous["folder"] / "model.safetensors") if previous else str(checkpoint)
+        # A probe refit from scratch on an unchanged backbone needs nothing from the previous round's model.
+        from_input = loop.boundary == "refit" and train_options.scope == "refit"
+        current_model = str(out / previous["folder"] / "model.safetensors") if previous and not from_input else str(checkpoint)
         current_manifest = str(out / previous["folder"] / "kept.csv") if previous else str(manifest)
         folder = f"round-{number:02d}"
         building = out / f".{folder}.tmp"
@@ -179,7 +189,13 @@ def post_train(
         started = time.perf_counter()
         table = score(current_model, current_manifest, output=str(building / "scores.csv"), method=loop.method,
                       influence_measure=loop.influence_measure, curvature=loop.curvature, damping=loop.damping,
-                      model_options=model_options, run_options=run, reporter=reporter).table
+                      boundary=loop.boundary_options(state.get("layer")), model_options=model_options,
+                      run_options=run, reporter=reporter)
+        if loop.boundary == "refit" and "layer" not in state:
+            chosen = table.sidecar["parameters"]["layer"]
+            state["layer"] = None if chosen == "head-input" else chosen
+            state["layer_choice"] = {k: table.sidecar["parameters"].get(k) for k in ("layer", "layer_choice", "layers")}
+        table = table.table
         scored = time.perf_counter()
         if state["plan"] is None:
             estimate = estimate_noise_share(table) if loop.budget is None and not (loop.step and loop.rounds) else None
@@ -194,8 +210,11 @@ def post_train(
                        removed_output=str(building / "removed.csv"), per_class=loop.per_class,
                        min_per_class=loop.min_per_class, **prune_kwargs)
         pruned_at = time.perf_counter()
+        round_training = train_options
+        if from_input and state.get("layer"):
+            round_training = replace(train_options, layer=state["layer"])
         refined = refine(current_model, str(building / "kept.csv"), output=str(building / "model.safetensors"),
-                         train_options=train_options, val=val, model_options=model_options, run_options=run,
+                         train_options=round_training, val=val, model_options=model_options, run_options=run,
                          reporter=reporter)
         finished_at = time.perf_counter()
         record = {

@@ -42,7 +42,8 @@ class TrainOptions:
     momentum: float = 0.9
     augment: str = "none"
     seed: int = 0
-    l2: float = 1e-3  # scope refit: L2 strength on standardized head inputs
+    l2: float = 1e-3  # scope refit: L2 strength on standardized features
+    layer: str | None = None  # scope refit: refit on this layer's pooled output instead of the head's input
     loss: str = "ce"  # ce, or gce: generalized cross-entropy (Zhang & Sabuncu 2018), robust to label noise
 
     def validate(self) -> None:
@@ -60,6 +61,8 @@ class TrainOptions:
             raise UsageError(f"--loss {self.loss}: choose from {', '.join(LOSSES)}")
         if not self.l2 > 0:
             raise UsageError(f"--l2 {self.l2}: must be positive")
+        if self.layer and self.scope != "refit":
+            raise UsageError("--layer needs --scope refit (the probe is refit on that layer's features)")
 
 
 @dataclass
@@ -97,14 +100,36 @@ def _cosine(step: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * step / max(1, total)))
 
 
+def attach_probe(prepared: Prepared, layer: str, in_features: int) -> None:
+    """Turn the prepared model into backbone-up-to-`layer` + a fresh linear `probe` head (in place)."""
+    from .layers import ProbeModel
+
+    if prepared.checkpoint is not None and prepared.checkpoint.metadata.get("probe"):
+        raise UsageError("this checkpoint is already cut at a layer; refit --layer on the original checkpoint")
+    prepared.model = ProbeModel(prepared.model, layer, in_features, len(prepared.classes))
+    prepared.head_name, prepared.head = "probe", prepared.model.probe
+    prepared.extra_metadata["probe"] = {"layer": layer, "in_features": in_features}
+
+
 def refit_head(prepared: Prepared, options: TrainOptions, run: RunOptions, device: torch.device,
                reporter: Reporter, validation: ValidationSet | None) -> RefineResult:
-    """Replace the head by the L2-regularized softmax regression fitted from scratch on frozen head inputs."""
-    model, head = prepared.model.to(device), prepared.head
+    """Replace the head by the L2-regularized softmax regression fitted from scratch on frozen features:
+    the head's input, or with `options.layer` a layer's pooled output (the model is then cut there)."""
+    from .layers import layer_features
+
+    model = prepared.model.to(device)
     loader = make_loader(prepared.manifest.resolved_paths(), prepared.preprocess, batch_size=run.batch_size,
                          num_workers=run.num_workers)
-    head_inputs = forward_pass(model, head, loader, num_rows=len(prepared.labels), device=device, reporter=reporter,
-                               description="head inputs").head_inputs
+    if options.layer:
+        head_inputs = layer_features(model, options.layer, loader, num_rows=len(prepared.labels), device=device,
+                                     reporter=reporter)
+        attach_probe(prepared, options.layer, head_inputs.shape[1])
+        if validation is not None:
+            validation.cached_inputs = None
+    else:
+        head_inputs = forward_pass(model, prepared.head, loader, num_rows=len(prepared.labels), device=device,
+                                   reporter=reporter, description="head inputs").head_inputs
+    model, head = prepared.model.to(device), prepared.head
     labels = torch.from_numpy(prepared.labels)
     weight, bias = fit_softmax_regression(head_inputs, labels, head.out_features, l2=options.l2)
     with torch.no_grad():
@@ -215,7 +240,7 @@ def _fit_and_save(checkpoint: str | None, manifest: str, output: str, options: T
     }
     if checkpoint:
         provenance["from"] = {"path": checkpoint, "sha256": sha256_file(checkpoint)}
-    result.metadata = prepared.metadata(**{provenance_key: provenance})
+    result.metadata = prepared.metadata(**{provenance_key: provenance}, **prepared.extra_metadata)
     save_checkpoint(prepared.model.cpu(), output, result.metadata)
     return result
 

@@ -83,3 +83,20 @@ def test_post_train_without_budget_estimates_it(cli, tiny_data, tiny_model, tmp_
     plan = json.loads(out_text)["plan"]
     assert plan["budget_source"] == "estimated" and plan["estimate"]["method"] == "disagreement"
     assert 0 < plan["budget"] < 0.5
+
+
+def test_post_train_on_a_refit_boundary_cuts_the_model_at_the_chosen_layer(cli, tiny_data, tiny_model, tmp_path):
+    out = tmp_path / "post"
+    code, text, err = cli("post-train", tiny_model, tiny_data["train"], "--out-dir", out, "--rounds", "2", "--step", "0.05",
+                          "--boundary", "refit", "--layer", "auto", "--scope", "refit", "--json", "-q")
+    assert code == 0, err
+    summary = json.loads(text)
+    layer = summary["layer_choice"]["layer"]
+    assert layer in summary["layer_choice"]["layers"]
+    meta = read_checkpoint(str(out / "final.safetensors")).metadata
+    if layer == "head-input":
+        assert "probe" not in meta
+    else:
+        assert meta["probe"]["layer"] == layer
+    code, text, err = cli("eval", out / "final.safetensors", tiny_data["test"], "--json", "-q")
+    assert code == 0 and json.loads(text)["accuracy"] > 0.7

@@ -88,3 +88,23 @@ def test_layers_command_lists_candidates(cli, tiny_model):
     rows = {row["name"]: row for row in json.loads(out)["layers"]}
     assert rows["features.1"]["candidate"] and rows["features.1"]["shape"] == [16, 4, 4]
     assert not rows["fc"]["candidate"]
+
+
+def test_refit_on_a_middle_layer_writes_a_cut_model_that_eval_and_score_run(cli, tiny_data, tiny_model, tmp_path):
+    import json
+
+    from irank.checkpoint import read_checkpoint
+
+    out = tmp_path / "cut.safetensors"
+    code, _, err = cli("refine", tiny_model, tiny_data["train"], "-o", out, "--scope", "refit", "--layer", "features.2",
+                       "--l2", "0.01", "-q")
+    assert code == 0, err
+    meta = read_checkpoint(str(out)).metadata
+    assert meta["probe"] == {"layer": "features.2", "in_features": 64} and meta["head"] == "probe"
+    code, text, err = cli("eval", out, tiny_data["test"], "--json", "-q")
+    assert code == 0, err
+    assert json.loads(text)["accuracy"] > 0.7
+    code, _, err = cli("score", out, tiny_data["train"], "-o", tmp_path / "s.csv", "-q")
+    assert code == 0, err
+    code, _, err = cli("refine", tiny_model, tiny_data["train"], "-o", tmp_path / "x.safetensors", "--layer", "features.2")
+    assert code == 3 and "--scope refit" in err
