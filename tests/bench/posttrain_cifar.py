@@ -1,6 +1,6 @@
 """Post-train benchmark on CIFAR-10 subsets with label noise (not run by CI).
 
-    python tests/bench/posttrain_cifar.py SETTING [--scopes refit,full] [--rounds 8]
+    python tests/bench/posttrain_cifar.py SETTING [--variants head-refit,probe-refit,head-full,probe-full] [--rounds 8]
 
 SETTING is a base checkpoint name from tests/bench/train_bases.sh (ce-sym40, ce-sym20, ce-asym40,
 ce-sym0, gce-sym40). Writes bench-out/<SETTING>/results.json and prints a markdown table. Every stage
@@ -151,7 +151,9 @@ def test_accuracy(model: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("setting")
-    parser.add_argument("--scopes", default="refit,full")
+    parser.add_argument("--variants", default="head-refit,probe-refit,head-full,probe-full",
+                        help="BOUNDARY-SCOPE pairs: head or probe (auto-layer L2 probe) scoring; refit or full refinement")
+    parser.add_argument("--probe-l2", type=float, default=1e-2)
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--l2", type=float, default=1e-3)
     parser.add_argument("--full-epochs", type=int, default=2)
@@ -174,15 +176,16 @@ def main() -> None:
     random_keep = np.ones(len(corrupted), dtype=bool)
     if corrupted.any():
         random_keep[rng.choice(len(corrupted), size=int(corrupted.sum()), replace=False)] = False
-    for scope in args.scopes.split(","):
+    for variant in args.variants.split(","):
+        boundary, scope = variant.split("-")  # e.g. probe-refit: score on an auto-layer probe, refine by refit
         if scope == "refit":
             options = TrainOptions(scope="refit", l2=args.l2)
-            reference = options
         else:
             options = TrainOptions(scope=scope, epochs=args.full_epochs, lr=0.01)
-            reference = TrainOptions(scope=scope, epochs=args.full_epochs * args.rounds, lr=0.01)
-        tag = f"{scope}" + ("-estimated" if args.estimate_budget else "")
-        loop = LoopOptions(rounds=args.rounds, budget=None if args.estimate_budget else budget)
+        tag = variant + ("-estimated" if args.estimate_budget else "")
+        loop = LoopOptions(rounds=args.rounds, budget=None if args.estimate_budget else budget,
+                           boundary="refit" if boundary == "probe" else "head",
+                           layer="auto" if boundary == "probe" else None, probe_l2=args.probe_l2)
 
         def run_post(tag=tag, loop=loop, options=options):
             post_dir = out / f"post-{tag}"
@@ -190,19 +193,26 @@ def main() -> None:
             result = post_train(checkpoint, manifest, out_dir=str(post_dir), loop=loop, train_options=options, run_options=RUN)
             seconds = time.perf_counter() - started
             record = {"test_accuracy": test_accuracy(result.final_model), "seconds": seconds,
-                      "removed": int(result.summary["rounds"][-1]["removed_total"]), "plan": result.summary["plan"]}
+                      "removed": int(result.summary["rounds"][-1]["removed_total"]), "plan": result.summary["plan"],
+                      "layer": result.summary.get("layer")}
             if corrupted.any():
                 record["gradual"] = detection(gradual_order(post_dir, manifest), corrupted)
             return record
 
-        stage(results, results_path, f"post_{tag}", run_post)
-        stage(results, results_path, f"refine_all_{scope}",
-              lambda: test_accuracy(refine_on_subset(checkpoint, manifest, np.ones(len(corrupted), bool), out, f"all-{scope}", reference)))
+        post = stage(results, results_path, f"post_{tag}", run_post)
+        # The same refine recipe, in one go, on: everything, a random removal of the same size, the clean samples.
+        if scope == "refit":
+            reference = TrainOptions(scope="refit", l2=args.l2, layer=post.get("layer"))
+        else:
+            reference = TrainOptions(scope=scope, epochs=args.full_epochs * args.rounds, lr=0.01)
+        name = variant if scope == "refit" and post.get("layer") else scope
+        stage(results, results_path, f"refine_all_{name}",
+              lambda: test_accuracy(refine_on_subset(checkpoint, manifest, np.ones(len(corrupted), bool), out, f"all-{name}", reference)))
         if corrupted.any():
-            stage(results, results_path, f"random_{scope}",
-                  lambda: test_accuracy(refine_on_subset(checkpoint, manifest, random_keep, out, f"random-{scope}", reference)))
-            stage(results, results_path, f"oracle_{scope}",
-                  lambda: test_accuracy(refine_on_subset(checkpoint, manifest, ~corrupted, out, f"oracle-{scope}", reference)))
+            stage(results, results_path, f"random_{name}",
+                  lambda: test_accuracy(refine_on_subset(checkpoint, manifest, random_keep, out, f"random-{name}", reference)))
+            stage(results, results_path, f"oracle_{name}",
+                  lambda: test_accuracy(refine_on_subset(checkpoint, manifest, ~corrupted, out, f"oracle-{name}", reference)))
     print(json.dumps(results, indent=2, sort_keys=True))
 
 
