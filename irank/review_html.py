@@ -53,7 +53,7 @@ window.addEventListener("error", function () { document.body.setAttribute("data-
   var classField = document.getElementById("class-field");
   var sortKey = document.getElementById("sort-key");
   var shown = document.getElementById("shown");
-  var numeric = { rank: 1, classRank: 1, labelProb: 1, score: -1 };
+  var numeric = { rank: 1, classRank: 1, labelProb: 1 };
   function compare(key) {
     return function (a, b) {
       var order;
@@ -88,6 +88,19 @@ window.addEventListener("error", function () { document.body.setAttribute("data-
     function sharpen() { if (image.naturalWidth && image.naturalWidth < 96) { image.classList.add("pixelated"); } }
     if (image.complete) { sharpen(); } else { image.addEventListener("load", sharpen); }
   });
+  // A link can preselect the view: index.html#class=cat&by=predicted&sort=labelProb
+  var asked = {};
+  location.hash.replace(/^#/, "").split("&").forEach(function (pair) {
+    var at = pair.indexOf("=");
+    if (at > 0) { asked[decodeURIComponent(pair.slice(0, at))] = decodeURIComponent(pair.slice(at + 1)); }
+  });
+  function choose(select, value) {
+    var known = Array.prototype.some.call(select.options, function (option) { return option.value === value; });
+    if (value !== undefined && known) { select.value = value; }
+  }
+  choose(classFilter, asked["class"]);
+  choose(classField, asked.by);
+  choose(sortKey, asked.sort);
   update();
   document.body.setAttribute("data-ready", "1");
 }());
