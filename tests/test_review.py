@@ -261,7 +261,11 @@ def test_gate_passes_under_the_threshold(cli, tiny_data, tiny_model, tmp_path):
     output = tmp_path / "s.csv"
     code, out, err = cli("score", tiny_model, tiny_data["train"], "-o", output, "--device", "cpu", "--fail-over", "0.9", "--json")
     assert code == 0, err
-    gate = json.loads(out)["gate"]
+    payload = json.loads(out)
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    score_row = next(line for line in readme.splitlines() if line.startswith("| `score` |"))
+    assert [key for key in [*payload, *payload["gate"]] if f"`{key}`" not in score_row] == []  # every key documented
+    gate = payload["gate"]
     assert gate["failed"] is False and gate["measure"] == "estimated_noise_share" and 0 < gate["share"] < 0.9
     assert "gate passed" in err
 
@@ -303,6 +307,8 @@ def test_gate_refuses_bad_flags_before_scoring(cli, tiny_data, tiny_model, tmp_p
     assert_clean_failure(cli("score", tiny_model, tiny_data["train"], "-o", out, *args), *needles, output=out)
 
 
-def test_exit_codes_are_in_the_help(cli):
+def test_exit_code_4_is_documented_in_help_and_readme(cli):
     code, out, _ = cli("--help")
     assert code == 0 and "4 the CI gate" in " ".join(out.split())
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert "\n| 4 | the CI gate failed" in readme
