@@ -97,7 +97,7 @@ def apply_class_list(reviewed: str, manifest_labels: list[str], classes_file: st
                 raise ManifestError(f"review pack {pack}: cannot read it as JSON: {exc}") from None
             if classes:
                 return [str(name) for name in classes], f"the review pack ({pack})"
-    return sorted(set(manifest_labels)), "the labels found in the manifest (pass --classes FILE to allow others)"
+    return sorted(set(manifest_labels)), "the labels found in the manifest"
 
 
 def written_label(new_label: str, classes: list[str], manifest_labels: list[str]) -> str:
@@ -126,7 +126,8 @@ def validate_decisions(decisions: pd.DataFrame, reviewed: str, label_of: dict[st
         if row.decision == "relabel" and not row.new_label:
             raise ManifestError(f"{where}: decision relabel needs a new_label")
         if row.new_label and row.new_label not in classes:
-            raise ManifestError(f"{where}: new_label {row.new_label!r} is not a class ({shown}; from {class_source})")
+            raise ManifestError(f"{where}: new_label {row.new_label!r} is not a class ({shown}); classes from "
+                                f"{class_source}; pass --classes FILE to name others")
         unchanged = row.decision == "keep" and row.new_label == label_of[row.id]
         if row.new_label and row.decision in ("", "keep", "remove") and not unchanged:
             raise ManifestError(f"{where}: new_label {row.new_label!r} is filled in but the decision is "

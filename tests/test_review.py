@@ -175,7 +175,7 @@ def test_library_round_trip_with_a_label_studio_export(pack, manifest_here, tmp_
     assert fixed.set_index("path").loc[tasks[0]["data"]["irank_id"], "label"] == target
     changed = fixed.merge(manifest, on="path", suffixes=("", "_before"))
     assert (changed["label"] != changed["label_before"]).sum() == 1
-    assert result.summary["class_source"] == "the labels found in the manifest (pass --classes FILE to allow others)"
+    assert result.summary["class_source"] == "the labels found in the manifest"
 
 
 def edited_review(pack: Path, tmp_path: Path, **first_row) -> Path:
@@ -312,3 +312,30 @@ def test_exit_code_4_is_documented_in_help_and_readme(cli):
     assert code == 0 and "4 the CI gate" in " ".join(out.split())
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     assert "\n| 4 | the CI gate failed" in readme
+
+
+def test_review_escapes_odd_class_names_and_falls_back_to_the_scores_folder(tmp_path):
+    from PIL import Image
+
+    odd = '<b>"cats" & dogs</b>'
+    (tmp_path / "img").mkdir()
+    for name in ("a.png", "b.png", "c.png"):
+        Image.new("RGB", (8, 8), "red").save(tmp_path / "img" / name)
+    scores = pd.DataFrame({
+        "rank": [1, 2, 3], "id": ["a", "b", "c"], "path": ["img/a.png", "img/b.png", "img/c.png"],
+        "label": [odd, "plain", odd], "predicted": ["plain", odd, odd], "label_prob": [0.1, 0.2, 0.9],
+        "predicted_prob": [0.9, 0.8, 0.9], "loss": [2.3, 1.6, 0.1], "score": [3.0, 2.0, 1.0], "class_rank": [1, 1, 2],
+        "candidate_2": [odd, "plain", "plain"], "candidate_2_prob": [0.1, 0.2, 0.1], "candidate_3": ["", "", ""],
+        "candidate_3_prob": [None, None, None],
+    })
+    scores.to_csv(tmp_path / "scores.csv", index=False)  # no sidecar: images resolve against this folder
+    result = irank.review(str(tmp_path / "scores.csv"), output=str(tmp_path / "r"), top=2)
+    assert result.missing_images == [] and result.summary["image_root_source"].startswith("the scores file's folder")
+    assert result.summary["classes"] == sorted([odd, "plain"])
+    html = (tmp_path / "r" / "index.html").read_text()
+    assert odd not in html and "&lt;b&gt;&quot;cats&quot; &amp; dogs&lt;/b&gt;" in html
+    assert html.count('<article class="card') == 2 and "next: plain 20%" in html  # an empty 3rd candidate is left out
+    from xml.etree import ElementTree
+
+    config = ElementTree.parse(tmp_path / "r" / "label-studio.xml").getroot()
+    assert [choice.get("value") for choice in config.find("Choices").iter("Choice")] == sorted([odd, "plain"])
