@@ -1,17 +1,21 @@
 """irank: find mislabeled training samples by their influence on a trained classifier's decision boundary.
 
-Every CLI command is a plain function here: `score`, `prune`, `refine`, `train`, `evaluate`.
+Every CLI command is a plain function here: `score`, `prune`, `refine`, `train`, `evaluate`, `review`,
+`apply_review` (irank apply) and `check_gate` (the CI gate of irank score --fail-over).
 """
 
 from ._version import __version__
 from .errors import IrankError
+from .apply import apply_review
 from .evaluation import evaluate
+from .gate import check_gate
 from .loading import ModelOptions, RunOptions
 from .prune import prune
 from .refine import TrainOptions, refine, train
+from .review import review
 from .scoring import score
 
 __all__ = [
     "__version__", "IrankError", "ModelOptions", "RunOptions", "TrainOptions",
-    "evaluate", "prune", "refine", "score", "train",
+    "apply_review", "check_gate", "evaluate", "prune", "refine", "review", "score", "train",
 ]

@@ -2,6 +2,7 @@
 
 Exit codes: 0 success; 1 an internal error (a bug: please report it); 2 a command line that does not
 parse (unknown flag, missing argument); 3 bad input (a file, row or flag named in the message);
+4 the CI gate failed (`irank score --fail-over`): the outputs were written, the reason is one line on stderr;
 130 interrupted (Ctrl-C): no output was written.
 """
 
@@ -26,6 +27,7 @@ from .loading import ModelOptions, RunOptions
 from .progress import RichReporter
 
 EXIT_INPUT_ERROR = 3
+EXIT_GATE_FAILED = 4
 EXIT_INTERRUPTED = 130
 
 app = typer.Typer(
@@ -33,8 +35,9 @@ app = typer.Typer(
     help=(
         "Find mislabeled training samples by their influence on a trained classifier's decision boundary, "
         "remove them and refine the model.\n\n"
-        "Stages read and write plain files: score → prune → refine. "
-        "Exit codes: 0 ok, 2 bad command line, 3 bad input (named in the message), 130 interrupted, 1 internal error."
+        "Stages read and write plain files: score → prune → refine, and score → review → apply for annotators. "
+        "Exit codes: 0 ok, 2 bad command line, 3 bad input (named in the message), "
+        "4 the CI gate of score --fail-over failed (outputs written), 130 interrupted, 1 internal error."
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -88,6 +91,7 @@ class Device(str, Enum):
 
 MODEL = "Model and preprocessing"
 RUN = "Running"
+GATE = "CI gate"
 # Options shared by the commands that load a checkpoint.
 ArchOpt = Annotated[Optional[str], typer.Option(
     help="Architecture when the checkpoint has no irank metadata: a built-in (tiny-cnn, small-cnn), a torchvision "
@@ -138,17 +142,27 @@ def score(
     image_size: ImageSizeOpt = None, resize: ResizeOpt = None, mean: MeanOpt = None, std: StdOpt = None,
     device: DeviceOpt = Device.auto, batch_size: BatchOpt = 128, num_workers: WorkersOpt = 0,
     quiet: QuietOpt = False, json_out: JsonOpt = False,
+    fail_over: Annotated[Optional[float], typer.Option(
+        help="CI gate: after writing the scores, exit with code 4 if the estimated share of mislabeled samples "
+        "(given label ≠ prediction) exceeds this share (0..1).", rich_help_panel=GATE)] = None,
+    fail_score: Annotated[Optional[float], typer.Option(
+        help="With --fail-over: gate on the share of samples whose score is at least this value instead.",
+        rich_help_panel=GATE)] = None,
 ) -> None:
     """Score every sample's influence and write the influential rank (rank 1 = the first to suspect).
 
-    One forward pass over the manifest; the CSV is sorted by rank with the columns rank, id, path, label, predicted, label_prob, predicted_prob, loss, score, class_rank and then the manifest's own columns. A sidecar SCORES.json records the parameters and the sha256 of the inputs.
+    One forward pass over the manifest; the CSV is sorted by rank with the columns rank, id, path, label, predicted, label_prob, predicted_prob, loss, score, class_rank, candidate_2, candidate_2_prob, candidate_3, candidate_3_prob and then the manifest's own columns. A sidecar SCORES.json records the parameters and the sha256 of the inputs.
 
-    Example: irank score model.safetensors train.csv -o scores.csv
+    With --fail-over the command is a CI gate: exit code 4 and a one-line reason on stderr when the share is over it; the scores are written either way.
+
+    Example: irank score model.safetensors train.csv -o scores.csv --fail-over 0.05
     """
+    from .gate import check_gate, validate_gate
     from .scoring import score as run_score
 
     if json_out and is_stdio(output):
         raise UsageError("--json and -o - both write to stdout; pick one")
+    validate_gate(fail_over, fail_score)
     reporter = RichReporter(quiet)
     result = run_score(
         str(checkpoint), str(manifest), output=output, method=method.value, influence_measure=influence_measure.value,
@@ -159,8 +173,15 @@ def score(
     )
     if not is_stdio(output):
         reporter.info(f"wrote {output} ({len(result.table)} rows) and {output}.json")
+    verdict = check_gate(result.table, fail_over=fail_over, fail_score=fail_score) if fail_over is not None else None
     if json_out:
-        print_json({**result.sidecar, "output": output})
+        print_json({**result.sidecar, "output": output, "gate": verdict.to_dict() if verdict else None})
+    if verdict is None:
+        return
+    if verdict.failed:
+        Console(stderr=True, highlight=False).print(f"irank: gate failed: {verdict.reason}", markup=False, soft_wrap=True)
+        raise typer.Exit(EXIT_GATE_FAILED)
+    reporter.info(f"gate passed: {verdict.reason}")
 
 
 @app.command()
@@ -193,6 +214,75 @@ def prune(
         reporter.warn(f"{summary['unscored_rows_kept']} manifest rows had no score and were kept")
     if json_out:
         print_json({**summary, "output": output, "removed_output": removed})
+
+
+@app.command()
+def review(
+    scores: Annotated[str, typer.Argument(help="Scores table from irank score ('-' reads it from stdin).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Folder to write the review pack into (created; "
+                                         "an earlier pack with no decisions filled in is replaced).")],
+    top: Annotated[Optional[int], typer.Option(help="Flag this many rows, most influential first (per class with "
+                                               "--per-class). Default: 100 when --fraction is not given.")] = None,
+    fraction: Annotated[Optional[float], typer.Option(help="Flag this share of the rows (0 < F ≤ 1) instead.")] = None,
+    per_class: Annotated[bool, typer.Option("--per-class", help="Take --top rows (or --fraction) from each class, by class_rank.")] = False,
+    image_root: Annotated[Optional[Path], typer.Option(help="Folder that relative image paths resolve against "
+                                                       "(default: the scored manifest's folder, from SCORES.json).")] = None,
+    label_studio_root: Annotated[Optional[Path], typer.Option(help="Label Studio's LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT: "
+                                                              "task image URLs are relative to it (default: the image root).")] = None,
+    quiet: QuietOpt = False, json_out: JsonOpt = False,
+) -> None:
+    """Write a review pack for annotators: index.html (self-contained gallery), review.csv (decision and new_label to fill in), label-studio.json and label-studio.xml.
+
+    Example: irank review scores.csv -o review/ --top 200, then open review/index.html and fill in review/review.csv.
+    """
+    from .review import review as run_review
+
+    reporter = RichReporter(quiet)
+    result = run_review(scores, output=str(output), top=top, fraction=fraction, per_class=per_class,
+                        image_root_dir=str(image_root) if image_root else None,
+                        label_studio_root=str(label_studio_root) if label_studio_root else None)
+    summary = result.summary
+    if result.missing_images:
+        reporter.warn(f"{len(result.missing_images)} of {summary['flagged_rows']} images not found (first: "
+                      f"{result.missing_images[0]}); their cards show a placeholder. Pass --image-root DIR if they moved.")
+    if summary["label_studio_images_outside_root"]:
+        reporter.warn(f"{summary['label_studio_images_outside_root']} images lie outside --label-studio-root "
+                      f"{summary['label_studio_root']}; their Label Studio URLs are relative to /")
+    reporter.info(f"wrote {output}/ with {summary['flagged_rows']} flagged rows: index.html, review.csv, "
+                  f"label-studio.json (images resolved against {summary['image_root_source']})")
+    if json_out:
+        print_json({**summary, "output": str(output)})
+
+
+@app.command("apply")
+def apply_command(
+    reviewed: Annotated[str, typer.Argument(help="review.csv with decision and new_label filled in, or a Label Studio "
+                                            "JSON export of the tasks irank review wrote.")],
+    manifest: Annotated[Path, typer.Argument(help="The manifest that was scored.")],
+    output: Annotated[str, typer.Option("-o", "--output", help="Fixed manifest: the input's columns and row order, "
+                                        "relabeled rows changed, removed rows dropped.")],
+    audit: Annotated[Optional[str], typer.Option(help="Audit log to write: id, old_label, new_label, decision per reviewed row.")] = None,
+    classes: Annotated[Optional[Path], typer.Option(help="Class list, one name per line, that new_label must be in "
+                                                    "(default: review.json beside REVIEWED, else the manifest's labels).")] = None,
+    quiet: QuietOpt = False, json_out: JsonOpt = False,
+) -> None:
+    """Apply annotators' decisions to a manifest: relabel → new_label, remove → dropped, keep or empty → unchanged.
+
+    Example: irank apply review/review.csv train.csv -o train-fixed.csv --audit audit.csv
+    """
+    from .apply import apply_review
+
+    if json_out and is_stdio(output):
+        raise UsageError("--json and -o - both write to stdout; pick one")
+    reporter = RichReporter(quiet)
+    result = apply_review(reviewed, str(manifest), output=output, audit_output=audit,
+                          classes_file=str(classes) if classes else None)
+    summary = result.summary
+    reporter.info(f"classes from {summary['class_source']}")
+    reporter.info(f"{summary['reviewed_rows']} reviewed rows: {summary['relabeled']} relabeled, {summary['removed']} "
+                  f"removed, {summary['kept']} kept; {summary['output_rows']} of {summary['input_rows']} rows written")
+    if json_out:
+        print_json({**summary, "output": output, "audit_output": audit})
 
 
 def _train_options(scope, epochs, lr, weight_decay, augment, seed, l2=1e-3, loss="ce", layer=None):

@@ -7,7 +7,25 @@ import pandas as pd
 
 FIRST_COLUMNS = [
     "rank", "id", "path", "label", "predicted", "label_prob", "predicted_prob", "loss", "score", "class_rank",
+    "candidate_2", "candidate_2_prob", "candidate_3", "candidate_3_prob",
 ]
+RUNNER_UPS = (2, 3)  # the model's 2nd and 3rd most probable classes, for annotators
+
+
+def runner_up_columns(probs: np.ndarray, class_names: np.ndarray) -> dict[str, np.ndarray]:
+    """candidate_K and candidate_K_prob: the K-th most probable class (ties: lower index first); empty when C < K."""
+    order = np.argsort(-probs, axis=1, kind="stable")
+    rows = np.arange(len(probs))
+    columns: dict[str, np.ndarray] = {}
+    for place in RUNNER_UPS:
+        if probs.shape[1] >= place:
+            index = order[:, place - 1]
+            columns[f"candidate_{place}"] = class_names[index]
+            columns[f"candidate_{place}_prob"] = probs[rows, index]
+        else:
+            columns[f"candidate_{place}"] = np.full(len(probs), "", dtype=object)
+            columns[f"candidate_{place}_prob"] = np.full(len(probs), np.nan)
+    return columns
 
 
 def rank_order(scores: np.ndarray, ids: list[str]) -> np.ndarray:
@@ -61,6 +79,7 @@ def scores_table(
             "loss": loss,
             "score": scores,
             "class_rank": class_ranks(scores, ids, labels),
+            **runner_up_columns(probs, class_names),
         }
     )
     extra = user_table.drop(columns=[c for c in ("id", "path", "label") if c in user_table.columns])

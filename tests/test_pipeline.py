@@ -15,7 +15,8 @@ from irank.checkpoint import read_checkpoint
 from irank.metrics import auroc
 
 CLASSES = ["cross", "disk", "hstripes", "vstripes"]  # sorted unique labels: how `irank train` names classes
-SCORE_COLUMNS = ["rank", "id", "path", "label", "predicted", "label_prob", "predicted_prob", "loss", "score", "class_rank"]
+SCORE_COLUMNS = ["rank", "id", "path", "label", "predicted", "label_prob", "predicted_prob", "loss", "score", "class_rank",
+                 "candidate_2", "candidate_2_prob", "candidate_3", "candidate_3_prob"]
 
 
 @pytest.fixture(scope="module")
