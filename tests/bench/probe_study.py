@@ -30,18 +30,19 @@ ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "bench-data" / "cifar10"
 
 
-def cached_features(checkpoint: str, manifest: str, layer: str, cache: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    path = cache / f"{Path(manifest).stem}-{layer}.pt"
-    if path.exists():
-        saved = torch.load(path)
-        return saved["features"], saved["labels"]
-    prepared = prepare(checkpoint, manifest, ModelOptions())
-    loader = make_loader(prepared.manifest.resolved_paths(), prepared.preprocess, batch_size=256, num_workers=2)
-    features = layer_features(prepared.model, layer, loader, num_rows=len(prepared.labels), device=torch.device("cpu"))
-    labels = torch.from_numpy(prepared.labels)
-    cache.mkdir(parents=True, exist_ok=True)
-    torch.save({"features": features, "labels": labels}, path)
-    return features, labels
+def cached_features(checkpoint: str, manifest: str, layers: list[str], cache: Path) -> tuple[dict, torch.Tensor]:
+    """Pooled features of all `layers` from one pass, cached per (manifest, layer)."""
+    paths = {layer: cache / f"{Path(manifest).stem}-{layer}.pt" for layer in layers}
+    if not all(path.exists() for path in paths.values()):
+        prepared = prepare(checkpoint, manifest, ModelOptions())
+        loader = make_loader(prepared.manifest.resolved_paths(), prepared.preprocess, batch_size=256, num_workers=2)
+        features = layer_features(prepared.model, layers, loader, num_rows=len(prepared.labels), device=torch.device("cpu"))
+        labels = torch.from_numpy(prepared.labels)
+        cache.mkdir(parents=True, exist_ok=True)
+        for layer in layers:
+            torch.save({"features": features[layer], "labels": labels}, paths[layer])
+    loaded = {layer: torch.load(path) for layer, path in paths.items()}
+    return {layer: item["features"] for layer, item in loaded.items()}, next(iter(loaded.values()))["labels"]
 
 
 def detection(scores: np.ndarray, corrupted: np.ndarray) -> tuple[float, float]:
@@ -90,9 +91,11 @@ def main() -> None:
     budget = corrupted.mean()
     cache = ROOT / "bench-out" / args.setting / "layers"
     rows = []
-    for layer in args.layers.split(","):
-        features, labels = cached_features(checkpoint, manifest, layer, cache)
-        test_features, test_labels = cached_features(checkpoint, str(DATA / "test.csv"), layer, cache)
+    layers = args.layers.split(",")
+    all_features, labels = cached_features(checkpoint, manifest, layers, cache)
+    all_test_features, test_labels = cached_features(checkpoint, str(DATA / "test.csv"), layers, cache)
+    for layer in layers:
+        features, test_features = all_features[layer], all_test_features[layer]
         knn = knn_disagreement(features, labels).numpy()
         rows.append({"layer": layer, "dims": features.shape[1], "l2": "-", "measure": "knn-20",
                      **dict(zip(("auroc", "p@k"), detection(knn, corrupted)))})
