@@ -49,7 +49,7 @@ class LoopOptions:
     damping: float = 0.01
     boundary: str = "head"  # head, or refit: an L2 probe refit each round at `layer`
     layer: str | None = None  # with boundary refit: a module name, "auto" (chosen in round 1), or the head's input
-    probe_l2: float = 1e-2
+    probe_l2: float = 0.1
 
     def validate(self) -> None:
         for name, value in (("--step", self.step), ("--budget", self.budget)):

@@ -63,8 +63,9 @@ def test_score_on_a_refit_boundary_with_auto_layer(cli, tiny_data, tiny_model, t
     assert code == 0, err
     parameters = json.loads((tmp_path / "s.csv.json").read_text())["parameters"]
     assert parameters["boundary"] == "refit" and parameters["layer"] in parameters["layers"]
-    chosen = parameters["layers"][parameters["layer"]]["heldout_loss"]
-    assert chosen == min(figure["heldout_loss"] for figure in parameters["layers"].values())
+    figures = parameters["layers"]
+    eligible = [f for f in figures.values() if not f["memorized"]] or list(figures.values())
+    assert figures[parameters["layer"]]["heldout_loss"] == min(f["heldout_loss"] for f in eligible)
     table = pd.read_csv(out)
     assert auroc(table["score"].to_numpy(), (table["label"] != table["true_label"]).to_numpy()) > 0.85
 
@@ -108,3 +109,20 @@ def test_refit_on_a_middle_layer_writes_a_cut_model_that_eval_and_score_run(cli,
     assert code == 0, err
     code, _, err = cli("refine", tiny_model, tiny_data["train"], "-o", tmp_path / "x.safetensors", "--layer", "features.2")
     assert code == 3 and "--scope refit" in err
+
+
+def test_auto_layer_skips_a_layer_that_memorized_the_given_labels():
+    from irank.boundary import choose_layer
+
+    torch.manual_seed(0)
+    n, classes = 400, 4
+    truth = torch.arange(n) % classes
+    labels = truth.clone()
+    flipped = torch.arange(n) % 5 == 0
+    labels[flipped] = (truth[flipped] + 1) % classes
+    memorized = torch.nn.functional.one_hot(labels, classes).float() * 5 + 0.1 * torch.randn(n, classes)
+    structured = torch.nn.functional.one_hot(truth, classes).float() * 2 + torch.randn(n, classes)
+    choice = choose_layer({"deep": memorized, "middle": structured}, labels, classes, l2=0.1)
+    assert choice.figures["deep"]["memorized"] and not choice.figures["middle"]["memorized"]
+    assert choice.figures["deep"]["heldout_loss"] < choice.figures["middle"]["heldout_loss"]  # the trap
+    assert choice.layer == "middle"

@@ -153,7 +153,7 @@ def main() -> None:
     parser.add_argument("setting")
     parser.add_argument("--variants", default="head-refit,probe-refit,head-full,probe-full",
                         help="BOUNDARY-SCOPE pairs: head or probe (auto-layer L2 probe) scoring; refit or full refinement")
-    parser.add_argument("--probe-l2", type=float, default=1e-2)
+    parser.add_argument("--probe-l2", type=float, default=0.1)
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--l2", type=float, default=1e-3)
     parser.add_argument("--full-epochs", type=int, default=2)
