@@ -14,7 +14,7 @@ from .data import AUGMENTS, batches, make_loader
 from .errors import UsageError
 from .evaluation import accuracy_report
 from .features import forward_pass, resolve_device
-from .files import check_outputs_clear_of_inputs, sha256_file
+from .files import check_outputs_clear_of_inputs, check_overwrite, sha256_file
 from .loading import ModelOptions, Prepared, RunOptions, prepare
 from .linear import fit_softmax_regression
 from .manifest import encode_labels, read_manifest
@@ -220,11 +220,13 @@ def train_epochs(prepared: Prepared, options: TrainOptions, run: RunOptions, dev
 
 
 def _fit_and_save(checkpoint: str | None, manifest: str, output: str, options: TrainOptions, val: str | None,
-                  model_options: ModelOptions, run: RunOptions, reporter: Reporter, provenance_key: str) -> RefineResult:
+                  model_options: ModelOptions, run: RunOptions, reporter: Reporter, provenance_key: str,
+                  overwrite: bool = False) -> RefineResult:
     options.validate()
     if not str(output).endswith(".safetensors"):
         raise UsageError(f"-o {output}: irank writes checkpoints as safetensors; name the output *.safetensors")
     check_outputs_clear_of_inputs({"-o": output}, {"checkpoint": checkpoint, "manifest": manifest, "--val": val})
+    check_overwrite({"-o": output}, overwrite)
     torch.manual_seed(options.seed)  # before the model is built: a fresh model's initial weights depend on it
     prepared = prepare(checkpoint, manifest, model_options)
     for note in prepared.notes:
@@ -255,13 +257,15 @@ def refine(
     model_options: ModelOptions | None = None,
     run_options: RunOptions | None = None,
     reporter: Reporter | None = None,
+    overwrite: bool = False,
 ) -> RefineResult:
     """Fine-tune `checkpoint` on `manifest` (the head only, or the whole network) and write `output`.
 
     With `val`, accuracy on that manifest is measured after every epoch and the best epoch is kept.
     """
     return _fit_and_save(checkpoint, manifest, output, train_options or TrainOptions(), val,
-                         model_options or ModelOptions(), run_options or RunOptions(), reporter or Reporter(), "refined")
+                         model_options or ModelOptions(), run_options or RunOptions(), reporter or Reporter(), "refined",
+                         overwrite=overwrite)
 
 
 def train(
@@ -274,10 +278,11 @@ def train(
     model_options: ModelOptions | None = None,
     run_options: RunOptions | None = None,
     reporter: Reporter | None = None,
+    overwrite: bool = False,
 ) -> RefineResult:
     """Train a fresh `arch` from random weights on `manifest` (all layers) and write `output`."""
     model_options = model_options or ModelOptions()
     model_options.arch = arch
     options = train_options or TrainOptions(scope="full", epochs=20, lr=0.05)
     return _fit_and_save(None, manifest, output, options, val, model_options,
-                         run_options or RunOptions(), reporter or Reporter(), "trained")
+                         run_options or RunOptions(), reporter or Reporter(), "trained", overwrite=overwrite)
