@@ -552,6 +552,11 @@ def main() -> None:
     """Entry point: turns IrankError into one line on stderr and exit code 3, Ctrl-C into 130."""
     try:
         app()
+    except SystemExit as exit_:
+        # typer turns Ctrl-C into a silent exit 130; say what happened, in one line.
+        if exit_.code == EXIT_INTERRUPTED and isinstance(getattr(exit_.__context__, "__cause__", None), KeyboardInterrupt):
+            Console(stderr=True, highlight=False).print("irank: interrupted; no partial output was written", markup=False)
+        raise
     except IrankError as error:
         Console(stderr=True, highlight=False).print(f"irank: error: {error}", markup=False, soft_wrap=True)
         sys.exit(error.exit_code)
