@@ -111,6 +111,7 @@ BatchOpt = Annotated[int, typer.Option(help="Images per batch.", rich_help_panel
 WorkersOpt = Annotated[int, typer.Option(help="DataLoader worker processes for image decoding.", rich_help_panel=RUN)]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or messages on stderr.", rich_help_panel=RUN)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON summary on stdout.", rich_help_panel=RUN)]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from OUTPUT.resume (saved after every epoch); same result as an uninterrupted run.", rich_help_panel=RUN)]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace outputs that exist already (default: refuse).", rich_help_panel=RUN)]
 
 
@@ -311,7 +312,7 @@ def refine(
     arch: ArchOpt = None, head: HeadOpt = None, classes: ClassesOpt = None, preprocess: PresetOpt = None,
     image_size: ImageSizeOpt = None, resize: ResizeOpt = None, mean: MeanOpt = None, std: StdOpt = None,
     device: DeviceOpt = Device.auto, batch_size: BatchOpt = 128, num_workers: WorkersOpt = 0,
-    quiet: QuietOpt = False, json_out: JsonOpt = False, overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False, json_out: JsonOpt = False, overwrite: OverwriteOpt = False, resume: ResumeOpt = False,
 ) -> None:
     """Fine-tune a checkpoint on a manifest and save it as safetensors that score and eval load with no flags.
 
@@ -324,7 +325,7 @@ def refine(
         str(checkpoint), str(manifest), output=output, train_options=_train_options(scope, epochs, lr, weight_decay, augment, seed, l2, layer=layer),
         val=str(val) if val else None, model_options=model_options(arch, head, classes, preprocess, image_size, resize, mean, std),
         run_options=RunOptions(device=device.value, batch_size=batch_size, num_workers=num_workers), reporter=reporter,
-        overwrite=overwrite,
+        overwrite=overwrite, resume=resume,
     )
     reporter.info(f"wrote {output} (best epoch {result.best_epoch})")
     if json_out:
@@ -346,7 +347,7 @@ def train(
     classes: ClassesOpt = None, preprocess: PresetOpt = None,
     image_size: ImageSizeOpt = None, resize: ResizeOpt = None, mean: MeanOpt = None, std: StdOpt = None,
     device: DeviceOpt = Device.auto, batch_size: BatchOpt = 128, num_workers: WorkersOpt = 0,
-    quiet: QuietOpt = False, json_out: JsonOpt = False, overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False, json_out: JsonOpt = False, overwrite: OverwriteOpt = False, resume: ResumeOpt = False,
 ) -> None:
     """Train a classifier from scratch (all layers), e.g. to get a base model for the demo or a benchmark."""
     from .refine import train as run_train
@@ -356,7 +357,7 @@ def train(
         arch, str(manifest), output=output, train_options=_train_options(Scope.full, epochs, lr, weight_decay, augment, seed, loss=loss),
         val=str(val) if val else None, model_options=model_options(None, None, classes, preprocess, image_size, resize, mean, std),
         run_options=RunOptions(device=device.value, batch_size=batch_size, num_workers=num_workers), reporter=reporter,
-        overwrite=overwrite,
+        overwrite=overwrite, resume=resume,
     )
     reporter.info(f"wrote {output}")
     if json_out:
