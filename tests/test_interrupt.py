@@ -41,8 +41,11 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
 
 
-def check_folder_after(sig, code: int, err: str, folder: Path, before: dict[str, bytes]) -> None:
+def check_folder_after(sig, code: int, err: str, folder: Path, before: dict[str, bytes], resume_state: str = "") -> None:
+    """`before` is untouched; nothing new but a hidden temp file after SIGKILL and `resume_state` (kept to resume from)."""
     after = snapshot(folder)
+    if resume_state:
+        assert after.pop(resume_state)
     if sig == signal.SIGINT:
         assert code == 130, err
         assert err.strip().splitlines()[-1] == "irank: interrupted; no partial output was written", err
@@ -109,7 +112,7 @@ def test_refine(sig, tiny_data, tiny_model, tmp_path):
     before = snapshot(out)
     code, err = interrupt_at(["refine", tiny_model, tiny_data["train"], "-o", out / "r.safetensors", "--epochs", "1",
                               "--device", "cpu", "--overwrite"], "r.safetensors", tmp_path / "ready", sig)
-    check_folder_after(sig, code, err, out, before)
+    check_folder_after(sig, code, err, out, before, resume_state="r.safetensors.resume")
 
 
 def post_train_args(tiny_data, tiny_model) -> list:
