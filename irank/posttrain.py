@@ -26,7 +26,7 @@ from .estimate import estimate_noise_share
 from .evaluation import evaluate
 from .files import atomic_path, sha256_file, write_json_atomic
 from .loading import ModelOptions, RunOptions
-from .manifest import read_manifest, read_table, rebase_paths, write_table
+from .manifest import check_inside_root, read_manifest, read_table, rebase_paths, write_table
 from .progress import Reporter
 from .prune import prune
 from .refine import TrainOptions, refine
@@ -232,6 +232,12 @@ def post_train(
     state = _load_state(out, config, overwrite) or {"irank_version": __version__, "config": config, "rounds": [], "plan": None}
     original = read_manifest(manifest)
     original_rows = len(original)
+    if not model_options.allow_outside_root:
+        check_inside_root(original)
+        if val:
+            check_inside_root(read_manifest(val))
+    # Each round reads the manifests irank wrote from the checked one, in round folders beside it.
+    round_options = replace(model_options, allow_outside_root=True)
     eval_kwargs = {"model_options": model_options, "run_options": run}
     if val and "input_val_accuracy" not in state:
         state["input_val_accuracy"] = evaluate(checkpoint, val, **eval_kwargs)["accuracy"]
@@ -254,7 +260,7 @@ def post_train(
             started = time.perf_counter()
             table = score(current_model, current_manifest, output=str(building / "scores.csv"), method=loop.method,
                           influence_measure=loop.influence_measure, curvature=loop.curvature, damping=loop.damping,
-                          boundary=loop.boundary_options(state.get("layer")), model_options=model_options,
+                          boundary=loop.boundary_options(state.get("layer")), model_options=round_options,
                           run_options=run, reporter=reporter)
             if loop.boundary == "refit" and "layer" not in state:
                 chosen = table.sidecar["parameters"]["layer"]
@@ -279,7 +285,7 @@ def post_train(
             if from_input and state.get("layer"):
                 round_training = replace(train_options, layer=state["layer"])
             refined = refine(current_model, str(building / "kept.csv"), output=str(building / "model.safetensors"),
-                             train_options=round_training, val=val, model_options=model_options, run_options=run,
+                             train_options=round_training, val=val, model_options=round_options, run_options=run,
                              reporter=reporter)
             finished_at = time.perf_counter()
             record = {

@@ -18,7 +18,7 @@ from .features import forward_pass, resolve_device
 from .files import check_outputs_clear_of_inputs, check_overwrite, sha256_bytes, sha256_file
 from .loading import ModelOptions, Prepared, RunOptions, prepare
 from .linear import fit_softmax_regression
-from .manifest import encode_labels, read_manifest
+from .manifest import check_inside_root, encode_labels, read_manifest
 from .progress import Reporter
 from .resume import Resume, TrainingState, pack_optimizer, prefixed, resume_path, unpack_optimizer, unprefixed
 
@@ -77,8 +77,10 @@ class RefineResult:
 class ValidationSet:
     """A clean labelled manifest on which every epoch is scored; head-only training scores cached features."""
 
-    def __init__(self, prepared: Prepared, path: str, run: RunOptions, device: torch.device):
+    def __init__(self, prepared: Prepared, path: str, run: RunOptions, device: torch.device, allow_outside_root: bool = False):
         manifest = read_manifest(path)
+        if not allow_outside_root:
+            check_inside_root(manifest)
         self.labels = torch.from_numpy(encode_labels(manifest, prepared.classes))
         self.loader = make_loader(manifest.resolved_paths(), prepared.preprocess, batch_size=run.batch_size, num_workers=run.num_workers)
         self.classes = prepared.classes
@@ -261,7 +263,7 @@ def _fit_and_save(checkpoint: str | None, manifest: str, output: str, options: T
     for note in prepared.notes:
         reporter.info(note)
     device = resolve_device(run.device)
-    validation = ValidationSet(prepared, val, run, device) if val else None
+    validation = ValidationSet(prepared, val, run, device, model_options.allow_outside_root) if val else None
     inputs = {"checkpoint": sha256_file(checkpoint) if checkpoint else None, "manifest": sha256_file(manifest),
               "val": sha256_file(val) if val else None, "options": dict(options.__dict__),
               "model": dict(model_options.__dict__), "batch_size": run.batch_size}
