@@ -15,7 +15,7 @@ import pandas as pd
 
 from ._version import __version__
 from .errors import ManifestError, UsageError
-from .files import check_outputs_clear_of_inputs, is_stdio, sha256_file, write_json_atomic
+from .files import check_outputs_clear_of_inputs, check_overwrite, is_stdio, sha256_file, write_json_atomic
 from .manifest import column_as_text, read_classes_file, read_manifest, read_table, rebase_paths, table_format, write_table
 from .review import DECISIONS, LABEL_STUDIO_DECISION, LABEL_STUDIO_LABEL, LABEL_STUDIO_REMOVE
 
@@ -141,6 +141,7 @@ def apply_review(
     output: str | None = None,
     audit_output: str | None = None,
     classes_file: str | None = None,
+    overwrite: bool = False,
 ) -> ApplyResult:
     """Apply the decisions in `reviewed` (review.csv, or a Label Studio JSON export) to `manifest`.
 
@@ -152,10 +153,10 @@ def apply_review(
             table_format(path)
     if is_stdio(output) and is_stdio(audit_output):
         raise UsageError("-o and --audit cannot both go to stdout")
-    check_outputs_clear_of_inputs(
-        {"-o": output, "--audit": audit_output, "the sidecar": output + ".json" if output and not is_stdio(output) else None},
-        {"reviewed file": reviewed, "manifest": manifest, "--classes file": classes_file},
-    )
+    outputs = {"-o": output, "--audit": audit_output,
+               "the sidecar": output + ".json" if output and not is_stdio(output) else None}
+    check_outputs_clear_of_inputs(outputs, {"reviewed file": reviewed, "manifest": manifest, "--classes file": classes_file})
+    check_overwrite(outputs, overwrite)
     decisions = read_decisions(reviewed)
     samples = read_manifest(manifest)
     classes, class_source = apply_class_list(reviewed, samples.labels, classes_file)

@@ -104,6 +104,7 @@ PresetOpt = Annotated[Optional[str], typer.Option(
     "--preprocess", help="Preprocessing preset: imagenet (resize 256, crop 224) or cifar10 (32, CIFAR mean/std).", rich_help_panel=MODEL)]
 ImageSizeOpt = Annotated[Optional[int], typer.Option(help="Centre-crop images to this size (after --resize).", rich_help_panel=MODEL)]
 ResizeOpt = Annotated[Optional[int], typer.Option(help="Resize the shorter side of images to this size first.", rich_help_panel=MODEL)]
+AllowOutsideOpt = Annotated[bool, typer.Option("--allow-outside-root", help="Read images whose paths resolve outside the manifest's folder (../, absolute paths, symlinks out): only for manifests you trust.", rich_help_panel=MODEL)]
 MeanOpt = Annotated[Optional[str], typer.Option(help="Normalization mean per channel, e.g. 0.5 or 0.485,0.456,0.406.", rich_help_panel=MODEL)]
 StdOpt = Annotated[Optional[str], typer.Option(help="Normalization std per channel, e.g. 0.5 or 0.229,0.224,0.225.", rich_help_panel=MODEL)]
 DeviceOpt = Annotated[Device, typer.Option(help="Where to run the model: auto picks CUDA when present.", rich_help_panel=RUN)]
@@ -111,10 +112,13 @@ BatchOpt = Annotated[int, typer.Option(help="Images per batch.", rich_help_panel
 WorkersOpt = Annotated[int, typer.Option(help="DataLoader worker processes for image decoding.", rich_help_panel=RUN)]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or messages on stderr.", rich_help_panel=RUN)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON summary on stdout.", rich_help_panel=RUN)]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from OUTPUT.resume (saved after every epoch); same result as an uninterrupted run.", rich_help_panel=RUN)]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace outputs that exist already (default: refuse).", rich_help_panel=RUN)]
 
 
-def model_options(arch, head, classes, preprocess, image_size, resize, mean, std) -> ModelOptions:
+def model_options(arch, head, classes, preprocess, image_size, resize, mean, std, allow_outside_root=False) -> ModelOptions:
     return ModelOptions(arch=arch, head=head, classes=str(classes) if classes else None, preprocess=preprocess,
+                        allow_outside_root=allow_outside_root,
                         image_size=image_size, resize=resize, mean=mean, std=std)
 
 
@@ -140,8 +144,9 @@ def score(
     l2: Annotated[float, typer.Option(help="With --boundary refit: the probe's L2 strength on standardized features.")] = 0.1,
     arch: ArchOpt = None, head: HeadOpt = None, classes: ClassesOpt = None, preprocess: PresetOpt = None,
     image_size: ImageSizeOpt = None, resize: ResizeOpt = None, mean: MeanOpt = None, std: StdOpt = None,
+    allow_outside_root: AllowOutsideOpt = False,
     device: DeviceOpt = Device.auto, batch_size: BatchOpt = 128, num_workers: WorkersOpt = 0,
-    quiet: QuietOpt = False, json_out: JsonOpt = False,
+    quiet: QuietOpt = False, json_out: JsonOpt = False, overwrite: OverwriteOpt = False,
     fail_over: Annotated[Optional[float], typer.Option(
         help="CI gate: after writing the scores, exit with code 4 if the estimated share of mislabeled samples "
         "(given label ≠ prediction) exceeds this share (0..1).", rich_help_panel=GATE)] = None,
@@ -168,8 +173,9 @@ def score(
         str(checkpoint), str(manifest), output=output, method=method.value, influence_measure=influence_measure.value,
         curvature=curvature.value, damping=damping,
         boundary=BoundaryOptions(kind=boundary.value, layer=layer, l2=l2),
-        model_options=model_options(arch, head, classes, preprocess, image_size, resize, mean, std),
+        model_options=model_options(arch, head, classes, preprocess, image_size, resize, mean, std, allow_outside_root),
         run_options=RunOptions(device=device.value, batch_size=batch_size, num_workers=num_workers), reporter=reporter,
+        overwrite=overwrite,
     )
     if not is_stdio(output):
         reporter.info(f"wrote {output} ({len(result.table)} rows) and {output}.json")
@@ -195,7 +201,7 @@ def prune(
     per_class: Annotated[bool, typer.Option("--per-class", help="Take the same fraction (or count) from each class, by class_rank.")] = False,
     min_per_class: Annotated[int, typer.Option(help="Never keep fewer than this many rows of a class.")] = 1,
     removed: Annotated[Optional[str], typer.Option(help="Also write the removed rows (with rank, class_rank, score) here.")] = None,
-    quiet: QuietOpt = False, json_out: JsonOpt = False,
+    quiet: QuietOpt = False, json_out: JsonOpt = False, overwrite: OverwriteOpt = False,
 ) -> None:
     """Remove the most influential rows from a manifest. Needs no model.
 
@@ -207,7 +213,7 @@ def prune(
         raise UsageError("--json and -o - both write to stdout; pick one")
     reporter = RichReporter(quiet)
     result = run_prune(scores, str(manifest), output=output, removed_output=removed, fraction=fraction, count=count,
-                       min_score=min_score, per_class=per_class, min_per_class=min_per_class)
+                       min_score=min_score, per_class=per_class, min_per_class=min_per_class, overwrite=overwrite)
     summary = result.summary
     reporter.info(f"kept {summary['kept_rows']} of {summary['input_rows']} rows, removed {summary['removed_rows']}")
     if summary["unscored_rows_kept"]:
@@ -220,7 +226,7 @@ def prune(
 def review(
     scores: Annotated[str, typer.Argument(help="Scores table from irank score ('-' reads it from stdin).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Folder to write the review pack into (created; "
-                                         "an earlier pack with no decisions filled in is replaced).")],
+                                         "an earlier pack with no decisions filled in is replaced with --overwrite).")],
     top: Annotated[Optional[int], typer.Option(help="Flag this many rows, most influential first (per class with "
                                                "--per-class). Default: 100 when --fraction is not given.")] = None,
     fraction: Annotated[Optional[float], typer.Option(help="Flag this share of the rows (0 < F ≤ 1) instead.")] = None,
@@ -229,7 +235,7 @@ def review(
                                                        "(default: the scored manifest's folder, from SCORES.json).")] = None,
     label_studio_root: Annotated[Optional[Path], typer.Option(help="Label Studio's LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT: "
                                                               "task image URLs are relative to it (default: the image root).")] = None,
-    quiet: QuietOpt = False, json_out: JsonOpt = False,
+    quiet: QuietOpt = False, json_out: JsonOpt = False, overwrite: OverwriteOpt = False,
 ) -> None:
     """Write a review pack for annotators: index.html (self-contained gallery), review.csv (decision and new_label to fill in), label-studio.json and label-studio.xml.
 
@@ -240,7 +246,7 @@ def review(
     reporter = RichReporter(quiet)
     result = run_review(scores, output=str(output), top=top, fraction=fraction, per_class=per_class,
                         image_root_dir=str(image_root) if image_root else None,
-                        label_studio_root=str(label_studio_root) if label_studio_root else None)
+                        label_studio_root=str(label_studio_root) if label_studio_root else None, overwrite=overwrite)
     summary = result.summary
     if result.missing_images:
         reporter.warn(f"{len(result.missing_images)} of {summary['flagged_rows']} images not found (first: "
@@ -264,7 +270,7 @@ def apply_command(
     audit: Annotated[Optional[str], typer.Option(help="Audit log to write: id, old_label, new_label, decision per reviewed row.")] = None,
     classes: Annotated[Optional[Path], typer.Option(help="Class list, one name per line, that new_label must be in "
                                                     "(default: review.json beside REVIEWED, else the manifest's labels).")] = None,
-    quiet: QuietOpt = False, json_out: JsonOpt = False,
+    quiet: QuietOpt = False, json_out: JsonOpt = False, overwrite: OverwriteOpt = False,
 ) -> None:
     """Apply annotators' decisions to a manifest: relabel → new_label, remove → dropped, keep or empty → unchanged.
 
@@ -276,7 +282,7 @@ def apply_command(
         raise UsageError("--json and -o - both write to stdout; pick one")
     reporter = RichReporter(quiet)
     result = apply_review(reviewed, str(manifest), output=output, audit_output=audit,
-                          classes_file=str(classes) if classes else None)
+                          classes_file=str(classes) if classes else None, overwrite=overwrite)
     summary = result.summary
     reporter.info(f"classes from {summary['class_source']}")
     reporter.info(f"{summary['reviewed_rows']} reviewed rows: {summary['relabeled']} relabeled, {summary['removed']} "
@@ -308,8 +314,9 @@ def refine(
     val: Annotated[Optional[Path], typer.Option(help="Clean labelled manifest: accuracy after every epoch, the best epoch is kept.")] = None,
     arch: ArchOpt = None, head: HeadOpt = None, classes: ClassesOpt = None, preprocess: PresetOpt = None,
     image_size: ImageSizeOpt = None, resize: ResizeOpt = None, mean: MeanOpt = None, std: StdOpt = None,
+    allow_outside_root: AllowOutsideOpt = False,
     device: DeviceOpt = Device.auto, batch_size: BatchOpt = 128, num_workers: WorkersOpt = 0,
-    quiet: QuietOpt = False, json_out: JsonOpt = False,
+    quiet: QuietOpt = False, json_out: JsonOpt = False, overwrite: OverwriteOpt = False, resume: ResumeOpt = False,
 ) -> None:
     """Fine-tune a checkpoint on a manifest and save it as safetensors that score and eval load with no flags.
 
@@ -320,8 +327,9 @@ def refine(
     reporter = RichReporter(quiet)
     result = run_refine(
         str(checkpoint), str(manifest), output=output, train_options=_train_options(scope, epochs, lr, weight_decay, augment, seed, l2, layer=layer),
-        val=str(val) if val else None, model_options=model_options(arch, head, classes, preprocess, image_size, resize, mean, std),
+        val=str(val) if val else None, model_options=model_options(arch, head, classes, preprocess, image_size, resize, mean, std, allow_outside_root),
         run_options=RunOptions(device=device.value, batch_size=batch_size, num_workers=num_workers), reporter=reporter,
+        overwrite=overwrite, resume=resume,
     )
     reporter.info(f"wrote {output} (best epoch {result.best_epoch})")
     if json_out:
@@ -342,8 +350,9 @@ def train(
     loss: Annotated[str, typer.Option(help="ce (cross-entropy) or gce (generalized cross-entropy, q=0.7: a noise-robust loss).")] = "ce",
     classes: ClassesOpt = None, preprocess: PresetOpt = None,
     image_size: ImageSizeOpt = None, resize: ResizeOpt = None, mean: MeanOpt = None, std: StdOpt = None,
+    allow_outside_root: AllowOutsideOpt = False,
     device: DeviceOpt = Device.auto, batch_size: BatchOpt = 128, num_workers: WorkersOpt = 0,
-    quiet: QuietOpt = False, json_out: JsonOpt = False,
+    quiet: QuietOpt = False, json_out: JsonOpt = False, overwrite: OverwriteOpt = False, resume: ResumeOpt = False,
 ) -> None:
     """Train a classifier from scratch (all layers), e.g. to get a base model for the demo or a benchmark."""
     from .refine import train as run_train
@@ -351,8 +360,9 @@ def train(
     reporter = RichReporter(quiet)
     result = run_train(
         arch, str(manifest), output=output, train_options=_train_options(Scope.full, epochs, lr, weight_decay, augment, seed, loss=loss),
-        val=str(val) if val else None, model_options=model_options(None, None, classes, preprocess, image_size, resize, mean, std),
+        val=str(val) if val else None, model_options=model_options(None, None, classes, preprocess, image_size, resize, mean, std, allow_outside_root),
         run_options=RunOptions(device=device.value, batch_size=batch_size, num_workers=num_workers), reporter=reporter,
+        overwrite=overwrite, resume=resume,
     )
     reporter.info(f"wrote {output}")
     if json_out:
@@ -363,7 +373,7 @@ def train(
 def post_train(
     checkpoint: Annotated[Path, typer.Argument(help="The trained model to post-train.")],
     manifest: Annotated[Path, typer.Argument(help="Its (noisy) training manifest.")],
-    out_dir: Annotated[Path, typer.Option("--out-dir", help="Folder for round-NN/, final.safetensors, removed.csv and summary.json; run again to resume.")],
+    out_dir: Annotated[Path, typer.Option("--out-dir", help="Folder for round-NN/, final.safetensors, removed.csv and summary.json; run the same command again to resume, or pass --overwrite to start afresh.")],
     rounds: Annotated[Optional[int], typer.Option(help=f"Number of rounds (default {5} when only a budget is known).")] = None,
     step: Annotated[Optional[float], typer.Option(help="Share of the ORIGINAL size removed per round.")] = None,
     budget: Annotated[Optional[float], typer.Option(help="Total share to remove over all rounds (default: estimated from the first round's scores).")] = None,
@@ -387,8 +397,9 @@ def post_train(
     probe_l2: Annotated[float, typer.Option(help="With --boundary refit: the scoring probe's L2 strength.")] = 0.1,
     arch: ArchOpt = None, head: HeadOpt = None, classes: ClassesOpt = None, preprocess: PresetOpt = None,
     image_size: ImageSizeOpt = None, resize: ResizeOpt = None, mean: MeanOpt = None, std: StdOpt = None,
+    allow_outside_root: AllowOutsideOpt = False,
     device: DeviceOpt = Device.auto, batch_size: BatchOpt = 128, num_workers: WorkersOpt = 0,
-    quiet: QuietOpt = False, json_out: JsonOpt = False,
+    quiet: QuietOpt = False, json_out: JsonOpt = False, overwrite: OverwriteOpt = False,
 ) -> None:
     """Post-train: remove the most influential samples gradually, refining the model after each round.
 
@@ -417,9 +428,9 @@ def post_train(
                          probe_l2=probe_l2),
         train_options=_train_options(scope, epochs, lr, weight_decay, augment, seed, l2),
         val=str(val) if val else None,
-        model_options=model_options(arch, head, classes, preprocess, image_size, resize, mean, std),
+        model_options=model_options(arch, head, classes, preprocess, image_size, resize, mean, std, allow_outside_root),
         run_options=RunOptions(device=device.value, batch_size=batch_size, num_workers=num_workers),
-        reporter=reporter, on_round=show,
+        reporter=reporter, on_round=show, overwrite=overwrite,
     )
     summary = result.summary
     if json_out:
@@ -436,6 +447,7 @@ def eval_command(
     manifest: Annotated[Path, typer.Argument(help="Labelled manifest (ideally clean labels).")],
     arch: ArchOpt = None, head: HeadOpt = None, classes: ClassesOpt = None, preprocess: PresetOpt = None,
     image_size: ImageSizeOpt = None, resize: ResizeOpt = None, mean: MeanOpt = None, std: StdOpt = None,
+    allow_outside_root: AllowOutsideOpt = False,
     device: DeviceOpt = Device.auto, batch_size: BatchOpt = 128, num_workers: WorkersOpt = 0,
     quiet: QuietOpt = False, json_out: JsonOpt = False,
 ) -> None:
@@ -444,7 +456,7 @@ def eval_command(
     Example: irank eval refined.safetensors test.csv --json
     """
     report = run_evaluate(
-        str(checkpoint), str(manifest), model_options=model_options(arch, head, classes, preprocess, image_size, resize, mean, std),
+        str(checkpoint), str(manifest), model_options=model_options(arch, head, classes, preprocess, image_size, resize, mean, std, allow_outside_root),
         run_options=RunOptions(device=device.value, batch_size=batch_size, num_workers=num_workers), reporter=RichReporter(quiet),
     )
     if json_out:
@@ -464,11 +476,14 @@ def eval_command(
 def manifest(
     image_dir: Annotated[Path, typer.Argument(help="An ImageFolder tree: IMAGE_DIR/<class>/<image>.")],
     output: Annotated[str, typer.Option("-o", "--output", help="Manifest to write (CSV/TSV/JSONL/Parquet by extension; '-' for stdout).")],
-    quiet: QuietOpt = False,
+    quiet: QuietOpt = False, overwrite: OverwriteOpt = False,
 ) -> None:
     """Write a manifest (path, label) for an ImageFolder tree; paths are relative to the manifest's folder."""
-    from .manifest import manifest_from_folder, write_table
+    from .files import check_overwrite
+    from .manifest import manifest_from_folder, table_format, write_table
 
+    table_format(output)
+    check_overwrite({"-o": output}, overwrite)
     table = manifest_from_folder(image_dir, output)
     write_table(table, output)
     if not is_stdio(output):
@@ -545,6 +560,11 @@ def main() -> None:
     """Entry point: turns IrankError into one line on stderr and exit code 3, Ctrl-C into 130."""
     try:
         app()
+    except SystemExit as exit_:
+        # typer turns Ctrl-C into a silent exit 130; say what happened, in one line.
+        if exit_.code == EXIT_INTERRUPTED and isinstance(getattr(exit_.__context__, "__cause__", None), KeyboardInterrupt):
+            Console(stderr=True, highlight=False).print("irank: interrupted; no partial output was written", markup=False)
+        raise
     except IrankError as error:
         Console(stderr=True, highlight=False).print(f"irank: error: {error}", markup=False, soft_wrap=True)
         sys.exit(error.exit_code)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -18,6 +20,17 @@ PRESETS = {
     "none": {"resize": None, "image_size": None, "mean": (0.0,), "std": (1.0,)},
 }
 AUGMENTS = ("none", "flip", "crop-flip")
+# An image whose header claims more pixels than this is refused before it is decoded (a decompression
+# bomb would otherwise take all memory). PIL's own default; IRANK_MAX_IMAGE_PIXELS sets another.
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+
+
+def max_image_pixels() -> int:
+    text = os.environ.get("IRANK_MAX_IMAGE_PIXELS", "")
+    try:
+        return int(text) if text.strip() else DEFAULT_MAX_IMAGE_PIXELS
+    except ValueError:
+        raise UsageError(f"IRANK_MAX_IMAGE_PIXELS={text!r}: expected a whole number of pixels") from None
 
 
 @dataclass(frozen=True)
@@ -106,6 +119,7 @@ class ImageDataset(Dataset):
     """Images of a manifest; each item is (tensor or None, row, error message or None)."""
 
     def __init__(self, paths: list[Path], transform, rows: list[int] | None = None):
+        self.max_pixels = max_image_pixels()
         self.paths = paths
         self.transform = transform
         self.rows = rows if rows is not None else list(range(len(paths)))
@@ -116,12 +130,18 @@ class ImageDataset(Dataset):
     def __getitem__(self, item: int):
         row = self.rows[item]
         path = self.paths[row]
+        Image.MAX_IMAGE_PIXELS = self.max_pixels  # per process: DataLoader workers too
         try:
-            with Image.open(path) as image:
-                tensor = self.transform(image.convert("RGB"))
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(path) as image:
+                    tensor = self.transform(image.convert("RGB"))
         except FileNotFoundError:
             return None, row, f"image {path} (row {row + 1}): no such file"
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+            return None, row, (f"image {path} (row {row + 1}): refused, not decoded: {exc} "
+                               "(set IRANK_MAX_IMAGE_PIXELS to allow larger images)")
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
             return None, row, f"image {path} (row {row + 1}): cannot decode ({type(exc).__name__}: {exc})"
         return tensor, row, None
 

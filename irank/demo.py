@@ -35,18 +35,19 @@ def run_demo(folder: str | Path, *, noise: float = 0.25, seed: int = 0, reporter
     )
     model = str(folder / "model.safetensors")
     reporter.info(f"training {DEMO['arch']} on the noisy labels")
-    train(DEMO["arch"], str(train_csv), output=model, run_options=run, reporter=reporter,
+    # The demo's folder is its own: a second run replaces the files of the first.
+    train(DEMO["arch"], str(train_csv), output=model, run_options=run, reporter=reporter, overwrite=True,
           train_options=TrainOptions(scope="full", epochs=DEMO["train_epochs"], lr=0.05, seed=seed))
     reporter.info("scoring every training sample's influence")
     scores_csv = str(folder / "scores.csv")
-    table = score(model, str(train_csv), output=scores_csv, run_options=run, reporter=reporter).table
+    table = score(model, str(train_csv), output=scores_csv, run_options=run, reporter=reporter, overwrite=True).table
     flipped = (table["label"] != table["true_label"]).to_numpy()
     budget = int(round(noise * len(table)))
     clean_csv, removed_csv = str(folder / "clean.csv"), str(folder / "removed.csv")
-    prune(scores_csv, str(train_csv), output=clean_csv, removed_output=removed_csv, count=budget)
+    prune(scores_csv, str(train_csv), output=clean_csv, removed_output=removed_csv, count=budget, overwrite=True)
     reporter.info(f"refining on the {len(table) - budget} kept samples")
     refined = str(folder / "refined.safetensors")
-    refine(model, clean_csv, output=refined, run_options=run, reporter=reporter,
+    refine(model, clean_csv, output=refined, run_options=run, reporter=reporter, overwrite=True,
            train_options=TrainOptions(scope="full", epochs=DEMO["refine_epochs"], lr=0.01, seed=seed))
     before = evaluate(model, str(test_csv), run_options=run)["accuracy"]
     after = evaluate(refined, str(test_csv), run_options=run)["accuracy"]

@@ -41,10 +41,25 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp, "rb+") as written:
             os.fsync(written.fileno())
         os.replace(tmp, target)
+        fsync_folder(target.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+
+
+def fsync_folder(folder: str | os.PathLike) -> None:
+    """Make a rename in `folder` durable; a no-op where folders cannot be opened (Windows)."""
+    try:
+        handle = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(handle)
+    except OSError:
+        pass
+    finally:
+        os.close(handle)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
@@ -76,3 +91,12 @@ def check_outputs_clear_of_inputs(outputs: dict[str, str | None], inputs: dict[s
         if real in seen:
             raise UsageError(f"{out_name} and {seen[real]} both point to {out_path}")
         seen[real] = out_name
+
+
+def check_overwrite(outputs: dict[str, str | None], overwrite: bool) -> None:
+    """Refuse any output (flag name → path) that exists already, unless `overwrite`."""
+    if overwrite:
+        return
+    for flag, path in outputs.items():
+        if path and not is_stdio(path) and os.path.lexists(path):
+            raise UsageError(f"{flag} {path} already exists; pass --overwrite to replace it")

@@ -15,7 +15,7 @@ from ._version import __version__
 from .checkpoint import Checkpoint, build_model, find_head, load_weights, read_checkpoint
 from .data import Preprocess, resolve_preprocess
 from .errors import CheckpointError, UsageError
-from .manifest import Manifest, encode_labels, read_manifest, resolve_classes
+from .manifest import Manifest, check_inside_root, encode_labels, read_manifest, resolve_classes
 
 
 @dataclass
@@ -30,6 +30,7 @@ class ModelOptions:
     resize: int | None = None
     mean: str | None = None
     std: str | None = None
+    allow_outside_root: bool = False  # read images outside the manifest's folder (a manifest you trust)
 
 
 @dataclass
@@ -71,6 +72,8 @@ class Prepared:
 def prepare(checkpoint_path: str | None, manifest_path: str, options: ModelOptions) -> Prepared:
     """Load `checkpoint_path` (or, when it is None, build a fresh `options.arch`) for `manifest_path`."""
     manifest = read_manifest(manifest_path)
+    if not options.allow_outside_root:
+        check_inside_root(manifest)
     checkpoint = read_checkpoint(checkpoint_path) if checkpoint_path else None
     meta = checkpoint.metadata if checkpoint else {}
     classes, class_source = resolve_classes(

@@ -142,6 +142,23 @@ def read_manifest(path: str | os.PathLike, *, require_label: bool = True) -> Man
     return Manifest(table=table, source=name, root=root, ids=ids, paths=paths, labels=labels)
 
 
+def check_inside_root(manifest: Manifest) -> None:
+    """Refuse a row whose image resolves (after `..` and symlinks) outside the manifest's folder.
+
+    A manifest handed over by someone else then cannot make irank read, and copy into a review pack,
+    images from elsewhere on the machine.
+    """
+    root = os.path.realpath(manifest.root)
+    prefix = root.rstrip(os.sep) + os.sep
+    for row, (written, resolved) in enumerate(zip(manifest.paths, manifest.resolved_paths()), start=1):
+        real = os.path.realpath(resolved)
+        if not real.startswith(prefix):
+            raise ManifestError(
+                f"manifest {manifest.source}: row {row}: path {written!r} resolves outside the manifest's folder "
+                f"{root}; pass --allow-outside-root if you trust this manifest"
+            )
+
+
 def _is_int(text: str) -> bool:
     text = text.strip()
     return text.lstrip("-").isdigit()

@@ -7,13 +7,15 @@ after its last finished round.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pandas as pd
 
@@ -24,7 +26,7 @@ from .estimate import estimate_noise_share
 from .evaluation import evaluate
 from .files import atomic_path, sha256_file, write_json_atomic
 from .loading import ModelOptions, RunOptions
-from .manifest import read_manifest, read_table, rebase_paths, write_table
+from .manifest import check_inside_root, read_manifest, read_table, rebase_paths, write_table
 from .progress import Reporter
 from .prune import prune
 from .refine import TrainOptions, refine
@@ -96,15 +98,71 @@ def _removal_count(step: float, original_rows: int) -> int:
     return max(1, int(round(step * original_rows)))
 
 
-def _load_state(out_dir: Path, config: dict) -> dict | None:
+OWN_FILES = ("summary.json", "final.safetensors", "removed.csv")
+
+
+def _own_entries(out_dir: Path) -> list[Path]:
+    """What a post-train run writes into its folder: its summary, final model, removed.csv and round folders."""
+    entries = [out_dir / name for name in OWN_FILES if (out_dir / name).exists()]
+    return entries + sorted(out_dir.glob("round-[0-9][0-9]*")) + sorted(out_dir.glob(".round-*.tmp"))
+
+
+def _clear_run(out_dir: Path) -> None:
+    for entry in _own_entries(out_dir):
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+@contextlib.contextmanager
+def _round_folder(building: Path) -> Iterator[Path]:
+    """A round is built in a hidden folder; on any failure (Ctrl-C included) it is removed, so no half round remains."""
+    building.mkdir()
+    try:
+        yield building
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        raise
+
+
+def _check_inputs_outside_run(out_dir: Path, inputs: dict[str, str | None]) -> None:
+    """Refuse an input that is one of the run's own files (e.g. an earlier final.safetensors), which a run replaces."""
+    owned = [os.path.realpath(entry) for entry in _own_entries(out_dir)]
+    for name, path in inputs.items():
+        if not path:
+            continue
+        real = os.path.realpath(path)
+        if any(real == entry or real.startswith(entry + os.sep) for entry in owned):
+            raise UsageError(f"the {name} {path} is one of the files post-train writes in --out-dir {out_dir}; "
+                             "copy it elsewhere first or use another --out-dir")
+
+
+def _load_state(out_dir: Path, config: dict, overwrite: bool) -> dict | None:
+    """The state of an earlier run of the same command in `out_dir` (to resume), or None to start afresh.
+
+    A run with other inputs or parameters, or post-train files without a summary, is replaced only
+    with `overwrite`; `overwrite` always starts afresh.
+    """
     summary_path = out_dir / "summary.json"
-    if not summary_path.exists():
+    if overwrite:
+        _clear_run(out_dir)
         return None
-    state = json.loads(summary_path.read_text())
-    if state.get("config") != config:
+    if not summary_path.exists():
+        # Round folders without a summary are a first round cut short after its rename: rebuilt below.
+        leftovers = [out_dir / name for name in OWN_FILES if (out_dir / name).exists()]
+        if leftovers:
+            raise UsageError(f"--out-dir {out_dir}: holds {leftovers[0].name} but no summary.json to resume from; "
+                             "pass --overwrite to replace it, or use another --out-dir")
+        return None
+    try:
+        state = json.loads(summary_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--out-dir {out_dir}: cannot read summary.json ({exc}); pass --overwrite to start afresh") from None
+    if not isinstance(state, dict) or state.get("config") != config:
         raise UsageError(
             f"--out-dir {out_dir} holds a post-train run with other inputs or parameters; "
-            "use another --out-dir to start afresh, or repeat the original command to resume"
+            "repeat the original command to resume, use another --out-dir, or pass --overwrite to start afresh"
         )
     return state
 
@@ -140,6 +198,7 @@ def post_train(
     run_options: RunOptions | None = None,
     reporter: Reporter | None = None,
     on_round: Callable[[dict], None] | None = None,
+    overwrite: bool = False,
 ) -> PostTrainResult:
     """Gradually remove the most influential samples and refine the model after each removal.
 
@@ -148,6 +207,9 @@ def post_train(
     accuracy has not improved for `patience` rounds, and the best round becomes `final.safetensors`;
     without it, the last round does. Without a budget, the share to remove is estimated from the
     first round's scores (see irank.estimate).
+
+    Run again with the same arguments, it resumes after the last finished round; with `overwrite` it
+    discards an earlier run in `out_dir` and starts afresh.
     """
     loop = loop or LoopOptions()
     train_options = train_options or TrainOptions(scope="refit")
@@ -166,9 +228,16 @@ def post_train(
         "model": asdict(model_options),
     }
     out.mkdir(parents=True, exist_ok=True)
-    state = _load_state(out, config) or {"irank_version": __version__, "config": config, "rounds": [], "plan": None}
+    _check_inputs_outside_run(out, {"checkpoint": checkpoint, "manifest": manifest, "--val": val})
+    state = _load_state(out, config, overwrite) or {"irank_version": __version__, "config": config, "rounds": [], "plan": None}
     original = read_manifest(manifest)
     original_rows = len(original)
+    if not model_options.allow_outside_root:
+        check_inside_root(original)
+        if val:
+            check_inside_root(read_manifest(val))
+    # Each round reads the manifests irank wrote from the checked one, in round folders beside it.
+    round_options = replace(model_options, allow_outside_root=True)
     eval_kwargs = {"model_options": model_options, "run_options": run}
     if val and "input_val_accuracy" not in state:
         state["input_val_accuracy"] = evaluate(checkpoint, val, **eval_kwargs)["accuracy"]
@@ -185,51 +254,53 @@ def post_train(
         current_manifest = str(out / previous["folder"] / "kept.csv") if previous else str(manifest)
         folder = f"round-{number:02d}"
         building = out / f".{folder}.tmp"
-        building.mkdir()
-        started = time.perf_counter()
-        table = score(current_model, current_manifest, output=str(building / "scores.csv"), method=loop.method,
-                      influence_measure=loop.influence_measure, curvature=loop.curvature, damping=loop.damping,
-                      boundary=loop.boundary_options(state.get("layer")), model_options=model_options,
-                      run_options=run, reporter=reporter)
-        if loop.boundary == "refit" and "layer" not in state:
-            chosen = table.sidecar["parameters"]["layer"]
-            state["layer"] = None if chosen == "head-input" else chosen
-            state["layer_choice"] = {k: table.sidecar["parameters"].get(k) for k in ("layer", "layer_choice", "layers")}
-        table = table.table
-        scored = time.perf_counter()
-        if state["plan"] is None:
-            estimate = estimate_noise_share(table) if loop.budget is None and not (loop.step and loop.rounds) else None
-            state["plan"] = plan_rounds(loop, estimate["share"] if estimate else None)
-            if estimate:
-                state["plan"]["estimate"] = estimate
-                reporter.info(f"budget: remove {estimate['share']:.1%} in all, estimated as the {estimate['reason']}")
-        plan = state["plan"]
-        count = _removal_count(plan["step"], original_rows)
-        prune_kwargs = {"count": count} if not loop.per_class else {"fraction": min(0.99, count / len(table))}
-        pruned = prune(str(building / "scores.csv"), current_manifest, output=str(building / "kept.csv"),
-                       removed_output=str(building / "removed.csv"), per_class=loop.per_class,
-                       min_per_class=loop.min_per_class, **prune_kwargs)
-        pruned_at = time.perf_counter()
-        round_training = train_options
-        if from_input and state.get("layer"):
-            round_training = replace(train_options, layer=state["layer"])
-        refined = refine(current_model, str(building / "kept.csv"), output=str(building / "model.safetensors"),
-                         train_options=round_training, val=val, model_options=model_options, run_options=run,
-                         reporter=reporter)
-        finished_at = time.perf_counter()
-        record = {
-            "round": number,
-            "folder": folder,
-            "scored_rows": len(table),
-            "removed": pruned.summary["removed_rows"],
-            "kept": pruned.summary["kept_rows"],
-            "removed_total": original_rows - pruned.summary["kept_rows"],
-            "removed_per_class": pruned.summary["removed_per_class"],
-            "seconds": {"score": scored - started, "prune": pruned_at - scored, "refine": finished_at - pruned_at},
-        }
-        if val:
-            record["val_accuracy"] = max(r.get("val_accuracy", -1.0) for r in refined.history)
-        building.rename(out / folder)
+        if (out / folder).exists():  # renamed but not yet in summary.json when the last run stopped
+            shutil.rmtree(out / folder)
+        with _round_folder(building):
+            started = time.perf_counter()
+            table = score(current_model, current_manifest, output=str(building / "scores.csv"), method=loop.method,
+                          influence_measure=loop.influence_measure, curvature=loop.curvature, damping=loop.damping,
+                          boundary=loop.boundary_options(state.get("layer")), model_options=round_options,
+                          run_options=run, reporter=reporter)
+            if loop.boundary == "refit" and "layer" not in state:
+                chosen = table.sidecar["parameters"]["layer"]
+                state["layer"] = None if chosen == "head-input" else chosen
+                state["layer_choice"] = {k: table.sidecar["parameters"].get(k) for k in ("layer", "layer_choice", "layers")}
+            table = table.table
+            scored = time.perf_counter()
+            if state["plan"] is None:
+                estimate = estimate_noise_share(table) if loop.budget is None and not (loop.step and loop.rounds) else None
+                state["plan"] = plan_rounds(loop, estimate["share"] if estimate else None)
+                if estimate:
+                    state["plan"]["estimate"] = estimate
+                    reporter.info(f"budget: remove {estimate['share']:.1%} in all, estimated as the {estimate['reason']}")
+            plan = state["plan"]
+            count = _removal_count(plan["step"], original_rows)
+            prune_kwargs = {"count": count} if not loop.per_class else {"fraction": min(0.99, count / len(table))}
+            pruned = prune(str(building / "scores.csv"), current_manifest, output=str(building / "kept.csv"),
+                           removed_output=str(building / "removed.csv"), per_class=loop.per_class,
+                           min_per_class=loop.min_per_class, **prune_kwargs)
+            pruned_at = time.perf_counter()
+            round_training = train_options
+            if from_input and state.get("layer"):
+                round_training = replace(train_options, layer=state["layer"])
+            refined = refine(current_model, str(building / "kept.csv"), output=str(building / "model.safetensors"),
+                             train_options=round_training, val=val, model_options=round_options, run_options=run,
+                             reporter=reporter)
+            finished_at = time.perf_counter()
+            record = {
+                "round": number,
+                "folder": folder,
+                "scored_rows": len(table),
+                "removed": pruned.summary["removed_rows"],
+                "kept": pruned.summary["kept_rows"],
+                "removed_total": original_rows - pruned.summary["kept_rows"],
+                "removed_per_class": pruned.summary["removed_per_class"],
+                "seconds": {"score": scored - started, "prune": pruned_at - scored, "refine": finished_at - pruned_at},
+            }
+            if val:
+                record["val_accuracy"] = max(r.get("val_accuracy", -1.0) for r in refined.history)
+            building.rename(out / folder)
         state["rounds"].append(record)
         done_by_plan = number >= plan["rounds"]
         stopped_by_val = bool(val) and number - _best_round(state) >= loop.patience

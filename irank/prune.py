@@ -9,7 +9,7 @@ import pandas as pd
 
 from ._version import __version__
 from .errors import ManifestError, UsageError
-from .files import check_outputs_clear_of_inputs, is_stdio, sha256_file, write_json_atomic
+from .files import check_outputs_clear_of_inputs, check_overwrite, is_stdio, sha256_file, write_json_atomic
 from .manifest import read_manifest, read_table, rebase_paths, table_format, write_table
 
 SCORE_COLUMNS = ("id", "label", "rank", "class_rank", "score")
@@ -107,6 +107,7 @@ def prune(
     min_score: float | None = None,
     per_class: bool = False,
     min_per_class: int = 1,
+    overwrite: bool = False,
 ) -> PruneResult:
     """Remove the most influential rows of `manifest` according to `scores` (see `removal_mask`).
 
@@ -118,10 +119,10 @@ def prune(
         table_format(output)
     if removed_output is not None:
         table_format(removed_output)
-    check_outputs_clear_of_inputs(
-        {"-o": output, "--removed": removed_output, "the sidecar": output + ".json" if output and not is_stdio(output) else None},
-        {"scores": scores, "manifest": manifest},
-    )
+    outputs = {"-o": output, "--removed": removed_output,
+               "the sidecar": output + ".json" if output and not is_stdio(output) else None}
+    check_outputs_clear_of_inputs(outputs, {"scores": scores, "manifest": manifest})
+    check_overwrite(outputs, overwrite)
     if is_stdio(output) and is_stdio(removed_output):
         raise UsageError("-o and --removed cannot both go to stdout")
     score_table = read_scores(scores)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 from dataclasses import dataclass, field
 
@@ -14,11 +15,12 @@ from .data import AUGMENTS, batches, make_loader
 from .errors import UsageError
 from .evaluation import accuracy_report
 from .features import forward_pass, resolve_device
-from .files import check_outputs_clear_of_inputs, sha256_file
+from .files import check_outputs_clear_of_inputs, check_overwrite, sha256_bytes, sha256_file
 from .loading import ModelOptions, Prepared, RunOptions, prepare
 from .linear import fit_softmax_regression
-from .manifest import encode_labels, read_manifest
+from .manifest import check_inside_root, encode_labels, read_manifest
 from .progress import Reporter
+from .resume import Resume, TrainingState, pack_optimizer, prefixed, resume_path, unpack_optimizer, unprefixed
 
 SCOPES = ("head", "full", "refit")
 LOSSES = ("ce", "gce")
@@ -75,8 +77,10 @@ class RefineResult:
 class ValidationSet:
     """A clean labelled manifest on which every epoch is scored; head-only training scores cached features."""
 
-    def __init__(self, prepared: Prepared, path: str, run: RunOptions, device: torch.device):
+    def __init__(self, prepared: Prepared, path: str, run: RunOptions, device: torch.device, allow_outside_root: bool = False):
         manifest = read_manifest(path)
+        if not allow_outside_root:
+            check_inside_root(manifest)
         self.labels = torch.from_numpy(encode_labels(manifest, prepared.classes))
         self.loader = make_loader(manifest.resolved_paths(), prepared.preprocess, batch_size=run.batch_size, num_workers=run.num_workers)
         self.classes = prepared.classes
@@ -146,8 +150,12 @@ def refit_head(prepared: Prepared, options: TrainOptions, run: RunOptions, devic
 
 
 def train_epochs(prepared: Prepared, options: TrainOptions, run: RunOptions, device: torch.device,
-                 reporter: Reporter, validation: ValidationSet | None) -> RefineResult:
-    """The training loop. Head scope with no augmentation trains on head inputs computed once."""
+                 reporter: Reporter, validation: ValidationSet | None, resume: Resume | None = None) -> RefineResult:
+    """The training loop. Head scope with no augmentation trains on head inputs computed once.
+
+    With `resume`, the state after every epoch is saved to its file, and a saved state (when
+    `resume.resume`) is continued from: the weights come out as if training had never stopped.
+    """
     if options.scope == "refit":
         return refit_head(prepared, options, run, device, reporter, validation)
     torch.manual_seed(options.seed)
@@ -175,7 +183,21 @@ def train_epochs(prepared: Prepared, options: TrainOptions, run: RunOptions, dev
     result = RefineResult()
     best_accuracy, best_state, step = -1.0, None, 0
     generator = torch.Generator().manual_seed(options.seed)
-    for epoch in range(1, options.epochs + 1):
+    start_epoch = 1
+    saved = resume.load() if resume else None
+    if saved is not None:
+        model.load_state_dict(unprefixed("model", saved.tensors))
+        unpack_optimizer(optimizer, saved.tensors)
+        torch.set_rng_state(saved.tensors["rng.torch"])
+        generator.set_state(saved.tensors["rng.order"])
+        if not cached:
+            loader.generator.set_state(saved.tensors["rng.loader"])
+        best_state = unprefixed("best", saved.tensors) or None
+        step, best_accuracy = saved.info["step"], saved.info["best_accuracy"]
+        result.history, result.best_epoch = saved.info["history"], saved.info["best_epoch"]
+        start_epoch = saved.info["epoch"] + 1
+        reporter.info(f"resuming from {resume.path}: {saved.info['epoch']} of {options.epochs} epochs done")
+    for epoch in range(start_epoch, options.epochs + 1):
         running, seen = 0.0, 0
         if head_only:
             model.eval()  # a frozen backbone keeps its batch-norm statistics
@@ -211,6 +233,15 @@ def train_epochs(prepared: Prepared, options: TrainOptions, run: RunOptions, dev
         else:
             result.best_epoch = epoch
         result.history.append(record)
+        if resume is not None:
+            tensors = {**prefixed("model", model.state_dict()), **pack_optimizer(optimizer),
+                       "rng.torch": torch.get_rng_state(), "rng.order": generator.get_state()}
+            if not cached:
+                tensors["rng.loader"] = loader.generator.get_state()
+            if best_state is not None:
+                tensors.update(prefixed("best", best_state))
+            resume.save(TrainingState(tensors, {"epoch": epoch, "step": step, "history": result.history,
+                                                "best_epoch": result.best_epoch, "best_accuracy": best_accuracy}))
         reporter.info("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
     if best_state is not None:
         model.load_state_dict(best_state)
@@ -220,18 +251,26 @@ def train_epochs(prepared: Prepared, options: TrainOptions, run: RunOptions, dev
 
 
 def _fit_and_save(checkpoint: str | None, manifest: str, output: str, options: TrainOptions, val: str | None,
-                  model_options: ModelOptions, run: RunOptions, reporter: Reporter, provenance_key: str) -> RefineResult:
+                  model_options: ModelOptions, run: RunOptions, reporter: Reporter, provenance_key: str,
+                  overwrite: bool = False, resume: bool = False) -> RefineResult:
     options.validate()
     if not str(output).endswith(".safetensors"):
         raise UsageError(f"-o {output}: irank writes checkpoints as safetensors; name the output *.safetensors")
     check_outputs_clear_of_inputs({"-o": output}, {"checkpoint": checkpoint, "manifest": manifest, "--val": val})
+    check_overwrite({"-o": output}, overwrite)
     torch.manual_seed(options.seed)  # before the model is built: a fresh model's initial weights depend on it
     prepared = prepare(checkpoint, manifest, model_options)
     for note in prepared.notes:
         reporter.info(note)
     device = resolve_device(run.device)
-    validation = ValidationSet(prepared, val, run, device) if val else None
-    result = train_epochs(prepared, options, run, device, reporter, validation)
+    validation = ValidationSet(prepared, val, run, device, model_options.allow_outside_root) if val else None
+    inputs = {"checkpoint": sha256_file(checkpoint) if checkpoint else None, "manifest": sha256_file(manifest),
+              "val": sha256_file(val) if val else None, "options": dict(options.__dict__),
+              "model": dict(model_options.__dict__), "batch_size": run.batch_size}
+    state = Resume(resume_path(output), sha256_bytes(json.dumps(inputs, sort_keys=True).encode()), resume)
+    if not resume and state.path.exists():
+        reporter.info(f"{state.path} holds an interrupted run; starting afresh (pass --resume to continue it)")
+    result = train_epochs(prepared, options, run, device, reporter, validation, state)
     provenance = {
         "manifest": {"path": manifest, "sha256": sha256_file(manifest), "rows": len(prepared.manifest)},
         "options": dict(options.__dict__),
@@ -242,6 +281,7 @@ def _fit_and_save(checkpoint: str | None, manifest: str, output: str, options: T
         provenance["from"] = {"path": checkpoint, "sha256": sha256_file(checkpoint)}
     result.metadata = prepared.metadata(**{provenance_key: provenance}, **prepared.extra_metadata)
     save_checkpoint(prepared.model.cpu(), output, result.metadata)
+    state.remove()
     return result
 
 
@@ -255,13 +295,18 @@ def refine(
     model_options: ModelOptions | None = None,
     run_options: RunOptions | None = None,
     reporter: Reporter | None = None,
+    overwrite: bool = False,
+    resume: bool = False,
 ) -> RefineResult:
     """Fine-tune `checkpoint` on `manifest` (the head only, or the whole network) and write `output`.
 
     With `val`, accuracy on that manifest is measured after every epoch and the best epoch is kept.
+    The state after every epoch is saved to `output + '.resume'`; with `resume` an interrupted run
+    continues from it and ends with the weights an uninterrupted run would have written.
     """
     return _fit_and_save(checkpoint, manifest, output, train_options or TrainOptions(), val,
-                         model_options or ModelOptions(), run_options or RunOptions(), reporter or Reporter(), "refined")
+                         model_options or ModelOptions(), run_options or RunOptions(), reporter or Reporter(), "refined",
+                         overwrite=overwrite, resume=resume)
 
 
 def train(
@@ -274,10 +319,13 @@ def train(
     model_options: ModelOptions | None = None,
     run_options: RunOptions | None = None,
     reporter: Reporter | None = None,
+    overwrite: bool = False,
+    resume: bool = False,
 ) -> RefineResult:
     """Train a fresh `arch` from random weights on `manifest` (all layers) and write `output`."""
     model_options = model_options or ModelOptions()
     model_options.arch = arch
     options = train_options or TrainOptions(scope="full", epochs=20, lr=0.05)
     return _fit_and_save(None, manifest, output, options, val, model_options,
-                         run_options or RunOptions(), reporter or Reporter(), "trained")
+                         run_options or RunOptions(), reporter or Reporter(), "trained", overwrite=overwrite,
+                         resume=resume)

@@ -194,8 +194,9 @@ def filled_decisions(review_csv: Path) -> int:
     return filled
 
 
-def check_review_dir(output: Path, inputs: dict[str, str | None]) -> None:
-    """Refuse an output folder that holds an input, someone else's files, or an annotator's work."""
+def check_review_dir(output: Path, inputs: dict[str, str | None], overwrite: bool = False) -> None:
+    """Refuse an output folder that holds an input, someone else's files, or an annotator's work;
+    an earlier pack with no decisions filled in is replaced only with `overwrite`."""
     if output.exists() and not output.is_dir():
         raise UsageError(f"-o {output}: exists and is not a folder")
     real_output = os.path.realpath(output)
@@ -212,6 +213,8 @@ def check_review_dir(output: Path, inputs: dict[str, str | None]) -> None:
     if filled:
         raise UsageError(f"-o {output}: its review.csv has {filled} rows filled in by an annotator; "
                          "refusing to overwrite them (move the folder or pick another -o)")
+    if not overwrite:
+        raise UsageError(f"-o {output} already holds a review pack; pass --overwrite to replace it")
 
 
 def replace_folder(built: Path, output: Path) -> None:
@@ -262,6 +265,7 @@ def review(
     per_class: bool = False,
     image_root_dir: str | None = None,
     label_studio_root: str | None = None,
+    overwrite: bool = False,
 ) -> ReviewResult:
     """Write the review pack for the most influential rows of `scores` into the folder `output`.
 
@@ -278,7 +282,7 @@ def review(
     sidecar = read_scores_sidecar(scores)
     manifest_path = sidecar.get("inputs", {}).get("manifest", {}).get("path")
     check_review_dir(out_dir, {"scores": scores, "scores' sidecar": None if is_stdio(scores) else scores + ".json",
-                               "scored manifest": manifest_path})
+                               "scored manifest": manifest_path}, overwrite)
     table = read_scores(scores)
     if "predicted" not in table.columns or "predicted_prob" not in table.columns:
         raise ManifestError(f"scores {scores}: missing column predicted or predicted_prob; is this the output of irank score?")

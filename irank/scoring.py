@@ -15,7 +15,7 @@ from .data import make_loader
 from .errors import UsageError
 from .features import ForwardOutputs, forward_pass, resolve_device
 from .layers import layer_features
-from .files import check_outputs_clear_of_inputs, is_stdio, sha256_file, write_json_atomic
+from .files import check_outputs_clear_of_inputs, check_overwrite, is_stdio, sha256_file, write_json_atomic
 from .loading import ModelOptions, Prepared, RunOptions, prepare
 from .manifest import table_format, write_table
 from .progress import Reporter
@@ -115,11 +115,13 @@ def score(
     model_options: ModelOptions | None = None,
     run_options: RunOptions | None = None,
     reporter: Reporter | None = None,
+    overwrite: bool = False,
 ) -> ScoreResult:
     """Score and rank every sample of `manifest` under `checkpoint`; write the table to `output` if given.
 
     The table is sorted by rank (1 = most influential, the first to suspect of a wrong label) and
-    `output` gets a JSON sidecar `output + '.json'` with the parameters and input hashes.
+    `output` gets a JSON sidecar `output + '.json'` with the parameters and input hashes. An existing
+    output or sidecar is replaced only with `overwrite`.
     """
     reporter = reporter or Reporter()
     model_options = model_options or ModelOptions()
@@ -133,6 +135,7 @@ def score(
         check_outputs_clear_of_inputs(
             {"-o": output, "the sidecar": sidecar_path}, {"checkpoint": checkpoint, "manifest": manifest}
         )
+        check_overwrite({"-o": output, "the sidecar": sidecar_path}, overwrite)
     prepared = prepare(checkpoint, manifest, model_options)
     for note in prepared.notes:
         reporter.info(note)

@@ -13,9 +13,15 @@ from irank.checkpoint import read_checkpoint, save_checkpoint
 
 
 def manifest_copy(tiny_data, folder: Path, rows: int = 20, **changes) -> Path:
-    """A manifest in `folder` with absolute paths to the first `rows` tiny training images."""
+    """A manifest in `folder` with the first `rows` tiny training images, copied beside it (relative paths)."""
     table = pd.read_csv(tiny_data["train"]).head(rows)
-    table["path"] = [str(Path(tiny_data["folder"]) / p) for p in table["path"]]
+    (folder / "images").mkdir(exist_ok=True)
+    copied = []
+    for path in table["path"]:
+        target = folder / "images" / Path(path).name
+        target.write_bytes((Path(tiny_data["folder"]) / path).read_bytes())
+        copied.append(f"images/{target.name}")
+    table["path"] = copied
     for column, value in changes.items():
         table[column] = value
     path = folder / "m.csv"

@@ -231,13 +231,15 @@ def test_apply_never_writes_over_its_input(cli, pack, manifest_here, tmp_path):
 def test_review_replaces_an_untouched_pack_but_not_an_annotators_work(cli, scored, tmp_path):
     folder = tmp_path / "r"
     assert cli("review", scored, "-o", folder, "--top", "5", "-q")[0] == 0
-    code, _, err = cli("review", scored, "-o", folder, "--top", "7", "-q")
+    assert_clean_failure(cli("review", scored, "-o", folder, "--top", "7", "-q"), "already holds a review pack", "--overwrite")
+    assert len(pd.read_csv(folder / "review.csv")) == 5
+    code, _, err = cli("review", scored, "-o", folder, "--top", "7", "-q", "--overwrite")
     assert code == 0, err
     assert len(pd.read_csv(folder / "review.csv")) == 7
     review = pd.read_csv(folder / "review.csv", dtype=str, keep_default_na=False)
     review.loc[0, "decision"] = "remove"
     review.to_csv(folder / "review.csv", index=False)
-    assert_clean_failure(cli("review", scored, "-o", folder, "--top", "5"), "1 rows filled in", "refusing to overwrite")
+    assert_clean_failure(cli("review", scored, "-o", folder, "--top", "5", "--overwrite"), "1 rows filled in", "refusing to overwrite")
     assert len(pd.read_csv(folder / "review.csv")) == 7
     other = tmp_path / "other"
     other.mkdir()
@@ -287,7 +289,7 @@ def test_gate_on_the_share_of_high_scores(cli, scored, tiny_data, tiny_model, tm
     code, out, err = cli(*base, "--fail-over", "0.04", "--json")
     assert code == 4 and "share of samples with score >=" in err
     assert json.loads(out)["gate"]["share"] == pytest.approx(12 / 240)
-    code, _, err = cli(*base, "--fail-over", "0.05")
+    code, _, err = cli(*base, "--fail-over", "0.05", "--overwrite")
     assert code == 0, err
 
 

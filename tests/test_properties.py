@@ -1,0 +1,107 @@
+"""Property tests (hypothesis): the prune rule and the manifest reader/writer, for any input they may meet."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from irank.errors import ManifestError
+from irank.manifest import read_manifest, read_table, write_table
+from irank.prune import prune
+from irank.rank import scores_table
+
+FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@st.composite
+def scored_manifests(draw):
+    """A manifest (with a user column) and its scores table, as irank score would write them."""
+    rows = draw(st.integers(1, 40))
+    classes = draw(st.integers(1, 5))
+    labels = draw(st.lists(st.integers(0, classes - 1), min_size=rows, max_size=rows))
+    scores = draw(st.lists(st.floats(-1e6, 1e6, allow_nan=False), min_size=rows, max_size=rows))
+    manifest = pd.DataFrame({"path": [f"img/{i}.png" for i in range(rows)], "label": [f"c{l}" for l in labels],
+                             "note": [f"n{i}" for i in range(rows)]})
+    names = [f"c{i}" for i in range(classes)]
+    probs = np.full((rows, classes), 1.0 / classes)
+    table = scores_table(manifest, ids=manifest["path"].tolist(), paths=manifest["path"].tolist(),
+                         labels=np.array(labels), classes=names, probs=probs, loss=np.zeros(rows), scores=np.array(scores))
+    return manifest, table
+
+
+rules = st.one_of(
+    st.builds(lambda f: {"fraction": f}, st.floats(0.01, 0.99)),
+    st.builds(lambda c: {"count": c}, st.integers(0, 50)),
+    st.builds(lambda s: {"min_score": s}, st.floats(-1e6, 1e6)),
+)
+
+
+@FAST
+@given(scored_manifests(), rules, st.booleans(), st.integers(0, 4))
+def test_prune_partitions_the_manifest(case, rule, per_class, min_per_class):
+    manifest, table = case
+    if per_class and "min_score" in rule:
+        per_class = False
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        manifest.to_csv(folder / "m.csv", index=False)
+        table.to_csv(folder / "s.csv", index=False)
+        result = prune(str(folder / "s.csv"), str(folder / "m.csv"), per_class=per_class, min_per_class=min_per_class, **rule)
+    kept, removed = result.kept, result.removed
+    kept_ids, removed_ids = set(kept["path"]), set(removed["path"])
+    assert kept_ids | removed_ids == set(manifest["path"])  # kept ∪ removed = input
+    assert not kept_ids & removed_ids  # kept ∩ removed = ∅
+    assert list(kept.columns) == list(manifest.columns)  # columns preserved
+    assert kept["path"].tolist() == [p for p in manifest["path"] if p in kept_ids]  # order preserved
+    assert removed["rank"].is_monotonic_increasing
+    for label, size in manifest["label"].value_counts().items():
+        assert (kept["label"] == label).sum() >= min(min_per_class, size)  # --min-per-class holds
+
+
+text = st.text(st.characters(blacklist_categories=("Cs", "Cc")), min_size=1, max_size=12).filter(lambda t: t.strip() == t)
+
+
+@st.composite
+def manifests(draw):
+    rows = draw(st.integers(1, 8))
+    paths = draw(st.lists(text, min_size=rows, max_size=rows, unique=True))
+    labels = draw(st.lists(text, min_size=rows, max_size=rows))
+    extra = draw(st.lists(st.text(max_size=10), min_size=rows, max_size=rows))
+    return pd.DataFrame({"path": paths, "label": labels, "user column": extra})
+
+
+@FAST
+@given(manifests(), st.sampled_from(["csv", "tsv", "jsonl"]))
+def test_manifest_read_write_read_is_the_identity(table, fmt):
+    with tempfile.TemporaryDirectory() as folder:
+        first = Path(folder) / f"a.{fmt}"
+        write_table(table, first)
+        once = read_manifest(first)
+        second = Path(folder) / f"b.{fmt}"
+        write_table(once.table, second)
+        twice = read_manifest(second)
+    assert once.paths == table["path"].tolist() and once.labels == table["label"].tolist()
+    assert twice.table.equals(once.table)
+    assert (twice.paths, twice.labels, twice.ids) == (once.paths, once.labels, once.ids)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300), st.sampled_from(["csv", "tsv", "jsonl"]))
+def test_fuzz_the_manifest_reader(data, fmt):
+    """Any bytes: read, or refused with ManifestError (one line) — never another exception."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / f"m.{fmt}"
+        path.write_bytes(data)
+        try:
+            read_manifest(path)
+        except ManifestError as error:
+            assert "\n" not in str(error)
+        try:
+            read_table(path)
+        except ManifestError:
+            pass
