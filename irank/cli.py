@@ -104,6 +104,7 @@ PresetOpt = Annotated[Optional[str], typer.Option(
     "--preprocess", help="Preprocessing preset: imagenet (resize 256, crop 224) or cifar10 (32, CIFAR mean/std).", rich_help_panel=MODEL)]
 ImageSizeOpt = Annotated[Optional[int], typer.Option(help="Centre-crop images to this size (after --resize).", rich_help_panel=MODEL)]
 ResizeOpt = Annotated[Optional[int], typer.Option(help="Resize the shorter side of images to this size first.", rich_help_panel=MODEL)]
+BadImageOpt = Annotated[str, typer.Option("--on-bad-image", help="fail: stop at the first unreadable image, before any output (default); skip: leave such rows out and list them (row, path, reason) in the sidecar.", rich_help_panel=MODEL)]
 AllowOutsideOpt = Annotated[bool, typer.Option("--allow-outside-root", help="Read images whose paths resolve outside the manifest's folder (../, absolute paths, symlinks out): only for manifests you trust.", rich_help_panel=MODEL)]
 MeanOpt = Annotated[Optional[str], typer.Option(help="Normalization mean per channel, e.g. 0.5 or 0.485,0.456,0.406.", rich_help_panel=MODEL)]
 StdOpt = Annotated[Optional[str], typer.Option(help="Normalization std per channel, e.g. 0.5 or 0.229,0.224,0.225.", rich_help_panel=MODEL)]
@@ -116,9 +117,10 @@ ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupt
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace outputs that exist already (default: refuse).", rich_help_panel=RUN)]
 
 
-def model_options(arch, head, classes, preprocess, image_size, resize, mean, std, allow_outside_root=False) -> ModelOptions:
+def model_options(arch, head, classes, preprocess, image_size, resize, mean, std, allow_outside_root=False,
+                  on_bad_image="fail") -> ModelOptions:
     return ModelOptions(arch=arch, head=head, classes=str(classes) if classes else None, preprocess=preprocess,
-                        allow_outside_root=allow_outside_root,
+                        allow_outside_root=allow_outside_root, on_bad_image=on_bad_image,
                         image_size=image_size, resize=resize, mean=mean, std=std)
 
 
@@ -144,7 +146,7 @@ def score(
     l2: Annotated[float, typer.Option(help="With --boundary refit: the probe's L2 strength on standardized features.")] = 0.1,
     arch: ArchOpt = None, head: HeadOpt = None, classes: ClassesOpt = None, preprocess: PresetOpt = None,
     image_size: ImageSizeOpt = None, resize: ResizeOpt = None, mean: MeanOpt = None, std: StdOpt = None,
-    allow_outside_root: AllowOutsideOpt = False,
+    allow_outside_root: AllowOutsideOpt = False, on_bad_image: BadImageOpt = "fail",
     device: DeviceOpt = Device.auto, batch_size: BatchOpt = 128, num_workers: WorkersOpt = 0,
     quiet: QuietOpt = False, json_out: JsonOpt = False, overwrite: OverwriteOpt = False,
     fail_over: Annotated[Optional[float], typer.Option(
@@ -173,7 +175,7 @@ def score(
         str(checkpoint), str(manifest), output=output, method=method.value, influence_measure=influence_measure.value,
         curvature=curvature.value, damping=damping,
         boundary=BoundaryOptions(kind=boundary.value, layer=layer, l2=l2),
-        model_options=model_options(arch, head, classes, preprocess, image_size, resize, mean, std, allow_outside_root),
+        model_options=model_options(arch, head, classes, preprocess, image_size, resize, mean, std, allow_outside_root, on_bad_image),
         run_options=RunOptions(device=device.value, batch_size=batch_size, num_workers=num_workers), reporter=reporter,
         overwrite=overwrite,
     )
@@ -314,7 +316,7 @@ def refine(
     val: Annotated[Optional[Path], typer.Option(help="Clean labelled manifest: accuracy after every epoch, the best epoch is kept.")] = None,
     arch: ArchOpt = None, head: HeadOpt = None, classes: ClassesOpt = None, preprocess: PresetOpt = None,
     image_size: ImageSizeOpt = None, resize: ResizeOpt = None, mean: MeanOpt = None, std: StdOpt = None,
-    allow_outside_root: AllowOutsideOpt = False,
+    allow_outside_root: AllowOutsideOpt = False, on_bad_image: BadImageOpt = "fail",
     device: DeviceOpt = Device.auto, batch_size: BatchOpt = 128, num_workers: WorkersOpt = 0,
     quiet: QuietOpt = False, json_out: JsonOpt = False, overwrite: OverwriteOpt = False, resume: ResumeOpt = False,
 ) -> None:
@@ -327,7 +329,7 @@ def refine(
     reporter = RichReporter(quiet)
     result = run_refine(
         str(checkpoint), str(manifest), output=output, train_options=_train_options(scope, epochs, lr, weight_decay, augment, seed, l2, layer=layer),
-        val=str(val) if val else None, model_options=model_options(arch, head, classes, preprocess, image_size, resize, mean, std, allow_outside_root),
+        val=str(val) if val else None, model_options=model_options(arch, head, classes, preprocess, image_size, resize, mean, std, allow_outside_root, on_bad_image),
         run_options=RunOptions(device=device.value, batch_size=batch_size, num_workers=num_workers), reporter=reporter,
         overwrite=overwrite, resume=resume,
     )
@@ -350,7 +352,7 @@ def train(
     loss: Annotated[str, typer.Option(help="ce (cross-entropy) or gce (generalized cross-entropy, q=0.7: a noise-robust loss).")] = "ce",
     classes: ClassesOpt = None, preprocess: PresetOpt = None,
     image_size: ImageSizeOpt = None, resize: ResizeOpt = None, mean: MeanOpt = None, std: StdOpt = None,
-    allow_outside_root: AllowOutsideOpt = False,
+    allow_outside_root: AllowOutsideOpt = False, on_bad_image: BadImageOpt = "fail",
     device: DeviceOpt = Device.auto, batch_size: BatchOpt = 128, num_workers: WorkersOpt = 0,
     quiet: QuietOpt = False, json_out: JsonOpt = False, overwrite: OverwriteOpt = False, resume: ResumeOpt = False,
 ) -> None:
@@ -360,7 +362,7 @@ def train(
     reporter = RichReporter(quiet)
     result = run_train(
         arch, str(manifest), output=output, train_options=_train_options(Scope.full, epochs, lr, weight_decay, augment, seed, loss=loss),
-        val=str(val) if val else None, model_options=model_options(None, None, classes, preprocess, image_size, resize, mean, std, allow_outside_root),
+        val=str(val) if val else None, model_options=model_options(None, None, classes, preprocess, image_size, resize, mean, std, allow_outside_root, on_bad_image),
         run_options=RunOptions(device=device.value, batch_size=batch_size, num_workers=num_workers), reporter=reporter,
         overwrite=overwrite, resume=resume,
     )
@@ -397,7 +399,7 @@ def post_train(
     probe_l2: Annotated[float, typer.Option(help="With --boundary refit: the scoring probe's L2 strength.")] = 0.1,
     arch: ArchOpt = None, head: HeadOpt = None, classes: ClassesOpt = None, preprocess: PresetOpt = None,
     image_size: ImageSizeOpt = None, resize: ResizeOpt = None, mean: MeanOpt = None, std: StdOpt = None,
-    allow_outside_root: AllowOutsideOpt = False,
+    allow_outside_root: AllowOutsideOpt = False, on_bad_image: BadImageOpt = "fail",
     device: DeviceOpt = Device.auto, batch_size: BatchOpt = 128, num_workers: WorkersOpt = 0,
     quiet: QuietOpt = False, json_out: JsonOpt = False, overwrite: OverwriteOpt = False,
 ) -> None:
@@ -428,7 +430,7 @@ def post_train(
                          probe_l2=probe_l2),
         train_options=_train_options(scope, epochs, lr, weight_decay, augment, seed, l2),
         val=str(val) if val else None,
-        model_options=model_options(arch, head, classes, preprocess, image_size, resize, mean, std, allow_outside_root),
+        model_options=model_options(arch, head, classes, preprocess, image_size, resize, mean, std, allow_outside_root, on_bad_image),
         run_options=RunOptions(device=device.value, batch_size=batch_size, num_workers=num_workers),
         reporter=reporter, on_round=show, overwrite=overwrite,
     )
@@ -447,7 +449,7 @@ def eval_command(
     manifest: Annotated[Path, typer.Argument(help="Labelled manifest (ideally clean labels).")],
     arch: ArchOpt = None, head: HeadOpt = None, classes: ClassesOpt = None, preprocess: PresetOpt = None,
     image_size: ImageSizeOpt = None, resize: ResizeOpt = None, mean: MeanOpt = None, std: StdOpt = None,
-    allow_outside_root: AllowOutsideOpt = False,
+    allow_outside_root: AllowOutsideOpt = False, on_bad_image: BadImageOpt = "fail",
     device: DeviceOpt = Device.auto, batch_size: BatchOpt = 128, num_workers: WorkersOpt = 0,
     quiet: QuietOpt = False, json_out: JsonOpt = False,
 ) -> None:
@@ -456,7 +458,7 @@ def eval_command(
     Example: irank eval refined.safetensors test.csv --json
     """
     report = run_evaluate(
-        str(checkpoint), str(manifest), model_options=model_options(arch, head, classes, preprocess, image_size, resize, mean, std, allow_outside_root),
+        str(checkpoint), str(manifest), model_options=model_options(arch, head, classes, preprocess, image_size, resize, mean, std, allow_outside_root, on_bad_image),
         run_options=RunOptions(device=device.value, batch_size=batch_size, num_workers=num_workers), reporter=RichReporter(quiet),
     )
     if json_out:

@@ -146,6 +146,21 @@ class ImageDataset(Dataset):
         return tensor, row, None
 
 
+BAD_IMAGE_POLICIES = ("fail", "skip")
+
+
+def find_bad_images(paths: list[Path], *, num_workers: int = 0) -> list[dict]:
+    """Decode every image once (no transform); rows that fail, as {row (1-based), path, reason}."""
+    dataset = ImageDataset(paths, transform=lambda image: torch.zeros(0))
+    loader = DataLoader(dataset, batch_size=64, num_workers=num_workers, collate_fn=lambda items: items)
+    bad = []
+    for items in loader:
+        for _, row, error in items:
+            if error:
+                bad.append({"row": row + 1, "path": str(paths[row]), "reason": error})
+    return bad
+
+
 def collate_images(items):
     """Stack a batch; a bad image or a size mismatch comes back as a message, raised by `batches`.
 

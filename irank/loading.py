@@ -13,8 +13,8 @@ from torch import nn
 
 from ._version import __version__
 from .checkpoint import Checkpoint, build_model, find_head, load_weights, read_checkpoint
-from .data import Preprocess, resolve_preprocess
-from .errors import CheckpointError, UsageError
+from .data import BAD_IMAGE_POLICIES, Preprocess, find_bad_images, resolve_preprocess
+from .errors import CheckpointError, ImageError, UsageError
 from .manifest import Manifest, check_inside_root, encode_labels, read_manifest, resolve_classes
 
 
@@ -31,6 +31,7 @@ class ModelOptions:
     mean: str | None = None
     std: str | None = None
     allow_outside_root: bool = False  # read images outside the manifest's folder (a manifest you trust)
+    on_bad_image: str = "fail"  # fail: stop on the first unreadable image; skip: leave such rows out
 
 
 @dataclass
@@ -54,6 +55,7 @@ class Prepared:
     preprocess: Preprocess
     notes: list[str] = field(default_factory=list)
     extra_metadata: dict = field(default_factory=dict)  # e.g. "probe" when refine cut the model at a layer
+    skipped: list[dict] = field(default_factory=list)  # rows left out by --on-bad-image skip
 
     def metadata(self, **extra) -> dict:
         """irank metadata for a checkpoint derived from this one."""
@@ -74,6 +76,15 @@ def prepare(checkpoint_path: str | None, manifest_path: str, options: ModelOptio
     manifest = read_manifest(manifest_path)
     if not options.allow_outside_root:
         check_inside_root(manifest)
+    if options.on_bad_image not in BAD_IMAGE_POLICIES:
+        raise UsageError(f"--on-bad-image {options.on_bad_image}: choose from {', '.join(BAD_IMAGE_POLICIES)}")
+    skipped = find_bad_images(manifest.resolved_paths()) if options.on_bad_image == "skip" else []
+    if skipped:
+        bad_rows = {item["row"] - 1 for item in skipped}
+        good = [row for row in range(len(manifest)) if row not in bad_rows]
+        if not good:
+            raise ImageError(f"manifest {manifest_path}: no readable image in any row ({skipped[0]['reason']})")
+        manifest = manifest.subset(good)
     checkpoint = read_checkpoint(checkpoint_path) if checkpoint_path else None
     meta = checkpoint.metadata if checkpoint else {}
     classes, class_source = resolve_classes(
@@ -110,8 +121,11 @@ def prepare(checkpoint_path: str | None, manifest_path: str, options: ModelOptio
         std=options.std,
     )
     notes = [f"{len(classes)} classes from {class_source}", f"head: {head_name} ({head.in_features} → {head.out_features})"]
+    if skipped:
+        notes.append(f"skipped {len(skipped)} unreadable images (first: row {skipped[0]['row']}, {skipped[0]['path']})")
     extra = {"probe": meta["probe"]} if meta.get("probe") else {}
-    return Prepared(checkpoint, manifest, model, head_name, head, arch, classes, class_source, labels, preprocess, notes, extra)
+    return Prepared(checkpoint, manifest, model, head_name, head, arch, classes, class_source, labels, preprocess, notes,
+                    extra, skipped)
 
 
 def labels_tensor(prepared: Prepared) -> torch.Tensor:

@@ -107,6 +107,12 @@ class Manifest:
     def __len__(self) -> int:
         return len(self.table)
 
+    def subset(self, rows: list[int]) -> "Manifest":
+        """The same manifest with only `rows` (0-based), in their order."""
+        return Manifest(table=self.table.iloc[rows].reset_index(drop=True), source=self.source, root=self.root,
+                        ids=[self.ids[r] for r in rows], paths=[self.paths[r] for r in rows],
+                        labels=[self.labels[r] for r in rows])
+
     def resolved_paths(self) -> list[Path]:
         return [Path(p) if os.path.isabs(p) else self.root / p for p in self.paths]
 

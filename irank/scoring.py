@@ -175,6 +175,7 @@ def score(
         "classes": prepared.classes,
         "class_source": prepared.class_source,
         "num_samples": len(table),
+        "skipped_rows": prepared.skipped,
         "inputs": {
             "checkpoint": {"path": checkpoint, "sha256": sha256_file(checkpoint)},
             "manifest": {"path": manifest, "sha256": sha256_file(manifest)},

@@ -195,3 +195,26 @@ def test_refine_output_must_be_safetensors(cli, tiny_data, tiny_model, tmp_path)
 def test_unparseable_command_line_exits_2(cli, tiny_model, tiny_data):
     code, _, _ = cli("score", tiny_model, tiny_data["train"], "-o", "x.csv", "--method", "astrology")
     assert code == 2
+
+
+def test_on_bad_image_skip_leaves_rows_out_and_lists_them(cli, tiny_data, tiny_model, tmp_path):
+    import json
+
+    table = pd.read_csv(tiny_data["train"]).head(20)
+    folder = Path(tiny_data["folder"])
+    (folder / "images" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    table.loc[3, "path"] = "images/broken.png"
+    table.loc[8, "path"] = "images/missing.png"
+    manifest = folder / "skip.csv"
+    table.to_csv(manifest, index=False)
+    out = tmp_path / "s.csv"
+    assert_clean_failure(cli("score", tiny_model, manifest, "-o", out), "broken.png", "row 4", output=out)
+    code, _, err = cli("score", tiny_model, manifest, "-o", out, "--on-bad-image", "skip", "-q")
+    assert code == 0, err
+    scores = pd.read_csv(out)
+    assert len(scores) == 18 and "images/broken.png" not in set(scores["path"])
+    skipped = json.loads((tmp_path / "s.csv.json").read_text())["skipped_rows"]
+    assert [item["row"] for item in skipped] == [4, 9]
+    assert "no such file" in skipped[1]["reason"]
+    code, _, err = cli("score", tiny_model, manifest, "-o", tmp_path / "t.csv", "--on-bad-image", "ignore")
+    assert code == 3 and "--on-bad-image ignore" in err

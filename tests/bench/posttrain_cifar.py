@@ -140,7 +140,8 @@ def refine_on_subset(checkpoint: str, manifest: str, keep: np.ndarray, out: Path
     table["path"] = [str(Path(manifest).parent / p) for p in table["path"]]
     table.to_csv(subset, index=False)
     model = str(out / f"{name}.safetensors")
-    irank.refine(checkpoint, str(subset), output=model, train_options=options, run_options=RUN)
+    irank.refine(checkpoint, str(subset), output=model, train_options=options, run_options=RUN,
+                 model_options=ModelOptions(allow_outside_root=True), overwrite=True)
     return model
 
 
@@ -211,6 +212,10 @@ def main() -> None:
         if corrupted.any():
             stage(results, results_path, f"random_{name}",
                   lambda: test_accuracy(refine_on_subset(checkpoint, manifest, random_keep, out, f"random-{name}", reference)))
+            loss_order = pd.read_csv(out / "scores.csv").sort_values("loss", ascending=False, kind="stable")["id"]
+            loss_keep = ~pd.read_csv(manifest)["path"].isin(set(loss_order[: int(corrupted.sum())])).to_numpy()
+            stage(results, results_path, f"lossrank_{name}",
+                  lambda: test_accuracy(refine_on_subset(checkpoint, manifest, loss_keep, out, f"lossrank-{name}", reference)))
             stage(results, results_path, f"oracle_{name}",
                   lambda: test_accuracy(refine_on_subset(checkpoint, manifest, ~corrupted, out, f"oracle-{name}", reference)))
     print(json.dumps(results, indent=2, sort_keys=True))

@@ -44,6 +44,7 @@ def report(setting: str) -> str:
             lines.append(f"| post-train {variant} (removed {value['removed']}, {value['seconds']:.0f} s) | {fmt(value['test_accuracy'])} | {fmt(recovery, 2)} |")
     for key, value in results.items():
         for prefix, label in (("refine_all_", "same recipe, nothing removed"), ("random_", "same recipe, random removal of the same size"),
+                              ("lossrank_", "same recipe, the same number removed by the checkpoint's loss (one-shot)"),
                               ("oracle_", "same recipe, exactly the clean samples (oracle)")):
             if key.startswith(prefix) and not key.endswith("_seconds"):
                 lines.append(f"| {label}: {key[len(prefix):]} | {fmt(value)} | |")
