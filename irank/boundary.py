@@ -16,6 +16,7 @@ from .probe import heldout_probe_loss, probe_scores
 from .progress import Reporter
 
 BOUNDARIES = ("head", "refit")
+HEAD_INPUT = "head-input"  # --layer value: the features that flow into the checkpoint's own head
 # Modules that only reshape or gate what flows through them are never a layer worth probing on their own.
 PASS_THROUGH = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Dropout, nn.Identity, nn.Flatten, nn.BatchNorm2d, nn.BatchNorm1d)
 MAX_AUTO_CANDIDATES = 5
@@ -23,8 +24,10 @@ MAX_AUTO_CANDIDATES = 5
 
 @dataclass
 class BoundaryOptions:
-    kind: str = "head"
-    layer: str | None = None  # a module name, or "auto"; None = the head's input (refit only)
+    """The default, measured on the benchmark: a probe refit at the layer `auto` picks."""
+
+    kind: str = "refit"
+    layer: str | None = "auto"  # with refit: a module name, "auto", or "head-input"; ignored by head when "auto"
     l2: float = 0.1
 
     def validate(self) -> None:
@@ -32,8 +35,12 @@ class BoundaryOptions:
             raise UsageError(f"--boundary {self.kind}: choose from {', '.join(BOUNDARIES)}")
         if not self.l2 > 0:
             raise UsageError(f"--l2 {self.l2}: must be positive")
-        if self.kind == "head" and self.layer:
+        if self.kind == "head" and self.layer not in (None, "auto"):
             raise UsageError("--layer needs --boundary refit (the head boundary is read at the head)")
+
+    @property
+    def probe_layer(self) -> str:
+        return self.layer or HEAD_INPUT
 
 
 def block_candidates(model: nn.Module, head_name: str) -> list[str]:

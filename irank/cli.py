@@ -141,8 +141,8 @@ def score(
     curvature: Annotated[Curvature, typer.Option(help="Head curvature: exact Gauss-Newton, Kronecker-factored (kfac), "
                                                  "or auto (exact when small).")] = Curvature.auto,
     damping: Annotated[float, typer.Option(help="Damping, relative to the mean eigenvalue of the curvature.")] = 0.01,
-    boundary: Annotated[Boundary, typer.Option(help="head: the checkpoint's own head; refit: an L2-regularized linear probe refit on --layer's features, a boundary that cannot bend around memorized labels.")] = Boundary.head,
-    layer: Annotated[Optional[str], typer.Option(help="With --boundary refit: the module whose pooled output feeds the probe (see `irank layers`), or auto (lowest k-fold held-out probe loss). Default: the head's input.")] = None,
+    boundary: Annotated[Boundary, typer.Option(help="refit (default): an L2-regularized linear probe refit on --layer's pooled features, a boundary that cannot bend around memorized labels; head: the checkpoint's own head (--curvature and --damping apply there).")] = Boundary.refit,
+    layer: Annotated[str, typer.Option(help="With --boundary refit: auto (the deepest block whose probe did not memorize the given labels; see README), head-input, or a module name from `irank layers`.")] = "auto",
     l2: Annotated[float, typer.Option(help="With --boundary refit: the probe's L2 strength on standardized features.")] = 0.1,
     arch: ArchOpt = None, head: HeadOpt = None, classes: ClassesOpt = None, preprocess: PresetOpt = None,
     image_size: ImageSizeOpt = None, resize: ResizeOpt = None, mean: MeanOpt = None, std: StdOpt = None,

@@ -21,7 +21,7 @@ import pandas as pd
 
 from ._version import __version__
 from .errors import UsageError
-from .boundary import BoundaryOptions
+from .boundary import HEAD_INPUT, BoundaryOptions
 from .estimate import estimate_noise_share
 from .evaluation import evaluate
 from .files import atomic_path, sha256_file, write_json_atomic
@@ -67,7 +67,9 @@ class LoopOptions:
         self.boundary_options().validate()
 
     def boundary_options(self, layer: str | None = None) -> BoundaryOptions:
-        return BoundaryOptions(kind=self.boundary, layer=layer or self.layer, l2=self.probe_l2)
+        """Scoring boundary of a round: `layer` once round 1 has fixed it."""
+        return BoundaryOptions(kind=self.boundary, layer=layer or self.layer or (HEAD_INPUT if self.boundary == "refit" else None),
+                               l2=self.probe_l2)
 
 
 def plan_rounds(options: LoopOptions, estimated_budget: float | None = None) -> dict:
@@ -260,11 +262,11 @@ def post_train(
             started = time.perf_counter()
             table = score(current_model, current_manifest, output=str(building / "scores.csv"), method=loop.method,
                           influence_measure=loop.influence_measure, curvature=loop.curvature, damping=loop.damping,
-                          boundary=loop.boundary_options(state.get("layer")), model_options=round_options,
+                          boundary=loop.boundary_options((state["layer"] or HEAD_INPUT) if "layer" in state else None), model_options=round_options,
                           run_options=run, reporter=reporter)
             if loop.boundary == "refit" and "layer" not in state:
                 chosen = table.sidecar["parameters"]["layer"]
-                state["layer"] = None if chosen == "head-input" else chosen
+                state["layer"] = None if chosen == HEAD_INPUT else chosen
                 state["layer_choice"] = {k: table.sidecar["parameters"].get(k) for k in ("layer", "layer_choice", "layers")}
             table = table.table
             scored = time.perf_counter()
@@ -283,7 +285,8 @@ def post_train(
             pruned_at = time.perf_counter()
             round_training = train_options
             if from_input and state.get("layer"):
-                round_training = replace(train_options, layer=state["layer"])
+                # The round's model is the scoring probe refit on what is kept: same layer, same L2.
+                round_training = replace(train_options, layer=state["layer"], l2=loop.probe_l2)
             refined = refine(current_model, str(building / "kept.csv"), output=str(building / "model.safetensors"),
                              train_options=round_training, val=val, model_options=round_options, run_options=run,
                              reporter=reporter)

@@ -10,7 +10,7 @@ import torch
 
 from . import influence
 from ._version import __version__
-from .boundary import BoundaryOptions, LayerChoice, block_candidates, choose_layer, refit_scores
+from .boundary import HEAD_INPUT, BoundaryOptions, LayerChoice, block_candidates, choose_layer, refit_scores
 from .data import make_loader
 from .errors import UsageError
 from .features import ForwardOutputs, forward_pass, resolve_device
@@ -82,17 +82,20 @@ def refit_boundary(prepared: Prepared, labels: torch.Tensor, method: str, measur
     """Scores on an L2 probe refit at the chosen layer: (scores, probe logits, details for the sidecar)."""
     loader = make_loader(prepared.manifest.resolved_paths(), prepared.preprocess, batch_size=run.batch_size,
                          num_workers=run.num_workers)
-    names = block_candidates(prepared.model, prepared.head_name) if boundary.layer == "auto" else [boundary.layer]
-    if boundary.layer is None:
-        features = {"head-input": run_forward(prepared, run, reporter).head_inputs}
+    layer = boundary.probe_layer
+    if layer == "auto" and prepared.extra_metadata.get("probe"):
+        layer = HEAD_INPUT  # the model is already cut at the layer a refit chose: refit on its probe's input
+    names = block_candidates(prepared.model, prepared.head_name) if layer == "auto" else [layer]
+    if layer == HEAD_INPUT:
+        features = {HEAD_INPUT: run_forward(prepared, run, reporter).head_inputs}
     else:
         features = layer_features(prepared.model, names, loader, num_rows=len(labels), device=resolve_device(run.device),
                                   reporter=reporter)
-    if boundary.layer == "auto":
+    if layer == "auto":
         choice = choose_layer(features, labels, len(prepared.classes), l2=boundary.l2, reporter=reporter)
         reporter.info(f"layer: {choice.layer} ({choice.how})")
     else:
-        choice = LayerChoice(next(iter(features)), "given" if boundary.layer else "the head's input (default)")
+        choice = LayerChoice(next(iter(features)), "given")
     scores, logits = refit_scores(features[choice.layer], labels, len(prepared.classes), method=method,
                                   measure=measure, l2=boundary.l2)
     details = {"boundary": "refit", "layer": choice.layer, "layer_choice": choice.how, "l2": boundary.l2,

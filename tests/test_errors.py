@@ -170,7 +170,7 @@ def test_nan_logits(cli, tiny_data, tiny_model, tmp_path):
     broken = tmp_path / "nan.safetensors"
     save_checkpoint(model, str(broken), checkpoint.metadata)
     out = tmp_path / "s.csv"
-    assert_clean_failure(cli("score", broken, tiny_data["train"], "-o", out), "NaN or infinite", "rows 1, 2, 3", output=out)
+    assert_clean_failure(cli("score", broken, tiny_data["train"], "-o", out, "--boundary", "head"), "NaN or infinite", "rows 1, 2, 3", output=out)
 
 
 def test_malicious_pickle_is_refused_and_not_executed(cli, tiny_data, tmp_path):

@@ -70,7 +70,7 @@ def test_baseline_methods_also_find_flips(cli, tiny_data, tiny_model, tmp_path, 
 def test_every_influence_variant_runs(cli, tiny_data, tiny_model, tmp_path, measure, curvature):
     output = tmp_path / "scores.csv"
     code, _, err = cli("score", tiny_model, tiny_data["train"], "-o", output, "--influence-measure", measure,
-                       "--curvature", curvature, "--device", "cpu", "-q")
+                       "--curvature", curvature, "--boundary", "head", "--device", "cpu", "-q")
     assert code == 0, err
     assert json.loads((tmp_path / "scores.csv.json").read_text())["parameters"]["curvature"] == curvature
 

@@ -77,7 +77,7 @@ def test_score_refit_on_a_named_layer_and_bad_layer(cli, tiny_data, tiny_model, 
     code, _, err = cli("score", tiny_model, tiny_data["train"], "-o", tmp_path / "t.csv", "--boundary", "refit",
                        "--layer", "features.9")
     assert code == 3 and "--layer features.9" in err and "irank layers" in err
-    code, _, err = cli("score", tiny_model, tiny_data["train"], "-o", tmp_path / "t.csv", "--layer", "features.2")
+    code, _, err = cli("score", tiny_model, tiny_data["train"], "-o", tmp_path / "u.csv", "--boundary", "head", "--layer", "features.2")
     assert code == 3 and "--boundary refit" in err
 
 

@@ -179,14 +179,15 @@ def main() -> None:
         random_keep[rng.choice(len(corrupted), size=int(corrupted.sum()), replace=False)] = False
     for variant in args.variants.split(","):
         boundary, scope = variant.split("-")  # e.g. probe-refit: score on an auto-layer probe, refine by refit
+        method = "loss" if boundary == "probeloss" else "influence"  # probeloss: the probe's own loss
         if scope == "refit":
             options = TrainOptions(scope="refit", l2=args.l2)
         else:
             options = TrainOptions(scope=scope, epochs=args.full_epochs, lr=0.01)
         tag = variant + ("-estimated" if args.estimate_budget else "")
         loop = LoopOptions(rounds=args.rounds, budget=None if args.estimate_budget else budget,
-                           boundary="refit" if boundary == "probe" else "head",
-                           layer="auto" if boundary == "probe" else None, probe_l2=args.probe_l2)
+                           boundary="refit" if boundary.startswith("probe") else "head", method=method,
+                           layer="auto" if boundary.startswith("probe") else None, probe_l2=args.probe_l2)
 
         def run_post(tag=tag, loop=loop, options=options):
             post_dir = out / f"post-{tag}"
@@ -203,7 +204,8 @@ def main() -> None:
         post = stage(results, results_path, f"post_{tag}", run_post)
         # The same refine recipe, in one go, on: everything, a random removal of the same size, the clean samples.
         if scope == "refit":
-            reference = TrainOptions(scope="refit", l2=args.l2, layer=post.get("layer"))
+            layer = post.get("layer")
+            reference = TrainOptions(scope="refit", l2=args.probe_l2 if layer else args.l2, layer=layer)
         else:
             reference = TrainOptions(scope=scope, epochs=args.full_epochs * args.rounds, lr=0.01)
         name = variant if scope == "refit" and post.get("layer") else scope
