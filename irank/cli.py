@@ -169,7 +169,7 @@ def score(
 
     if json_out and is_stdio(output):
         raise UsageError("--json and -o - both write to stdout; pick one")
-    validate_gate(fail_over, fail_score)
+    validate_gate(fail_over, fail_score, boundary.value)
     reporter = RichReporter(quiet)
     result = run_score(
         str(checkpoint), str(manifest), output=output, method=method.value, influence_measure=influence_measure.value,

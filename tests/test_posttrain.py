@@ -100,3 +100,9 @@ def test_post_train_on_a_refit_boundary_cuts_the_model_at_the_chosen_layer(cli, 
         assert meta["probe"]["layer"] == layer
     code, text, err = cli("eval", out / "final.safetensors", tiny_data["test"], "--json", "-q")
     assert code == 0 and json.loads(text)["accuracy"] > 0.7
+
+
+def test_post_train_on_a_refit_boundary_needs_a_budget(cli, tiny_data, tiny_model, tmp_path):
+    code, _, err = cli("post-train", tiny_model, tiny_data["train"], "--out-dir", tmp_path / "p", "--boundary", "refit")
+    assert code == 3 and "--budget" in err
+    assert not (tmp_path / "p" / "summary.json").exists()

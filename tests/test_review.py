@@ -261,7 +261,7 @@ def test_review_refuses_bad_flags(cli, scored, tmp_path, args, needles):
 
 def test_gate_passes_under_the_threshold(cli, tiny_data, tiny_model, tmp_path):
     output = tmp_path / "s.csv"
-    code, out, err = cli("score", tiny_model, tiny_data["train"], "-o", output, "--device", "cpu", "--fail-over", "0.9", "--json")
+    code, out, err = cli("score", tiny_model, tiny_data["train"], "-o", output, "--device", "cpu", "--boundary", "head", "--fail-over", "0.9", "--json")
     assert code == 0, err
     payload = json.loads(out)
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
@@ -274,7 +274,7 @@ def test_gate_passes_under_the_threshold(cli, tiny_data, tiny_model, tmp_path):
 
 def test_gate_fails_over_the_threshold_but_keeps_the_scores(cli, tiny_data, tiny_model, tmp_path):
     output = tmp_path / "s.csv"
-    code, out, err = cli("score", tiny_model, tiny_data["train"], "-o", output, "--device", "cpu", "-q", "--fail-over", "0.01")
+    code, out, err = cli("score", tiny_model, tiny_data["train"], "-o", output, "--device", "cpu", "-q", "--boundary", "head", "--fail-over", "0.01")
     assert code == 4, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("irank: gate failed: estimated share of mislabeled samples"), err
@@ -303,6 +303,7 @@ def test_gate_library_function_matches_the_estimate(scored):
 @pytest.mark.parametrize("args, needles", [
     (["--fail-score", "1.0"], ["--fail-score needs --fail-over"]),
     (["--fail-over", "1.5"], ["--fail-over 1.5"]),
+    (["--boundary", "refit", "--fail-over", "0.3"], ["--fail-over", "--boundary head"]),
 ])
 def test_gate_refuses_bad_flags_before_scoring(cli, tiny_data, tiny_model, tmp_path, args, needles):
     out = tmp_path / "s.csv"
