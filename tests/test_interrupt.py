@@ -21,8 +21,11 @@ SIGNALS = [pytest.param(signal.SIGINT, id="SIGINT"), pytest.param(signal.SIGKILL
 
 def interrupt_at(args: list, hold: str, ready: Path, sig: int) -> tuple[int, str]:
     """Run irank ARGS, wait until it is about to publish `hold`, send `sig`; return (exit code, stderr)."""
+    # A shell that starts a job in the background ignores SIGINT in it, and the child would inherit that
+    # (CI runners may do so): give the command the default disposition a terminal's Ctrl-C meets.
     process = subprocess.Popen([sys.executable, str(HELPER), hold, str(ready), *map(str, args)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not ready.exists():
         if process.poll() is not None:
