@@ -128,8 +128,6 @@ def refit_head(prepared: Prepared, options: TrainOptions, run: RunOptions, devic
         head_inputs = layer_features(model, options.layer, loader, num_rows=len(prepared.labels), device=device,
                                      reporter=reporter)
         attach_probe(prepared, options.layer, head_inputs.shape[1])
-        if validation is not None:
-            validation.cached_inputs = None
     else:
         head_inputs = forward_pass(model, prepared.head, loader, num_rows=len(prepared.labels), device=device,
                                    reporter=reporter, description="head inputs").head_inputs

@@ -80,8 +80,6 @@ def run_forward(prepared: Prepared, run: RunOptions, reporter: Reporter) -> Forw
 def refit_boundary(prepared: Prepared, labels: torch.Tensor, method: str, measure: str, boundary: BoundaryOptions,
                    run: RunOptions, reporter: Reporter) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Scores on an L2 probe refit at the chosen layer: (scores, probe logits, details for the sidecar)."""
-    loader = make_loader(prepared.manifest.resolved_paths(), prepared.preprocess, batch_size=run.batch_size,
-                         num_workers=run.num_workers)
     layer = boundary.probe_layer
     if layer == "auto" and prepared.extra_metadata.get("probe"):
         layer = HEAD_INPUT  # the model is already cut at the layer a refit chose: refit on its probe's input
@@ -89,6 +87,8 @@ def refit_boundary(prepared: Prepared, labels: torch.Tensor, method: str, measur
     if layer == HEAD_INPUT:
         features = {HEAD_INPUT: run_forward(prepared, run, reporter).head_inputs}
     else:
+        loader = make_loader(prepared.manifest.resolved_paths(), prepared.preprocess, batch_size=run.batch_size,
+                             num_workers=run.num_workers)
         features = layer_features(prepared.model, names, loader, num_rows=len(labels), device=resolve_device(run.device),
                                   reporter=reporter)
     if layer == "auto":
