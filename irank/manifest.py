@@ -7,6 +7,7 @@ Every other column is the user's and is carried through every stage untouched.
 
 from __future__ import annotations
 
+import csv
 import io
 import os
 import sys
@@ -219,18 +220,28 @@ def encode_labels(manifest: Manifest, classes: list[str]) -> np.ndarray:
     return encoded
 
 
+def csv_quoting(table: pd.DataFrame) -> int:
+    """Minimal quoting, unless a value holds a lone carriage return: the csv module leaves that unquoted
+    and a reader would split the row there, so then every field is quoted."""
+    for column in table.columns:
+        if table[column].dtype == object or pd.api.types.is_string_dtype(table[column]):
+            if table[column].map(lambda value: isinstance(value, str) and "\r" in value).any():
+                return csv.QUOTE_ALL
+    return csv.QUOTE_MINIMAL
+
+
 def write_table(table: pd.DataFrame, path: str | os.PathLike) -> None:
     """Write a table atomically in the format its extension names; '-' writes CSV to stdout."""
     if is_stdio(path):
-        sys.stdout.write(table.to_csv(index=False))
+        sys.stdout.write(table.to_csv(index=False, quoting=csv_quoting(table)))
         sys.stdout.flush()
         return
     fmt = table_format(path)
     with atomic_path(path) as tmp:
         if fmt == "csv":
-            table.to_csv(tmp, index=False)
+            table.to_csv(tmp, index=False, quoting=csv_quoting(table))
         elif fmt == "tsv":
-            table.to_csv(tmp, index=False, sep="\t")
+            table.to_csv(tmp, index=False, sep="\t", quoting=csv_quoting(table))
         elif fmt == "jsonl":
             table.to_json(tmp, orient="records", lines=True, force_ascii=False)
         else:

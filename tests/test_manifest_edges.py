@@ -86,3 +86,13 @@ def test_jsonl_and_tsv_with_bom(tmp_path):
     assert tsv.paths == ["a.png"] and tsv.labels == ["cat"]
     jsonl = read_manifest(write(tmp_path, b'{"path": "a.png", "label": 3}\n{"path": "b.png", "label": 1}\n', "m.jsonl"))
     assert jsonl.labels == ["3", "1"]
+
+
+def test_a_lone_carriage_return_in_a_value_survives_write_and_read(tmp_path):
+    import pandas as pd
+
+    from irank.manifest import read_table, write_table
+
+    table = pd.DataFrame({"path": ["0", "1"], "label": ["0", "1"], "note": ["\r0", "plain"]})
+    write_table(table, tmp_path / "m.csv")
+    pd.testing.assert_frame_equal(read_table(tmp_path / "m.csv"), table)
