@@ -18,6 +18,55 @@ def standardizer(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, scale
 
 
+def standardize(features: torch.Tensor) -> torch.Tensor:
+    """Features in float64, centred and scaled per feature (statistics of these rows; no labels involved)."""
+    features = features.double()
+    mean, scale = standardizer(features)
+    return (features - mean) / scale
+
+
+def fit_standardized(
+    standardized: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    *,
+    l2: float,
+    init: tuple[torch.Tensor, torch.Tensor] | None = None,
+    max_iter: int = 500,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """argmin over (W, b) of mean CE(W z + b, y) + l2/2 ‖W‖² on already standardized features, in their dtype.
+
+    The objective is strictly convex, so `init` (e.g. the fit on a superset of the rows) only saves
+    iterations. The gradient tolerance (1e-7 on the largest entry) is far below what moves a ranking.
+    The gradient is written out, (softmax − onehot)ᵀ Z / n + l2 W, instead of taken by autograd: the
+    fits are small and autograd's bookkeeping was a third of their time.
+    """
+    num_rows, dims = standardized.shape
+    dtype = standardized.dtype
+    if init is None:
+        weight = torch.zeros(num_classes, dims, dtype=dtype)
+        bias = torch.zeros(num_classes, dtype=dtype)
+    else:
+        weight, bias = (tensor.detach().clone().to(dtype) for tensor in init)
+    weight.grad, bias.grad = torch.zeros_like(weight), torch.zeros_like(bias)
+    onehot = F.one_hot(labels, num_classes).to(dtype)
+    optimizer = torch.optim.LBFGS([weight, bias], lr=1, max_iter=max_iter, history_size=20,
+                                  tolerance_grad=1e-7, tolerance_change=1e-12, line_search_fn="strong_wolfe")
+
+    def closure():
+        logits = torch.addmm(bias, standardized, weight.T)
+        log_norm = torch.logsumexp(logits, dim=1)
+        loss = (log_norm - (logits * onehot).sum(1)).mean() + 0.5 * l2 * (weight * weight).sum()
+        residual = (torch.exp(logits - log_norm[:, None]) - onehot) / num_rows
+        weight.grad.copy_(residual.T @ standardized).add_(weight, alpha=l2)
+        bias.grad.copy_(residual.sum(0))
+        return loss
+
+    with torch.no_grad():
+        optimizer.step(closure)
+    return weight, bias
+
+
 def fit_softmax_regression(
     features: torch.Tensor,
     labels: torch.Tensor,
@@ -32,19 +81,7 @@ def fit_softmax_regression(
     """
     features = features.double()
     mean, scale = standardizer(features)
-    standardized = (features - mean) / scale
-    weight = torch.zeros(num_classes, features.shape[1], dtype=torch.float64, requires_grad=True)
-    bias = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS([weight, bias], lr=1, max_iter=max_iter, history_size=20,
-                                  tolerance_grad=1e-9, tolerance_change=1e-12, line_search_fn="strong_wolfe")
-
-    def closure():
-        optimizer.zero_grad()
-        loss = F.cross_entropy(standardized @ weight.T + bias, labels) + 0.5 * l2 * (weight**2).sum()
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    raw_weight = weight.detach() / scale
-    raw_bias = bias.detach() - raw_weight @ mean
+    weight, bias = fit_standardized((features - mean) / scale, labels, num_classes, l2=l2, max_iter=max_iter)
+    raw_weight = weight / scale
+    raw_bias = bias - raw_weight @ mean
     return raw_weight, raw_bias

@@ -150,20 +150,33 @@ def read_manifest(path: str | os.PathLike, *, require_label: bool = True) -> Man
 
 
 def check_inside_root(manifest: Manifest) -> None:
-    """Refuse a row whose image resolves (after `..` and symlinks) outside the manifest's folder.
+    """Refuse a row whose file resolves (after `..` and symlinks) outside the manifest's folder.
 
     A manifest handed over by someone else then cannot make irank read, and copy into a review pack,
-    images from elsewhere on the machine.
+    files from elsewhere on the machine. realpath(folder/name) is realpath(folder)/name unless `name`
+    is itself a symlink, so each folder is resolved once and each file costs one lstat.
     """
     root = os.path.realpath(manifest.root)
     prefix = root.rstrip(os.sep) + os.sep
-    for row, (written, resolved) in enumerate(zip(manifest.paths, manifest.resolved_paths()), start=1):
-        real = os.path.realpath(resolved)
+    real_folders: dict[str, str] = {}
+    for row, written in enumerate(manifest.paths, start=1):
+        # no normpath: `link/..` must resolve through the link, as open() does
+        joined = written if os.path.isabs(written) else os.path.join(manifest.root, written)
+        real = _real_path(joined, real_folders)
         if not real.startswith(prefix):
             raise ManifestError(
                 f"manifest {manifest.source}: row {row}: path {written!r} resolves outside the manifest's folder "
                 f"{root}; pass --allow-outside-root if you trust this manifest"
             )
+
+
+def _real_path(path: str, real_folders: dict[str, str]) -> str:
+    folder, name = os.path.split(path)
+    if folder not in real_folders:
+        real_folders[folder] = os.path.realpath(folder)
+    if name in ("", ".", "..") or os.path.islink(path):
+        return os.path.realpath(path)
+    return os.path.join(real_folders[folder], name)
 
 
 def _is_int(text: str) -> bool:

@@ -36,6 +36,26 @@ def test_paths_outside_the_manifest_folder_need_the_flag(cli, tiny_data, tiny_mo
     assert code == 0, err
 
 
+def test_dotdot_after_a_symlinked_folder_resolves_through_the_link(tmp_path):
+    # `link/../x.png` is `x.png` to a lexical normalizer but the target's sibling to open(): the check
+    # must follow the link the way open() does.
+    (tmp_path / "elsewhere" / "deep" / "dir").mkdir(parents=True)
+    (tmp_path / "elsewhere" / "deep" / "x.png").write_text("x")
+    root = tmp_path / "root"
+    root.mkdir()
+    os.symlink(tmp_path / "elsewhere" / "deep" / "dir", root / "link")
+    (root / "x.png").write_text("x")
+    (root / "m.csv").write_text("path,label\nx.png,a\nlink/x.png,a\nlink/../x.png,b\n")
+    with pytest.raises(ManifestError, match="row 2: path 'link/x.png' resolves outside"):
+        check_inside_root(read_manifest(root / "m.csv"))
+    (root / "m.csv").write_text("path,label\nx.png,a\nlink/../x.png,b\n")
+    with pytest.raises(ManifestError, match="row 2: path 'link/../x.png' resolves outside"):
+        check_inside_root(read_manifest(root / "m.csv"))
+    (root / "m.csv").write_text("path,label\nx.png,a\nsub/../x.png,b\n")
+    (root / "sub").mkdir()
+    check_inside_root(read_manifest(root / "m.csv"))
+
+
 def test_a_symlink_loop_is_reported_with_its_row(cli, tiny_data, tiny_model, tmp_path):
     manifest = manifest_copy(tiny_data, tmp_path)
     os.symlink(tmp_path / "b.png", tmp_path / "a.png")

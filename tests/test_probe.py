@@ -124,5 +124,22 @@ def test_auto_layer_skips_a_layer_that_memorized_the_given_labels():
     structured = torch.nn.functional.one_hot(truth, classes).float() * 2 + torch.randn(n, classes)
     choice = choose_layer({"deep": memorized, "middle": structured}, labels, classes, l2=0.1)
     assert choice.figures["deep"]["memorized"] and not choice.figures["middle"]["memorized"]
-    assert choice.figures["deep"]["heldout_loss"] < choice.figures["middle"]["heldout_loss"]  # the trap
+    # The trap: the memorized layer's held-out loss is the lower one, so it is not even computed.
+    assert heldout_probe_loss(memorized, labels, classes, l2=0.1) < choice.figures["middle"]["heldout_loss"]
+    assert choice.figures["deep"]["heldout_loss"] is None
     assert choice.layer == "middle"
+
+
+def test_layer_choice_runs_on_a_fixed_size_sample_of_a_large_data_set():
+    from irank import boundary
+
+    torch.manual_seed(0)
+    n, classes = 600, 3
+    labels = torch.arange(n) % classes
+    good = torch.nn.functional.one_hot(labels, classes).float() + 0.8 * torch.randn(n, classes)
+    weak = torch.nn.functional.one_hot(labels, classes).float() * 0.2 + torch.randn(n, classes)
+    full = boundary.choose_layer({"good": good, "weak": weak}, labels, classes, l2=0.1)
+    sampled = boundary.choose_layer({"good": good, "weak": weak}, labels, classes, l2=0.1, max_rows=200)
+    assert full.layer == sampled.layer == "good"
+    assert "random sample of 200 rows" in sampled.how and "sample" not in full.how
+    assert sampled.figures["good"]["heldout_loss"] != full.figures["good"]["heldout_loss"]
