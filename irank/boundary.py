@@ -69,8 +69,9 @@ MEMORIZED_AGREEMENT = 0.99
 CHOICE_ROWS = 4096  # the layer is chosen on a random sample of this many rows: its cost stays flat in n
 
 
-def choice_sample(num_rows: int, *, limit: int = CHOICE_ROWS, seed: int = 0) -> torch.Tensor | None:
-    """Row indices (sorted) of a seeded random sample of `limit` rows, or None when there are no more."""
+def choice_sample(num_rows: int, *, limit: int | None = None, seed: int = 0) -> torch.Tensor | None:
+    """Row indices (sorted) of a seeded random sample of `limit` (CHOICE_ROWS) rows, or None when there are no more."""
+    limit = CHOICE_ROWS if limit is None else limit
     if num_rows <= limit:
         return None
     generator = torch.Generator().manual_seed(seed)
@@ -89,7 +90,7 @@ def choose_layer(features: dict[str, torch.Tensor], labels: torch.Tensor, num_cl
     held-out loss overall. Past `max_rows` (default CHOICE_ROWS) rows, all of this runs on a seeded random sample of rows.
     """
     reporter = reporter or Reporter()
-    rows = choice_sample(len(labels), limit=CHOICE_ROWS if max_rows is None else max_rows)
+    rows = choice_sample(len(labels), limit=max_rows)
     if rows is not None:
         labels = labels[rows]
         reporter.info(f"choosing the layer on a random sample of {len(rows):,} rows")

@@ -72,23 +72,31 @@ def layer_features(
     num_rows: int,
     device: torch.device,
     reporter: Reporter | None = None,
+    row_order: list[int] | None = None,
 ) -> dict[str, torch.Tensor] | torch.Tensor:
     """Pooled features of each named layer for every row of the loader (float32, CPU), in one pass.
 
-    Given one name (a str), returns its tensor; given a list, a dict name → tensor.
+    Given one name (a str), returns its tensor; given a list, a dict name → tensor. Row i of the
+    result is manifest row i, or, with `row_order` (the manifest rows the loader covers), row_order[i].
     """
     reporter = reporter or Reporter()
     single = isinstance(layer_names, str)
     names = [layer_names] if single else list(layer_names)
     layers = {name: get_layer(model, name) for name in names}
+    position = None
+    if row_order is not None:
+        num_rows = len(row_order)
+        position = torch.full((max(row_order) + 1,), -1, dtype=torch.long)
+        position[torch.tensor(row_order, dtype=torch.long)] = torch.arange(num_rows)
     model.to(device).eval()
     features: dict[str, torch.Tensor] = {}
     with torch.inference_mode(), reporter.task(f"features at {', '.join(names)}", len(loader)) as advance:
         for images, rows in batches(loader):
+            where = rows if position is None else position[rows]
             for name, pooled in run_until(model, layers, images.to(device, non_blocking=True)).items():
                 if name not in features:
                     features[name] = torch.empty(num_rows, pooled.shape[1], dtype=torch.float32)
-                features[name][rows] = pooled.float().cpu()
+                features[name][where] = pooled.float().cpu()
             advance(1)
     for tensor in features.values():
         check_finite(tensor, torch.zeros(num_rows, 1))

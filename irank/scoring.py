@@ -10,7 +10,8 @@ import torch
 
 from . import influence
 from ._version import __version__
-from .boundary import HEAD_INPUT, BoundaryOptions, LayerChoice, block_candidates, choose_layer, refit_scores
+from .boundary import (HEAD_INPUT, BoundaryOptions, LayerChoice, block_candidates, choice_sample, choose_layer,
+                       refit_scores)
 from .data import make_loader
 from .errors import UsageError
 from .features import ForwardOutputs, forward_pass, resolve_device
@@ -83,26 +84,58 @@ def refit_boundary(prepared: Prepared, labels: torch.Tensor, method: str, measur
     layer = boundary.probe_layer
     if layer == "auto" and prepared.extra_metadata.get("probe"):
         layer = HEAD_INPUT  # the model is already cut at the layer a refit chose: refit on its probe's input
-    names = block_candidates(prepared.model, prepared.head_name) if layer == "auto" else [layer]
-    if layer == HEAD_INPUT:
-        features = {HEAD_INPUT: run_forward(prepared, run, reporter).head_inputs}
-    else:
-        loader = make_loader(prepared.manifest.resolved_paths(), prepared.preprocess, batch_size=run.batch_size,
-                             num_workers=run.num_workers)
-        features = layer_features(prepared.model, names, loader, num_rows=len(labels), device=resolve_device(run.device),
-                                  reporter=reporter)
     if layer == "auto":
-        choice = choose_layer(features, labels, len(prepared.classes), l2=boundary.l2, reporter=reporter)
-        reporter.info(f"layer: {choice.layer} ({choice.how})")
+        features, choice = auto_layer_features(prepared, labels, boundary.l2, run, reporter)
+    elif layer == HEAD_INPUT:
+        features, choice = run_forward(prepared, run, reporter).head_inputs, LayerChoice(HEAD_INPUT, "given")
     else:
-        choice = LayerChoice(next(iter(features)), "given")
-    scores, logits = refit_scores(features[choice.layer], labels, len(prepared.classes), method=method,
-                                  measure=measure, l2=boundary.l2)
+        features = layer_features(prepared.model, layer, layer_loader(prepared, run), num_rows=len(labels),
+                                  device=resolve_device(run.device), reporter=reporter)
+        choice = LayerChoice(layer, "given")
+    scores, logits = refit_scores(features, labels, len(prepared.classes), method=method, measure=measure,
+                                  l2=boundary.l2)
     details = {"boundary": "refit", "layer": choice.layer, "layer_choice": choice.how, "l2": boundary.l2,
                "influence_measure": measure if method == "influence" else None}
     if choice.figures:
         details["layers"] = choice.figures
     return scores, logits, details
+
+
+def layer_loader(prepared: Prepared, run: RunOptions, rows: list[int] | None = None):
+    return make_loader(prepared.manifest.resolved_paths(), prepared.preprocess, batch_size=run.batch_size,
+                       num_workers=run.num_workers, rows=rows)
+
+
+def auto_layer_features(prepared: Prepared, labels: torch.Tensor, l2: float, run: RunOptions,
+                        reporter: Reporter) -> tuple[torch.Tensor, LayerChoice]:
+    """Features of every row at the layer `--layer auto` picks, for less than one forward pass.
+
+    The candidates are read, in one pass, on the seeded random sample of rows the choice uses; the
+    layer is chosen; the other rows then run only up to the chosen layer.
+    """
+    num_rows = len(labels)
+    device = resolve_device(run.device)
+    names = block_candidates(prepared.model, prepared.head_name)
+    sample = choice_sample(num_rows)
+    first = list(range(num_rows)) if sample is None else sample.tolist()
+    candidates = layer_features(prepared.model, names, layer_loader(prepared, run, first), num_rows=num_rows,
+                                device=device, reporter=reporter, row_order=None if sample is None else first)
+    choice = choose_layer(candidates, labels[sample] if sample is not None else labels, len(prepared.classes),
+                          l2=l2, reporter=reporter, max_rows=len(first))
+    if sample is not None:
+        choice.how += f" (on a random sample of {len(first):,} rows)"
+    reporter.info(f"layer: {choice.layer} ({choice.how})")
+    if sample is None:
+        return candidates[choice.layer], choice
+    chosen = candidates.pop(choice.layer)
+    del candidates
+    in_sample = set(first)
+    rest = [row for row in range(num_rows) if row not in in_sample]
+    features = torch.empty(num_rows, chosen.shape[1], dtype=torch.float32)
+    features[sample] = chosen
+    features[rest] = layer_features(prepared.model, choice.layer, layer_loader(prepared, run, rest), num_rows=num_rows,
+                                    device=device, reporter=reporter, row_order=rest)
+    return features, choice
 
 
 def score(

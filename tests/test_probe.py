@@ -2,6 +2,7 @@
 
 import torch
 
+from irank.boundary import BoundaryOptions
 from irank.checkpoint import build_model
 from irank.data import make_loader
 from irank.layers import candidate_layers, layer_features, pool
@@ -143,3 +144,23 @@ def test_layer_choice_runs_on_a_fixed_size_sample_of_a_large_data_set():
     assert full.layer == sampled.layer == "good"
     assert "random sample of 200 rows" in sampled.how and "sample" not in full.how
     assert sampled.figures["good"]["heldout_loss"] != full.figures["good"]["heldout_loss"]
+
+
+def test_auto_layer_on_a_sample_then_the_rest_up_to_the_chosen_layer(tiny_data, tiny_model, monkeypatch):
+    # Past CHOICE_ROWS rows, score reads the candidates on a sample, chooses, then runs the other rows
+    # only up to the chosen layer. Stitched back together, the features must be those of that layer
+    # for every row in its place: the scores equal a run with the layer named.
+    import numpy as np
+
+    import irank
+    from irank import boundary
+
+    monkeypatch.setattr(boundary, "CHOICE_ROWS", 100)
+    run = irank.RunOptions(device="cpu", batch_size=32)
+    auto = irank.score(tiny_model, tiny_data["train"], run_options=run)
+    parameters = auto.sidecar["parameters"]
+    assert "random sample of 100 rows" in parameters["layer_choice"]
+    named = irank.score(tiny_model, tiny_data["train"], run_options=run,
+                        boundary=BoundaryOptions(kind="refit", layer=parameters["layer"]))
+    by_id = named.table.set_index("id")["score"]
+    assert np.allclose(auto.table["score"].to_numpy(), by_id.loc[auto.table["id"]].to_numpy(), rtol=1e-4, atol=1e-9)
