@@ -84,6 +84,8 @@ def refit_boundary(prepared: Prepared, labels: torch.Tensor, method: str, measur
     if layer == "auto" and prepared.extra_metadata.get("probe"):
         layer = HEAD_INPUT  # the model is already cut at the layer a refit chose: refit on its probe's input
     names = block_candidates(prepared.model, prepared.head_name) if layer == "auto" else [layer]
+    if not names:  # a model with nothing before its head (a plain linear classifier): probe the head's input
+        layer = HEAD_INPUT
     if layer == HEAD_INPUT:
         features = {HEAD_INPUT: run_forward(prepared, run, reporter).head_inputs}
     else:
