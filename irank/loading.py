@@ -103,8 +103,9 @@ def check_input_fits(model: nn.Module, arch: str, manifest: Manifest, input_shap
                          f"but manifest {manifest.source} lists images")
     values = int(np.prod(input_shape))
     if values != model.in_features:
+        held = f"{shape_text(input_shape)} = {values}" if len(input_shape) > 1 else str(values)
         raise CheckpointError(f"architecture {arch} takes rows of {model.in_features} values, but the rows of "
-                              f"manifest {manifest.source} hold {shape_text(input_shape)} = {values}")
+                              f"manifest {manifest.source} hold {held}")
 
 
 def check_same_input(input_shape: tuple[int, ...] | None, manifest: Manifest, flag: str) -> None:

@@ -149,6 +149,27 @@ def open_npy(file: Path):
     return np.load(file, mmap_mode="r", allow_pickle=False)
 
 
+def is_numeric(dtype: np.dtype) -> bool:
+    return bool(np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.bool_))
+
+
+def npy_header_dtype(file: Path) -> np.dtype | None:
+    """The dtype a .npy header declares (None for a header version read only by np.load); ValueError
+    when the file does not start with NumPy's magic bytes."""
+    with open(file, "rb") as handle:
+        try:
+            version = np.lib.format.read_magic(handle)
+        except ValueError:
+            raise ValueError("not a .npy file (it does not start with NumPy's header)") from None
+        readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        if version not in readers:
+            return None
+        try:
+            return readers[version](handle)[2]
+        except ValueError as exc:
+            raise ValueError(f"not a readable .npy file ({str(exc).splitlines()[0] if str(exc) else 'bad header'})") from None
+
+
 def inspect_source(source: TensorSource) -> SourceLayout:
     """Read a source's header: length, row shape, dtype. Raises ValueError with the reason."""
     if not source.file.exists():
@@ -158,14 +179,16 @@ def inspect_source(source: TensorSource) -> SourceLayout:
     if source.file.name.lower().endswith(".npy"):
         if source.key:
             raise ValueError(f"a .npy file holds one array; leave 'key' empty (got {source.key!r})")
+        dtype = npy_header_dtype(source.file)
+        if dtype is not None and not is_numeric(dtype):
+            raise ValueError(f"dtype {dtype} is not numeric")
         try:
             array = open_npy(source.file)
         except (ValueError, OSError, EOFError) as exc:
             raise ValueError(f"not a readable .npy file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
-        dtype = array.dtype
-        if not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.bool_)):
-            raise ValueError(f"dtype {dtype} is not numeric")
-        shape, dtype_name = tuple(array.shape), str(dtype)
+        if not is_numeric(array.dtype):
+            raise ValueError(f"dtype {array.dtype} is not numeric")
+        shape, dtype_name = tuple(array.shape), str(array.dtype)
     else:
         from safetensors import SafetensorError, safe_open
 
