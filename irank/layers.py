@@ -89,7 +89,7 @@ def layer_features(
             for name, pooled in run_until(model, layers, images.to(device, non_blocking=True)).items():
                 if name not in features:
                     features[name] = torch.empty(num_rows, pooled.shape[1], dtype=torch.float32)
-                features[name][rows] = pooled.float().cpu()
+                features[name].index_copy_(0, rows, pooled.float().cpu())  # much faster than [rows] = on CPU
             advance(1)
     for tensor in features.values():
         check_finite(tensor, torch.zeros(num_rows, 1))

@@ -381,3 +381,29 @@ def test_post_train_on_tensor_rows(cli, embeddings, mlp_model, tmp_path):
     assert len(removed) == 60 and "index" in removed.columns
     assert flipped_mask(removed).mean() >= 0.6
     assert read_checkpoint(str(out_dir / "final.safetensors")).metadata["arch"] == ARCH
+
+
+def test_image_arrays_in_an_npy_file_train_a_cnn(cli, tiny_data, tmp_path):
+    """Rows of any shape: images stored as one (n, 3, 16, 16) array go through tiny-cnn, and `irank layers`
+    traces the shape the checkpoint was trained on."""
+    from PIL import Image
+
+    table = pd.read_csv(tiny_data["test"])
+    arrays = np.stack([np.asarray(Image.open(Path(tiny_data["folder"]) / path).convert("RGB"), dtype=np.float32)
+                       .transpose(2, 0, 1) / 255 for path in table["path"]])
+    np.save(tmp_path / "images.npy", arrays)
+    manifest = tmp_path / "m.jsonl"  # JSON Lines: the index is a JSON number
+    pd.DataFrame({"path": "images.npy", "label": table["label"], "index": np.arange(len(table))}).to_json(
+        manifest, orient="records", lines=True)
+    model = tmp_path / "cnn.safetensors"
+    code, _, err = cli("train", "tiny-cnn", manifest, "-o", model, "--epochs", "1", "--device", "cpu")
+    assert code == 0, err
+    assert read_checkpoint(str(model)).metadata["input_shape"] == [3, 16, 16]
+    code, out, err = cli("layers", model, "--json")
+    assert code == 0, err
+    shapes = {row["name"]: row["shape"] for row in json.loads(out)["layers"]}
+    assert shapes["features.0"] == [8, 8, 8]  # 16×16 in, halved by the first block
+    scores = tmp_path / "s.csv"
+    code, _, err = cli("score", model, manifest, "-o", scores, "--device", "cpu")
+    assert code == 0, err
+    assert pd.read_csv(scores)["id"].str.fullmatch(r"images\.npy\[\d+\]").all()
