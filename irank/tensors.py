@@ -179,7 +179,10 @@ def inspect_source(source: TensorSource) -> SourceLayout:
     if source.file.name.lower().endswith(".npy"):
         if source.key:
             raise ValueError(f"a .npy file holds one array; leave 'key' empty (got {source.key!r})")
-        dtype = npy_header_dtype(source.file)
+        try:
+            dtype = npy_header_dtype(source.file)
+        except OSError as exc:
+            raise ValueError(f"cannot read ({exc.strerror or exc})") from None
         if dtype is not None and not is_numeric(dtype):
             raise ValueError(f"dtype {dtype} is not numeric")
         try:
