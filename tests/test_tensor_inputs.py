@@ -296,6 +296,12 @@ def bad_manifest(embeddings, folder: Path, case: str) -> tuple[Path, list[str]]:
         np.save(folder / "narrow.npy", np.zeros((40, 8), np.float32))
         table["path"] = "narrow.npy"
         needles = [ARCH, "takes rows of 16 values", "m.csv", "hold 8"]
+    elif case == "NaN values":
+        values = embeddings["values"][:40].copy()
+        values[2, 5] = np.nan
+        np.save(folder / "nan.npy", values)
+        table["path"] = "nan.npy"
+        needles = ["NaN", "manifest rows 3"]
     elif case == "outside the root":
         table["path"] = "../elsewhere.npy"
         needles += ["row 1", "outside the manifest's folder"]
@@ -308,7 +314,7 @@ def bad_manifest(embeddings, folder: Path, case: str) -> tuple[Path, list[str]]:
 
 BAD_CASES = ["no index column", "index not an integer", "negative index", "empty index", "index out of range",
              "missing file", "not an npy file", "non-numeric dtype", "object dtype", "truncated npy", "several tensors, no key", "unknown key", "corrupt safetensors",
-             "key on an npy row", "shapes differ", "mixed manifest", "rows of the wrong width", "outside the root"]
+             "key on an npy row", "shapes differ", "mixed manifest", "rows of the wrong width", "NaN values", "outside the root"]
 
 
 @pytest.mark.parametrize("case", BAD_CASES)
@@ -325,6 +331,12 @@ def test_image_preprocessing_flags_are_refused_for_tensor_rows(cli, embeddings, 
     refined = tmp_path / "r.safetensors"
     assert_clean_failure(cli("refine", mlp_model, embeddings["train"], "-o", refined, "--scope", "full",
                              "--augment", "flip", "--device", "cpu"), "--augment flip", "tensor rows", output=refined)
+
+
+def test_val_manifest_of_another_kind_is_refused(cli, embeddings, tiny_data, mlp_model, tmp_path):
+    out = tmp_path / "r.safetensors"
+    assert_clean_failure(cli("refine", mlp_model, embeddings["train"], "-o", out, "--val", tiny_data["test"],
+                             "--device", "cpu"), "--val", "holds images", "tensor rows of shape 16", output=out)
 
 
 def test_on_bad_image_skip_leaves_bad_tensor_rows_out(cli, embeddings, mlp_model, tmp_path):
