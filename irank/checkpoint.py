@@ -21,7 +21,7 @@ from torch import nn
 
 from .errors import CheckpointError
 from .files import atomic_path
-from .models import BUILTIN_ARCHS
+from .models import BUILTIN_ARCHS, VECTOR_ARCHS, vector_model
 
 METADATA_KEY = "irank"
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net")
@@ -93,9 +93,16 @@ def _call_factory(factory, num_classes: int, spec: str) -> nn.Module:
 
 
 def build_model(arch: str, num_classes: int) -> nn.Module:
-    """A fresh model: a built-in name, a torchvision model name, `module.path:factory` or `file.py:factory`."""
+    """A fresh model: a built-in name (`small-cnn`, `mlp-64-128`, ...), a torchvision model name,
+    `module.path:factory` or `file.py:factory`."""
     if arch in BUILTIN_ARCHS:
         return BUILTIN_ARCHS[arch](num_classes)
+    try:
+        model = vector_model(arch, num_classes)
+    except ValueError as exc:
+        raise CheckpointError(f"--arch {arch}: {exc}") from None
+    if model is not None:
+        return model
     if ":" in arch:
         location, _, factory_name = arch.rpartition(":")
         try:
@@ -122,7 +129,7 @@ def build_model(arch: str, num_classes: int) -> nn.Module:
         close = difflib.get_close_matches(arch, list(BUILTIN_ARCHS) + known, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise CheckpointError(
-            f"--arch {arch}: not a built-in ({', '.join(BUILTIN_ARCHS)}), torchvision model, "
+            f"--arch {arch}: not a built-in ({', '.join(BUILTIN_ARCHS)}, {VECTOR_ARCHS}), torchvision model, "
             f"'module:factory' or 'file.py:factory'{hint}"
         )
     return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)

@@ -94,23 +94,25 @@ RUN = "Running"
 GATE = "CI gate"
 # Options shared by the commands that load a checkpoint.
 ArchOpt = Annotated[Optional[str], typer.Option(
-    help="Architecture when the checkpoint has no irank metadata: a built-in (tiny-cnn, small-cnn), a torchvision "
+    help="Architecture when the checkpoint has no irank metadata: a built-in (tiny-cnn, small-cnn; for tensor rows "
+    "mlp-IN, mlp-IN-HIDDEN[-HIDDEN...] or linear-IN, e.g. mlp-64-128 for 64-value embeddings), a torchvision "
     "model name (resnet18, ...), 'module.path:factory' or 'file.py:factory' (called with num_classes=C).",
     rich_help_panel=MODEL)]
 HeadOpt = Annotated[Optional[str], typer.Option(help="Name of the head module (default: the last nn.Linear).", rich_help_panel=MODEL)]
 ClassesOpt = Annotated[Optional[Path], typer.Option(
     help="Class list, one name per line, when the checkpoint has none (default: sorted unique labels).", rich_help_panel=MODEL)]
 PresetOpt = Annotated[Optional[str], typer.Option(
-    "--preprocess", help="Preprocessing preset: imagenet (resize 256, crop 224) or cifar10 (32, CIFAR mean/std).", rich_help_panel=MODEL)]
+    "--preprocess", help="Preprocessing preset: imagenet (resize 256, crop 224) or cifar10 (32, CIFAR mean/std). "
+    "Images only: tensor rows are fed as stored.", rich_help_panel=MODEL)]
 ImageSizeOpt = Annotated[Optional[int], typer.Option(help="Centre-crop images to this size (after --resize).", rich_help_panel=MODEL)]
 ResizeOpt = Annotated[Optional[int], typer.Option(help="Resize the shorter side of images to this size first.", rich_help_panel=MODEL)]
-BadImageOpt = Annotated[str, typer.Option("--on-bad-image", help="fail: stop at the first unreadable image, before any output (default); skip: leave such rows out and list them (row, path, reason) in the sidecar.", rich_help_panel=MODEL)]
-AllowOutsideOpt = Annotated[bool, typer.Option("--allow-outside-root", help="Read images whose paths resolve outside the manifest's folder (../, absolute paths, symlinks out): only for manifests you trust.", rich_help_panel=MODEL)]
+BadImageOpt = Annotated[str, typer.Option("--on-bad-image", help="fail: stop at the first unreadable image or tensor row (missing file, unknown key, index out of range), before any output (default); skip: leave such rows out and list them (row, path, reason) in the sidecar.", rich_help_panel=MODEL)]
+AllowOutsideOpt = Annotated[bool, typer.Option("--allow-outside-root", help="Read images or tensor files whose paths resolve outside the manifest's folder (../, absolute paths, symlinks out): only for manifests you trust.", rich_help_panel=MODEL)]
 MeanOpt = Annotated[Optional[str], typer.Option(help="Normalization mean per channel, e.g. 0.5 or 0.485,0.456,0.406.", rich_help_panel=MODEL)]
 StdOpt = Annotated[Optional[str], typer.Option(help="Normalization std per channel, e.g. 0.5 or 0.229,0.224,0.225.", rich_help_panel=MODEL)]
 DeviceOpt = Annotated[Device, typer.Option(help="Where to run the model: auto picks CUDA when present.", rich_help_panel=RUN)]
-BatchOpt = Annotated[int, typer.Option(help="Images per batch.", rich_help_panel=RUN)]
-WorkersOpt = Annotated[int, typer.Option(help="DataLoader worker processes for image decoding.", rich_help_panel=RUN)]
+BatchOpt = Annotated[int, typer.Option(help="Samples (images or tensor rows) per batch.", rich_help_panel=RUN)]
+WorkersOpt = Annotated[int, typer.Option(help="DataLoader worker processes for decoding images or reading tensor rows.", rich_help_panel=RUN)]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or messages on stderr.", rich_help_panel=RUN)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON summary on stdout.", rich_help_panel=RUN)]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from OUTPUT.resume (saved after every epoch); same result as an uninterrupted run.", rich_help_panel=RUN)]
@@ -340,7 +342,7 @@ def refine(
 
 @app.command()
 def train(
-    arch: Annotated[str, typer.Argument(help="Architecture to build from random weights (tiny-cnn, small-cnn, resnet18, module:factory, ...).")],
+    arch: Annotated[str, typer.Argument(help="Architecture to build from random weights (tiny-cnn, small-cnn, resnet18, module:factory, ...; for tensor rows of IN values mlp-IN-HIDDEN[-HIDDEN...] or linear-IN, e.g. mlp-64-128).")],
     manifest: Annotated[Path, typer.Argument(help="Labelled manifest to train on.")],
     output: Annotated[str, typer.Option("-o", "--output", help="Trained checkpoint (.safetensors).")],
     epochs: Annotated[int, typer.Option(help="Passes over the manifest.")] = 20,
@@ -534,13 +536,14 @@ def layers(
     checkpoint: Annotated[Path, typer.Argument(help="The model whose layers to list.")],
     arch: ArchOpt = None, head: HeadOpt = None, classes: ClassesOpt = None,
     image_size: Annotated[int, typer.Option(help="Side of the square dummy input used to trace shapes (default: the checkpoint's, else 224).")] = 0,
+    input_shape: Annotated[Optional[str], typer.Option(help="Shape of one tensor row for the dummy input, e.g. 64 or 1,40,100 (default: what the checkpoint was trained on; an mlp-IN's width).")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """List the layers --layer can name, with their output shapes and pooled feature sizes; marks the ones --layer auto tries."""
-    from .layers import list_layers
+    from .layers import list_layers, parse_input_shape
 
     rows = list_layers(str(checkpoint), ModelOptions(arch=arch, head=head, classes=str(classes) if classes else None),
-                       image_size or None)
+                       image_size or None, parse_input_shape(input_shape))
     if json_out:
         print_json({"layers": rows})
         return

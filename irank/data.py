@@ -1,4 +1,8 @@
-"""Datasets and transforms built from a manifest and a preprocessing spec."""
+"""Datasets and transforms built from a manifest and a preprocessing spec.
+
+Images are decoded and preprocessed here; tensor rows (`.npy`/`.safetensors` files with an `index`
+column) are read by `irank.tensors` and fed as stored. `make_loader` picks the dataset from the paths.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 from .errors import ImageError, UsageError
+from .tensors import TensorDataset, TensorRows, bad_tensor_rows, check_tensor_rows, is_tensor_path
 
 PRESETS = {
     "imagenet": {"resize": 256, "image_size": 224, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)},
@@ -149,8 +154,13 @@ class ImageDataset(Dataset):
 BAD_IMAGE_POLICIES = ("fail", "skip")
 
 
-def find_bad_images(paths: list[Path], *, num_workers: int = 0) -> list[dict]:
-    """Decode every image once (no transform); rows that fail, as {row (1-based), path, reason}."""
+def find_bad_images(paths: list[Path] | TensorRows, *, num_workers: int = 0) -> list[dict]:
+    """Decode every image once (no transform); rows that fail, as {row (1-based), path, reason}.
+
+    For tensor rows, every file's header is read once and every index checked against its length.
+    """
+    if isinstance(paths, TensorRows):
+        return bad_tensor_rows(paths)
     dataset = ImageDataset(paths, transform=lambda image: torch.zeros(0))
     loader = DataLoader(dataset, batch_size=64, num_workers=num_workers, collate_fn=lambda items: items)
     bad = []
@@ -174,6 +184,8 @@ def collate_images(items):
     shapes = sorted({tuple(t.shape) for t in tensors})
     if len(shapes) > 1:
         first, second = shapes[:2]
+        if len(first) != 3 or len(second) != 3:
+            return None, rows, f"rows differ in shape ({first} and {second} in one batch)"
         return None, rows, (
             f"images differ in size ({first[1]}x{first[2]} and {second[1]}x{second[2]} in one batch); "
             "pass --image-size (and --resize) to bring them to one size"
@@ -190,7 +202,7 @@ def batches(loader):
 
 
 def make_loader(
-    paths: list[Path],
+    paths: list[Path] | TensorRows,
     preprocess: Preprocess,
     *,
     batch_size: int,
@@ -207,7 +219,14 @@ def make_loader(
         raise UsageError(f"--num-workers {num_workers}: must be 0 or more")
     if augment not in AUGMENTS:
         raise UsageError(f"--augment {augment}: choose from {', '.join(AUGMENTS)}")
-    dataset = ImageDataset(paths, preprocess.transform(augment), rows)
+    if isinstance(paths, TensorRows):
+        if augment != "none":
+            raise UsageError(f"--augment {augment}: augmentation is for images; tensor rows are read as stored")
+        dataset = TensorDataset(paths, check_tensor_rows(paths), rows)
+    elif paths and is_tensor_path(paths[0]):
+        raise UsageError(f"{paths[0]}: a tensor file needs its row: build the paths with Manifest.resolved_paths()")
+    else:
+        dataset = ImageDataset(paths, preprocess.transform(augment), rows)
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
         dataset,

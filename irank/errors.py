@@ -20,7 +20,8 @@ class CheckpointError(IrankError):
 
 
 class ImageError(IrankError):
-    """An image that is missing, unreadable or of the wrong size."""
+    """A sample's file that is missing, unreadable or of the wrong size: an image, or a tensor file a row
+    points into (an unknown key, an index past its end, a non-numeric dtype)."""
 
 
 class NumericsError(IrankError):

@@ -1,7 +1,8 @@
 """Features at any named layer of a model, pooled to one vector per sample.
 
 Conv maps (N, C, H, W) are pooled to [global average, global max] (2C numbers); token sequences
-(N, T, C) to their mean over tokens; anything else is flattened. The forward pass stops right after
+(N, T, C) to their mean over tokens; vectors (N, D), such as an MLP's hidden layers, are kept as they
+are; anything else is flattened. The forward pass stops right after
 the layer, so features from the middle of a network cost less than a full pass.
 """
 
@@ -96,7 +97,7 @@ def layer_features(
             for name, pooled in run_until(model, layers, images.to(device, non_blocking=True)).items():
                 if name not in features:
                     features[name] = torch.empty(num_rows, pooled.shape[1], dtype=torch.float32)
-                features[name][where] = pooled.float().cpu()
+                features[name].index_copy_(0, where, pooled.float().cpu())  # much faster than [rows] = on CPU
             advance(1)
     for tensor in features.values():
         check_finite(tensor, torch.zeros(num_rows, 1))
@@ -126,8 +127,33 @@ def candidate_layers(model: nn.Module, example: torch.Tensor) -> list[tuple[str,
     return found
 
 
-def list_layers(checkpoint_path: str, options, image_size: int | None = None) -> list[dict]:
-    """Every module of a checkpoint's model with its output shape on a dummy image, and whether --layer auto tries it."""
+def parse_input_shape(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    parts = [part.strip() for part in text.split(",")]
+    if not all(part.isdigit() and int(part) > 0 for part in parts):
+        raise UsageError(f"--input-shape {text!r}: expected positive whole numbers separated by commas, e.g. 64 or 1,40,100")
+    return tuple(int(part) for part in parts)
+
+
+def dummy_input(model: nn.Module, meta: dict, image_size: int | None = None,
+                input_shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    """One all-zero sample to trace shapes with: of `input_shape`, else the row shape the checkpoint was
+    trained on (tensor rows), else a built-in vector model's width, else a square RGB image."""
+    from .models import MLP
+
+    shape = input_shape or meta.get("input_shape")
+    if shape:
+        return torch.zeros(1, *shape)
+    if isinstance(model, MLP):
+        return torch.zeros(1, model.in_features)
+    size = image_size or (meta.get("preprocess") or {}).get("image_size") or 224
+    return torch.zeros(1, 3, size, size)
+
+
+def list_layers(checkpoint_path: str, options, image_size: int | None = None,
+                input_shape: tuple[int, ...] | None = None) -> list[dict]:
+    """Every module of a checkpoint's model with its output shape on a dummy input, and whether --layer auto tries it."""
     from .boundary import block_candidates
     from .checkpoint import build_model, find_head, load_weights, read_checkpoint
     from .manifest import read_classes_file
@@ -141,11 +167,17 @@ def list_layers(checkpoint_path: str, options, image_size: int | None = None) ->
     model = build_model(arch, len(classes))
     load_weights(model, checkpoint, arch)
     head_name, _ = find_head(model, options.head or meta.get("head"))
-    size = image_size or (meta.get("preprocess") or {}).get("image_size") or 224
     candidates = set(block_candidates(model, head_name))
+    example = dummy_input(model, meta, image_size, input_shape)
+    try:
+        traced = candidate_layers(model, example)
+    except RuntimeError as exc:
+        raise UsageError(f"checkpoint {checkpoint_path}: the model does not run on a dummy input of shape "
+                         f"{tuple(example.shape[1:])} ({str(exc).splitlines()[0][:160]}); pass --input-shape "
+                         "(tensor rows) or --image-size") from None
     return [
         {"name": name, "type": kind, "shape": list(shape), "pooled": pooled, "candidate": name in candidates}
-        for name, kind, shape, pooled in candidate_layers(model, torch.zeros(1, 3, size, size))
+        for name, kind, shape, pooled in traced
     ]
 
 

@@ -16,6 +16,8 @@ from .checkpoint import Checkpoint, build_model, find_head, load_weights, read_c
 from .data import BAD_IMAGE_POLICIES, Preprocess, find_bad_images, resolve_preprocess
 from .errors import CheckpointError, ImageError, UsageError
 from .manifest import Manifest, check_inside_root, encode_labels, read_manifest, resolve_classes
+from .models import MLP
+from .tensors import check_tensor_rows, shape_text
 
 
 @dataclass
@@ -56,6 +58,7 @@ class Prepared:
     notes: list[str] = field(default_factory=list)
     extra_metadata: dict = field(default_factory=dict)  # e.g. "probe" when refine cut the model at a layer
     skipped: list[dict] = field(default_factory=list)  # rows left out by --on-bad-image skip
+    input_shape: tuple[int, ...] | None = None  # tensor rows: the shape of one row; None for images
 
     def metadata(self, **extra) -> dict:
         """irank metadata for a checkpoint derived from this one."""
@@ -67,8 +70,51 @@ class Prepared:
             "head": self.head_name,
             "preprocess": self.preprocess.to_dict(),
         }
+        if self.input_shape is not None:
+            meta["input_shape"] = list(self.input_shape)
         meta.update(extra)
         return meta
+
+
+IMAGE_FLAGS = (("preprocess", "--preprocess"), ("image_size", "--image-size"), ("resize", "--resize"),
+               ("mean", "--mean"), ("std", "--std"))
+
+
+def tensor_input_shape(manifest: Manifest, options: ModelOptions | None = None) -> tuple[int, ...] | None:
+    """The shape of one row of a tensor manifest (every file checked); None for images.
+
+    Image preprocessing flags are refused with tensor rows, which are fed to the model as stored.
+    """
+    if not manifest.holds_tensors:
+        return None
+    for attribute, flag in IMAGE_FLAGS:
+        if options is not None and getattr(options, attribute) is not None:
+            raise UsageError(f"{flag}: image preprocessing does not apply to the tensor rows of manifest "
+                             f"{manifest.source}; they are fed to the model as stored")
+    return check_tensor_rows(manifest.resolved_paths())
+
+
+def check_input_fits(model: nn.Module, arch: str, manifest: Manifest, input_shape: tuple[int, ...] | None) -> None:
+    """A built-in vector model (mlp-IN..., linear-IN) takes tensor rows of exactly IN values."""
+    if not isinstance(model, MLP):
+        return
+    if input_shape is None:
+        raise UsageError(f"architecture {arch} reads tensor rows (.npy/.safetensors files with an index column), "
+                         f"but manifest {manifest.source} lists images")
+    values = int(np.prod(input_shape))
+    if values != model.in_features:
+        held = f"{shape_text(input_shape)} = {values}" if len(input_shape) > 1 else str(values)
+        raise CheckpointError(f"architecture {arch} takes rows of {model.in_features} values, but the rows of "
+                              f"manifest {manifest.source} hold {held}")
+
+
+def check_same_input(input_shape: tuple[int, ...] | None, manifest: Manifest, flag: str) -> None:
+    """A second manifest (--val) must hold the same kind of rows, of the same shape, as the training one."""
+    shape = tensor_input_shape(manifest)
+    if shape != input_shape:
+        def kind(value):
+            return "images" if value is None else f"tensor rows of shape {shape_text(value)}"
+        raise UsageError(f"{flag} {manifest.source}: holds {kind(shape)}, but the model is trained on {kind(input_shape)}")
 
 
 def prepare(checkpoint_path: str | None, manifest_path: str, options: ModelOptions) -> Prepared:
@@ -83,8 +129,10 @@ def prepare(checkpoint_path: str | None, manifest_path: str, options: ModelOptio
         bad_rows = {item["row"] - 1 for item in skipped}
         good = [row for row in range(len(manifest)) if row not in bad_rows]
         if not good:
-            raise ImageError(f"manifest {manifest_path}: no readable image in any row ({skipped[0]['reason']})")
+            what = "tensor row" if manifest.holds_tensors else "image"
+            raise ImageError(f"manifest {manifest_path}: no readable {what} in any row ({skipped[0]['reason']})")
         manifest = manifest.subset(good)
+    input_shape = tensor_input_shape(manifest, options)
     checkpoint = read_checkpoint(checkpoint_path) if checkpoint_path else None
     meta = checkpoint.metadata if checkpoint else {}
     classes, class_source = resolve_classes(
@@ -100,6 +148,7 @@ def prepare(checkpoint_path: str | None, manifest_path: str, options: ModelOptio
             "(a torchvision model name such as resnet18, a built-in such as small-cnn, or module:factory)"
         )
     model = build_model(arch, len(classes))
+    check_input_fits(model, arch, manifest, input_shape)
     if meta.get("probe"):
         from .layers import ProbeModel
 
@@ -122,10 +171,11 @@ def prepare(checkpoint_path: str | None, manifest_path: str, options: ModelOptio
     )
     notes = [f"{len(classes)} classes from {class_source}", f"head: {head_name} ({head.in_features} → {head.out_features})"]
     if skipped:
-        notes.append(f"skipped {len(skipped)} unreadable images (first: row {skipped[0]['row']}, {skipped[0]['path']})")
+        what = "tensor rows" if manifest.holds_tensors else "images"
+        notes.append(f"skipped {len(skipped)} unreadable {what} (first: row {skipped[0]['row']}, {skipped[0]['path']})")
     extra = {"probe": meta["probe"]} if meta.get("probe") else {}
     return Prepared(checkpoint, manifest, model, head_name, head, arch, classes, class_source, labels, preprocess, notes,
-                    extra, skipped)
+                    extra, skipped, input_shape)
 
 
 def labels_tensor(prepared: Prepared) -> torch.Tensor:

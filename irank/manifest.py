@@ -2,6 +2,8 @@
 
 A manifest has one row per sample with a `path` (relative to the manifest's folder, or absolute)
 and a `label` (a class name or an integer index), and optionally an `id` (default: the path).
+Rows are all images, or all tensor rows: `path` a `.npy` or `.safetensors` file, an `index` column
+the row in it, an optional `key` column the tensor's name (default id: `path[index]`).
 Every other column is the user's and is carried through every stage untouched.
 """
 
@@ -19,6 +21,7 @@ import pandas as pd
 
 from .errors import ManifestError
 from .files import atomic_path, is_stdio
+from .tensors import TensorRows, parse_indices, tensor_row_ids, tensor_row_mask
 
 FORMATS = {
     ".csv": "csv",
@@ -104,18 +107,68 @@ class Manifest:
     ids: list[str]
     paths: list[str]
     labels: list[str]
+    tensor_index: np.ndarray | None = None  # tensor rows: the `index` column as int64; None for images
+    tensor_keys: list[str] | None = None  # tensor rows with a `key` column: its values ("" = the only tensor)
 
     def __len__(self) -> int:
         return len(self.table)
+
+    @property
+    def holds_tensors(self) -> bool:
+        return self.tensor_index is not None
 
     def subset(self, rows: list[int]) -> "Manifest":
         """The same manifest with only `rows` (0-based), in their order."""
         return Manifest(table=self.table.iloc[rows].reset_index(drop=True), source=self.source, root=self.root,
                         ids=[self.ids[r] for r in rows], paths=[self.paths[r] for r in rows],
-                        labels=[self.labels[r] for r in rows])
+                        labels=[self.labels[r] for r in rows],
+                        tensor_index=None if self.tensor_index is None else self.tensor_index[np.asarray(rows, dtype=np.int64)],
+                        tensor_keys=None if self.tensor_keys is None else [self.tensor_keys[r] for r in rows])
 
-    def resolved_paths(self) -> list[Path]:
+    def resolved_paths(self) -> list[Path] | TensorRows:
+        """Each row's file resolved against the manifest's folder: a list of image paths, or for tensor rows
+        a TensorRows (a sequence of the same paths that also carries each row's index and key)."""
+        if self.tensor_index is not None:
+            return TensorRows.build(self.source, self.root, self.paths, self.tensor_keys, self.tensor_index)
         return [Path(p) if os.path.isabs(p) else self.root / p for p in self.paths]
+
+
+def tensor_columns(table: pd.DataFrame, paths: list[str], name: str) -> tuple[np.ndarray | None, list[str] | None]:
+    """For a manifest of tensor rows, its `index` (int64) and `key` values; (None, None) for images.
+
+    A manifest mixing image rows and tensor rows is refused, naming the first row of the other kind.
+    """
+    is_tensor = tensor_row_mask(paths)
+    if not is_tensor.any():
+        return None, None
+    if not is_tensor.all():
+        odd = int(np.flatnonzero(is_tensor != is_tensor[0])[0])
+        kinds = ("a tensor file", "an image") if is_tensor[0] else ("an image", "a tensor file")
+        raise ManifestError(
+            f"manifest {name}: row {odd + 1} ({paths[odd]!r}) points at {kinds[1]} but row 1 at {kinds[0]}; "
+            "a manifest lists images or tensor rows (.npy, .safetensors), not both"
+        )
+    if "index" not in table.columns:
+        raise ManifestError(
+            f"manifest {name}: rows point into tensor files (row 1: {paths[0]!r}) but there is no 'index' column "
+            "naming the row in the file"
+        )
+    keys = column_as_text(table, "key") if "key" in table.columns else None
+    if keys is not None and not any(key.strip() for key in keys):
+        keys = None
+    return parse_indices(column_as_text(table, "index"), name), keys
+
+
+def default_ids(table: pd.DataFrame) -> list[str]:
+    """The ids of a manifest without an `id` column: the path, or `path[index]` for tensor rows."""
+    paths = column_as_text(table, "path")
+    if "index" in table.columns and len(paths) and tensor_row_mask(paths).all():
+        keys = column_as_text(table, "key") if "key" in table.columns else None
+        try:
+            return tensor_row_ids(paths, keys, parse_indices(column_as_text(table, "index"), "(ids)"))
+        except ManifestError:
+            return paths
+    return paths
 
 
 def read_manifest(path: str | os.PathLike, *, require_label: bool = True) -> Manifest:
@@ -130,7 +183,13 @@ def read_manifest(path: str | os.PathLike, *, require_label: bool = True) -> Man
         raise ManifestError(f"manifest {name}: has a header but no rows")
     paths = column_as_text(table, "path")
     labels = column_as_text(table, "label") if "label" in table.columns else [""] * len(table)
-    ids = column_as_text(table, "id") if "id" in table.columns else list(paths)
+    tensor_index, tensor_keys = tensor_columns(table, paths, name)
+    if "id" in table.columns:
+        ids = column_as_text(table, "id")
+    elif tensor_index is not None:
+        ids = tensor_row_ids(paths, tensor_keys, tensor_index)
+    else:
+        ids = list(paths)
     for row, (sample_path, label, sample_id) in enumerate(zip(paths, labels, ids), start=1):
         if not sample_path.strip():
             raise ManifestError(f"manifest {name}: row {row} has an empty path")
@@ -146,7 +205,8 @@ def read_manifest(path: str | os.PathLike, *, require_label: bool = True) -> Man
             )
         first_row[sample_id] = row
     root = Path.cwd() if is_stdio(path) else Path(path).resolve().parent
-    return Manifest(table=table, source=name, root=root, ids=ids, paths=paths, labels=labels)
+    return Manifest(table=table, source=name, root=root, ids=ids, paths=paths, labels=labels,
+                    tensor_index=tensor_index, tensor_keys=tensor_keys)
 
 
 def check_inside_root(manifest: Manifest) -> None:
@@ -159,7 +219,12 @@ def check_inside_root(manifest: Manifest) -> None:
     root = os.path.realpath(manifest.root)
     prefix = root.rstrip(os.sep) + os.sep
     real_folders: dict[str, str] = {}
-    for row, written in enumerate(manifest.paths, start=1):
+    resolved_paths = manifest.resolved_paths()
+    if isinstance(resolved_paths, TensorRows):  # one check per file, not per row
+        files = [(source.first_row + 1, source.written) for source in resolved_paths.sources]
+    else:
+        files = list(enumerate(manifest.paths, start=1))
+    for row, written in files:
         # no normpath: `link/..` must resolve through the link, as open() does
         joined = written if os.path.isabs(written) else os.path.join(manifest.root, written)
         real = _real_path(joined, real_folders)
@@ -309,6 +374,6 @@ def rebase_paths(table: pd.DataFrame, source_root: Path, output: str | os.PathLi
         return table
     table = table.copy()
     if "id" not in table.columns:
-        table.insert(0, "id", original)
+        table.insert(0, "id", default_ids(table))
     table["path"] = rebased
     return table

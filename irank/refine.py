@@ -16,7 +16,7 @@ from .errors import UsageError
 from .evaluation import accuracy_report
 from .features import forward_pass, resolve_device
 from .files import check_outputs_clear_of_inputs, check_overwrite, sha256_bytes, sha256_file
-from .loading import ModelOptions, Prepared, RunOptions, prepare
+from .loading import ModelOptions, Prepared, RunOptions, check_same_input, prepare
 from .linear import fit_softmax_regression
 from .manifest import check_inside_root, encode_labels, read_manifest
 from .progress import Reporter
@@ -81,6 +81,7 @@ class ValidationSet:
         manifest = read_manifest(path)
         if not allow_outside_root:
             check_inside_root(manifest)
+        check_same_input(prepared.input_shape, manifest, "--val")
         self.labels = torch.from_numpy(encode_labels(manifest, prepared.classes))
         self.loader = make_loader(manifest.resolved_paths(), prepared.preprocess, batch_size=run.batch_size, num_workers=run.num_workers)
         self.classes = prepared.classes

@@ -28,7 +28,8 @@ from .errors import ManifestError, UsageError
 from .files import is_stdio, sha256_file
 from .manifest import read_table
 from .prune import read_scores, removal_mask
-from .review_html import render_page
+from .review_html import render_page, tensor_placeholder
+from .tensors import is_tensor_path
 
 DEFAULT_TOP = 100
 THUMBNAIL_SIZE = 160
@@ -296,7 +297,9 @@ def review(
     mask = flagged_mask(table, top=top, fraction=fraction, per_class=per_class)
     flagged = table[mask].sort_values("rank", kind="mergesort").reset_index(drop=True)
     paths = [resolve_image(str(p), root) for p in flagged["path"]]
-    thumbnails = [thumbnail_data_uri(p) for p in paths]
+    is_tensor_row = [is_tensor_path(p) for p in flagged["path"].astype(str)]
+    thumbnails = [tensor_placeholder(row) if tensor_row else thumbnail_data_uri(p)
+                  for (_, row), p, tensor_row in zip(flagged.iterrows(), paths, is_tensor_row)]
     missing = [str(p) for p, uri in zip(paths, thumbnails) if uri is None]
     cut_score = float(flagged["score"].min()) if len(flagged) else None
     tasks, outside_root = label_studio_tasks(flagged, paths, ls_root)
@@ -315,6 +318,7 @@ def review(
         "label_studio_root": str(ls_root),
         "label_studio_images_outside_root": outside_root,
         "missing_images": len(missing),
+        "tensor_rows": int(sum(is_tensor_row)),
         "inputs": {
             "scores": {"path": scores, "sha256": None if is_stdio(scores) else sha256_file(scores)},
             "manifest": {"path": manifest_path} if manifest_path else None,

@@ -18,6 +18,28 @@ PLACEHOLDER = "data:image/svg+xml;base64," + base64.b64encode(
     b'<text x="64" y="78" font-family="sans-serif" font-size="13" text-anchor="middle" fill="#c00">not found</text></svg>'
 ).decode("ascii")
 
+
+def tensor_placeholder(row: pd.Series) -> str:
+    """A card picture for a tensor row (no image to show): the file's name and the row's index (and key)."""
+    path = str(row.get("path", ""))
+    name = path.replace("\\", "/").rsplit("/", 1)[-1]
+    name = name if len(name) <= 18 else name[:8] + "…" + name[-9:]
+    key = row.get("key")
+    key_text = str(key) if isinstance(key, str) and key else ""
+    index = row.get("index")
+    index_text = "" if index is None or (isinstance(index, float) and math.isnan(index)) else str(index)
+    if index_text.endswith(".0"):
+        index_text = index_text[:-2]
+    lines = ["tensor row", name] + ([key_text[:18]] if key_text else []) + ([f"[{index_text}]"] if index_text else [])
+    texts = "".join(
+        f'<text x="64" y="{44 + 17 * number}" font-family="sans-serif" font-size="13" text-anchor="middle" '
+        f'fill="#446">{escape(line)}</text>' for number, line in enumerate(lines)
+    )
+    svg = ('<svg xmlns="http://www.w3.org/2000/svg" width="128" height="128" viewBox="0 0 128 128">'
+           f'<rect width="128" height="128" fill="#eef" stroke="#99b"/>{texts}</svg>')
+    return "data:image/svg+xml;base64," + base64.b64encode(svg.encode("utf-8")).decode("ascii")
+
+
 STYLE = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 0 1.5em 2em; color: #222; background: #fafafa; }
 h1 { margin: .6em 0 .2em; font-size: 1.5em; } h2 { font-size: 1.05em; margin: .2em 0 .4em; }

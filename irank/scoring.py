@@ -84,6 +84,8 @@ def refit_boundary(prepared: Prepared, labels: torch.Tensor, method: str, measur
     layer = boundary.probe_layer
     if layer == "auto" and prepared.extra_metadata.get("probe"):
         layer = HEAD_INPUT  # the model is already cut at the layer a refit chose: refit on its probe's input
+    if layer == "auto" and not block_candidates(prepared.model, prepared.head_name):
+        layer = HEAD_INPUT  # a model with nothing before its head (a plain linear classifier): probe the head's input
     if layer == "auto":
         features, choice = auto_layer_features(prepared, labels, boundary.l2, run, reporter)
     elif layer == HEAD_INPUT:

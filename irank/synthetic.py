@@ -1,7 +1,8 @@
-"""Small generated image data sets with known label noise: for the demo, the tests and quick checks.
+"""Generated data sets with known label noise: for the demo, the tests, benchmarks and quick checks.
 
-Each class is a shape (disk, square, ring, cross, stripes, ...) drawn in a random colour at a random
-place and size on a random background, with pixel noise. Nothing is downloaded.
+`make_dataset` draws images: each class is a shape (disk, square, ring, cross, stripes, ...) in a
+random colour at a random place and size on a random background, with pixel noise. `make_embeddings`
+writes tensor rows: Gaussian clusters, one per class, in one `.npy` file per split. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image
+
+EMBEDDING_CHUNK_ROWS = 1 << 16  # rows drawn at a time: a million rows never sit in memory as float64
 
 SHAPES = ("disk", "square", "ring", "cross", "hstripes", "vstripes", "triangle", "diagonal")
 
@@ -93,5 +96,63 @@ def make_dataset(
             rows.append({"path": relative, "label": classes[label], "true_label": classes[true_label]})
         manifest = folder / f"{split}.csv"
         pd.DataFrame(rows).to_csv(manifest, index=False)
+        manifests.append(manifest)
+    return manifests[0], manifests[1]
+
+
+def make_embeddings(
+    folder: str | Path,
+    *,
+    num_rows: int = 1000,
+    dim: int = 32,
+    num_classes: int = 4,
+    noise: float = 0.2,
+    test_rows: int = 0,
+    separation: float = 6.0,
+    seed: int = 0,
+) -> tuple[Path, Path | None]:
+    """Write tensor rows with flipped labels: `train.npy` (float32, num_rows × dim) and `train.csv`
+    (`path,label,index,true_label,flipped`), and with `test_rows` a clean `test.npy` and `test.csv`.
+
+    Each class is a Gaussian cluster of unit spread around its own centre; centres lie about
+    `separation` apart, so the classes are separable and a network that fits a flipped label has
+    memorized it. Labels are `c0`, `c1`, ...; a `noise` share of training labels (exactly rounded) is
+    moved to another class. Drawn in chunks and written with vectorized pandas, so a million rows take
+    seconds and about the file's size in memory. Returns (train.csv, test.csv or None).
+    """
+    if num_classes < 2:
+        raise ValueError("num_classes must be at least 2")
+    if num_rows < 1 or dim < 1 or test_rows < 0:
+        raise ValueError("num_rows and dim must be positive and test_rows at least 0")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0.0, separation / np.sqrt(2 * dim), (num_classes, dim)).astype(np.float32)
+    names = np.array([f"c{k}" for k in range(num_classes)], dtype=object)
+    manifests: list[Path | None] = []
+    for split, size in (("train", num_rows), ("test", test_rows)):
+        if size == 0:
+            manifests.append(None)
+            continue
+        truth = np.arange(size) % num_classes
+        rng.shuffle(truth)
+        given = flip_labels(truth, num_classes, noise, rng) if split == "train" else truth
+        values = np.lib.format.open_memmap(folder / f"{split}.npy", mode="w+", dtype=np.float32, shape=(size, dim))
+        for start in range(0, size, EMBEDDING_CHUNK_ROWS):
+            stop = min(size, start + EMBEDDING_CHUNK_ROWS)
+            chunk = rng.standard_normal((stop - start, dim), dtype=np.float32)
+            chunk += centres[truth[start:stop]]
+            values[start:stop] = chunk
+        values.flush()
+        del values
+        table = pd.DataFrame({
+            "path": pd.Categorical.from_codes(np.zeros(size, dtype=np.int8), [f"{split}.npy"]),
+            "label": pd.Categorical.from_codes(given, names),
+            "index": np.arange(size, dtype=np.int64),
+            "true_label": pd.Categorical.from_codes(truth, names),
+            "flipped": (given != truth).astype(np.int8),
+        })
+        manifest = folder / f"{split}.csv"
+        table.to_csv(manifest, index=False)
         manifests.append(manifest)
     return manifests[0], manifests[1]

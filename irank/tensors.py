@@ -1,0 +1,352 @@
+"""Tensor rows: manifest rows that point into `.npy` or `.safetensors` files instead of images.
+
+A row's `path` names the file and its `index` column the row in it (the first axis); a `.safetensors`
+file holding several tensors also needs a `key` column naming one. Text, audio and tabular inputs, or
+precomputed embeddings for an MLP head, then run through every command the way images do.
+
+`.npy` files are memory-mapped (`np.load(mmap_mode="r")`) and `.safetensors` files opened once per
+file and process (DataLoader workers included); a batch is read with one indexing call per file, so a
+million rows of one file cost no per-file work per row. Values come out as float32, as stored (no
+image preprocessing applies).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+from .errors import ImageError, ManifestError
+
+TENSOR_SUFFIXES = (".npy", ".safetensors")
+SAFETENSORS_NUMERIC = {"BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64", "F16", "BF16", "F32", "F64",
+                       "F8_E4M3", "F8_E5M2"}
+# A sorted batch whose indices span at most this many times its size is read as one slice of a
+# .safetensors tensor (one read); a sparser one row by row.
+SLICE_SPAN_FACTOR = 4
+
+
+def tensor_row_mask(paths: Sequence[str]) -> np.ndarray:
+    """For every path, whether it names a tensor file (by suffix, any case); each distinct path is looked at once."""
+    codes, distinct = pd.factorize(pd.Series(list(paths), dtype=object), sort=False)
+    return np.array([is_tensor_path(path) for path in distinct], dtype=bool)[codes] if len(codes) else np.zeros(0, bool)
+
+
+def is_tensor_path(path: str | os.PathLike) -> bool:
+    return str(path).lower().endswith(TENSOR_SUFFIXES)
+
+
+def parse_indices(texts: Sequence[str], manifest: str) -> np.ndarray:
+    """The `index` column as int64, or a ManifestError naming the first row that is not a whole number ≥ 0."""
+    try:  # the fast path, one vectorized parse; the slow one below finds and names the first bad row
+        indices = np.asarray(texts, dtype=str).astype(np.int64)
+        if len(indices) == 0 or indices.min() >= 0:
+            return indices
+    except (ValueError, OverflowError):
+        pass
+    series = pd.Series(list(texts), dtype=object).astype(str).str.strip()
+    valid = series.str.fullmatch(r"\+?\d{1,18}").to_numpy(dtype=bool)
+    if not valid.all():
+        row = int(np.flatnonzero(~valid)[0])
+        value = series.iloc[row]
+        if not value:
+            raise ManifestError(f"manifest {manifest}: row {row + 1} has an empty index")
+        why = "is negative" if value.startswith("-") and value[1:].isdigit() else "is not a whole number"
+        raise ManifestError(f"manifest {manifest}: row {row + 1}: index {value!r} {why} (the row in the tensor file, from 0)")
+    return series.to_numpy(dtype=str).astype(np.int64)
+
+
+def tensor_row_ids(paths: Sequence[str], keys: Sequence[str] | None, indices: np.ndarray) -> list[str]:
+    """Default ids of tensor rows: `path[index]`, or `path[key][index]` where a key is given."""
+    path_series = pd.Series(list(paths), dtype=object)
+    index_text = "[" + pd.Series(indices).astype(str) + "]"
+    if keys is None:
+        return (path_series + index_text).tolist()
+    key_series = pd.Series(list(keys), dtype=object)
+    key_text = key_series.where(key_series == "", "[" + key_series + "]")
+    return (path_series + key_text + index_text).tolist()
+
+
+@dataclass(frozen=True)
+class TensorSource:
+    """One (file, key) pair that rows of a manifest point into."""
+
+    written: str  # the path as the manifest wrote it
+    file: Path  # resolved against the manifest's folder
+    key: str | None  # the tensor's name in a .safetensors file; None: the file's only tensor
+    first_row: int  # 0-based, the first manifest row pointing here (for messages)
+
+    def where(self, manifest: str, row: int | None = None) -> str:
+        named = f"{self.written}" + (f" (key {self.key!r})" if self.key else "")
+        return f"tensor file {named} (manifest {manifest}, row {(self.first_row if row is None else row) + 1})"
+
+
+@dataclass(frozen=True)
+class SourceLayout:
+    """What a source holds: rows along the first axis, each of `row_shape`."""
+
+    length: int
+    row_shape: tuple[int, ...]
+    dtype: str
+
+
+class TensorRows(Sequence):
+    """The rows of a tensor manifest: for each row, its source (file and key) and its index there.
+
+    As a sequence it yields each row's resolved file (like a list of image paths), so code that only
+    needs paths keeps working; `make_loader` sees the type and reads tensors.
+    """
+
+    def __init__(self, manifest: str, sources: list[TensorSource], source_of_row: np.ndarray, index_of_row: np.ndarray):
+        self.manifest = manifest
+        self.sources = sources
+        self.source_of_row = source_of_row
+        self.index_of_row = index_of_row
+
+    @classmethod
+    def build(cls, manifest: str, root: Path, paths: Sequence[str], keys: Sequence[str] | None,
+              indices: np.ndarray) -> "TensorRows":
+        """Group rows by (path, key) with vectorized factorizing; only distinct files are resolved."""
+        path_codes, path_values = pd.factorize(pd.Series(list(paths), dtype=object), sort=False)
+        if keys is None:
+            key_codes, key_values = np.zeros(len(path_codes), dtype=np.int64), np.array([""], dtype=object)
+        else:
+            key_codes, key_values = pd.factorize(pd.Series(list(keys), dtype=object), sort=False)
+        pairs = path_codes.astype(np.int64) * len(key_values) + key_codes
+        unique_pairs, first_rows, source_of_row = np.unique(pairs, return_index=True, return_inverse=True)
+        order = np.argsort(first_rows, kind="stable")  # sources in order of first appearance
+        rank = np.empty(len(order), dtype=np.int64)
+        rank[order] = np.arange(len(order))
+        sources = []
+        for position in order:
+            pair, first = int(unique_pairs[position]), int(first_rows[position])
+            written = str(path_values[pair // len(key_values)])
+            key = str(key_values[pair % len(key_values)]) or None
+            file = Path(written) if os.path.isabs(written) else root / written
+            sources.append(TensorSource(written, file, key, first))
+        return cls(manifest, sources, rank[source_of_row.reshape(-1)].astype(np.int32), np.asarray(indices, dtype=np.int64))
+
+    def __len__(self) -> int:
+        return len(self.index_of_row)
+
+    def __getitem__(self, row):
+        if isinstance(row, slice):
+            return [self[r] for r in range(*row.indices(len(self)))]
+        return self.sources[int(self.source_of_row[row])].file
+
+    def where(self, row: int) -> str:
+        """`tensor file X (manifest M, row R)` for a 0-based row."""
+        return self.sources[int(self.source_of_row[row])].where(self.manifest, row)
+
+
+def open_npy(file: Path):
+    return np.load(file, mmap_mode="r", allow_pickle=False)
+
+
+def is_numeric(dtype: np.dtype) -> bool:
+    return bool(np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.bool_))
+
+
+def npy_header_dtype(file: Path) -> np.dtype | None:
+    """The dtype a .npy header declares (None for a header version read only by np.load); ValueError
+    when the file does not start with NumPy's magic bytes."""
+    with open(file, "rb") as handle:
+        try:
+            version = np.lib.format.read_magic(handle)
+        except ValueError:
+            raise ValueError("not a .npy file (it does not start with NumPy's header)") from None
+        readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        if version not in readers:
+            return None
+        try:
+            return readers[version](handle)[2]
+        except ValueError as exc:
+            raise ValueError(f"not a readable .npy file ({str(exc).splitlines()[0] if str(exc) else 'bad header'})") from None
+
+
+def inspect_source(source: TensorSource) -> SourceLayout:
+    """Read a source's header: length, row shape, dtype. Raises ValueError with the reason."""
+    if not source.file.exists():
+        raise ValueError("no such file")
+    if source.file.is_dir():
+        raise ValueError("is a folder, not a file")
+    if source.file.name.lower().endswith(".npy"):
+        if source.key:
+            raise ValueError(f"a .npy file holds one array; leave 'key' empty (got {source.key!r})")
+        try:
+            dtype = npy_header_dtype(source.file)
+        except OSError as exc:
+            raise ValueError(f"cannot read ({exc.strerror or exc})") from None
+        if dtype is not None and not is_numeric(dtype):
+            raise ValueError(f"dtype {dtype} is not numeric")
+        try:
+            array = open_npy(source.file)
+        except (ValueError, OSError, EOFError) as exc:
+            raise ValueError(f"not a readable .npy file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        if not is_numeric(array.dtype):
+            raise ValueError(f"dtype {array.dtype} is not numeric")
+        shape, dtype_name = tuple(array.shape), str(array.dtype)
+    else:
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(source.file), framework="pt") as handle:
+                names = list(handle.keys())
+                key = source.key
+                if key is None:
+                    if len(names) != 1:
+                        shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+                        raise ValueError(f"holds {len(names)} tensors ({shown or 'none'}); name one in a 'key' column")
+                    key = names[0]
+                elif key not in names:
+                    shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+                    raise ValueError(f"no tensor named {key!r} (tensors: {shown or 'none'})")
+                tensor_slice = handle.get_slice(key)
+                shape, dtype_name = tuple(tensor_slice.get_shape()), str(tensor_slice.get_dtype())
+        except (SafetensorError, OSError) as exc:
+            raise ValueError(f"not a readable .safetensors file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        if dtype_name not in SAFETENSORS_NUMERIC:
+            raise ValueError(f"dtype {dtype_name} is not numeric")
+    if len(shape) == 0:
+        raise ValueError("holds a single number; expected one row per sample along the first axis")
+    return SourceLayout(length=int(shape[0]), row_shape=shape[1:] or (1,), dtype=dtype_name)
+
+
+def inspect_rows(rows: TensorRows) -> tuple[list[SourceLayout | None], np.ndarray, list[str]]:
+    """Every source's layout (None where unreadable), and for every row a problem code (-1: none)
+    indexing into the list of reasons. No tensor data is read, only headers."""
+    layouts: list[SourceLayout | None] = []
+    reasons: list[str] = []
+    source_problem = np.full(len(rows.sources), -1, dtype=np.int64)
+    for number, source in enumerate(rows.sources):
+        try:
+            layouts.append(inspect_source(source))
+        except ValueError as exc:
+            layouts.append(None)
+            source_problem[number] = len(reasons)
+            reasons.append(str(exc))
+    problem = source_problem[rows.source_of_row]
+    lengths = np.array([layout.length if layout else np.iinfo(np.int64).max for layout in layouts], dtype=np.int64)
+    out_of_range = (problem < 0) & (rows.index_of_row >= lengths[rows.source_of_row])
+    if out_of_range.any():
+        for row in np.flatnonzero(out_of_range):
+            problem[row] = len(reasons)
+            length = lengths[rows.source_of_row[row]]
+            reasons.append(f"index {rows.index_of_row[row]} is out of range ({length} rows, 0 to {length - 1})")
+    return layouts, problem, reasons
+
+
+def bad_tensor_rows(rows: TensorRows) -> list[dict]:
+    """Rows that cannot be read, as {row (1-based), path, reason}, like `find_bad_images`."""
+    _, problem, reasons = inspect_rows(rows)
+    return [{"row": int(row) + 1, "path": str(rows[int(row)]), "reason": f"{rows.where(int(row))}: {reasons[problem[row]]}"}
+            for row in np.flatnonzero(problem >= 0)]
+
+
+def check_tensor_rows(rows: TensorRows) -> tuple[int, ...]:
+    """The shape every row shares; ImageError naming file and row for the first unreadable row, or
+    ManifestError when rows differ in shape."""
+    layouts, problem, reasons = inspect_rows(rows)
+    bad = np.flatnonzero(problem >= 0)
+    if len(bad):
+        row = int(bad[0])
+        raise ImageError(f"{rows.where(row)}: {reasons[problem[row]]}")
+    used = np.zeros(len(rows.sources), dtype=bool)
+    used[rows.source_of_row] = True
+    first = None
+    for number in np.flatnonzero(used):
+        source, layout = rows.sources[number], layouts[number]
+        if first is None:
+            first = (source, layout)
+        elif layout.row_shape != first[1].row_shape:
+            raise ManifestError(
+                f"manifest {rows.manifest}: tensor rows differ in shape: {shape_text(first[1].row_shape)} in "
+                f"{first[0].written} (row {first[0].first_row + 1}) and {shape_text(layout.row_shape)} in "
+                f"{source.written} (row {source.first_row + 1}); every row must have one shape"
+            )
+    return first[1].row_shape if first else (1,)
+
+
+def shape_text(shape: tuple[int, ...]) -> str:
+    return "×".join(str(size) for size in shape)
+
+
+class TensorDataset(Dataset):
+    """Tensor rows of a manifest; each item is (float32 tensor or None, row, error message or None),
+    like `ImageDataset`. A batch is read with `__getitems__`: one indexing call per file."""
+
+    def __init__(self, tensor_rows: TensorRows, row_shape: tuple[int, ...], rows: list[int] | None = None):
+        self.tensor_rows = tensor_rows
+        self.row_shape = tuple(row_shape)
+        self.rows = None if rows is None else np.asarray(rows, dtype=np.int64)
+        self._readers: dict = {}  # per process: file (and key) → open memmap or safetensors slice
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_readers"] = {}  # each DataLoader worker opens its own files
+        return state
+
+    def __len__(self) -> int:
+        return len(self.tensor_rows) if self.rows is None else len(self.rows)
+
+    def __getitem__(self, item: int):
+        return self.__getitems__([item])[0]
+
+    def _reader(self, source: TensorSource):
+        cache_key = (source.file, source.key)
+        if cache_key not in self._readers:
+            if source.file.name.lower().endswith(".npy"):
+                self._readers[cache_key] = open_npy(source.file)
+            else:
+                from safetensors import safe_open
+
+                handle = safe_open(str(source.file), framework="pt")
+                key = source.key or next(iter(handle.keys()))
+                self._readers[cache_key] = (handle, handle.get_slice(key))
+        return self._readers[cache_key]
+
+    def _read(self, source: TensorSource, indices: np.ndarray) -> torch.Tensor:
+        reader = self._reader(source)
+        if isinstance(reader, np.ndarray):
+            block = np.asarray(reader[indices], dtype=np.float32)
+            return torch.from_numpy(np.ascontiguousarray(block)).reshape(len(indices), *self.row_shape)
+        _, tensor_slice = reader
+        low, high = int(indices.min()), int(indices.max())
+        if high - low + 1 <= SLICE_SPAN_FACTOR * len(indices):
+            block = tensor_slice[low:high + 1][torch.from_numpy(indices - low)]
+        else:
+            block = torch.stack([tensor_slice[int(index)] for index in indices])
+        return block.to(torch.float32).reshape(len(indices), *self.row_shape)
+
+    def __getitems__(self, items):
+        rows = np.asarray(items, dtype=np.int64) if self.rows is None else self.rows[np.asarray(items, dtype=np.int64)]
+        source_of_row = self.tensor_rows.source_of_row[rows]
+        index_of_row = self.tensor_rows.index_of_row[rows]
+        numbers = np.unique(source_of_row)
+        values = torch.empty((len(rows), *self.row_shape), dtype=torch.float32)
+        errors: dict[int, str] = {}
+        for number in numbers:
+            members = np.flatnonzero(source_of_row == number) if len(numbers) > 1 else np.arange(len(rows))
+            source = self.tensor_rows.sources[int(number)]
+            try:
+                block = self._read(source, index_of_row[members])
+            except (OSError, ValueError, RuntimeError, IndexError) as exc:  # the file changed since it was checked
+                first = int(rows[members[0]])
+                message = f"{self.tensor_rows.where(first)}: cannot read ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+                errors.update({int(member): message for member in members})
+                continue
+            if len(numbers) == 1:
+                values = block
+            else:
+                values.index_copy_(0, torch.from_numpy(members), block)
+        row_numbers = rows.tolist()
+        if errors:
+            return [(None, row, errors[place]) if place in errors else (values[place], row, None)
+                    for place, row in enumerate(row_numbers)]
+        return list(zip(values.unbind(0), row_numbers, [None] * len(row_numbers)))
