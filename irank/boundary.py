@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from . import influence
+from .distributed import Shard
 from .errors import UsageError
 from .linear import standardizer
 from .probe import heldout_probe_loss, probe_scores
@@ -69,21 +70,24 @@ MEMORIZED_AGREEMENT = 0.99
 
 
 def choose_layer(features: dict[str, torch.Tensor], labels: torch.Tensor, num_classes: int, *, l2: float,
-                 reporter: Reporter | None = None) -> LayerChoice:
+                 reporter: Reporter | None = None, shard: Shard | None = None) -> LayerChoice:
     """The deepest structure that did not memorize the given labels.
 
     A layer whose probe reproduces the given labels (in-sample agreement ≥ 0.99) has memorized them,
     wrong ones included: its held-out loss looks excellent because the network saw every sample, and
     ranking on it fails (CIFAR-10, 40% noise: AUROC 0.70 on such a layer against 0.85 on the next one
     down). Among the other layers the lowest 3-fold held-out probe loss on the given labels wins; if
-    every layer memorized, the lowest held-out loss overall.
+    every layer memorized, the lowest held-out loss overall. With a `shard` (torchrun) the rows are this
+    process's and every figure is over every process's rows.
     """
     reporter = reporter or Reporter()
     figures = {}
     for name, values in features.items():
-        _, logits, _ = probe_scores(values, labels, num_classes, l2=l2, measure="loss")
-        agreement = float((logits.argmax(1) == labels).double().mean())
-        heldout = heldout_probe_loss(values, labels, num_classes, l2=l2)
+        _, logits, _ = probe_scores(values, labels, num_classes, l2=l2, measure="loss", shard=shard)
+        agrees = logits.argmax(1) == labels
+        agreement = (float(agrees.double().mean()) if shard is None
+                     else int(shard.sum(agrees.sum().reshape(1))[0]) / shard.total)
+        heldout = heldout_probe_loss(values, labels, num_classes, l2=l2, shard=shard)
         figures[name] = {"dims": int(values.shape[1]), "heldout_loss": heldout, "agreement": agreement,
                          "memorized": agreement >= MEMORIZED_AGREEMENT}
         reporter.info(f"layer {name}: {values.shape[1]} features, probe agrees with {agreement:.1%} of the given labels, "
@@ -97,15 +101,16 @@ def choose_layer(features: dict[str, torch.Tensor], labels: torch.Tensor, num_cl
 
 
 def refit_scores(features: torch.Tensor, labels: torch.Tensor, num_classes: int, *, method: str, measure: str,
-                 l2: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scores, probe logits) of every sample on an L2 probe refit on `features`."""
+                 l2: float, shard: Shard | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores, probe logits) of every sample on an L2 probe refit on `features` (this process's rows, with a
+    `shard`, on the probe fitted to every process's rows)."""
     if method == "influence":
-        scores, logits, _ = probe_scores(features, labels, num_classes, l2=l2, measure=measure)
+        scores, logits, _ = probe_scores(features, labels, num_classes, l2=l2, measure=measure, shard=shard)
         return scores, logits
     probe_measure = {"loss": "loss", "margin": "margin"}.get(method)
     if probe_measure:
-        scores, logits, _ = probe_scores(features, labels, num_classes, l2=l2, measure=probe_measure)
+        scores, logits, _ = probe_scores(features, labels, num_classes, l2=l2, measure=probe_measure, shard=shard)
         return scores, logits
-    _, logits, _ = probe_scores(features, labels, num_classes, l2=l2, measure="loss")
-    mean, scale = standardizer(features.double())
+    _, logits, _ = probe_scores(features, labels, num_classes, l2=l2, measure="loss", shard=shard)
+    mean, scale = standardizer(features.double(), shard)
     return influence.gradient_norm(logits, (features.double() - mean) / scale, labels), logits

@@ -8,8 +8,11 @@ parse (unknown flag, missing argument); 3 bad input (a file, row or flag named i
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
+import traceback
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -164,6 +167,7 @@ def score(
 
     Example: irank score model.safetensors train.csv -o scores.csv --fail-over 0.05
     """
+    from .distributed import is_main
     from .gate import check_gate, validate_gate
     from .scoring import score as run_score
 
@@ -187,7 +191,8 @@ def score(
     if verdict is None:
         return
     if verdict.failed:
-        Console(stderr=True, highlight=False).print(f"irank: gate failed: {verdict.reason}", markup=False, soft_wrap=True)
+        if is_main():
+            Console(stderr=True, highlight=False).print(f"irank: gate failed: {verdict.reason}", markup=False, soft_wrap=True)
         raise typer.Exit(EXIT_GATE_FAILED)
     reporter.info(f"gate passed: {verdict.reason}")
 
@@ -438,7 +443,7 @@ def post_train(
     if json_out:
         print_json(summary)
         return
-    if not quiet:
+    if not quiet and reporter.speaks:
         Console(stderr=True).print(table)
     reporter.info(f"{summary.get('stopped_because', 'done')}; final model: {result.final_model} (round {summary['final_round']})")
 
@@ -559,21 +564,55 @@ def version() -> None:
 
 
 def main() -> None:
-    """Entry point: turns IrankError into one line on stderr and exit code 3, Ctrl-C into 130."""
+    """Entry point: turns IrankError into one line on stderr and exit code 3, Ctrl-C into 130.
+
+    Under torchrun every process runs the command on its share of the rows. Only rank 0 writes to stdout
+    and stderr; an error is printed once, by the process that saw it.
+    """
+    from .distributed import is_main, process_group
+
+    with process_group():
+        if is_main():
+            _main()
+            return
+        report_to = sys.stderr
+        with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            _main(report_to)
+
+
+def _main(report_to=None) -> None:
+    from . import distributed
+
+    errors = Console(stderr=True, highlight=False) if report_to is None else Console(file=report_to, highlight=False)
     try:
         app()
     except SystemExit as exit_:
         # typer turns Ctrl-C into a silent exit 130; say what happened, in one line.
         if exit_.code == EXIT_INTERRUPTED and isinstance(getattr(exit_.__context__, "__cause__", None), KeyboardInterrupt):
-            Console(stderr=True, highlight=False).print("irank: interrupted; no partial output was written", markup=False)
+            if distributed.is_main():
+                errors.print("irank: interrupted; no partial output was written", markup=False)
+        elif exit_.code not in (0, None):
+            distributed.settle()
         raise
     except IrankError as error:
-        Console(stderr=True, highlight=False).print(f"irank: error: {error}", markup=False, soft_wrap=True)
+        if distributed.reports_here(error):
+            errors.print(f"irank: error: {error}", markup=False, soft_wrap=True)
+        distributed.settle()
         sys.exit(error.exit_code)
     except OSError as error:  # a file the user named cannot be read or written (permissions, full disk)
         where = f": {error.filename}" if error.filename else ""
-        Console(stderr=True, highlight=False).print(f"irank: error: {error.strerror or error}{where}", markup=False, soft_wrap=True)
+        if distributed.reports_here(error):
+            errors.print(f"irank: error: {error.strerror or error}{where}", markup=False, soft_wrap=True)
+        distributed.settle()
         sys.exit(EXIT_INPUT_ERROR)
     except KeyboardInterrupt:
-        Console(stderr=True, highlight=False).print("irank: interrupted; no partial output was written", markup=False)
+        if distributed.is_main():
+            errors.print("irank: interrupted; no partial output was written", markup=False)
         sys.exit(EXIT_INTERRUPTED)
+    except Exception:
+        if not distributed.active():
+            raise
+        if distributed.reports_here(sys.exc_info()[1]):  # a bug: the traceback once, then stop with the others
+            traceback.print_exc(file=report_to or sys.stderr)
+        distributed.settle()
+        sys.exit(1)

@@ -189,6 +189,23 @@ def batches(loader):
         yield images, rows
 
 
+class ShardLoader:
+    """A loader over the contiguous rows [first_row, first_row + n) of a manifest, yielding rows counted
+    from `first_row`, so that per-row outputs fill arrays of this shard's size (one process's share under
+    torchrun). Messages about bad images still name the manifest's own row."""
+
+    def __init__(self, loader: DataLoader, first_row: int):
+        self.loader = loader
+        self.first_row = first_row
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for images, rows, error in self.loader:
+            yield images, rows - self.first_row, error
+
+
 def make_loader(
     paths: list[Path],
     preprocess: Preprocess,

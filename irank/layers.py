@@ -72,10 +72,12 @@ def layer_features(
     num_rows: int,
     device: torch.device,
     reporter: Reporter | None = None,
+    first_row: int = 0,
 ) -> dict[str, torch.Tensor] | torch.Tensor:
     """Pooled features of each named layer for every row of the loader (float32, CPU), in one pass.
 
-    Given one name (a str), returns its tensor; given a list, a dict name → tensor.
+    Given one name (a str), returns its tensor; given a list, a dict name → tensor. `first_row`: the
+    manifest row of the loader's row 0, for messages (a process's shard under torchrun).
     """
     reporter = reporter or Reporter()
     single = isinstance(layer_names, str)
@@ -91,7 +93,7 @@ def layer_features(
                 features[name][rows] = pooled.float().cpu()
             advance(1)
     for tensor in features.values():
-        check_finite(tensor, torch.zeros(num_rows, 1))
+        check_finite(tensor, torch.zeros(num_rows, 1), first_row)
     return features[names[0]] if single else features
 
 

@@ -11,7 +11,8 @@ import torch
 from . import influence
 from ._version import __version__
 from .boundary import HEAD_INPUT, BoundaryOptions, LayerChoice, block_candidates, choose_layer, refit_scores
-from .data import make_loader
+from .data import ShardLoader, make_loader
+from .distributed import Shard, all_or_none, local_rows, shard_of, writes_here
 from .errors import UsageError
 from .features import ForwardOutputs, forward_pass, resolve_device
 from .layers import layer_features
@@ -40,11 +41,16 @@ def method_scores(
     damping: float = 0.01,
     measure: str = "self-influence",
     curvature: str = "auto",
+    shard: Shard | None = None,
 ) -> tuple[torch.Tensor, dict]:
-    """Score every sample with `method` (higher = more likely mislabeled); also say how."""
+    """Score every sample with `method` (higher = more likely mislabeled); also say how.
+
+    With a `shard` (torchrun) the rows given are this process's, and influence uses every process's curvature.
+    """
     if method == "influence":
         scores, used = influence.influence_scores(
-            logits, head_inputs, labels, has_bias=has_bias, damping=damping, measure=measure, curvature=curvature
+            logits, head_inputs, labels, has_bias=has_bias, damping=damping, measure=measure, curvature=curvature,
+            shard=shard,
         )
         return scores, {"influence_measure": measure, "curvature": used, "damping": damping}
     if method == "loss":
@@ -67,37 +73,51 @@ def validate_score_options(method: str, measure: str, curvature: str, damping: f
         raise UsageError(f"--damping {damping}: must be positive")
 
 
-def run_forward(prepared: Prepared, run: RunOptions, reporter: Reporter) -> ForwardOutputs:
-    loader = make_loader(
-        prepared.manifest.resolved_paths(), prepared.preprocess, batch_size=run.batch_size, num_workers=run.num_workers
-    )
+def shard_loader(prepared: Prepared, run: RunOptions, shard: Shard | None = None) -> tuple[object, int, int]:
+    """(loader, rows it yields, manifest row of its first row): all rows, or this process's block under torchrun."""
+    paths = prepared.manifest.resolved_paths()
+    if shard is None:
+        return make_loader(paths, prepared.preprocess, batch_size=run.batch_size, num_workers=run.num_workers), len(paths), 0
+    loader = make_loader(paths, prepared.preprocess, batch_size=run.batch_size, num_workers=run.num_workers,
+                         rows=list(range(shard.start, shard.stop)))
+    return ShardLoader(loader, shard.start), shard.local, shard.start
+
+
+def run_forward(prepared: Prepared, run: RunOptions, reporter: Reporter, shard: Shard | None = None) -> ForwardOutputs:
+    """Head inputs and logits of every row (of this process's block of rows, with a `shard`)."""
+    loader, num_rows, first_row = shard_loader(prepared, run, shard)
     return forward_pass(
-        prepared.model, prepared.head, loader, num_rows=len(prepared.manifest),
-        device=resolve_device(run.device), reporter=reporter,
+        prepared.model, prepared.head, loader, num_rows=num_rows,
+        device=resolve_device(run.device), reporter=reporter, first_row=first_row,
     )
 
 
-def refit_boundary(prepared: Prepared, labels: torch.Tensor, method: str, measure: str, boundary: BoundaryOptions,
-                   run: RunOptions, reporter: Reporter) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Scores on an L2 probe refit at the chosen layer: (scores, probe logits, details for the sidecar)."""
+def probe_features(prepared: Prepared, boundary: BoundaryOptions, run: RunOptions, reporter: Reporter,
+                   shard: Shard | None = None) -> tuple[str, dict[str, torch.Tensor]]:
+    """(the --layer asked for, with auto kept; features of each candidate layer) for a refit boundary."""
     layer = boundary.probe_layer
     if layer == "auto" and prepared.extra_metadata.get("probe"):
         layer = HEAD_INPUT  # the model is already cut at the layer a refit chose: refit on its probe's input
     names = block_candidates(prepared.model, prepared.head_name) if layer == "auto" else [layer]
     if layer == HEAD_INPUT:
-        features = {HEAD_INPUT: run_forward(prepared, run, reporter).head_inputs}
-    else:
-        loader = make_loader(prepared.manifest.resolved_paths(), prepared.preprocess, batch_size=run.batch_size,
-                             num_workers=run.num_workers)
-        features = layer_features(prepared.model, names, loader, num_rows=len(labels), device=resolve_device(run.device),
-                                  reporter=reporter)
+        return layer, {HEAD_INPUT: run_forward(prepared, run, reporter, shard).head_inputs}
+    loader, num_rows, first_row = shard_loader(prepared, run, shard)
+    return layer, layer_features(prepared.model, names, loader, num_rows=num_rows, device=resolve_device(run.device),
+                                 reporter=reporter, first_row=first_row)
+
+
+def refit_on_features(layer: str, features: dict[str, torch.Tensor], labels: torch.Tensor, num_classes: int,
+                      method: str, measure: str, boundary: BoundaryOptions, reporter: Reporter,
+                      shard: Shard | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(scores, probe logits, details for the sidecar) from the candidate layers' features; `labels` and the
+    features are this process's rows with a `shard`, and the probe is fitted on every process's rows."""
     if layer == "auto":
-        choice = choose_layer(features, labels, len(prepared.classes), l2=boundary.l2, reporter=reporter)
+        choice = choose_layer(features, labels, num_classes, l2=boundary.l2, reporter=reporter, shard=shard)
         reporter.info(f"layer: {choice.layer} ({choice.how})")
     else:
         choice = LayerChoice(next(iter(features)), "given")
-    scores, logits = refit_scores(features[choice.layer], labels, len(prepared.classes), method=method,
-                                  measure=measure, l2=boundary.l2)
+    scores, logits = refit_scores(features[choice.layer], labels, num_classes, method=method,
+                                  measure=measure, l2=boundary.l2, shard=shard)
     details = {"boundary": "refit", "layer": choice.layer, "layer_choice": choice.how, "l2": boundary.l2,
                "influence_measure": measure if method == "influence" else None}
     if choice.figures:
@@ -131,28 +151,40 @@ def score(
     run_options = run_options or RunOptions()
     validate_score_options(method, influence_measure, curvature, damping)
     boundary = boundary or BoundaryOptions()
-    boundary.validate()
-    if output is not None:
-        table_format(output)
-        sidecar_path = None if is_stdio(output) else output + ".json"
-        check_outputs_clear_of_inputs(
-            {"-o": output, "the sidecar": sidecar_path}, {"checkpoint": checkpoint, "manifest": manifest}
-        )
-        check_overwrite({"-o": output, "the sidecar": sidecar_path}, overwrite)
-    prepared = prepare(checkpoint, manifest, model_options)
-    for note in prepared.notes:
-        reporter.info(note)
-    labels = torch.from_numpy(prepared.labels)
+    with all_or_none():  # under torchrun: every process stops here if any check failed, before any work
+        boundary.validate()
+        if output is not None:
+            table_format(output)
+            sidecar_path = None if is_stdio(output) else output + ".json"
+            check_outputs_clear_of_inputs(
+                {"-o": output, "the sidecar": sidecar_path}, {"checkpoint": checkpoint, "manifest": manifest}
+            )
+            if writes_here():
+                check_overwrite({"-o": output, "the sidecar": sidecar_path}, overwrite)
+    with all_or_none():  # a bad image or non-finite output in any process's rows stops them all
+        prepared = prepare(checkpoint, manifest, model_options)
+        for note in prepared.notes:
+            reporter.info(note)
+        labels = torch.from_numpy(prepared.labels)
+        shard = shard_of(len(labels))  # None with one process
+        if boundary.kind == "head":
+            outputs = run_forward(prepared, run_options, reporter, shard)
+        else:
+            layer, features = probe_features(prepared, boundary, run_options, reporter, shard)
+    local_labels = local_rows(labels, shard)
     if boundary.kind == "head":
-        outputs = run_forward(prepared, run_options, reporter)
         logits = outputs.logits
         scores, details = method_scores(
-            method, outputs.logits, outputs.head_inputs, labels,
+            method, outputs.logits, outputs.head_inputs, local_labels,
             has_bias=prepared.head.bias is not None, damping=damping, measure=influence_measure, curvature=curvature,
+            shard=shard,
         )
         details["boundary"] = "head"
     else:
-        scores, logits, details = refit_boundary(prepared, labels, method, influence_measure, boundary, run_options, reporter)
+        scores, logits, details = refit_on_features(layer, features, local_labels, len(prepared.classes), method,
+                                                    influence_measure, boundary, reporter, shard)
+    if shard is not None:  # every process gets every row's results, in manifest order
+        scores, logits = shard.gather(scores), shard.gather(logits)
     probs = torch.softmax(logits.double(), dim=1).numpy()
     table = scores_table(
         prepared.manifest.table,
@@ -184,8 +216,9 @@ def score(
             "manifest": {"path": manifest, "sha256": sha256_file(manifest)},
         },
     }
-    if output is not None:
-        write_table(table, output)
-        if not is_stdio(output):
-            write_json_atomic(output + ".json", sidecar)
+    with all_or_none():  # a failed write on rank 0 fails every process
+        if output is not None and writes_here():
+            write_table(table, output)
+            if not is_stdio(output):
+                write_json_atomic(output + ".json", sidecar)
     return ScoreResult(table=table, sidecar=sidecar)

@@ -1,0 +1,81 @@
+"""Under torchrun (2 CPU processes, gloo) every command computes what one process computes.
+
+Each test launches `python -m torch.distributed.run --standalone --nproc-per-node 2 -m irank ...` as a
+subprocess (with a timeout, so a hang fails instead of blocking CI) and compares its files with an
+in-process single-process run on the same tiny data.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch.distributed as dist
+
+import irank
+
+pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                reason="torch.distributed with the gloo backend is not available here")
+
+PROCESSES = 2
+TIMEOUT_SECONDS = 300  # far above a normal run (seconds); only a hang reaches it
+SCORE_TOLERANCE = 1e-8  # relative: sums over rows are added in another order across processes
+
+
+def torchrun(*args) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(PROCESSES),
+               "-m", "irank", *map(str, args)]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_SECONDS, env=environment)
+
+
+def assert_same_scores(single: pd.DataFrame, sharded: pd.DataFrame) -> None:
+    """Same rows and values to float tolerance; ranks identical except between scores that tie within it."""
+    single, sharded = single.set_index("id"), sharded.set_index("id")
+    assert sorted(single.index) == sorted(sharded.index)
+    sharded = sharded.loc[single.index]
+    scale = float(single["score"].abs().max())
+    np.testing.assert_allclose(sharded["score"], single["score"], rtol=SCORE_TOLERANCE, atol=SCORE_TOLERANCE * scale)
+    np.testing.assert_allclose(sharded["label_prob"], single["label_prob"], rtol=1e-6, atol=1e-9)
+    assert (sharded["label"] == single["label"]).all()
+    by_single_rank = single.sort_values("rank").index
+    by_sharded_rank = sharded.sort_values("rank").index
+    for first, second in zip(by_single_rank, by_sharded_rank):
+        if first != second:  # a different order is only allowed between tied scores
+            assert abs(single.loc[first, "score"] - single.loc[second, "score"]) <= SCORE_TOLERANCE * scale
+
+
+@pytest.mark.parametrize("boundary", ["head", "refit"])
+def test_score_equals_one_process(tiny_data, tiny_model, tmp_path, boundary):
+    single = irank.score(tiny_model, tiny_data["train"], boundary=irank.BoundaryOptions(kind=boundary),
+                         run_options=irank.RunOptions(device="cpu", batch_size=32)).table
+    output = tmp_path / "scores.csv"
+    result = torchrun("score", tiny_model, tiny_data["train"], "-o", output, "--boundary", boundary,
+                      "--device", "cpu", "--batch-size", 32)
+    assert result.returncode == 0, result.stderr
+    assert_same_scores(single, pd.read_csv(output))
+    assert (tmp_path / "scores.csv.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scores.csv", "scores.csv.json"]  # no temp file
+    assert result.stderr.count("wrote ") == 1  # only rank 0 speaks
+
+
+def test_a_bad_image_in_one_process_stops_every_process(tiny_data, tiny_model, tmp_path):
+    table = pd.read_csv(tiny_data["train"])
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    bad_row = len(table) - 3  # in the last process's block of rows
+    table["path"] = [str(Path(tiny_data["folder"]) / p) for p in table["path"]]
+    table.loc[bad_row, "path"] = str(tmp_path / "broken.png")
+    manifest = tmp_path / "bad.csv"
+    table.to_csv(manifest, index=False)
+    output = tmp_path / "scores.csv"
+    result = torchrun("score", tiny_model, manifest, "-o", output, "--device", "cpu", "--allow-outside-root")
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("irank: error:")]
+    assert len(errors) == 1, result.stderr
+    assert f"row {bad_row + 1}" in errors[0] and "broken.png" in errors[0]
+    assert not output.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".scores.csv")]
