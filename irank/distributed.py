@@ -21,7 +21,7 @@ import contextvars
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -243,6 +243,24 @@ def all_or_none() -> Iterator[None]:
         _agree(error)
         raise
     _agree(None)
+
+
+_END = object()
+
+
+def each_all_or_none(items: Iterable) -> Iterator:
+    """Iterate `items` (as many on every process), agreeing after fetching each one: a bad image in one
+    process's batch stops every process at that step, instead of leaving them in the next collective."""
+    if not active():
+        yield from items
+        return
+    iterator = iter(items)
+    while True:
+        with all_or_none():
+            item = next(iterator, _END)
+        if item is _END:
+            return
+        yield item
 
 
 def reports_here(error: BaseException) -> bool:

@@ -11,7 +11,7 @@ import torch
 from . import influence
 from ._version import __version__
 from .boundary import HEAD_INPUT, BoundaryOptions, LayerChoice, block_candidates, choose_layer, refit_scores
-from .data import ShardLoader, make_loader
+from .data import make_shard_loader
 from .distributed import Shard, all_or_none, local_rows, shard_of, writes_here
 from .errors import UsageError
 from .features import ForwardOutputs, forward_pass, resolve_device
@@ -75,12 +75,8 @@ def validate_score_options(method: str, measure: str, curvature: str, damping: f
 
 def shard_loader(prepared: Prepared, run: RunOptions, shard: Shard | None = None) -> tuple[object, int, int]:
     """(loader, rows it yields, manifest row of its first row): all rows, or this process's block under torchrun."""
-    paths = prepared.manifest.resolved_paths()
-    if shard is None:
-        return make_loader(paths, prepared.preprocess, batch_size=run.batch_size, num_workers=run.num_workers), len(paths), 0
-    loader = make_loader(paths, prepared.preprocess, batch_size=run.batch_size, num_workers=run.num_workers,
-                         rows=list(range(shard.start, shard.stop)))
-    return ShardLoader(loader, shard.start), shard.local, shard.start
+    return make_shard_loader(prepared.manifest.resolved_paths(), prepared.preprocess, batch_size=run.batch_size,
+                             num_workers=run.num_workers, shard=shard)
 
 
 def run_forward(prepared: Prepared, run: RunOptions, reporter: Reporter, shard: Shard | None = None) -> ForwardOutputs:
