@@ -7,6 +7,7 @@ in-process single-process run on the same tiny data.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -27,10 +28,12 @@ TIMEOUT_SECONDS = 300  # far above a normal run (seconds); only a hang reaches i
 SCORE_TOLERANCE = 1e-8  # relative: sums over rows are added in another order across processes
 
 
-def torchrun(*args) -> subprocess.CompletedProcess:
+def torchrun(*args, temporary_folder: Path | None = None) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(PROCESSES),
                "-m", "irank", *map(str, args)]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if temporary_folder is not None:
+        environment["TMPDIR"] = str(temporary_folder)
     return subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_SECONDS, env=environment)
 
 
@@ -98,3 +101,27 @@ def test_refine_head_equals_one_process(tiny_data, tiny_model, tmp_path):
     for name in expected:
         assert (expected[name] - got[name]).abs().max() <= 1e-5, name
     assert not (tmp_path / "sharded.safetensors.resume").exists()
+
+
+def test_post_train_takes_the_same_decisions_as_one_process(tiny_data, tiny_model, tmp_path):
+    arguments = ["--rounds", 2, "--step", 0.05, "--val", tiny_data["test"], "--patience", 2]
+    single, sharded = tmp_path / "single", tmp_path / "sharded"
+    irank.post_train(tiny_model, tiny_data["train"], out_dir=str(single),
+                     loop=irank.LoopOptions(rounds=2, step=0.05, patience=2), val=tiny_data["test"],
+                     run_options=irank.RunOptions(device="cpu", batch_size=64))
+    private = tmp_path / "tmp"
+    private.mkdir()
+    result = torchrun("post-train", tiny_model, tiny_data["train"], "--out-dir", sharded, *arguments,
+                      "--device", "cpu", "--batch-size", 64, temporary_folder=private)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in sharded.iterdir()) == sorted(p.name for p in single.iterdir())
+    for number in (1, 2):
+        folder = f"round-{number:02d}"
+        assert (sharded / folder / "kept.csv").read_bytes() == (single / folder / "kept.csv").read_bytes()
+        removed = pd.read_csv(single / folder / "removed.csv")
+        assert pd.read_csv(sharded / folder / "removed.csv")["id"].tolist() == removed["id"].tolist()
+    assert_same_scores(pd.read_csv(single / "round-01" / "scores.csv"), pd.read_csv(sharded / "round-01" / "scores.csv"))
+    rounds = [(r["removed"], r["kept"], r["val_accuracy"]) for r in json.loads((sharded / "summary.json").read_text())["rounds"]]
+    assert rounds == [(r["removed"], r["kept"], r["val_accuracy"])
+                      for r in json.loads((single / "summary.json").read_text())["rounds"]]
+    assert not list(private.glob("irank-post-train-*"))  # the other process's private folder is gone
