@@ -233,7 +233,11 @@ def _agree(error: BaseException | None) -> None:
 @contextlib.contextmanager
 def all_or_none() -> Iterator[None]:
     """Run per-process work that may fail (reading inputs, images, writing files) so that every process
-    learns of a failure on any of them before the next collective, and all stop together."""
+    learns of a failure on any of them before the next collective, and all stop together.
+
+    The body must hold no collective: a process that fails before it would wait for the others at the
+    agreement while they wait in the collective.
+    """
     if not active():
         yield
         return

@@ -246,14 +246,16 @@ def _share_last_round(out: Path, state: dict) -> None:
         return
     folder = state["rounds"][-1]["folder"]
     payload = None
-    if is_main():
-        payload = (str((out / folder).resolve()), read_table(out / folder / "kept.csv"),
-                   (out / folder / "model.safetensors").read_bytes())
+    with all_or_none():  # no collective inside: a process that fails here must reach the agreement
+        if is_main():
+            payload = (str((out / folder).resolve()), read_table(out / folder / "kept.csv"),
+                       (out / folder / "model.safetensors").read_bytes())
     source, kept, model_bytes = broadcast_object(payload)
-    if not is_main():
-        (out / folder).mkdir(parents=True, exist_ok=True)
-        write_table(rebase_paths(kept, Path(source), out / folder / "kept.csv"), out / folder / "kept.csv")
-        (out / folder / "model.safetensors").write_bytes(model_bytes)
+    with all_or_none():
+        if not is_main():
+            (out / folder).mkdir(parents=True, exist_ok=True)
+            write_table(rebase_paths(kept, Path(source), out / folder / "kept.csv"), out / folder / "kept.csv")
+            (out / folder / "model.safetensors").write_bytes(model_bytes)
 
 
 def _post_train(checkpoint: str, manifest: str, out: Path, loop: LoopOptions, train_options: TrainOptions,
@@ -278,8 +280,7 @@ def _post_train(checkpoint: str, manifest: str, out: Path, loop: LoopOptions, tr
             if val:
                 check_inside_root(read_manifest(val))
     state = broadcast_object(state)  # under torchrun: rank 0's run, resumed or fresh, for every process
-    with all_or_none():
-        _share_last_round(out, state)
+    _share_last_round(out, state)
     # Each round reads the manifests irank wrote from the checked one, in round folders beside it.
     round_options = replace(model_options, allow_outside_root=True)
     eval_kwargs = {"model_options": model_options, "run_options": run}
