@@ -74,8 +74,9 @@ def process_group() -> Iterator[None]:
     if not launched_by_torchrun() or not dist.is_available() or dist.is_initialized():
         yield
         return
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available() and local_rank < torch.cuda.device_count():
+        torch.cuda.set_device(local_rank)  # one GPU per process; "cuda" then means this one
         backend = "cpu:gloo,cuda:nccl"
     else:
         backend = "gloo"
