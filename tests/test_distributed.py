@@ -125,3 +125,59 @@ def test_post_train_takes_the_same_decisions_as_one_process(tiny_data, tiny_mode
     assert rounds == [(r["removed"], r["kept"], r["val_accuracy"])
                       for r in json.loads((single / "summary.json").read_text())["rounds"]]
     assert not list(private.glob("irank-post-train-*"))  # the other process's private folder is gone
+
+
+SHARDED_MATH = '''
+import sys
+import torch
+import torch.distributed as dist
+from irank import influence
+from irank.distributed import shard_of
+from irank.linear import fit_softmax_regression, standardizer
+from irank.probe import heldout_probe_loss
+
+rank = int(sys.argv[1])
+dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=rank, world_size=2)
+generator = torch.Generator().manual_seed(0)
+rows, classes, dims = 101, 3, 5  # an odd count: blocks of 50 and 51 rows
+features = torch.randn(rows, dims, generator=generator, dtype=torch.float64)
+labels = torch.randint(0, classes, (rows,), generator=generator)
+logits = torch.randn(rows, classes, generator=generator, dtype=torch.float64)
+shard = shard_of(rows)
+mine = slice(shard.start, shard.stop)
+
+def same(name, expected, got, tolerance=1e-9):
+    expected, got = torch.as_tensor(expected), torch.as_tensor(got)
+    error = float((expected - got).abs().max() / expected.abs().max().clamp_min(1e-300))
+    if not error <= tolerance:
+        raise SystemExit(f"{name}: relative difference {error:.3g} on rank {rank}")
+
+for curvature in ("exact", "kfac"):
+    for measure in influence.MEASURES:
+        expected, _ = influence.influence_scores(logits, features, labels, measure=measure, curvature=curvature)
+        got, _ = influence.influence_scores(logits[mine], features[mine], labels[mine], measure=measure,
+                                            curvature=curvature, shard=shard)
+        same(f"{curvature} {measure}", expected[mine], got)
+for expected, got in zip(standardizer(features), standardizer(features[mine], shard)):
+    same("standardizer", expected, got)
+for expected, got in zip(fit_softmax_regression(features, labels, classes, l2=0.1),
+                         fit_softmax_regression(features[mine], labels[mine], classes, l2=0.1, shard=shard)):
+    same("probe fit", expected, got, tolerance=1e-6)
+same("held-out loss", heldout_probe_loss(features, labels, classes, l2=0.1),
+     heldout_probe_loss(features[mine], labels[mine], classes, l2=0.1, shard=shard), tolerance=1e-6)
+same("gather", logits, shard.gather(logits[mine]), tolerance=0)
+dist.destroy_process_group()
+'''
+
+
+def test_sharded_math_equals_one_process_on_uneven_blocks(tmp_path):
+    """Curvature, influence measures, standardization, the probe fit and its held-out loss, rows split 50/51."""
+    script = tmp_path / "sharded_math.py"
+    script.write_text(SHARDED_MATH)
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    processes = [subprocess.Popen([sys.executable, str(script), str(rank), str(tmp_path / "rendezvous")],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment)
+                 for rank in range(PROCESSES)]
+    outcomes = [process.communicate(timeout=TIMEOUT_SECONDS) for process in processes]
+    for process, (_, errors) in zip(processes, outcomes):
+        assert process.returncode == 0, errors
