@@ -25,7 +25,9 @@ pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
 
 PROCESSES = 2
 TIMEOUT_SECONDS = 300  # far above a normal run (seconds); only a hang reaches it
-SCORE_TOLERANCE = 1e-8  # relative: sums over rows are added in another order across processes
+# Relative to the largest score. Sums over rows are added in another order across processes, and a
+# process's forward pass sees other batches, which may move float32 features by an ulp on some CPUs.
+SCORE_TOLERANCE = 1e-5
 
 
 def torchrun(*args, temporary_folder: Path | None = None) -> subprocess.CompletedProcess:
@@ -44,7 +46,7 @@ def assert_same_scores(single: pd.DataFrame, sharded: pd.DataFrame) -> None:
     sharded = sharded.loc[single.index]
     scale = float(single["score"].abs().max())
     np.testing.assert_allclose(sharded["score"], single["score"], rtol=SCORE_TOLERANCE, atol=SCORE_TOLERANCE * scale)
-    np.testing.assert_allclose(sharded["label_prob"], single["label_prob"], rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(sharded["label_prob"], single["label_prob"], rtol=1e-5, atol=1e-7)
     assert (sharded["label"] == single["label"]).all()
     by_single_rank = single.sort_values("rank").index
     by_sharded_rank = sharded.sort_values("rank").index
