@@ -612,7 +612,7 @@ def _main(report_to=None) -> None:
     except Exception:
         if not distributed.active():
             raise
-        if distributed.reports_here(sys.exc_info()[1]):  # a bug: the traceback once, then stop with the others
-            traceback.print_exc(file=report_to or sys.stderr)
+        # A bug: its traceback from every process that hit it (better twice than never), then stop with the others.
+        traceback.print_exc(file=report_to or sys.stderr)
         distributed.settle()
         sys.exit(1)
