@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from . import influence
+from .distributed import Shard
 from .errors import UsageError
 from .linear import fit_standardized, standardize, standardizer
 from .probe import heldout_probe_loss, probe_scores
@@ -29,12 +30,15 @@ class BoundaryOptions:
     kind: str = "refit"
     layer: str | None = "auto"  # with refit: a module name, "auto", or "head-input"; ignored by head when "auto"
     l2: float = 0.1
+    choice_rows: int = 4096  # --layer auto chooses on a seeded random sample of this many rows
 
     def validate(self) -> None:
         if self.kind not in BOUNDARIES:
             raise UsageError(f"--boundary {self.kind}: choose from {', '.join(BOUNDARIES)}")
         if not self.l2 > 0:
             raise UsageError(f"--l2 {self.l2}: must be positive")
+        if self.choice_rows < 10:
+            raise UsageError(f"--choice-rows {self.choice_rows}: must be at least 10")
         if self.kind == "head" and self.layer not in (None, "auto"):
             raise UsageError("--layer needs --boundary refit (the head boundary is read at the head)")
 
@@ -66,7 +70,7 @@ class LayerChoice:
 
 
 MEMORIZED_AGREEMENT = 0.99
-CHOICE_ROWS = 4096  # the layer is chosen on a random sample of this many rows: its cost stays flat in n
+CHOICE_ROWS = BoundaryOptions.choice_rows  # the default sample for choose_layer: its cost stays flat in n
 
 
 def choice_sample(num_rows: int, *, limit: int | None = None, seed: int = 0) -> torch.Tensor | None:
@@ -124,15 +128,16 @@ def choose_layer(features: dict[str, torch.Tensor], labels: torch.Tensor, num_cl
 
 
 def refit_scores(features: torch.Tensor, labels: torch.Tensor, num_classes: int, *, method: str, measure: str,
-                 l2: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scores, probe logits) of every sample on an L2 probe refit on `features`."""
+                 l2: float, shard: Shard | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores, probe logits) of every sample on an L2 probe refit on `features` (this process's rows, with a
+    `shard`, on the probe fitted to every process's rows)."""
     if method == "influence":
-        scores, logits, _ = probe_scores(features, labels, num_classes, l2=l2, measure=measure)
+        scores, logits, _ = probe_scores(features, labels, num_classes, l2=l2, measure=measure, shard=shard)
         return scores, logits
     probe_measure = {"loss": "loss", "margin": "margin"}.get(method)
     if probe_measure:
-        scores, logits, _ = probe_scores(features, labels, num_classes, l2=l2, measure=probe_measure)
+        scores, logits, _ = probe_scores(features, labels, num_classes, l2=l2, measure=probe_measure, shard=shard)
         return scores, logits
-    _, logits, _ = probe_scores(features, labels, num_classes, l2=l2, measure="loss")
-    mean, scale = standardizer(features.double())
+    _, logits, _ = probe_scores(features, labels, num_classes, l2=l2, measure="loss", shard=shard)
+    mean, scale = standardizer(features.double(), shard)
     return influence.gradient_norm(logits, (features.double() - mean) / scale, labels), logits

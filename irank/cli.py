@@ -8,8 +8,11 @@ parse (unknown flag, missing argument); 3 bad input (a file, row or flag named i
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
+import traceback
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -146,6 +149,7 @@ def score(
     boundary: Annotated[Boundary, typer.Option(help="refit (default): an L2-regularized linear probe refit on --layer's pooled features, a boundary that cannot bend around memorized labels; head: the checkpoint's own head (--curvature and --damping apply there).")] = Boundary.refit,
     layer: Annotated[str, typer.Option(help="With --boundary refit: auto (the deepest block whose probe did not memorize the given labels; see README), head-input, or a module name from `irank layers`.")] = "auto",
     l2: Annotated[float, typer.Option(help="With --boundary refit: the probe's L2 strength on standardized features.")] = 0.1,
+    choice_rows: Annotated[int, typer.Option(help="With --layer auto: every candidate layer is read and compared on a seeded random sample of this many rows; the other rows then run only up to the chosen layer.")] = 4096,
     arch: ArchOpt = None, head: HeadOpt = None, classes: ClassesOpt = None, preprocess: PresetOpt = None,
     image_size: ImageSizeOpt = None, resize: ResizeOpt = None, mean: MeanOpt = None, std: StdOpt = None,
     allow_outside_root: AllowOutsideOpt = False, on_bad_image: BadImageOpt = "fail",
@@ -166,6 +170,7 @@ def score(
 
     Example: irank score model.safetensors train.csv -o scores.csv --fail-over 0.05
     """
+    from .distributed import is_main
     from .gate import check_gate, validate_gate
     from .scoring import score as run_score
 
@@ -176,7 +181,7 @@ def score(
     result = run_score(
         str(checkpoint), str(manifest), output=output, method=method.value, influence_measure=influence_measure.value,
         curvature=curvature.value, damping=damping,
-        boundary=BoundaryOptions(kind=boundary.value, layer=layer, l2=l2),
+        boundary=BoundaryOptions(kind=boundary.value, layer=layer, l2=l2, choice_rows=choice_rows),
         model_options=model_options(arch, head, classes, preprocess, image_size, resize, mean, std, allow_outside_root, on_bad_image),
         run_options=RunOptions(device=device.value, batch_size=batch_size, num_workers=num_workers), reporter=reporter,
         overwrite=overwrite,
@@ -189,7 +194,8 @@ def score(
     if verdict is None:
         return
     if verdict.failed:
-        Console(stderr=True, highlight=False).print(f"irank: gate failed: {verdict.reason}", markup=False, soft_wrap=True)
+        if is_main():
+            Console(stderr=True, highlight=False).print(f"irank: gate failed: {verdict.reason}", markup=False, soft_wrap=True)
         raise typer.Exit(EXIT_GATE_FAILED)
     reporter.info(f"gate passed: {verdict.reason}")
 
@@ -440,7 +446,7 @@ def post_train(
     if json_out:
         print_json(summary)
         return
-    if not quiet:
+    if not quiet and reporter.speaks:
         Console(stderr=True).print(table)
     reporter.info(f"{summary.get('stopped_because', 'done')}; final model: {result.final_model} (round {summary['final_round']})")
 
@@ -562,21 +568,55 @@ def version() -> None:
 
 
 def main() -> None:
-    """Entry point: turns IrankError into one line on stderr and exit code 3, Ctrl-C into 130."""
+    """Entry point: turns IrankError into one line on stderr and exit code 3, Ctrl-C into 130.
+
+    Under torchrun every process runs the command on its share of the rows. Only rank 0 writes to stdout
+    and stderr; an error is printed once, by the process that saw it.
+    """
+    from .distributed import is_main, process_group
+
+    with process_group():
+        if is_main():
+            _main()
+            return
+        report_to = sys.stderr
+        with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            _main(report_to)
+
+
+def _main(report_to=None) -> None:
+    from . import distributed
+
+    errors = Console(stderr=True, highlight=False) if report_to is None else Console(file=report_to, highlight=False)
     try:
         app()
     except SystemExit as exit_:
         # typer turns Ctrl-C into a silent exit 130; say what happened, in one line.
         if exit_.code == EXIT_INTERRUPTED and isinstance(getattr(exit_.__context__, "__cause__", None), KeyboardInterrupt):
-            Console(stderr=True, highlight=False).print("irank: interrupted; no partial output was written", markup=False)
+            if distributed.is_main():
+                errors.print("irank: interrupted; no partial output was written", markup=False)
+        elif exit_.code not in (0, None):
+            distributed.settle()
         raise
     except IrankError as error:
-        Console(stderr=True, highlight=False).print(f"irank: error: {error}", markup=False, soft_wrap=True)
+        if distributed.reports_here(error):
+            errors.print(f"irank: error: {error}", markup=False, soft_wrap=True)
+        distributed.settle()
         sys.exit(error.exit_code)
     except OSError as error:  # a file the user named cannot be read or written (permissions, full disk)
         where = f": {error.filename}" if error.filename else ""
-        Console(stderr=True, highlight=False).print(f"irank: error: {error.strerror or error}{where}", markup=False, soft_wrap=True)
+        if distributed.reports_here(error):
+            errors.print(f"irank: error: {error.strerror or error}{where}", markup=False, soft_wrap=True)
+        distributed.settle()
         sys.exit(EXIT_INPUT_ERROR)
     except KeyboardInterrupt:
-        Console(stderr=True, highlight=False).print("irank: interrupted; no partial output was written", markup=False)
+        if distributed.is_main():
+            errors.print("irank: interrupted; no partial output was written", markup=False)
         sys.exit(EXIT_INTERRUPTED)
+    except Exception:
+        if not distributed.active():
+            raise
+        # A bug: its traceback from every process that hit it (better twice than never), then stop with the others.
+        traceback.print_exc(file=report_to or sys.stderr)
+        distributed.settle()
+        sys.exit(1)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 
 from .errors import ImageError, UsageError
@@ -201,6 +201,23 @@ def batches(loader):
         yield images, rows
 
 
+class ShardLoader:
+    """A loader over the contiguous rows [first_row, first_row + n) of a manifest, yielding rows counted
+    from `first_row`, so that per-row outputs fill arrays of this shard's size (one process's share under
+    torchrun). Messages about bad images still name the manifest's own row."""
+
+    def __init__(self, loader: DataLoader, first_row: int):
+        self.loader = loader
+        self.first_row = first_row
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for images, rows, error in self.loader:
+            yield images, rows - self.first_row, error
+
+
 def make_loader(
     paths: list[Path] | TensorRows,
     preprocess: Preprocess,
@@ -212,6 +229,7 @@ def make_loader(
     shuffle: bool = False,
     seed: int = 0,
     drop_last: bool = False,
+    sampler: Sampler | None = None,
 ) -> DataLoader:
     if batch_size <= 0:
         raise UsageError(f"--batch-size {batch_size}: must be positive")
@@ -231,10 +249,41 @@ def make_loader(
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
+        shuffle=shuffle if sampler is None else False,
+        sampler=sampler,
         num_workers=num_workers,
         collate_fn=collate_images,
         generator=generator,
         drop_last=drop_last,
         persistent_workers=False,
     )
+
+
+def make_shard_loader(paths: list[Path], preprocess: Preprocess, *, batch_size: int, num_workers: int = 0,
+                      shard=None) -> tuple[DataLoader | ShardLoader, int, int]:
+    """(loader, how many rows it yields, the manifest row of its first row): every row, or with a
+    `distributed.Shard` this process's block of rows, counted from the block's start."""
+    if shard is None:
+        return make_loader(paths, preprocess, batch_size=batch_size, num_workers=num_workers), len(paths), 0
+    loader = make_loader(paths, preprocess, batch_size=batch_size, num_workers=num_workers,
+                         rows=list(range(shard.start, shard.stop)))
+    return ShardLoader(loader, shard.start), shard.local, shard.start
+
+
+class ShardedShuffle(Sampler):
+    """Training order for one of `parts` processes (DistributedSampler's rule): every epoch a fresh
+    permutation of all rows, the same on every process (one generator seeded alike), padded with its own
+    first rows to a multiple of `parts`, of which process `index` takes every `parts`-th row. Every process
+    thus gets as many rows, and as many batches, as the others."""
+
+    def __init__(self, total: int, *, seed: int, index: int, parts: int):
+        self.total, self.index, self.parts = total, index, parts
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return -(-self.total // self.parts)
+
+    def __iter__(self):
+        order = torch.randperm(self.total, generator=self.generator).tolist()
+        order += order[: (-len(order)) % self.parts]
+        return iter(order[self.index :: self.parts])

@@ -26,3 +26,12 @@ class ImageError(IrankError):
 
 class NumericsError(IrankError):
     """Non-finite values in what the model produced."""
+
+
+class PeerFailed(IrankError):
+    """Another process of a torchrun group failed and reported why; this one stops with its exit code."""
+
+    def __init__(self, failed_rank: int, exit_code: int):
+        super().__init__(f"process {failed_rank} of the torchrun group failed (exit code {exit_code})")
+        self.failed_rank = failed_rank
+        self.exit_code = exit_code

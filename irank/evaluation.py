@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .distributed import all_or_none, shard_of
 from .errors import UsageError
 from .loading import ModelOptions, RunOptions, prepare
 from .progress import Reporter
@@ -36,9 +37,12 @@ def evaluate(
     run_options = run_options or RunOptions()
     if run_options.batch_size <= 0:
         raise UsageError(f"--batch-size {run_options.batch_size}: must be positive")
-    prepared = prepare(checkpoint, manifest, model_options or ModelOptions())
-    outputs = run_forward(prepared, run_options, reporter)
-    report = accuracy_report(outputs.logits, torch.from_numpy(prepared.labels), prepared.classes)
+    with all_or_none():  # under torchrun each process reads its block of rows; a failure in one stops all
+        prepared = prepare(checkpoint, manifest, model_options or ModelOptions())
+        shard = shard_of(len(prepared.labels))
+        outputs = run_forward(prepared, run_options, reporter, shard)
+    logits = outputs.logits if shard is None else shard.gather(outputs.logits)
+    report = accuracy_report(logits, torch.from_numpy(prepared.labels), prepared.classes)
     report["checkpoint"] = checkpoint
     report["manifest"] = manifest
     return report

@@ -40,8 +40,12 @@ def forward_pass(
     device: torch.device,
     reporter: Reporter | None = None,
     description: str = "forward pass",
+    first_row: int = 0,
 ) -> ForwardOutputs:
-    """Run the model once over the loader in eval mode, capturing the head's input and output."""
+    """Run the model once over the loader in eval mode, capturing the head's input and output.
+
+    `first_row`: the manifest row of the loader's row 0, for messages (a process's shard under torchrun).
+    """
     reporter = reporter or Reporter()
     captured: dict[str, torch.Tensor] = {}
 
@@ -64,13 +68,16 @@ def forward_pass(
                 advance(1)
     finally:
         handle.remove()
-    check_finite(head_inputs, logits)
+    check_finite(head_inputs, logits, first_row)
     return ForwardOutputs(head_inputs=head_inputs, logits=logits)
 
 
-def check_finite(head_inputs: torch.Tensor, logits: torch.Tensor) -> None:
+def check_finite(head_inputs: torch.Tensor, logits: torch.Tensor, first_row: int = 0,
+                 row_order: list[int] | None = None) -> None:
+    """Refuse NaN or infinite outputs, naming manifest rows: `first_row` + i, or row_order[i]."""
     bad = ~torch.isfinite(logits).all(dim=1) | ~torch.isfinite(head_inputs).all(dim=1)
     if bad.any():
-        rows = (torch.nonzero(bad).flatten() + 1).tolist()
+        where = torch.nonzero(bad).flatten().tolist()
+        rows = [row_order[i] + 1 for i in where] if row_order is not None else [i + 1 + first_row for i in where]
         shown = ", ".join(str(r) for r in rows[:8]) + (f" (+{len(rows) - 8} more)" if len(rows) > 8 else "")
         raise NumericsError(f"the model produced NaN or infinite values in {len(rows)} rows (manifest rows {shown})")

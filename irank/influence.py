@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .distributed import Shard
+
 MEASURES = ("self-influence", "boundary-shift", "parameter-shift")
 CURVATURES = ("auto", "exact", "kfac")
 EXACT_MAX_PARAMETERS = 10_240
@@ -52,11 +54,12 @@ def _chunk_size(row_elements: int, budget: int = 1 << 22) -> int:
     return max(1, budget // max(1, row_elements))
 
 
-def gauss_newton(probs: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+def gauss_newton(probs: torch.Tensor, features: torch.Tensor, shard: Shard | None = None) -> torch.Tensor:
     """Exact Gauss–Newton matrix of the head, mean over samples, undamped: (C·D̃, C·D̃).
 
     diag p − p pᵀ = M Mᵀ with M = diag(√p)(I − √p √pᵀ), so H = mean_i Σ_k (m_ik ⊗ φ̃_i)(m_ik ⊗ φ̃_i)ᵀ:
-    one matrix product per chunk instead of a loop over samples.
+    one matrix product per chunk instead of a loop over samples. With a `shard` (torchrun), the rows
+    given are this process's and the mean is over every process's rows.
     """
     n, classes = probs.shape
     size = classes * features.shape[1]
@@ -68,11 +71,13 @@ def gauss_newton(probs: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         factor = root[:, :, None] * (eye - root[:, :, None] * root[:, None, :])  # (b, C, C): M
         rows = torch.einsum("bak,bi->bkai", factor, features[start : start + step]).reshape(-1, size)
         hessian += rows.T @ rows
-    return hessian / n
+    return hessian / n if shard is None else shard.sum(hessian) / shard.total
 
 
-def kfac_factors(probs: torch.Tensor, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A = mean(diag p − p pᵀ) (C×C) and B = mean φ̃ φ̃ᵀ (D̃×D̃)."""
+def kfac_factors(probs: torch.Tensor, features: torch.Tensor, shard: Shard | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A = mean(diag p − p pᵀ) (C×C) and B = mean φ̃ φ̃ᵀ (D̃×D̃); means over every process's rows with a `shard`."""
+    if shard is not None:
+        return torch.diag(shard.mean(probs)) - shard.gram(probs), shard.gram(features)
     n = probs.shape[0]
     output_factor = torch.diag(probs.mean(0)) - probs.T @ probs / n
     input_factor = features.T @ features / n
@@ -87,16 +92,21 @@ def exact_influence(
     damping: float,
     measure: str = "self-influence",
     absolute_damping: bool = False,
+    shard: Shard | None = None,
 ) -> torch.Tensor:
-    """Influence measure of every sample with the exact (damped) Gauss–Newton matrix."""
+    """Influence measure of every sample with the exact (damped) Gauss–Newton matrix.
+
+    With a `shard` the rows given are this process's; the curvature and n cover every process's rows.
+    """
     n, classes = probs.shape
-    hessian = gauss_newton(probs, features)
+    total = n if shard is None else shard.total
+    hessian = gauss_newton(probs, features, shard)
     if absolute_damping:
         hessian = hessian + damping * torch.eye(hessian.shape[0], dtype=hessian.dtype)
     else:
         hessian = damped(hessian, damping)
     cholesky = torch.linalg.cholesky(hessian)
-    second_moment = features.T @ features / n
+    second_moment = features.T @ features / n if shard is None else shard.gram(features)
     res = residuals(probs, labels)
     size = hessian.shape[0]
     scores = torch.empty(n, dtype=probs.dtype)
@@ -106,9 +116,9 @@ def exact_influence(
         grads = torch.einsum("ba,bi->bai", res[start:end], features[start:end]).reshape(end - start, size)
         if measure == "self-influence":
             whitened = torch.linalg.solve_triangular(cholesky, grads.T, upper=False)
-            scores[start:end] = (whitened**2).sum(0) / n
+            scores[start:end] = (whitened**2).sum(0) / total
         else:
-            shift = torch.cholesky_solve(grads.T, cholesky).T / n  # (b, P): Δθ
+            shift = torch.cholesky_solve(grads.T, cholesky).T / total  # (b, P): Δθ
             if measure == "parameter-shift":
                 scores[start:end] = shift.norm(dim=1)
             else:
@@ -124,10 +134,14 @@ def kfac_influence(
     *,
     damping: float,
     measure: str = "self-influence",
+    shard: Shard | None = None,
 ) -> torch.Tensor:
-    """Influence measure of every sample with H ≈ (A + λ_A I) ⊗ (B + λ_B I), in closed form."""
-    n = probs.shape[0]
-    output_factor, input_factor = kfac_factors(probs, features)
+    """Influence measure of every sample with H ≈ (A + λ_A I) ⊗ (B + λ_B I), in closed form.
+
+    With a `shard` the rows given are this process's; the factors and n cover every process's rows.
+    """
+    n = probs.shape[0] if shard is None else shard.total
+    output_factor, input_factor = kfac_factors(probs, features, shard)
     output_inv = torch.linalg.inv(damped(output_factor, damping))
     input_inv = torch.linalg.inv(damped(input_factor, damping))
     res = residuals(probs, labels)
@@ -160,17 +174,22 @@ def influence_scores(
     damping: float = 0.01,
     measure: str = "self-influence",
     curvature: str = "auto",
+    shard: Shard | None = None,
 ) -> tuple[torch.Tensor, str]:
-    """Influence of every sample on the head; returns (scores in float64, curvature used)."""
+    """Influence of every sample on the head; returns (scores in float64, curvature used).
+
+    With a `shard` (torchrun) the rows given are this process's and the scores are theirs, on the
+    curvature of every process's rows.
+    """
     if measure not in MEASURES:
         raise ValueError(f"unknown influence measure {measure!r}; choose from {', '.join(MEASURES)}")
     if curvature not in CURVATURES:
         raise ValueError(f"unknown curvature {curvature!r}; choose from {', '.join(CURVATURES)}")
     probs = torch.softmax(logits.double(), dim=1)
     features = augment(head_inputs.double(), has_bias)
-    used = choose_curvature(curvature, len(probs), probs.shape[1], features.shape[1])
+    used = choose_curvature(curvature, len(probs) if shard is None else shard.total, probs.shape[1], features.shape[1])
     compute = exact_influence if used == "exact" else kfac_influence
-    return compute(probs, features, labels, damping=damping, measure=measure), used
+    return compute(probs, features, labels, damping=damping, measure=measure, shard=shard), used
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -74,11 +74,13 @@ def layer_features(
     device: torch.device,
     reporter: Reporter | None = None,
     row_order: list[int] | None = None,
+    first_row: int = 0,
 ) -> dict[str, torch.Tensor] | torch.Tensor:
     """Pooled features of each named layer for every row of the loader (float32, CPU), in one pass.
 
     Given one name (a str), returns its tensor; given a list, a dict name → tensor. Row i of the
     result is manifest row i, or, with `row_order` (the manifest rows the loader covers), row_order[i].
+    `first_row`: the manifest row of the loader's row 0, for messages (a process's shard under torchrun).
     """
     reporter = reporter or Reporter()
     single = isinstance(layer_names, str)
@@ -100,7 +102,7 @@ def layer_features(
                 features[name].index_copy_(0, where, pooled.float().cpu())  # much faster than [rows] = on CPU
             advance(1)
     for tensor in features.values():
-        check_finite(tensor, torch.zeros(num_rows, 1))
+        check_finite(tensor, torch.zeros(num_rows, 1), first_row, row_order)
     return features[names[0]] if single else features
 
 

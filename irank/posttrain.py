@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Callable, Iterator
 import pandas as pd
 
 from ._version import __version__
+from .distributed import active, all_or_none, broadcast_object, is_main, local_outputs, writes_here
 from .errors import UsageError
 from .boundary import HEAD_INPUT, BoundaryOptions
 from .estimate import estimate_noise_share
@@ -218,15 +220,47 @@ def post_train(
 
     Run again with the same arguments, it resumes after the last finished round; with `overwrite` it
     discards an earlier run in `out_dir` and starts afresh.
+
+    Under torchrun every process runs the same rounds and takes the same decisions from the same
+    gathered scores; rank 0 works in `out_dir`, the others in a private temporary folder of their own
+    (removed at the end), so no shared filesystem is needed for the rounds' files.
     """
     loop = loop or LoopOptions()
     train_options = train_options or TrainOptions(scope="refit")
-    run = run_options or RunOptions()
-    reporter = reporter or Reporter()
-    model_options = model_options or ModelOptions()
-    loop.validate()
-    train_options.validate()
-    out = Path(out_dir)
+    with all_or_none():
+        loop.validate()
+        train_options.validate()
+    if writes_here():
+        return _post_train(checkpoint, manifest, Path(out_dir), loop, train_options, val, model_options or ModelOptions(),
+                           run_options or RunOptions(), reporter or Reporter(), on_round, overwrite)
+    with tempfile.TemporaryDirectory(prefix="irank-post-train-") as private, local_outputs():
+        result = _post_train(checkpoint, manifest, Path(private), loop, train_options, val, model_options or ModelOptions(),
+                             run_options or RunOptions(), reporter or Reporter(), on_round, overwrite)
+    return replace(result, final_model=str(Path(out_dir) / "final.safetensors"))
+
+
+def _share_last_round(out: Path, state: dict) -> None:
+    """Under torchrun, when resuming: rank 0's last finished round (kept manifest and model) into every
+    other process's private folder, where the next round reads them."""
+    if not active() or not state["rounds"]:
+        return
+    folder = state["rounds"][-1]["folder"]
+    payload = None
+    with all_or_none():  # no collective inside: a process that fails here must reach the agreement
+        if is_main():
+            payload = (str((out / folder).resolve()), read_table(out / folder / "kept.csv"),
+                       (out / folder / "model.safetensors").read_bytes())
+    source, kept, model_bytes = broadcast_object(payload)
+    with all_or_none():
+        if not is_main():
+            (out / folder).mkdir(parents=True, exist_ok=True)
+            write_table(rebase_paths(kept, Path(source), out / folder / "kept.csv"), out / folder / "kept.csv")
+            (out / folder / "model.safetensors").write_bytes(model_bytes)
+
+
+def _post_train(checkpoint: str, manifest: str, out: Path, loop: LoopOptions, train_options: TrainOptions,
+                val: str | None, model_options: ModelOptions, run: RunOptions, reporter: Reporter,
+                on_round: Callable[[dict], None] | None, overwrite: bool) -> PostTrainResult:
     config = {
         "checkpoint": {"path": str(checkpoint), "sha256": sha256_file(checkpoint)},
         "manifest": {"path": str(manifest), "sha256": sha256_file(manifest)},
@@ -235,15 +269,18 @@ def post_train(
         "train": asdict(train_options),
         "model": asdict(model_options),
     }
-    out.mkdir(parents=True, exist_ok=True)
-    _check_inputs_outside_run(out, {"checkpoint": checkpoint, "manifest": manifest, "--val": val})
-    state = _load_state(out, config, overwrite) or {"irank_version": __version__, "config": config, "rounds": [], "plan": None}
-    original = read_manifest(manifest)
-    original_rows = len(original)
-    if not model_options.allow_outside_root:
-        check_inside_root(original)
-        if val:
-            check_inside_root(read_manifest(val))
+    with all_or_none():
+        out.mkdir(parents=True, exist_ok=True)
+        _check_inputs_outside_run(out, {"checkpoint": checkpoint, "manifest": manifest, "--val": val})
+        state = _load_state(out, config, overwrite) or {"irank_version": __version__, "config": config, "rounds": [], "plan": None}
+        original = read_manifest(manifest)
+        original_rows = len(original)
+        if not model_options.allow_outside_root:
+            check_inside_root(original)
+            if val:
+                check_inside_root(read_manifest(val))
+    state = broadcast_object(state)  # under torchrun: rank 0's run, resumed or fresh, for every process
+    _share_last_round(out, state)
     # Each round reads the manifests irank wrote from the checked one, in round folders beside it.
     round_options = replace(model_options, allow_outside_root=True)
     eval_kwargs = {"model_options": model_options, "run_options": run}
@@ -251,8 +288,9 @@ def post_train(
         state["input_val_accuracy"] = evaluate(checkpoint, val, **eval_kwargs)["accuracy"]
     if state["rounds"]:
         reporter.info(f"resuming {out}: {len(state['rounds'])} rounds already finished")
-    for leftover in out.glob(".round-*.tmp"):
-        shutil.rmtree(leftover)
+    with all_or_none():
+        for leftover in out.glob(".round-*.tmp"):
+            shutil.rmtree(leftover)
     while not state.get("finished"):
         number = len(state["rounds"]) + 1
         previous = state["rounds"][-1] if state["rounds"] else None
@@ -262,8 +300,9 @@ def post_train(
         current_manifest = str(out / previous["folder"] / "kept.csv") if previous else str(manifest)
         folder = f"round-{number:02d}"
         building = out / f".{folder}.tmp"
-        if (out / folder).exists():  # renamed but not yet in summary.json when the last run stopped
-            shutil.rmtree(out / folder)
+        with all_or_none():
+            if (out / folder).exists():  # renamed but not yet in summary.json when the last run stopped
+                shutil.rmtree(out / folder)
         with _round_folder(building):
             started = time.perf_counter()
             table = score(current_model, current_manifest, output=str(building / "scores.csv"), method=loop.method,
@@ -285,9 +324,10 @@ def post_train(
             plan = state["plan"]
             count = _removal_count(plan["step"], original_rows)
             prune_kwargs = {"count": count} if not loop.per_class else {"fraction": min(0.99, count / len(table))}
-            pruned = prune(str(building / "scores.csv"), current_manifest, output=str(building / "kept.csv"),
-                           removed_output=str(building / "removed.csv"), per_class=loop.per_class,
-                           min_per_class=loop.min_per_class, **prune_kwargs)
+            with all_or_none():  # every process prunes its own copy of the same table alike
+                pruned = prune(str(building / "scores.csv"), current_manifest, output=str(building / "kept.csv"),
+                               removed_output=str(building / "removed.csv"), per_class=loop.per_class,
+                               min_per_class=loop.min_per_class, **prune_kwargs)
             pruned_at = time.perf_counter()
             round_training = train_options
             if from_input and state.get("layer"):
@@ -309,15 +349,18 @@ def post_train(
             }
             if val:
                 record["val_accuracy"] = max(r.get("val_accuracy", -1.0) for r in refined.history)
-            building.rename(out / folder)
+            with all_or_none():
+                building.rename(out / folder)
         state["rounds"].append(record)
         done_by_plan = number >= plan["rounds"]
         stopped_by_val = bool(val) and number - _best_round(state) >= loop.patience
         if done_by_plan or stopped_by_val:
             state["finished"] = True
             state["stopped_because"] = "validation accuracy stopped improving" if stopped_by_val and not done_by_plan else "all planned rounds done"
-        write_json_atomic(out / "summary.json", state)
-        _collect_removed(out, state["rounds"])
+        with all_or_none():
+            if is_main():  # a private folder of another torchrun process needs no summary
+                write_json_atomic(out / "summary.json", state)
+                _collect_removed(out, state["rounds"])
         if on_round:
             on_round(record)
     if val:
@@ -326,9 +369,11 @@ def post_train(
         best = state["rounds"][-1]
     state["final_round"] = best["round"]
     final = out / "final.safetensors"
-    with atomic_path(final) as tmp:
-        shutil.copyfile(out / best["folder"] / "model.safetensors", tmp)
-    write_json_atomic(out / "summary.json", state)
+    with all_or_none():
+        if is_main():
+            with atomic_path(final) as tmp:
+                shutil.copyfile(out / best["folder"] / "model.safetensors", tmp)
+            write_json_atomic(out / "summary.json", state)
     if val and best["val_accuracy"] < state["input_val_accuracy"]:
         reporter.warn(f"no round beat the input checkpoint on --val ({state['input_val_accuracy']:.4f}); "
                       f"final.safetensors is the best round ({best['val_accuracy']:.4f})")

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from . import influence
+from .distributed import Shard
 from .linear import fit_softmax_regression, fit_standardized, standardize, standardizer
 
 PROBE_MEASURES = ("loss", "margin", "self-influence", "boundary-shift")
@@ -27,28 +28,32 @@ def probe_scores(
     *,
     l2: float,
     measure: str = "loss",
+    shard: Shard | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Fit the probe on (features, labels) and score every sample: (scores, probe logits, (weight, bias)).
 
     `loss` and `margin` are the probe's own in-sample cross-entropy and negative margin; the influence
     measures use the probe's exact curvature (Gauss–Newton + the L2 term) on standardized features.
+    With a `shard` (torchrun) the rows are this process's; the probe and curvature are every process's.
     """
     if measure not in PROBE_MEASURES:
         raise ValueError(f"unknown probe measure {measure!r}; choose from {', '.join(PROBE_MEASURES)}")
-    weight, bias = fit_softmax_regression(features, labels, num_classes, l2=l2)
+    weight, bias = fit_softmax_regression(features, labels, num_classes, l2=l2, shard=shard)
     logits = probe_logits(features, weight, bias)
     if measure == "loss":
         scores = influence.cross_entropy(logits, labels)
     elif measure == "margin":
         scores = influence.negative_margin(logits, labels)
     else:
-        mean, scale = standardizer(features.double())
+        mean, scale = standardizer(features.double(), shard)
         standardized = influence.augment((features.double() - mean) / scale, has_bias=True)
         probs = torch.softmax(logits, dim=1)
-        if influence.choose_curvature("auto", *probs.shape, standardized.shape[1]) == "exact":
-            scores = influence.exact_influence(probs, standardized, labels, damping=l2, measure=measure, absolute_damping=True)
+        rows = len(probs) if shard is None else shard.total
+        if influence.choose_curvature("auto", rows, probs.shape[1], standardized.shape[1]) == "exact":
+            scores = influence.exact_influence(probs, standardized, labels, damping=l2, measure=measure, absolute_damping=True,
+                                               shard=shard)
         else:
-            scores = influence.kfac_influence(probs, standardized, labels, damping=l2, measure=measure)
+            scores = influence.kfac_influence(probs, standardized, labels, damping=l2, measure=measure, shard=shard)
     return scores, logits, (weight, bias)
 
 

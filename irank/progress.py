@@ -15,6 +15,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 class Reporter:
     """Silent: the default for library calls."""
 
+    speaks = False
+
     @contextlib.contextmanager
     def task(self, description: str, total: int | None) -> Iterator[Callable[[int], None]]:
         yield lambda advance=1: None
@@ -27,11 +29,17 @@ class Reporter:
 
 
 class RichReporter(Reporter):
-    """Progress bars and messages on stderr; bars turn themselves off when stderr is not a terminal."""
+    """Progress bars and messages on stderr; bars turn themselves off when stderr is not a terminal.
+
+    Under torchrun only rank 0 speaks: the other processes' reporters stay silent, warnings included.
+    """
 
     def __init__(self, quiet: bool = False):
+        from .distributed import is_main
+
         self.console = Console(stderr=True, highlight=False)
-        self.quiet = quiet
+        self.speaks = is_main()
+        self.quiet = quiet or not self.speaks
 
     @contextlib.contextmanager
     def task(self, description: str, total: int | None) -> Iterator[Callable[[int], None]]:
@@ -54,4 +62,5 @@ class RichReporter(Reporter):
             self.console.print(message, markup=False)
 
     def warn(self, message: str) -> None:
-        self.console.print(f"irank: warning: {message}", markup=False, style="yellow")
+        if self.speaks:
+            self.console.print(f"irank: warning: {message}", markup=False, style="yellow")

@@ -9,9 +9,12 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
 from .checkpoint import save_checkpoint
-from .data import AUGMENTS, batches, make_loader
+from .data import AUGMENTS, ShardedShuffle, batches, make_loader, make_shard_loader
+from .distributed import (active, all_or_none, all_reduce_sum, broadcast_, ddp_device_ids, each_all_or_none,
+                          local_rows, rank, shard_of, world_size, writes_here)
 from .errors import UsageError
 from .evaluation import accuracy_report
 from .features import forward_pass, resolve_device
@@ -27,12 +30,14 @@ LOSSES = ("ce", "gce")
 GCE_Q = 0.7
 
 
-def training_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> torch.Tensor:
-    """Mean cross-entropy, or generalized cross-entropy (1 − p_y^q) / q, which bounds a wrong label's pull."""
+def training_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str, reduction: str = "mean") -> torch.Tensor:
+    """Mean (or with reduction="sum", summed) cross-entropy, or generalized cross-entropy (1 − p_y^q) / q,
+    which bounds a wrong label's pull."""
     if kind == "gce":
         label_prob = torch.softmax(logits, dim=1).gather(1, labels[:, None]).squeeze(1).clamp_min(1e-7)
-        return ((1 - label_prob**GCE_Q) / GCE_Q).mean()
-    return F.cross_entropy(logits, labels)
+        losses = (1 - label_prob**GCE_Q) / GCE_Q
+        return losses.sum() if reduction == "sum" else losses.mean()
+    return F.cross_entropy(logits, labels, reduction=reduction)
 
 
 @dataclass
@@ -75,7 +80,10 @@ class RefineResult:
 
 
 class ValidationSet:
-    """A clean labelled manifest on which every epoch is scored; head-only training scores cached features."""
+    """A clean labelled manifest on which every epoch is scored; head-only training scores cached features.
+
+    Under torchrun each process scores its block of the rows and the correct predictions are summed.
+    """
 
     def __init__(self, prepared: Prepared, path: str, run: RunOptions, device: torch.device, allow_outside_root: bool = False):
         manifest = read_manifest(path)
@@ -83,7 +91,10 @@ class ValidationSet:
             check_inside_root(manifest)
         check_same_input(prepared.input_shape, manifest, "--val")
         self.labels = torch.from_numpy(encode_labels(manifest, prepared.classes))
-        self.loader = make_loader(manifest.resolved_paths(), prepared.preprocess, batch_size=run.batch_size, num_workers=run.num_workers)
+        self.shard = shard_of(len(self.labels))
+        self.loader, self.num_rows, self.first_row = make_shard_loader(
+            manifest.resolved_paths(), prepared.preprocess, batch_size=run.batch_size, num_workers=run.num_workers,
+            shard=self.shard)
         self.classes = prepared.classes
         self.device = device
         self.cached_inputs: torch.Tensor | None = None
@@ -93,12 +104,18 @@ class ValidationSet:
             with torch.no_grad():
                 logits = prepared.head(self.cached_inputs.to(self.device)).float().cpu()
         else:
-            outputs = forward_pass(prepared.model, prepared.head, self.loader, num_rows=len(self.labels),
-                                   device=self.device, reporter=reporter, description="validation")
+            with all_or_none():
+                outputs = forward_pass(prepared.model, prepared.head, self.loader, num_rows=self.num_rows,
+                                       device=self.device, reporter=reporter, description="validation",
+                                       first_row=self.first_row)
             logits = outputs.logits
             if cache_head_inputs:
                 self.cached_inputs = outputs.head_inputs
-        return accuracy_report(logits, self.labels, self.classes)["accuracy"]
+        if self.shard is None:
+            return accuracy_report(logits, self.labels, self.classes)["accuracy"]
+        correct = (logits.argmax(dim=1) == local_rows(self.labels, self.shard)).sum().reshape(1)
+        # float32 like accuracy_report's mean, so that one process and many agree to the bit
+        return float(self.shard.sum(correct).float()[0] / self.shard.total)
 
 
 def _cosine(step: int, total: int) -> float:
@@ -123,18 +140,21 @@ def refit_head(prepared: Prepared, options: TrainOptions, run: RunOptions, devic
     from .layers import layer_features
 
     model = prepared.model.to(device)
-    loader = make_loader(prepared.manifest.resolved_paths(), prepared.preprocess, batch_size=run.batch_size,
-                         num_workers=run.num_workers)
+    shard = shard_of(len(prepared.labels))  # None with one process
+    with all_or_none():
+        loader, num_rows, first_row = make_shard_loader(prepared.manifest.resolved_paths(), prepared.preprocess,
+                                                        batch_size=run.batch_size, num_workers=run.num_workers, shard=shard)
+        if options.layer:
+            head_inputs = layer_features(model, options.layer, loader, num_rows=num_rows, device=device,
+                                         reporter=reporter, first_row=first_row)
+        else:
+            head_inputs = forward_pass(model, prepared.head, loader, num_rows=num_rows, device=device,
+                                       reporter=reporter, description="head inputs", first_row=first_row).head_inputs
     if options.layer:
-        head_inputs = layer_features(model, options.layer, loader, num_rows=len(prepared.labels), device=device,
-                                     reporter=reporter)
         attach_probe(prepared, options.layer, head_inputs.shape[1])
-    else:
-        head_inputs = forward_pass(model, prepared.head, loader, num_rows=len(prepared.labels), device=device,
-                                   reporter=reporter, description="head inputs").head_inputs
     model, head = prepared.model.to(device), prepared.head
-    labels = torch.from_numpy(prepared.labels)
-    weight, bias = fit_softmax_regression(head_inputs, labels, head.out_features, l2=options.l2)
+    labels = local_rows(torch.from_numpy(prepared.labels), shard)
+    weight, bias = fit_softmax_regression(head_inputs, labels, head.out_features, l2=options.l2, shard=shard)
     with torch.no_grad():
         head.weight.copy_(weight.to(head.weight))
         if head.bias is not None:
@@ -142,7 +162,11 @@ def refit_head(prepared: Prepared, options: TrainOptions, run: RunOptions, devic
         else:
             reporter.warn("the head has no bias: the refit's intercept is dropped")
         logits = head(head_inputs.to(device)).float().cpu()
-    record = {"epoch": 1, "train_loss": float(F.cross_entropy(logits, labels))}
+    if shard is None:
+        record = {"epoch": 1, "train_loss": float(F.cross_entropy(logits, labels))}
+    else:
+        summed = shard.sum(F.cross_entropy(logits, labels, reduction="sum").reshape(1))
+        record = {"epoch": 1, "train_loss": float(summed[0] / shard.total)}
     if validation is not None:
         record["val_accuracy"] = validation.accuracy(prepared, reporter, cache_head_inputs=True)
     return RefineResult(history=[record], best_epoch=1)
@@ -154,10 +178,15 @@ def train_epochs(prepared: Prepared, options: TrainOptions, run: RunOptions, dev
 
     With `resume`, the state after every epoch is saved to its file, and a saved state (when
     `resume.resume`) is continued from: the weights come out as if training had never stopped.
+
+    Under torchrun (no `resume` there): the cached head path splits every batch of the one-process run
+    by which process holds its rows and sums the gradients, so it computes what one process computes;
+    the other paths train with DistributedDataParallel on `ShardedShuffle`'s share of each epoch.
     """
     if options.scope == "refit":
         return refit_head(prepared, options, run, device, reporter, validation)
-    torch.manual_seed(options.seed)
+    shard = shard_of(len(prepared.labels))  # None with one process
+    torch.manual_seed(options.seed if shard is None else options.seed + rank())  # augmentation draws differ by process
     model, head = prepared.model.to(device), prepared.head
     labels = torch.from_numpy(prepared.labels)
     head_only = options.scope == "head"
@@ -169,15 +198,26 @@ def train_epochs(prepared: Prepared, options: TrainOptions, run: RunOptions, dev
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(trainable, lr=options.lr, momentum=options.momentum, weight_decay=options.weight_decay)
     paths = prepared.manifest.resolved_paths()
+    forward = model
     if cached:
-        plain = make_loader(paths, prepared.preprocess, batch_size=run.batch_size, num_workers=run.num_workers)
-        head_inputs = forward_pass(model, head, plain, num_rows=len(labels), device=device, reporter=reporter,
-                                   description="head inputs").head_inputs
+        with all_or_none():
+            plain, num_rows, first_row = make_shard_loader(paths, prepared.preprocess, batch_size=run.batch_size,
+                                                           num_workers=run.num_workers, shard=shard)
+            head_inputs = forward_pass(model, head, plain, num_rows=num_rows, device=device, reporter=reporter,
+                                       description="head inputs", first_row=first_row).head_inputs
         steps_per_epoch = math.ceil(len(labels) / run.batch_size)
-    else:
+    elif shard is None:
         loader = make_loader(paths, prepared.preprocess, batch_size=run.batch_size, num_workers=run.num_workers,
                              augment=options.augment, shuffle=True, seed=options.seed)
         steps_per_epoch = len(loader)
+    else:  # each process takes its share of every epoch's order, in batches of its share of --batch-size
+        order = ShardedShuffle(len(labels), seed=options.seed, index=rank(), parts=world_size())
+        loader = make_loader(paths, prepared.preprocess, batch_size=math.ceil(run.batch_size / world_size()),
+                             num_workers=run.num_workers, augment=options.augment, sampler=order)
+        steps_per_epoch = len(loader)
+        # A model cut at a layer (a refit probe) leaves the modules after the cut unused.
+        forward = DistributedDataParallel(model, device_ids=ddp_device_ids() if device.type == "cuda" else None,
+                                          find_unused_parameters=bool(prepared.extra_metadata.get("probe")))
     total_steps = options.epochs * steps_per_epoch
     result = RefineResult()
     best_accuracy, best_state, step = -1.0, None, 0
@@ -207,22 +247,33 @@ def train_epochs(prepared: Prepared, options: TrainOptions, run: RunOptions, dev
                 order = torch.randperm(len(labels), generator=generator)
                 chunks = [(None, order[i : i + run.batch_size]) for i in range(0, len(labels), run.batch_size)]
             else:
-                chunks = batches(loader)
+                chunks = each_all_or_none(batches(loader))  # a bad image in any process stops them all
             for images, rows in chunks:
                 for group in optimizer.param_groups:
                     group["lr"] = options.lr * _cosine(step, total_steps)
-                if cached:
+                if cached and shard is not None:  # this process's rows of the batch, their loss over the whole batch
+                    here = rows[(rows >= shard.start) & (rows < shard.stop)]
+                    logits = head(head_inputs[here - shard.start].to(device))
+                    loss = training_loss(logits, labels[here].to(device), options.loss, reduction="sum") / len(rows)
+                elif cached:
                     logits = head(head_inputs[rows].to(device))
+                    loss = training_loss(logits, labels[rows].to(device), options.loss)
                 else:
-                    logits = model(images.to(device, non_blocking=True))
-                loss = training_loss(logits, labels[rows].to(device), options.loss)
+                    logits = forward(images.to(device, non_blocking=True))
+                    loss = training_loss(logits, labels[rows].to(device), options.loss)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if cached and shard is not None:
+                    loss = sum_gradients(trainable, loss)
                 optimizer.step()
                 running += float(loss.detach()) * len(rows)
                 seen += len(rows)
                 step += 1
                 advance(1)
+        if shard is not None and not cached:
+            running, seen = (float(total) for total in all_reduce_sum(torch.tensor([running, float(seen)], dtype=torch.float64)))
+            for buffer in model.buffers():  # batch-norm statistics: rank 0's, as DistributedDataParallel uses
+                broadcast_(buffer)
         record = {"epoch": epoch, "train_loss": running / max(1, seen)}
         if validation is not None:
             record["val_accuracy"] = validation.accuracy(prepared, reporter, cache_head_inputs=head_only)
@@ -249,26 +300,45 @@ def train_epochs(prepared: Prepared, options: TrainOptions, run: RunOptions, dev
     return result
 
 
+def sum_gradients(parameters: list[torch.Tensor], loss: torch.Tensor) -> torch.Tensor:
+    """Replace each parameter's gradient by its sum over every process (torchrun); returns the summed loss."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
+    summed = all_reduce_sum(torch.cat([loss.detach().reshape(1)] + [g.reshape(-1) for g in grads]))
+    offset = 1
+    for parameter in parameters:
+        parameter.grad = summed[offset : offset + parameter.numel()].view_as(parameter).clone()
+        offset += parameter.numel()
+    return summed[0]
+
+
 def _fit_and_save(checkpoint: str | None, manifest: str, output: str, options: TrainOptions, val: str | None,
                   model_options: ModelOptions, run: RunOptions, reporter: Reporter, provenance_key: str,
                   overwrite: bool = False, resume: bool = False) -> RefineResult:
-    options.validate()
-    if not str(output).endswith(".safetensors"):
-        raise UsageError(f"-o {output}: irank writes checkpoints as safetensors; name the output *.safetensors")
-    check_outputs_clear_of_inputs({"-o": output}, {"checkpoint": checkpoint, "manifest": manifest, "--val": val})
-    check_overwrite({"-o": output}, overwrite)
+    with all_or_none():  # under torchrun: every process stops here if any check failed, before any work
+        options.validate()
+        if not str(output).endswith(".safetensors"):
+            raise UsageError(f"-o {output}: irank writes checkpoints as safetensors; name the output *.safetensors")
+        if resume and active():
+            raise UsageError("--resume is not available under torchrun (each process would need its own saved "
+                             "state); run without it to start afresh")
+        check_outputs_clear_of_inputs({"-o": output}, {"checkpoint": checkpoint, "manifest": manifest, "--val": val})
+        if writes_here():
+            check_overwrite({"-o": output}, overwrite)
     torch.manual_seed(options.seed)  # before the model is built: a fresh model's initial weights depend on it
-    prepared = prepare(checkpoint, manifest, model_options)
-    for note in prepared.notes:
-        reporter.info(note)
-    device = resolve_device(run.device)
-    validation = ValidationSet(prepared, val, run, device, model_options.allow_outside_root) if val else None
+    with all_or_none():
+        prepared = prepare(checkpoint, manifest, model_options)
+        for note in prepared.notes:
+            reporter.info(note)
+        device = resolve_device(run.device)
+        validation = ValidationSet(prepared, val, run, device, model_options.allow_outside_root) if val else None
     inputs = {"checkpoint": sha256_file(checkpoint) if checkpoint else None, "manifest": sha256_file(manifest),
               "val": sha256_file(val) if val else None, "options": dict(options.__dict__),
               "model": dict(model_options.__dict__), "batch_size": run.batch_size}
-    state = Resume(resume_path(output), sha256_bytes(json.dumps(inputs, sort_keys=True).encode()), resume)
-    if not resume and state.path.exists():
-        reporter.info(f"{state.path} holds an interrupted run; starting afresh (pass --resume to continue it)")
+    state = None
+    if not active():  # under torchrun no state is saved: --resume is refused there
+        state = Resume(resume_path(output), sha256_bytes(json.dumps(inputs, sort_keys=True).encode()), resume)
+        if not resume and state.path.exists():
+            reporter.info(f"{state.path} holds an interrupted run; starting afresh (pass --resume to continue it)")
     result = train_epochs(prepared, options, run, device, reporter, validation, state)
     provenance = {
         "manifest": {"path": manifest, "sha256": sha256_file(manifest), "rows": len(prepared.manifest)},
@@ -279,8 +349,11 @@ def _fit_and_save(checkpoint: str | None, manifest: str, output: str, options: T
     if checkpoint:
         provenance["from"] = {"path": checkpoint, "sha256": sha256_file(checkpoint)}
     result.metadata = prepared.metadata(**{provenance_key: provenance}, **prepared.extra_metadata)
-    save_checkpoint(prepared.model.cpu(), output, result.metadata)
-    state.remove()
+    with all_or_none():  # a failed write on rank 0 fails every process
+        if writes_here():
+            save_checkpoint(prepared.model.cpu(), output, result.metadata)
+    if state is not None:
+        state.remove()
     return result
 
 

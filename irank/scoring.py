@@ -12,7 +12,8 @@ from . import influence
 from ._version import __version__
 from .boundary import (HEAD_INPUT, BoundaryOptions, LayerChoice, block_candidates, choice_sample, choose_layer,
                        refit_scores)
-from .data import make_loader
+from .data import make_loader, make_shard_loader
+from .distributed import Shard, all_or_none, broadcast_object, gather_objects, local_rows, shard_of, writes_here
 from .errors import UsageError
 from .features import ForwardOutputs, forward_pass, resolve_device
 from .layers import layer_features
@@ -41,11 +42,16 @@ def method_scores(
     damping: float = 0.01,
     measure: str = "self-influence",
     curvature: str = "auto",
+    shard: Shard | None = None,
 ) -> tuple[torch.Tensor, dict]:
-    """Score every sample with `method` (higher = more likely mislabeled); also say how."""
+    """Score every sample with `method` (higher = more likely mislabeled); also say how.
+
+    With a `shard` (torchrun) the rows given are this process's, and influence uses every process's curvature.
+    """
     if method == "influence":
         scores, used = influence.influence_scores(
-            logits, head_inputs, labels, has_bias=has_bias, damping=damping, measure=measure, curvature=curvature
+            logits, head_inputs, labels, has_bias=has_bias, damping=damping, measure=measure, curvature=curvature,
+            shard=shard,
         )
         return scores, {"influence_measure": measure, "curvature": used, "damping": damping}
     if method == "loss":
@@ -68,76 +74,111 @@ def validate_score_options(method: str, measure: str, curvature: str, damping: f
         raise UsageError(f"--damping {damping}: must be positive")
 
 
-def run_forward(prepared: Prepared, run: RunOptions, reporter: Reporter) -> ForwardOutputs:
-    loader = make_loader(
-        prepared.manifest.resolved_paths(), prepared.preprocess, batch_size=run.batch_size, num_workers=run.num_workers
-    )
+def shard_loader(prepared: Prepared, run: RunOptions, shard: Shard | None = None) -> tuple[object, int, int]:
+    """(loader, rows it yields, manifest row of its first row): all rows, or this process's block under torchrun."""
+    return make_shard_loader(prepared.manifest.resolved_paths(), prepared.preprocess, batch_size=run.batch_size,
+                             num_workers=run.num_workers, shard=shard)
+
+
+def run_forward(prepared: Prepared, run: RunOptions, reporter: Reporter, shard: Shard | None = None) -> ForwardOutputs:
+    """Head inputs and logits of every row (of this process's block of rows, with a `shard`)."""
+    loader, num_rows, first_row = shard_loader(prepared, run, shard)
     return forward_pass(
-        prepared.model, prepared.head, loader, num_rows=len(prepared.manifest),
-        device=resolve_device(run.device), reporter=reporter,
+        prepared.model, prepared.head, loader, num_rows=num_rows,
+        device=resolve_device(run.device), reporter=reporter, first_row=first_row,
     )
 
 
-def refit_boundary(prepared: Prepared, labels: torch.Tensor, method: str, measure: str, boundary: BoundaryOptions,
-                   run: RunOptions, reporter: Reporter) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Scores on an L2 probe refit at the chosen layer: (scores, probe logits, details for the sidecar)."""
+def refit_layer(prepared: Prepared, boundary: BoundaryOptions) -> str:
+    """The layer a refit boundary reads: a module name, HEAD_INPUT, or "auto"."""
     layer = boundary.probe_layer
     if layer == "auto" and prepared.extra_metadata.get("probe"):
-        layer = HEAD_INPUT  # the model is already cut at the layer a refit chose: refit on its probe's input
+        return HEAD_INPUT  # the model is already cut at the layer a refit chose: refit on its probe's input
     if layer == "auto" and not block_candidates(prepared.model, prepared.head_name):
-        layer = HEAD_INPUT  # a model with nothing before its head (a plain linear classifier): probe the head's input
-    if layer == "auto":
-        features, choice = auto_layer_features(prepared, labels, boundary.l2, run, reporter)
-    elif layer == HEAD_INPUT:
-        features, choice = run_forward(prepared, run, reporter).head_inputs, LayerChoice(HEAD_INPUT, "given")
-    else:
-        features = layer_features(prepared.model, layer, layer_loader(prepared, run), num_rows=len(labels),
-                                  device=resolve_device(run.device), reporter=reporter)
-        choice = LayerChoice(layer, "given")
-    scores, logits = refit_scores(features, labels, len(prepared.classes), method=method, measure=measure,
-                                  l2=boundary.l2)
+        return HEAD_INPUT  # a model with nothing before its head (a plain linear classifier): probe the head's input
+    return layer
+
+
+def read_layer(prepared: Prepared, layer: str, run: RunOptions, reporter: Reporter,
+               shard: Shard | None = None) -> torch.Tensor:
+    """Features at a named layer (or the head's input) of every row, or of this process's block of rows."""
+    if layer == HEAD_INPUT:
+        return run_forward(prepared, run, reporter, shard).head_inputs
+    loader, num_rows, first_row = shard_loader(prepared, run, shard)
+    return layer_features(prepared.model, layer, loader, num_rows=num_rows, device=resolve_device(run.device),
+                          reporter=reporter, first_row=first_row)
+
+
+# --layer auto reads every candidate layer on a seeded random sample of rows, chooses there, then runs the
+# other rows only up to the chosen layer: less than one forward pass. Under torchrun the sample's features are
+# gathered between the two reads, so the choice is made on the same rows as by one process.
+
+
+def block_rows(num_rows: int, shard: Shard | None) -> range:
+    return range(num_rows) if shard is None else range(shard.start, shard.stop)
+
+
+def read_choice_sample(prepared: Prepared, sample_size: int, run: RunOptions, reporter: Reporter,
+                       shard: Shard | None = None) -> tuple[list[int], dict[str, torch.Tensor]]:
+    """(the sample's rows, the candidate layers' features of the sample rows this process holds)."""
+    num_rows = len(prepared.labels)
+    sample = choice_sample(num_rows, limit=sample_size)
+    sample_rows = list(range(num_rows)) if sample is None else sample.tolist()
+    block = block_rows(num_rows, shard)
+    mine = [row for row in sample_rows if block.start <= row < block.stop]
+    names = block_candidates(prepared.model, prepared.head_name)
+    if not mine:
+        return sample_rows, {}
+    loader = make_loader(prepared.manifest.resolved_paths(), prepared.preprocess, batch_size=run.batch_size,
+                         num_workers=run.num_workers, rows=mine)
+    candidates = layer_features(prepared.model, names, loader, num_rows=len(mine), device=resolve_device(run.device),
+                                reporter=reporter, row_order=mine)
+    return sample_rows, candidates
+
+
+def choose_on_sample(sample_rows: list[int], candidates: dict[str, torch.Tensor], labels: torch.Tensor,
+                     num_classes: int, l2: float, reporter: Reporter, shard: Shard | None = None) -> LayerChoice:
+    """The layer, chosen on the sample's rows (gathered from every process under torchrun)."""
+    if shard is not None:  # blocks are contiguous and the sample is sorted: rank order is row order
+        parts = [part for part in gather_objects(candidates) if part]
+        candidates = {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
+    choice = choose_layer(candidates, labels[sample_rows], num_classes, l2=l2, reporter=reporter,
+                          max_rows=len(sample_rows))
+    if len(sample_rows) < len(labels):
+        choice.how += f" (on a random sample of {len(sample_rows):,} rows)"
+    if shard is not None:
+        choice = broadcast_object(choice)  # one decision, whatever the processes' arithmetic
+    reporter.info(f"layer: {choice.layer} ({choice.how})")
+    return choice
+
+
+def read_rest(prepared: Prepared, layer: str, sample_rows: list[int], candidates: dict[str, torch.Tensor],
+              run: RunOptions, reporter: Reporter, shard: Shard | None = None) -> torch.Tensor:
+    """Features at the chosen layer of every row this process holds: the sample's already read, the others
+    read now, each forward pass stopping at the layer."""
+    block = block_rows(len(prepared.labels), shard)
+    in_sample = set(sample_rows)
+    mine = [row for row in sample_rows if block.start <= row < block.stop]
+    rest = [row for row in block if row not in in_sample]
+    if not rest:
+        return candidates[layer]
+    loader = make_loader(prepared.manifest.resolved_paths(), prepared.preprocess, batch_size=run.batch_size,
+                         num_workers=run.num_workers, rows=rest)
+    others = layer_features(prepared.model, layer, loader, num_rows=len(rest), device=resolve_device(run.device),
+                            reporter=reporter, row_order=rest)
+    features = torch.empty(len(block), others.shape[1], dtype=torch.float32)
+    if mine:
+        features[torch.tensor(mine) - block.start] = candidates[layer]
+    features[torch.tensor(rest) - block.start] = others
+    return features
+
+
+def refit_details(choice: LayerChoice, boundary: BoundaryOptions, method: str, measure: str) -> dict:
     details = {"boundary": "refit", "layer": choice.layer, "layer_choice": choice.how, "l2": boundary.l2,
                "influence_measure": measure if method == "influence" else None}
     if choice.figures:
         details["layers"] = choice.figures
-    return scores, logits, details
-
-
-def layer_loader(prepared: Prepared, run: RunOptions, rows: list[int] | None = None):
-    return make_loader(prepared.manifest.resolved_paths(), prepared.preprocess, batch_size=run.batch_size,
-                       num_workers=run.num_workers, rows=rows)
-
-
-def auto_layer_features(prepared: Prepared, labels: torch.Tensor, l2: float, run: RunOptions,
-                        reporter: Reporter) -> tuple[torch.Tensor, LayerChoice]:
-    """Features of every row at the layer `--layer auto` picks, for less than one forward pass.
-
-    The candidates are read, in one pass, on the seeded random sample of rows the choice uses; the
-    layer is chosen; the other rows then run only up to the chosen layer.
-    """
-    num_rows = len(labels)
-    device = resolve_device(run.device)
-    names = block_candidates(prepared.model, prepared.head_name)
-    sample = choice_sample(num_rows)
-    first = list(range(num_rows)) if sample is None else sample.tolist()
-    candidates = layer_features(prepared.model, names, layer_loader(prepared, run, first), num_rows=num_rows,
-                                device=device, reporter=reporter, row_order=None if sample is None else first)
-    choice = choose_layer(candidates, labels[sample] if sample is not None else labels, len(prepared.classes),
-                          l2=l2, reporter=reporter, max_rows=len(first))
-    if sample is not None:
-        choice.how += f" (on a random sample of {len(first):,} rows)"
-    reporter.info(f"layer: {choice.layer} ({choice.how})")
-    if sample is None:
-        return candidates[choice.layer], choice
-    chosen = candidates.pop(choice.layer)
-    del candidates
-    in_sample = set(first)
-    rest = [row for row in range(num_rows) if row not in in_sample]
-    features = torch.empty(num_rows, chosen.shape[1], dtype=torch.float32)
-    features[sample] = chosen
-    features[rest] = layer_features(prepared.model, choice.layer, layer_loader(prepared, run, rest), num_rows=num_rows,
-                                    device=device, reporter=reporter, row_order=rest)
-    return features, choice
+    return details
 
 
 def score(
@@ -166,28 +207,53 @@ def score(
     run_options = run_options or RunOptions()
     validate_score_options(method, influence_measure, curvature, damping)
     boundary = boundary or BoundaryOptions()
-    boundary.validate()
-    if output is not None:
-        table_format(output)
-        sidecar_path = None if is_stdio(output) else output + ".json"
-        check_outputs_clear_of_inputs(
-            {"-o": output, "the sidecar": sidecar_path}, {"checkpoint": checkpoint, "manifest": manifest}
-        )
-        check_overwrite({"-o": output, "the sidecar": sidecar_path}, overwrite)
-    prepared = prepare(checkpoint, manifest, model_options)
-    for note in prepared.notes:
-        reporter.info(note)
-    labels = torch.from_numpy(prepared.labels)
+    with all_or_none():  # under torchrun: every process stops here if any check failed, before any work
+        boundary.validate()
+        if output is not None:
+            table_format(output)
+            sidecar_path = None if is_stdio(output) else output + ".json"
+            check_outputs_clear_of_inputs(
+                {"-o": output, "the sidecar": sidecar_path}, {"checkpoint": checkpoint, "manifest": manifest}
+            )
+            if writes_here():
+                check_overwrite({"-o": output, "the sidecar": sidecar_path}, overwrite)
+    with all_or_none():  # a bad image or non-finite output in any process's rows stops them all
+        prepared = prepare(checkpoint, manifest, model_options)
+        for note in prepared.notes:
+            reporter.info(note)
+        labels = torch.from_numpy(prepared.labels)
+        shard = shard_of(len(labels))  # None with one process
+        if boundary.kind == "head":
+            outputs = run_forward(prepared, run_options, reporter, shard)
+        else:
+            layer = refit_layer(prepared, boundary)
+            if layer == "auto":
+                sample_rows, candidates = read_choice_sample(prepared, boundary.choice_rows, run_options, reporter, shard)
+            else:
+                features, choice = read_layer(prepared, layer, run_options, reporter, shard), LayerChoice(layer, "given")
+    if boundary.kind == "refit" and layer == "auto":
+        # the gather lies between two agreement blocks: no collective inside one
+        choice = choose_on_sample(sample_rows, candidates, labels, len(prepared.classes), boundary.l2, reporter, shard)
+        with all_or_none():
+            features = read_rest(prepared, choice.layer, sample_rows, candidates, run_options, reporter, shard)
+        del candidates
+    local_labels = local_rows(labels, shard)
     if boundary.kind == "head":
-        outputs = run_forward(prepared, run_options, reporter)
         logits = outputs.logits
         scores, details = method_scores(
-            method, outputs.logits, outputs.head_inputs, labels,
+            method, outputs.logits, outputs.head_inputs, local_labels,
             has_bias=prepared.head.bias is not None, damping=damping, measure=influence_measure, curvature=curvature,
+            shard=shard,
         )
         details["boundary"] = "head"
+        del outputs
     else:
-        scores, logits, details = refit_boundary(prepared, labels, method, influence_measure, boundary, run_options, reporter)
+        scores, logits = refit_scores(features, local_labels, len(prepared.classes), method=method,
+                                      measure=influence_measure, l2=boundary.l2, shard=shard)
+        details = refit_details(choice, boundary, method, influence_measure)
+        del features
+    if shard is not None:  # every process gets every row's results, in manifest order
+        scores, logits = shard.gather(scores), shard.gather(logits)
     probs = torch.softmax(logits.double(), dim=1).numpy()
     table = scores_table(
         prepared.manifest.table,
@@ -219,8 +285,9 @@ def score(
             "manifest": {"path": manifest, "sha256": sha256_file(manifest)},
         },
     }
-    if output is not None:
-        write_table(table, output)
-        if not is_stdio(output):
-            write_json_atomic(output + ".json", sidecar)
+    with all_or_none():  # a failed write on rank 0 fails every process
+        if output is not None and writes_here():
+            write_table(table, output)
+            if not is_stdio(output):
+                write_json_atomic(output + ".json", sidecar)
     return ScoreResult(table=table, sidecar=sidecar)

@@ -146,18 +146,16 @@ def test_layer_choice_runs_on_a_fixed_size_sample_of_a_large_data_set():
     assert sampled.figures["good"]["heldout_loss"] != full.figures["good"]["heldout_loss"]
 
 
-def test_auto_layer_on_a_sample_then_the_rest_up_to_the_chosen_layer(tiny_data, tiny_model, monkeypatch):
+def test_auto_layer_on_a_sample_then_the_rest_up_to_the_chosen_layer(tiny_data, tiny_model):
     # Past CHOICE_ROWS rows, score reads the candidates on a sample, chooses, then runs the other rows
     # only up to the chosen layer. Stitched back together, the features must be those of that layer
     # for every row in its place: the scores equal a run with the layer named.
     import numpy as np
 
     import irank
-    from irank import boundary
 
-    monkeypatch.setattr(boundary, "CHOICE_ROWS", 100)
     run = irank.RunOptions(device="cpu", batch_size=32)
-    auto = irank.score(tiny_model, tiny_data["train"], run_options=run)
+    auto = irank.score(tiny_model, tiny_data["train"], run_options=run, boundary=BoundaryOptions(choice_rows=100))
     parameters = auto.sidecar["parameters"]
     assert "random sample of 100 rows" in parameters["layer_choice"]
     named = irank.score(tiny_model, tiny_data["train"], run_options=run,
