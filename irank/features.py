@@ -75,7 +75,11 @@ def forward_pass(
 def check_finite(head_inputs: torch.Tensor, logits: torch.Tensor, first_row: int = 0,
                  row_order: list[int] | None = None) -> None:
     """Refuse NaN or infinite outputs, naming manifest rows: `first_row` + i, or row_order[i]."""
-    bad = ~torch.isfinite(logits).all(dim=1) | ~torch.isfinite(head_inputs).all(dim=1)
+    bad = torch.zeros(len(logits), dtype=torch.bool)
+    step = max(1, (1 << 20) // max(1, head_inputs.shape[1]))  # isfinite makes float temporaries: a chunk at a time
+    for start in range(0, len(logits), step):
+        end = start + step
+        bad[start:end] = ~torch.isfinite(logits[start:end]).all(dim=1) | ~torch.isfinite(head_inputs[start:end]).all(dim=1)
     if bad.any():
         where = torch.nonzero(bad).flatten().tolist()
         rows = [row_order[i] + 1 for i in where] if row_order is not None else [i + 1 + first_row for i in where]

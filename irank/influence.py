@@ -18,6 +18,7 @@ Parameters are ordered class-major: index c·D̃ + d, matching g = r ⊗ φ̃.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -54,66 +55,80 @@ def _chunk_size(row_elements: int, budget: int = 1 << 22) -> int:
     return max(1, budget // max(1, row_elements))
 
 
-def gauss_newton(probs: torch.Tensor, features: torch.Tensor, shard: Shard | None = None) -> torch.Tensor:
+# The math below reads per-sample (p, φ̃) in chunks of rows through a RowReader, so that no float64
+# copy of all rows' features or probabilities is ever made: memory stays at the float32 inputs plus
+# one chunk. `tensor_rows` reads from full tensors (the pure-tensor API); `head_rows` computes a
+# chunk's softmax and φ̃ from float32 logits and head inputs.
+RowReader = Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]  # (start, end) → (p, φ̃), float64
+
+
+def tensor_rows(probs: torch.Tensor, features: torch.Tensor) -> RowReader:
+    return lambda start, end: (probs[start:end], features[start:end])
+
+
+def head_rows(logits: torch.Tensor, head_inputs: torch.Tensor, has_bias: bool) -> RowReader:
+    return lambda start, end: (torch.softmax(logits[start:end].double(), dim=1),
+                               augment(head_inputs[start:end].double(), has_bias))
+
+
+def spans(count: int, step: int):
+    """[start, end) of consecutive chunks of `step` rows."""
+    for start in range(0, count, step):
+        yield start, min(count, start + step)
+
+
+def _mean_over_rows(local_sum: torch.Tensor, count: int, shard: Shard | None) -> torch.Tensor:
+    return local_sum / count if shard is None else shard.sum(local_sum) / shard.total
+
+
+def gauss_newton_of(read: RowReader, count: int, classes: int, dims: int, shard: Shard | None = None) -> torch.Tensor:
     """Exact Gauss–Newton matrix of the head, mean over samples, undamped: (C·D̃, C·D̃).
 
     diag p − p pᵀ = M Mᵀ with M = diag(√p)(I − √p √pᵀ), so H = mean_i Σ_k (m_ik ⊗ φ̃_i)(m_ik ⊗ φ̃_i)ᵀ:
     one matrix product per chunk instead of a loop over samples. With a `shard` (torchrun), the rows
-    given are this process's and the mean is over every process's rows.
+    read are this process's and the mean is over every process's rows.
     """
-    n, classes = probs.shape
-    size = classes * features.shape[1]
-    hessian = torch.zeros(size, size, dtype=probs.dtype)
-    eye = torch.eye(classes, dtype=probs.dtype)
-    step = _chunk_size(classes * size)
-    for start in range(0, n, step):
-        root = probs[start : start + step].clamp_min(0).sqrt()
+    size = classes * dims
+    hessian = torch.zeros(size, size, dtype=torch.float64)
+    eye = torch.eye(classes, dtype=torch.float64)
+    for start, end in spans(count, _chunk_size(classes * size)):
+        probs, features = read(start, end)
+        root = probs.clamp_min(0).sqrt()
         factor = root[:, :, None] * (eye - root[:, :, None] * root[:, None, :])  # (b, C, C): M
-        rows = torch.einsum("bak,bi->bkai", factor, features[start : start + step]).reshape(-1, size)
+        rows = torch.einsum("bak,bi->bkai", factor, features).reshape(-1, size)
         hessian += rows.T @ rows
-    return hessian / n if shard is None else shard.sum(hessian) / shard.total
+    return _mean_over_rows(hessian, count, shard)
 
 
-def kfac_factors(probs: torch.Tensor, features: torch.Tensor, shard: Shard | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def kfac_factors_of(read: RowReader, count: int, classes: int, dims: int,
+                    shard: Shard | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A = mean(diag p − p pᵀ) (C×C) and B = mean φ̃ φ̃ᵀ (D̃×D̃); means over every process's rows with a `shard`."""
-    if shard is not None:
-        return torch.diag(shard.mean(probs)) - shard.gram(probs), shard.gram(features)
-    n = probs.shape[0]
-    output_factor = torch.diag(probs.mean(0)) - probs.T @ probs / n
-    input_factor = features.T @ features / n
-    return output_factor, input_factor
+    output_sum = torch.zeros(classes, classes, dtype=torch.float64)
+    input_sum = torch.zeros(dims, dims, dtype=torch.float64)
+    for start, end in spans(count, _chunk_size(classes + dims)):
+        probs, features = read(start, end)
+        output_sum += torch.diag(probs.sum(0)) - probs.T @ probs
+        input_sum += features.T @ features
+    return _mean_over_rows(output_sum, count, shard), _mean_over_rows(input_sum, count, shard)
 
 
-def exact_influence(
-    probs: torch.Tensor,
-    features: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    damping: float,
-    measure: str = "self-influence",
-    absolute_damping: bool = False,
-    shard: Shard | None = None,
-) -> torch.Tensor:
-    """Influence measure of every sample with the exact (damped) Gauss–Newton matrix.
-
-    With a `shard` the rows given are this process's; the curvature and n cover every process's rows.
-    """
-    n, classes = probs.shape
-    total = n if shard is None else shard.total
-    hessian = gauss_newton(probs, features, shard)
+def exact_influence_of(read: RowReader, count: int, labels: torch.Tensor, classes: int, dims: int, *,
+                       damping: float, measure: str = "self-influence", absolute_damping: bool = False,
+                       shard: Shard | None = None) -> torch.Tensor:
+    """Influence measure of every sample read, with the exact (damped) Gauss–Newton matrix."""
+    total = count if shard is None else shard.total
+    hessian = gauss_newton_of(read, count, classes, dims, shard)
     if absolute_damping:
         hessian = hessian + damping * torch.eye(hessian.shape[0], dtype=hessian.dtype)
     else:
         hessian = damped(hessian, damping)
     cholesky = torch.linalg.cholesky(hessian)
-    second_moment = features.T @ features / n if shard is None else shard.gram(features)
-    res = residuals(probs, labels)
+    second_moment = kfac_factors_of(read, count, classes, dims, shard)[1] if measure == "boundary-shift" else None
     size = hessian.shape[0]
-    scores = torch.empty(n, dtype=probs.dtype)
-    step = _chunk_size(size, budget=1 << 24)
-    for start in range(0, n, step):
-        end = min(n, start + step)
-        grads = torch.einsum("ba,bi->bai", res[start:end], features[start:end]).reshape(end - start, size)
+    scores = torch.empty(count, dtype=torch.float64)
+    for start, end in spans(count, _chunk_size(size, budget=1 << 24)):
+        probs, features = read(start, end)
+        grads = torch.einsum("ba,bi->bai", residuals(probs, labels[start:end]), features).reshape(end - start, size)
         if measure == "self-influence":
             whitened = torch.linalg.solve_triangular(cholesky, grads.T, upper=False)
             scores[start:end] = (whitened**2).sum(0) / total
@@ -127,33 +142,61 @@ def exact_influence(
     return scores
 
 
-def kfac_influence(
-    probs: torch.Tensor,
-    features: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    damping: float,
-    measure: str = "self-influence",
-    shard: Shard | None = None,
-) -> torch.Tensor:
+def kfac_influence_of(read: RowReader, count: int, labels: torch.Tensor, classes: int, dims: int, *,
+                      damping: float, measure: str = "self-influence", shard: Shard | None = None) -> torch.Tensor:
+    """Influence measure of every sample read, with H ≈ (A + λ_A I) ⊗ (B + λ_B I), in closed form."""
+    n = count if shard is None else shard.total
+    output_factor, input_factor = kfac_factors_of(read, count, classes, dims, shard)
+    output_inv = torch.linalg.inv(damped(output_factor, damping))
+    input_inv = torch.linalg.inv(damped(input_factor, damping))
+    scores = torch.empty(count, dtype=torch.float64)
+    for start, end in spans(count, _chunk_size(classes + dims)):
+        probs, features = read(start, end)
+        res = residuals(probs, labels[start:end])
+        if measure == "self-influence":
+            scores[start:end] = torch.einsum("na,ab,nb->n", res, output_inv, res) * torch.einsum(
+                "ni,ij,nj->n", features, input_inv, features) / n
+            continue
+        output_shift = res @ output_inv  # A⁻¹ r (A symmetric)
+        input_shift = features @ input_inv  # B⁻¹ φ̃
+        if measure == "parameter-shift":
+            scores[start:end] = output_shift.norm(dim=1) * input_shift.norm(dim=1) / n
+        else:
+            scores[start:end] = (output_shift**2).sum(1) * torch.einsum(
+                "ni,ij,nj->n", input_shift, input_factor, input_shift) / n**2
+    return scores
+
+
+# The same on full tensors (p and φ̃ of every row, float64): the pure-tensor API the tests pin down.
+
+
+def gauss_newton(probs: torch.Tensor, features: torch.Tensor, shard: Shard | None = None) -> torch.Tensor:
+    return gauss_newton_of(tensor_rows(probs, features), len(probs), probs.shape[1], features.shape[1], shard)
+
+
+def kfac_factors(probs: torch.Tensor, features: torch.Tensor, shard: Shard | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    return kfac_factors_of(tensor_rows(probs, features), len(probs), probs.shape[1], features.shape[1], shard)
+
+
+def exact_influence(probs: torch.Tensor, features: torch.Tensor, labels: torch.Tensor, *, damping: float,
+                    measure: str = "self-influence", absolute_damping: bool = False,
+                    shard: Shard | None = None) -> torch.Tensor:
+    """Influence measure of every sample with the exact (damped) Gauss–Newton matrix.
+
+    With a `shard` the rows given are this process's; the curvature and n cover every process's rows.
+    """
+    return exact_influence_of(tensor_rows(probs, features), len(probs), labels, probs.shape[1], features.shape[1],
+                              damping=damping, measure=measure, absolute_damping=absolute_damping, shard=shard)
+
+
+def kfac_influence(probs: torch.Tensor, features: torch.Tensor, labels: torch.Tensor, *, damping: float,
+                   measure: str = "self-influence", shard: Shard | None = None) -> torch.Tensor:
     """Influence measure of every sample with H ≈ (A + λ_A I) ⊗ (B + λ_B I), in closed form.
 
     With a `shard` the rows given are this process's; the factors and n cover every process's rows.
     """
-    n = probs.shape[0] if shard is None else shard.total
-    output_factor, input_factor = kfac_factors(probs, features, shard)
-    output_inv = torch.linalg.inv(damped(output_factor, damping))
-    input_inv = torch.linalg.inv(damped(input_factor, damping))
-    res = residuals(probs, labels)
-    if measure == "self-influence":
-        return torch.einsum("na,ab,nb->n", res, output_inv, res) * torch.einsum(
-            "ni,ij,nj->n", features, input_inv, features
-        ) / n
-    output_shift = res @ output_inv  # A⁻¹ r (A symmetric)
-    input_shift = features @ input_inv  # B⁻¹ φ̃
-    if measure == "parameter-shift":
-        return output_shift.norm(dim=1) * input_shift.norm(dim=1) / n
-    return (output_shift**2).sum(1) * torch.einsum("ni,ij,nj->n", input_shift, input_factor, input_shift) / n**2
+    return kfac_influence_of(tensor_rows(probs, features), len(probs), labels, probs.shape[1], features.shape[1],
+                             damping=damping, measure=measure, shard=shard)
 
 
 def choose_curvature(curvature: str, num_samples: int, num_classes: int, num_features: int) -> str:
@@ -185,11 +228,12 @@ def influence_scores(
         raise ValueError(f"unknown influence measure {measure!r}; choose from {', '.join(MEASURES)}")
     if curvature not in CURVATURES:
         raise ValueError(f"unknown curvature {curvature!r}; choose from {', '.join(CURVATURES)}")
-    probs = torch.softmax(logits.double(), dim=1)
-    features = augment(head_inputs.double(), has_bias)
-    used = choose_curvature(curvature, len(probs) if shard is None else shard.total, probs.shape[1], features.shape[1])
-    compute = exact_influence if used == "exact" else kfac_influence
-    return compute(probs, features, labels, damping=damping, measure=measure, shard=shard), used
+    count, classes = logits.shape
+    dims = head_inputs.shape[1] + int(has_bias)
+    used = choose_curvature(curvature, count if shard is None else shard.total, classes, dims)
+    compute = exact_influence_of if used == "exact" else kfac_influence_of
+    read = head_rows(logits, head_inputs, has_bias)
+    return compute(read, count, labels, classes, dims, damping=damping, measure=measure, shard=shard), used
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -206,5 +250,9 @@ def negative_margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def gradient_norm(logits: torch.Tensor, head_inputs: torch.Tensor, labels: torch.Tensor, *, has_bias: bool = True) -> torch.Tensor:
     """‖g_i‖ = ‖p − e_y‖ · ‖φ̃‖, the Hessian-free baseline."""
-    probs = torch.softmax(logits.double(), dim=1)
-    return residuals(probs, labels).norm(dim=1) * augment(head_inputs.double(), has_bias).norm(dim=1)
+    read = head_rows(logits, head_inputs, has_bias)
+    norms = torch.empty(len(logits), dtype=torch.float64)
+    for start, end in spans(len(logits), _chunk_size(logits.shape[1] + head_inputs.shape[1])):
+        probs, features = read(start, end)
+        norms[start:end] = residuals(probs, labels[start:end]).norm(dim=1) * features.norm(dim=1)
+    return norms

@@ -75,12 +75,15 @@ def layer_features(
     reporter: Reporter | None = None,
     row_order: list[int] | None = None,
     first_row: int = 0,
+    out: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor] | torch.Tensor:
     """Pooled features of each named layer for every row of the loader (float32, CPU), in one pass.
 
     Given one name (a str), returns its tensor; given a list, a dict name → tensor. Row i of the
     result is manifest row i, or, with `row_order` (the manifest rows the loader covers), row_order[i].
     `first_row`: the manifest row of the loader's row 0, for messages (a process's shard under torchrun).
+    `out` (one layer only): a tensor to fill in place of a new one; rows the loader does not cover keep
+    their values.
     """
     reporter = reporter or Reporter()
     single = isinstance(layer_names, str)
@@ -98,7 +101,7 @@ def layer_features(
             where = rows if position is None else position[rows]
             for name, pooled in run_until(model, layers, images.to(device, non_blocking=True)).items():
                 if name not in features:
-                    features[name] = torch.empty(num_rows, pooled.shape[1], dtype=torch.float32)
+                    features[name] = out if out is not None else torch.empty(num_rows, pooled.shape[1], dtype=torch.float32)
                 features[name].index_copy_(0, where, pooled.float().cpu())  # much faster than [rows] = on CPU
             advance(1)
     for tensor in features.values():

@@ -8,30 +8,61 @@ around a few samples the way a memorizing network does.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .distributed import Shard, broadcast_, is_main
+from .influence import _chunk_size, spans
 
 
 def standardizer(features: torch.Tensor, shard: Shard | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, scale) per feature, so that L2 strength means the same on any layer's features.
+    """(mean, scale) per feature in float64, so that L2 strength means the same on any layer's features.
 
-    With a `shard` (torchrun) the rows given are this process's; the statistics are every process's rows'.
+    Read in chunks of rows: no float64 copy of all rows is made. With a `shard` (torchrun) the rows
+    given are this process's; the statistics are every process's rows'.
     """
-    if shard is not None:
-        mean = shard.mean(features)
-        variance = shard.sum(((features - mean) ** 2).sum(0)) / (shard.total - 1)
-        return mean, variance.sqrt().clamp_min(1e-6)
-    mean = features.mean(0)
-    scale = features.std(0).clamp_min(1e-6)
-    return mean, scale
+    count = len(features)
+    total = count if shard is None else shard.total
+    step = _chunk_size(features.shape[1])
+    local_sum = sum((features[start:end].double().sum(0) for start, end in spans(count, step)),
+                    torch.zeros(features.shape[1], dtype=torch.float64))
+    mean = (local_sum if shard is None else shard.sum(local_sum)) / total
+    local_squares = sum((((features[start:end].double() - mean) ** 2).sum(0) for start, end in spans(count, step)),
+                        torch.zeros(features.shape[1], dtype=torch.float64))
+    squares = local_squares if shard is None else shard.sum(local_squares)
+    return mean, (squares / max(1, total - 1)).sqrt().clamp_min(1e-6)
 
 
 def standardize(features: torch.Tensor) -> torch.Tensor:
     """Features in float64, centred and scaled per feature (statistics of these rows; no labels involved)."""
-    features = features.double()
     mean, scale = standardizer(features)
-    return (features - mean) / scale
+    return (features.double() - mean) / scale
+
+
+def data_term(data: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+              scaling: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Σ_i CE(W z_i + b, y_i) and its gradients (Σ r_i z_iᵀ, Σ r_i with r = softmax − onehot), over the rows
+    of `data` in chunks. With `scaling` = (mean, scale), z = (x − mean) / scale is formed chunk by chunk
+    in the weights' dtype, so a fit on raw float32 features never holds a float64 copy of them."""
+    loss = torch.zeros((), dtype=weight.dtype)
+    weight_grad, bias_grad = torch.zeros_like(weight), torch.zeros_like(bias)
+    for start, end in spans(len(data), _chunk_size(data.shape[1] + weight.shape[0], budget=1 << 21)):
+        chunk = data[start:end].to(weight.dtype)
+        if scaling is not None:
+            chunk = (chunk - scaling[0]) / scaling[1]
+        chunk_labels = labels[start:end]
+        logits = torch.addmm(bias, chunk, weight.T)
+        log_norm = torch.logsumexp(logits, dim=1)
+        loss += (log_norm - logits.gather(1, chunk_labels[:, None]).squeeze(1)).sum()
+        residual = torch.exp(logits - log_norm[:, None])
+        residual[torch.arange(end - start), chunk_labels] -= 1
+        weight_grad += residual.T @ chunk
+        bias_grad += residual.sum(0)
+    return loss, weight_grad, bias_grad
+
+
+def _lbfgs(weight: torch.Tensor, bias: torch.Tensor, max_iter: int) -> torch.optim.LBFGS:
+    weight.grad, bias.grad = torch.zeros_like(weight), torch.zeros_like(bias)
+    return torch.optim.LBFGS([weight, bias], lr=1, max_iter=max_iter, history_size=20,
+                             tolerance_grad=1e-7, tolerance_change=1e-12, line_search_fn="strong_wolfe")
 
 
 def fit_standardized(
@@ -42,34 +73,30 @@ def fit_standardized(
     l2: float,
     init: tuple[torch.Tensor, torch.Tensor] | None = None,
     max_iter: int = 500,
+    scaling: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """argmin over (W, b) of mean CE(W z + b, y) + l2/2 ‖W‖² on already standardized features, in their dtype.
+    """argmin over (W, b) of mean CE(W z + b, y) + l2/2 ‖W‖² on standardized features, in their dtype
+    (or, with `scaling`, on raw features standardized chunk by chunk, in float64).
 
     The objective is strictly convex, so `init` (e.g. the fit on a superset of the rows) only saves
     iterations. The gradient tolerance (1e-7 on the largest entry) is far below what moves a ranking.
-    The gradient is written out, (softmax − onehot)ᵀ Z / n + l2 W, instead of taken by autograd: the
-    fits are small and autograd's bookkeeping was a third of their time.
+    The gradient is written out instead of taken by autograd: autograd's bookkeeping was a third of
+    the time of these small fits.
     """
     num_rows, dims = standardized.shape
-    dtype = standardized.dtype
+    dtype = torch.float64 if scaling is not None else standardized.dtype
     if init is None:
         weight = torch.zeros(num_classes, dims, dtype=dtype)
         bias = torch.zeros(num_classes, dtype=dtype)
     else:
         weight, bias = (tensor.detach().clone().to(dtype) for tensor in init)
-    weight.grad, bias.grad = torch.zeros_like(weight), torch.zeros_like(bias)
-    onehot = F.one_hot(labels, num_classes).to(dtype)
-    optimizer = torch.optim.LBFGS([weight, bias], lr=1, max_iter=max_iter, history_size=20,
-                                  tolerance_grad=1e-7, tolerance_change=1e-12, line_search_fn="strong_wolfe")
+    optimizer = _lbfgs(weight, bias, max_iter)
 
     def closure():
-        logits = torch.addmm(bias, standardized, weight.T)
-        log_norm = torch.logsumexp(logits, dim=1)
-        loss = (log_norm - (logits * onehot).sum(1)).mean() + 0.5 * l2 * (weight * weight).sum()
-        residual = (torch.exp(logits - log_norm[:, None]) - onehot) / num_rows
-        weight.grad.copy_(residual.T @ standardized).add_(weight, alpha=l2)
-        bias.grad.copy_(residual.sum(0))
-        return loss
+        loss, weight_grad, bias_grad = data_term(standardized, labels, weight, bias, scaling)
+        weight.grad.copy_(weight_grad / num_rows).add_(weight, alpha=l2)
+        bias.grad.copy_(bias_grad / num_rows)
+        return loss / num_rows + 0.5 * l2 * (weight * weight).sum()
 
     with torch.no_grad():
         optimizer.step(closure)
@@ -91,25 +118,21 @@ def fit_softmax_regression(
     `shard` (torchrun) the rows given are this process's, the fit is over every process's rows, and
     every process returns the same weights (see `_step_sharded`).
     """
-    features = features.double()
-    mean, scale = standardizer(features, shard)
-    standardized = (features - mean) / scale
+    scaling = standardizer(features, shard)
     if shard is None:
-        weight, bias = fit_standardized(standardized, labels, num_classes, l2=l2, max_iter=max_iter)
+        weight, bias = fit_standardized(features, labels, num_classes, l2=l2, max_iter=max_iter, scaling=scaling)
     else:
-        weight = torch.zeros(num_classes, features.shape[1], dtype=torch.float64, requires_grad=True)
-        bias = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
-        optimizer = torch.optim.LBFGS([weight, bias], lr=1, max_iter=max_iter, history_size=20,
-                                      tolerance_grad=1e-7, tolerance_change=1e-12, line_search_fn="strong_wolfe")
-        _step_sharded(optimizer, weight, bias, standardized, labels, l2, shard)
-        weight, bias = weight.detach(), bias.detach()
+        weight = torch.zeros(num_classes, features.shape[1], dtype=torch.float64)
+        bias = torch.zeros(num_classes, dtype=torch.float64)
+        _step_sharded(_lbfgs(weight, bias, max_iter), weight, bias, features, scaling, labels, l2, shard)
+    mean, scale = scaling
     raw_weight = weight / scale
     raw_bias = bias - raw_weight @ mean
     return raw_weight, raw_bias
 
 
-def _step_sharded(optimizer: torch.optim.LBFGS, weight: torch.Tensor, bias: torch.Tensor, standardized: torch.Tensor,
-                  labels: torch.Tensor, l2: float, shard: Shard) -> None:
+def _step_sharded(optimizer: torch.optim.LBFGS, weight: torch.Tensor, bias: torch.Tensor, features: torch.Tensor,
+                  scaling: tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor, l2: float, shard: Shard) -> None:
     """`optimizer.step` over every process's rows: rank 0 alone runs L-BFGS. Each time it evaluates the
     objective it sends the point to every process, and each returns its rows' share of the loss and
     gradient (all-reduced). Only rank 0 decides, so the processes cannot fall out of step; at the end it
@@ -118,36 +141,30 @@ def _step_sharded(optimizer: torch.optim.LBFGS, weight: torch.Tensor, bias: torc
 
     def exchange(go: bool) -> bool:
         """Rank 0's (go, weight, bias) on every process; returns go."""
-        message = torch.cat([torch.tensor([float(go)], dtype=weight.dtype), weight.detach().reshape(-1),
-                             bias.detach().reshape(-1)])
+        message = torch.cat([torch.tensor([float(go)], dtype=weight.dtype), weight.reshape(-1), bias.reshape(-1)])
         broadcast_(message)
-        with torch.no_grad():
-            weight.copy_(message[1 : 1 + sizes[0]].view_as(weight))
-            bias.copy_(message[1 + sizes[0] :].view_as(bias))
+        weight.copy_(message[1 : 1 + sizes[0]].view_as(weight))
+        bias.copy_(message[1 + sizes[0] :].view_as(bias))
         return bool(message[0])
 
-    def data_term() -> torch.Tensor:
-        """[loss, ∂loss/∂weight, ∂loss/∂bias] of every process's rows at the current point, flattened."""
-        weight.grad, bias.grad = None, None
-        with torch.enable_grad():
-            loss = F.cross_entropy(standardized @ weight.T + bias, labels, reduction="sum") / shard.total
-            loss.backward()
-        return shard.sum(torch.cat([loss.detach().reshape(1), weight.grad.reshape(-1), bias.grad.reshape(-1)]))
+    def totals() -> torch.Tensor:
+        """[loss, ∂loss/∂weight, ∂loss/∂bias] of the mean over every process's rows at the current point, flattened."""
+        loss, weight_grad, bias_grad = data_term(features, labels, weight, bias, scaling)
+        local = torch.cat([loss.reshape(1), weight_grad.reshape(-1), bias_grad.reshape(-1)])
+        return shard.sum(local) / shard.total
 
-    if not is_main():
-        while exchange(go=False):
-            data_term()
-        return
+    with torch.no_grad():
+        if not is_main():
+            while exchange(go=False):
+                totals()
+            return
 
-    def closure():
-        optimizer.zero_grad()
-        exchange(go=True)
-        totals = data_term()
-        weight.grad = totals[1 : 1 + sizes[0]].view_as(weight).clone()
-        bias.grad = totals[1 + sizes[0] :].view_as(bias).clone()
-        penalty = 0.5 * l2 * (weight**2).sum()
-        penalty.backward()
-        return totals[0] + penalty.detach()
+        def closure():
+            exchange(go=True)
+            summed = totals()
+            weight.grad.copy_(summed[1 : 1 + sizes[0]].view_as(weight)).add_(weight, alpha=l2)
+            bias.grad.copy_(summed[1 + sizes[0] :].view_as(bias))
+            return summed[0] + 0.5 * l2 * (weight * weight).sum()
 
-    optimizer.step(closure)
-    exchange(go=False)
+        optimizer.step(closure)
+        exchange(go=False)

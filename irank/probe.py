@@ -18,7 +18,11 @@ PROBE_MEASURES = ("loss", "margin", "self-influence", "boundary-shift")
 
 
 def probe_logits(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    return features.double() @ weight.T + bias
+    """features @ Wᵀ + b in float64, a chunk of rows at a time (no float64 copy of the features)."""
+    logits = torch.empty(len(features), weight.shape[0], dtype=torch.float64)
+    for start, end in influence.spans(len(features), influence._chunk_size(features.shape[1])):
+        logits[start:end] = torch.addmm(bias, features[start:end].double(), weight.T)
+    return logits
 
 
 def probe_scores(
@@ -45,15 +49,20 @@ def probe_scores(
     elif measure == "margin":
         scores = influence.negative_margin(logits, labels)
     else:
-        mean, scale = standardizer(features.double(), shard)
-        standardized = influence.augment((features.double() - mean) / scale, has_bias=True)
-        probs = torch.softmax(logits, dim=1)
-        rows = len(probs) if shard is None else shard.total
-        if influence.choose_curvature("auto", rows, probs.shape[1], standardized.shape[1]) == "exact":
-            scores = influence.exact_influence(probs, standardized, labels, damping=l2, measure=measure, absolute_damping=True,
-                                               shard=shard)
+        mean, scale = standardizer(features, shard)
+
+        def read(start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:  # a chunk, standardized as the fit saw it
+            standardized = influence.augment((features[start:end].double() - mean) / scale, has_bias=True)
+            return torch.softmax(logits[start:end], dim=1), standardized
+
+        count, dims = len(features), features.shape[1] + 1
+        rows = count if shard is None else shard.total
+        if influence.choose_curvature("auto", rows, num_classes, dims) == "exact":
+            scores = influence.exact_influence_of(read, count, labels, num_classes, dims, damping=l2, measure=measure,
+                                                  absolute_damping=True, shard=shard)
         else:
-            scores = influence.kfac_influence(probs, standardized, labels, damping=l2, measure=measure, shard=shard)
+            scores = influence.kfac_influence_of(read, count, labels, num_classes, dims, damping=l2, measure=measure,
+                                                 shard=shard)
     return scores, logits, (weight, bias)
 
 

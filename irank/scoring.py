@@ -162,15 +162,19 @@ def read_rest(prepared: Prepared, layer: str, sample_rows: list[int], candidates
     rest = [row for row in block if row not in in_sample]
     if not rest:
         return candidates[layer]
-    loader = make_loader(prepared.manifest.resolved_paths(), prepared.preprocess, batch_size=run.batch_size,
-                         num_workers=run.num_workers, rows=rest)
-    others = layer_features(prepared.model, layer, loader, num_rows=len(rest), device=resolve_device(run.device),
-                            reporter=reporter, row_order=rest)
-    features = torch.empty(len(block), others.shape[1], dtype=torch.float32)
+    features = torch.empty(len(block), candidates[layer].shape[1] if mine else 0, dtype=torch.float32)
     if mine:
         features[torch.tensor(mine) - block.start] = candidates[layer]
-    features[torch.tensor(rest) - block.start] = others
-    return features
+    else:  # this process holds none of the sample (a tiny shard): learn the width from its first row
+        width = layer_features(prepared.model, layer, make_loader(prepared.manifest.resolved_paths(), prepared.preprocess,
+                               batch_size=1, rows=rest[:1]), num_rows=1, device=resolve_device(run.device),
+                               row_order=rest[:1]).shape[1]
+        features = torch.empty(len(block), width, dtype=torch.float32)
+    loader = make_loader(prepared.manifest.resolved_paths(), prepared.preprocess, batch_size=run.batch_size,
+                         num_workers=run.num_workers, rows=rest)
+    # written in place, row i of this process's block at i: no second copy of the rows' features
+    return layer_features(prepared.model, layer, loader, num_rows=len(block), device=resolve_device(run.device),
+                          reporter=reporter, row_order=list(block), out=features)
 
 
 def refit_details(choice: LayerChoice, boundary: BoundaryOptions, method: str, measure: str) -> dict:
