@@ -45,8 +45,11 @@ def table_format(path: str | os.PathLike) -> str:
     return FORMATS[suffix]
 
 
-def read_table(path: str | os.PathLike, *, what: str = "manifest") -> pd.DataFrame:
-    """Read a CSV/TSV/JSONL/Parquet table (or CSV from stdin for '-'), values kept as the user wrote them."""
+def read_table(path: str | os.PathLike, *, what: str = "manifest", columns: tuple[str, ...] | None = None) -> pd.DataFrame:
+    """Read a CSV/TSV/JSONL/Parquet table (or CSV from stdin for '-'), values kept as the user wrote them.
+
+    With `columns`, only those of them the table has are kept (CSV/TSV: the others are never parsed).
+    """
     fmt = table_format(path)
     source = sys.stdin.buffer if is_stdio(path) else path
     if not is_stdio(path):
@@ -64,6 +67,7 @@ def read_table(path: str | os.PathLike, *, what: str = "manifest") -> pd.DataFra
                 dtype=str,
                 keep_default_na=False,
                 encoding="utf-8-sig",
+                usecols=None if columns is None else (lambda column: column in columns),
             )
         elif fmt == "jsonl":
             table = pd.read_json(source, lines=True, dtype=False)
@@ -84,6 +88,8 @@ def read_table(path: str | os.PathLike, *, what: str = "manifest") -> pd.DataFra
     except OSError as exc:
         raise ManifestError(f"{what} {path}: cannot read: {exc.strerror or exc}") from None
     table.columns = [str(column) for column in table.columns]
+    if columns is not None:
+        table = table[[column for column in table.columns if column in columns]]
     return table
 
 

@@ -70,8 +70,9 @@ def removal_mask(
     return remove
 
 
-def read_scores(path: str) -> pd.DataFrame:
-    table = read_table(path, what="scores")
+def read_scores(path: str, *, only_needed: bool = False) -> pd.DataFrame:
+    """A scores table, checked; with `only_needed`, just the columns prune reads (less memory at scale)."""
+    table = read_table(path, what="scores", columns=SCORE_COLUMNS if only_needed else None)
     missing = [column for column in SCORE_COLUMNS if column not in table.columns]
     if missing:
         raise ManifestError(f"scores {path}: missing column {', '.join(missing)}; is this the output of irank score?")
@@ -125,7 +126,7 @@ def prune(
     check_overwrite(outputs, overwrite)
     if is_stdio(output) and is_stdio(removed_output):
         raise UsageError("-o and --removed cannot both go to stdout")
-    score_table = read_scores(scores)
+    score_table = read_scores(scores, only_needed=True)
     samples = read_manifest(manifest, require_label=False)
     position = {sample_id: row for row, sample_id in enumerate(samples.ids)}
     unknown = [sample_id for sample_id in score_table["id"] if sample_id not in position]
