@@ -309,7 +309,10 @@ def csv_quoting(table: pd.DataFrame) -> int:
     and a reader would split the row there, so then every field is quoted."""
     for column in table.columns:
         if table[column].dtype == object or pd.api.types.is_string_dtype(table[column]):
-            if table[column].map(lambda value: isinstance(value, str) and "\r" in value).any():
+            values = table[column]
+            if values.dtype == object:  # mixed cells: only the strings can hold one
+                values = values[values.map(type) == str]
+            if values.astype(str).str.contains("\r", regex=False).any():
                 return csv.QUOTE_ALL
     return csv.QUOTE_MINIMAL
 

@@ -1,0 +1,54 @@
+"""Cost of `irank refine --scope full` against a plain training loop over the same DataLoader (not run by CI).
+
+    python tests/bench/refine_cost.py SETTING [--epochs 2]
+
+Both start from the same base checkpoint, train the whole network with the same SGD settings and the
+same shuffled loader for the same epochs; refine's time includes reading the checkpoint and manifest,
+saving its resume state after every epoch and writing its output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import irank
+from irank.data import batches, make_loader
+from irank.loading import ModelOptions, prepare
+from posttrain_cifar import DATA, ROOT, RUN
+
+parser = argparse.ArgumentParser()
+parser.add_argument("setting")
+parser.add_argument("--epochs", type=int, default=2)
+args = parser.parse_args()
+checkpoint = str(ROOT / "bench-out" / "base" / f"{args.setting}.safetensors")
+manifest = str(DATA / f"train-{args.setting.split('-')[1]}.csv")
+options = irank.TrainOptions(scope="full", epochs=args.epochs, lr=0.01, seed=0)
+
+prepared = prepare(checkpoint, manifest, ModelOptions())
+loader = make_loader(prepared.manifest.resolved_paths(), prepared.preprocess, batch_size=RUN.batch_size,
+                     num_workers=RUN.num_workers, shuffle=True, seed=0)
+labels = torch.from_numpy(prepared.labels)
+model = prepared.model.train()
+optimizer = torch.optim.SGD(model.parameters(), lr=options.lr, momentum=options.momentum, weight_decay=options.weight_decay)
+started = time.perf_counter()
+for _ in range(args.epochs):
+    for images, rows in batches(loader):
+        loss = F.cross_entropy(model(images), labels[rows])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+plain = time.perf_counter() - started
+
+with tempfile.TemporaryDirectory() as folder:
+    started = time.perf_counter()
+    irank.refine(checkpoint, manifest, output=str(Path(folder) / "refined.safetensors"), train_options=options,
+                 run_options=RUN)
+    refine = time.perf_counter() - started
+print(f"{args.setting}: refine --scope full {args.epochs} epochs {refine:.1f} s, plain loop {plain:.1f} s, "
+      f"ratio {refine / plain:.2f} ({refine / args.epochs:.1f} s against {plain / args.epochs:.1f} s per epoch)")
