@@ -1,11 +1,14 @@
 """Cost of `irank score` as a multiple of a plain inference pass over the same DataLoader (not run by CI).
 
-    python tests/bench/score_cost.py SETTING [--boundary head|refit]
+    python tests/bench/score_cost.py SETTING [--boundary head|refit] [--repeats 3]
+
+The two are timed alternately, `--repeats` times each, in one process; the medians are compared.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import irank
@@ -15,12 +18,17 @@ from posttrain_cifar import DATA, ROOT, RUN, plain_inference_seconds
 parser = argparse.ArgumentParser()
 parser.add_argument("setting")
 parser.add_argument("--boundary", default="head")
+parser.add_argument("--repeats", type=int, default=3)
 args = parser.parse_args()
 checkpoint = str(ROOT / "bench-out" / "base" / f"{args.setting}.safetensors")
 manifest = str(DATA / f"train-{args.setting.split('-')[1]}.csv")
-infer = plain_inference_seconds(checkpoint, manifest)
-started = time.perf_counter()
-result = irank.score(checkpoint, manifest, run_options=RUN, boundary=BoundaryOptions(kind=args.boundary))
-seconds = time.perf_counter() - started
-print(f"{args.setting} --boundary {args.boundary}: score {seconds:.1f} s, inference {infer:.1f} s, ratio {seconds / infer:.2f}, "
-      f"curvature {result.sidecar['parameters'].get('curvature')}, layer {result.sidecar['parameters'].get('layer')}")
+inference_times, score_times = [], []
+for _ in range(args.repeats):
+    inference_times.append(plain_inference_seconds(checkpoint, manifest))
+    started = time.perf_counter()
+    result = irank.score(checkpoint, manifest, run_options=RUN, boundary=BoundaryOptions(kind=args.boundary))
+    score_times.append(time.perf_counter() - started)
+infer, seconds = statistics.median(inference_times), statistics.median(score_times)
+print(f"{args.setting} --boundary {args.boundary}: score {seconds:.1f} s, inference {infer:.1f} s (medians of {args.repeats}), "
+      f"ratio {seconds / infer:.2f}, curvature {result.sidecar['parameters'].get('curvature')}, "
+      f"layer {result.sidecar['parameters'].get('layer')}")
