@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
-from torchvision import transforms
 
 from .errors import ImageError, UsageError
 from .tensors import TensorDataset, TensorRows, bad_tensor_rows, check_tensor_rows, is_tensor_path
@@ -59,7 +58,11 @@ class Preprocess:
             std=tuple(values.get("std", (1.0,))),
         )
 
-    def transform(self, augment: str = "none") -> transforms.Compose:
+    def transform(self, augment: str = "none"):
+        """The torchvision transform for image rows (a `transforms.Compose`)."""
+        # imported here: torchvision costs 165 MiB of memory, which runs on tensor rows never need
+        from torchvision import transforms
+
         steps: list = []
         if self.resize:
             steps.append(transforms.Resize(self.resize))
