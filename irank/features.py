@@ -73,7 +73,7 @@ def forward_pass(
 
 
 def check_finite(head_inputs: torch.Tensor, logits: torch.Tensor, first_row: int = 0,
-                 row_order: list[int] | None = None) -> None:
+                 row_order: "list[int] | None" = None) -> None:
     """Refuse NaN or infinite outputs, naming manifest rows: `first_row` + i, or row_order[i]."""
     bad = torch.zeros(len(logits), dtype=torch.bool)
     step = max(1, (1 << 20) // max(1, head_inputs.shape[1]))  # isfinite makes float temporaries: a chunk at a time

@@ -51,7 +51,7 @@ def damped(matrix: torch.Tensor, relative: float) -> torch.Tensor:
     return matrix + strength * torch.eye(size, dtype=matrix.dtype)
 
 
-def _chunk_size(row_elements: int, budget: int = 1 << 22) -> int:
+def _chunk_size(row_elements: int, budget: int = 1 << 20) -> int:
     return max(1, budget // max(1, row_elements))
 
 

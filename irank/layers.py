@@ -8,6 +8,7 @@ the layer, so features from the middle of a network cost less than a full pass.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -73,7 +74,7 @@ def layer_features(
     num_rows: int,
     device: torch.device,
     reporter: Reporter | None = None,
-    row_order: list[int] | None = None,
+    row_order: "np.ndarray | list[int] | None" = None,
     first_row: int = 0,
     out: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor] | torch.Tensor:
@@ -91,9 +92,10 @@ def layer_features(
     layers = {name: get_layer(model, name) for name in names}
     position = None
     if row_order is not None:
-        num_rows = len(row_order)
-        position = torch.full((max(row_order) + 1,), -1, dtype=torch.long)
-        position[torch.tensor(row_order, dtype=torch.long)] = torch.arange(num_rows)
+        order = torch.as_tensor(np.asarray(row_order, dtype=np.int64))
+        num_rows = len(order)
+        position = torch.full((int(order.max()) + 1,), -1, dtype=torch.long)
+        position[order] = torch.arange(num_rows)
     model.to(device).eval()
     features: dict[str, torch.Tensor] = {}
     with torch.inference_mode(), reporter.task(f"features at {', '.join(names)}", len(loader)) as advance:

@@ -44,7 +44,8 @@ def data_term(data: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bi
     in the weights' dtype, so a fit on raw float32 features never holds a float64 copy of them."""
     loss = torch.zeros((), dtype=weight.dtype)
     weight_grad, bias_grad = torch.zeros_like(weight), torch.zeros_like(bias)
-    for start, end in spans(len(data), _chunk_size(data.shape[1] + weight.shape[0], budget=1 << 21)):
+    # chunks of 2^19 numbers, but at least 8,192 rows: a fit evaluates this hundreds of times
+    for start, end in spans(len(data), max(8192, _chunk_size(data.shape[1] + weight.shape[0], budget=1 << 19))):
         chunk = data[start:end].to(weight.dtype)
         if scaling is not None:
             chunk = (chunk - scaling[0]) / scaling[1]

@@ -118,16 +118,19 @@ def block_rows(num_rows: int, shard: Shard | None) -> range:
     return range(num_rows) if shard is None else range(shard.start, shard.stop)
 
 
+# Row lists are numpy arrays here: at a million rows, Python lists of ints cost tens of MiB each.
+
+
 def read_choice_sample(prepared: Prepared, sample_size: int, run: RunOptions, reporter: Reporter,
-                       shard: Shard | None = None) -> tuple[list[int], dict[str, torch.Tensor]]:
-    """(the sample's rows, the candidate layers' features of the sample rows this process holds)."""
+                       shard: Shard | None = None) -> tuple[np.ndarray, dict[str, torch.Tensor]]:
+    """(the sample's rows, sorted; the candidate layers' features of the sample rows this process holds)."""
     num_rows = len(prepared.labels)
     sample = choice_sample(num_rows, limit=sample_size)
-    sample_rows = list(range(num_rows)) if sample is None else sample.tolist()
+    sample_rows = np.arange(num_rows) if sample is None else sample.numpy()
     block = block_rows(num_rows, shard)
-    mine = [row for row in sample_rows if block.start <= row < block.stop]
+    mine = sample_rows[(sample_rows >= block.start) & (sample_rows < block.stop)]
     names = block_candidates(prepared.model, prepared.head_name)
-    if not mine:
+    if len(mine) == 0:
         return sample_rows, {}
     loader = make_loader(prepared.manifest.resolved_paths(), prepared.preprocess, batch_size=run.batch_size,
                          num_workers=run.num_workers, rows=mine)
@@ -136,13 +139,13 @@ def read_choice_sample(prepared: Prepared, sample_size: int, run: RunOptions, re
     return sample_rows, candidates
 
 
-def choose_on_sample(sample_rows: list[int], candidates: dict[str, torch.Tensor], labels: torch.Tensor,
+def choose_on_sample(sample_rows: np.ndarray, candidates: dict[str, torch.Tensor], labels: torch.Tensor,
                      num_classes: int, l2: float, reporter: Reporter, shard: Shard | None = None) -> LayerChoice:
     """The layer, chosen on the sample's rows (gathered from every process under torchrun)."""
     if shard is not None:  # blocks are contiguous and the sample is sorted: rank order is row order
         parts = [part for part in gather_objects(candidates) if part]
         candidates = {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
-    choice = choose_layer(candidates, labels[sample_rows], num_classes, l2=l2, reporter=reporter,
+    choice = choose_layer(candidates, labels[torch.from_numpy(sample_rows)], num_classes, l2=l2, reporter=reporter,
                           max_rows=len(sample_rows))
     if len(sample_rows) < len(labels):
         choice.how += f" (on a random sample of {len(sample_rows):,} rows)"
@@ -152,29 +155,29 @@ def choose_on_sample(sample_rows: list[int], candidates: dict[str, torch.Tensor]
     return choice
 
 
-def read_rest(prepared: Prepared, layer: str, sample_rows: list[int], candidates: dict[str, torch.Tensor],
+def read_rest(prepared: Prepared, layer: str, sample_rows: np.ndarray, candidates: dict[str, torch.Tensor],
               run: RunOptions, reporter: Reporter, shard: Shard | None = None) -> torch.Tensor:
     """Features at the chosen layer of every row this process holds: the sample's already read, the others
     read now, each forward pass stopping at the layer."""
     block = block_rows(len(prepared.labels), shard)
-    in_sample = set(sample_rows)
-    mine = [row for row in sample_rows if block.start <= row < block.stop]
-    rest = [row for row in block if row not in in_sample]
-    if not rest:
+    block_indices = np.arange(block.start, block.stop)
+    mine = sample_rows[(sample_rows >= block.start) & (sample_rows < block.stop)]
+    rest = np.setdiff1d(block_indices, mine, assume_unique=True)
+    if len(rest) == 0:
         return candidates[layer]
-    features = torch.empty(len(block), candidates[layer].shape[1] if mine else 0, dtype=torch.float32)
-    if mine:
-        features[torch.tensor(mine) - block.start] = candidates[layer]
+    paths = prepared.manifest.resolved_paths()
+    if len(mine):
+        width = candidates[layer].shape[1]
     else:  # this process holds none of the sample (a tiny shard): learn the width from its first row
-        width = layer_features(prepared.model, layer, make_loader(prepared.manifest.resolved_paths(), prepared.preprocess,
-                               batch_size=1, rows=rest[:1]), num_rows=1, device=resolve_device(run.device),
-                               row_order=rest[:1]).shape[1]
-        features = torch.empty(len(block), width, dtype=torch.float32)
-    loader = make_loader(prepared.manifest.resolved_paths(), prepared.preprocess, batch_size=run.batch_size,
-                         num_workers=run.num_workers, rows=rest)
+        width = layer_features(prepared.model, layer, make_loader(paths, prepared.preprocess, batch_size=1, rows=rest[:1]),
+                               num_rows=1, device=resolve_device(run.device), row_order=rest[:1]).shape[1]
+    features = torch.empty(len(block), width, dtype=torch.float32)
+    if len(mine):
+        features[torch.from_numpy(mine - block.start)] = candidates[layer]
+    loader = make_loader(paths, prepared.preprocess, batch_size=run.batch_size, num_workers=run.num_workers, rows=rest)
     # written in place, row i of this process's block at i: no second copy of the rows' features
     return layer_features(prepared.model, layer, loader, num_rows=len(block), device=resolve_device(run.device),
-                          reporter=reporter, row_order=list(block), out=features)
+                          reporter=reporter, row_order=block_indices, out=features)
 
 
 def refit_details(choice: LayerChoice, boundary: BoundaryOptions, method: str, measure: str) -> dict:

@@ -180,6 +180,7 @@ parts = gather_objects({"rows": features[mine]} if rank == 1 else {})  # uneven:
 same("gather objects", features[mine.start if rank == 1 else 50:], parts[1]["rows"], tolerance=0)
 assert parts[0] == {} and len(parts) == 2
 same("gather", logits, shard.gather(logits[mine]), tolerance=0)
+dist.barrier()
 dist.destroy_process_group()
 '''
 
