@@ -15,6 +15,7 @@ from .boundary import (HEAD_INPUT, BoundaryOptions, LayerChoice, block_candidate
 from .data import make_loader, make_shard_loader
 from .distributed import Shard, all_or_none, broadcast_object, gather_objects, local_rows, shard_of, writes_here
 from .errors import UsageError
+from .probe import PROBE_MEASURES
 from .features import ForwardOutputs, forward_pass, resolve_device
 from .layers import layer_features
 from .files import check_outputs_clear_of_inputs, check_overwrite, is_stdio, sha256_file, write_json_atomic
@@ -216,6 +217,9 @@ def score(
     boundary = boundary or BoundaryOptions()
     with all_or_none():  # under torchrun: every process stops here if any check failed, before any work
         boundary.validate()
+        if boundary.kind == "refit" and method == "influence" and influence_measure not in PROBE_MEASURES:
+            raise UsageError(f"--influence-measure {influence_measure}: not on a refit probe (use self-influence or "
+                             "boundary-shift, or --boundary head)")
         if output is not None:
             table_format(output)
             sidecar_path = None if is_stdio(output) else output + ".json"

@@ -80,6 +80,9 @@ def test_score_refit_on_a_named_layer_and_bad_layer(cli, tiny_data, tiny_model, 
     assert code == 3 and "--layer features.9" in err and "irank layers" in err
     code, _, err = cli("score", tiny_model, tiny_data["train"], "-o", tmp_path / "u.csv", "--boundary", "head", "--layer", "features.2")
     assert code == 3 and "--boundary refit" in err
+    code, _, err = cli("score", tiny_model, tiny_data["train"], "-o", tmp_path / "v.csv", "--influence-measure", "parameter-shift")
+    assert code == 3 and "--influence-measure parameter-shift" in err and "--boundary head" in err
+    assert not (tmp_path / "v.csv").exists()
 
 
 def test_layers_command_lists_candidates(cli, tiny_model):
