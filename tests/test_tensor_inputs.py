@@ -18,6 +18,7 @@ from irank.errors import CheckpointError
 from irank.manifest import read_manifest
 from irank.metrics import auroc
 from irank.tensors import TensorDataset, check_tensor_rows
+from test_errors import assert_clean_failure
 
 DIM = 16
 ARCH = f"mlp-{DIM}-64"
@@ -43,19 +44,6 @@ def mlp_model(embeddings, tmp_path_factory) -> Path:
                 train_options=irank.TrainOptions(scope="full", epochs=40, lr=0.05, seed=0),
                 run_options=irank.RunOptions(device="cpu", batch_size=32))
     return output
-
-
-def assert_clean_failure(result, *needles, output: Path | None = None):
-    code, _, err = result
-    assert code == 3, (code, err)
-    lines = err.strip().splitlines()
-    message = lines[-1]
-    assert message.startswith("irank: error: ") and sum("error" in line for line in lines) == 1, err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in message, message
-    if output is not None:
-        assert not output.exists()
 
 
 def flipped_mask(table: pd.DataFrame) -> np.ndarray:
