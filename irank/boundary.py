@@ -12,8 +12,8 @@ from torch import nn
 from . import influence
 from .distributed import Shard
 from .errors import UsageError
-from .linear import fit_standardized, standardize, standardizer
-from .probe import heldout_probe_loss, probe_scores
+from .linear import fit_standardized, fit_with_scaling, standardize
+from .probe import heldout_probe_loss, probe_logits, probe_scores
 from .progress import Reporter
 
 BOUNDARIES = ("head", "refit")
@@ -138,6 +138,6 @@ def refit_scores(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
     if probe_measure:
         scores, logits, _ = probe_scores(features, labels, num_classes, l2=l2, measure=probe_measure, shard=shard)
         return scores, logits
-    _, logits, _ = probe_scores(features, labels, num_classes, l2=l2, measure="loss", shard=shard)
-    mean, scale = standardizer(features.double(), shard)
+    weight, bias, (mean, scale) = fit_with_scaling(features, labels, num_classes, l2=l2, shard=shard)
+    logits = probe_logits(features, weight, bias)
     return influence.gradient_norm(logits, (features.double() - mean) / scale, labels), logits

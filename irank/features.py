@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader
 
 from .data import batches
 from .errors import NumericsError
+from .influence import chunk_size, spans
 from .progress import Reporter
 
 
@@ -76,9 +77,8 @@ def check_finite(head_inputs: torch.Tensor, logits: torch.Tensor, first_row: int
                  row_order: "list[int] | None" = None) -> None:
     """Refuse NaN or infinite outputs, naming manifest rows: `first_row` + i, or row_order[i]."""
     bad = torch.zeros(len(logits), dtype=torch.bool)
-    step = max(1, (1 << 20) // max(1, head_inputs.shape[1]))  # isfinite makes float temporaries: a chunk at a time
-    for start in range(0, len(logits), step):
-        end = start + step
+    # isfinite makes float temporaries: a chunk of rows at a time
+    for start, end in spans(len(logits), chunk_size(head_inputs.shape[1] + logits.shape[1])):
         bad[start:end] = ~torch.isfinite(logits[start:end]).all(dim=1) | ~torch.isfinite(head_inputs[start:end]).all(dim=1)
     if bad.any():
         where = torch.nonzero(bad).flatten().tolist()

@@ -51,7 +51,7 @@ def damped(matrix: torch.Tensor, relative: float) -> torch.Tensor:
     return matrix + strength * torch.eye(size, dtype=matrix.dtype)
 
 
-def _chunk_size(row_elements: int, budget: int = 1 << 20) -> int:
+def chunk_size(row_elements: int, budget: int = 1 << 20) -> int:
     return max(1, budget // max(1, row_elements))
 
 
@@ -91,7 +91,7 @@ def gauss_newton_of(read: RowReader, count: int, classes: int, dims: int, shard:
     size = classes * dims
     hessian = torch.zeros(size, size, dtype=torch.float64)
     eye = torch.eye(classes, dtype=torch.float64)
-    for start, end in spans(count, _chunk_size(classes * size)):
+    for start, end in spans(count, chunk_size(classes * size)):
         probs, features = read(start, end)
         root = probs.clamp_min(0).sqrt()
         factor = root[:, :, None] * (eye - root[:, :, None] * root[:, None, :])  # (b, C, C): M
@@ -105,7 +105,7 @@ def kfac_factors_of(read: RowReader, count: int, classes: int, dims: int,
     """A = mean(diag p − p pᵀ) (C×C) and B = mean φ̃ φ̃ᵀ (D̃×D̃); means over every process's rows with a `shard`."""
     output_sum = torch.zeros(classes, classes, dtype=torch.float64)
     input_sum = torch.zeros(dims, dims, dtype=torch.float64)
-    for start, end in spans(count, _chunk_size(classes + dims)):
+    for start, end in spans(count, chunk_size(classes + dims)):
         probs, features = read(start, end)
         output_sum += torch.diag(probs.sum(0)) - probs.T @ probs
         input_sum += features.T @ features
@@ -126,7 +126,7 @@ def exact_influence_of(read: RowReader, count: int, labels: torch.Tensor, classe
     second_moment = kfac_factors_of(read, count, classes, dims, shard)[1] if measure == "boundary-shift" else None
     size = hessian.shape[0]
     scores = torch.empty(count, dtype=torch.float64)
-    for start, end in spans(count, _chunk_size(size, budget=1 << 24)):
+    for start, end in spans(count, chunk_size(size, budget=1 << 24)):
         probs, features = read(start, end)
         grads = torch.einsum("ba,bi->bai", residuals(probs, labels[start:end]), features).reshape(end - start, size)
         if measure == "self-influence":
@@ -150,7 +150,7 @@ def kfac_influence_of(read: RowReader, count: int, labels: torch.Tensor, classes
     output_inv = torch.linalg.inv(damped(output_factor, damping))
     input_inv = torch.linalg.inv(damped(input_factor, damping))
     scores = torch.empty(count, dtype=torch.float64)
-    for start, end in spans(count, _chunk_size(classes + dims)):
+    for start, end in spans(count, chunk_size(classes + dims)):
         probs, features = read(start, end)
         res = residuals(probs, labels[start:end])
         if measure == "self-influence":
@@ -252,7 +252,7 @@ def gradient_norm(logits: torch.Tensor, head_inputs: torch.Tensor, labels: torch
     """‖g_i‖ = ‖p − e_y‖ · ‖φ̃‖, the Hessian-free baseline."""
     read = head_rows(logits, head_inputs, has_bias)
     norms = torch.empty(len(logits), dtype=torch.float64)
-    for start, end in spans(len(logits), _chunk_size(logits.shape[1] + head_inputs.shape[1])):
+    for start, end in spans(len(logits), chunk_size(logits.shape[1] + head_inputs.shape[1])):
         probs, features = read(start, end)
         norms[start:end] = residuals(probs, labels[start:end]).norm(dim=1) * features.norm(dim=1)
     return norms

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .distributed import Shard, broadcast_, is_main
-from .influence import _chunk_size, spans
+from .influence import chunk_size, spans
 
 
 def standardizer(features: torch.Tensor, shard: Shard | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -21,7 +21,7 @@ def standardizer(features: torch.Tensor, shard: Shard | None = None) -> tuple[to
     """
     count = len(features)
     total = count if shard is None else shard.total
-    step = _chunk_size(features.shape[1])
+    step = chunk_size(features.shape[1])
     local_sum = sum((features[start:end].double().sum(0) for start, end in spans(count, step)),
                     torch.zeros(features.shape[1], dtype=torch.float64))
     mean = (local_sum if shard is None else shard.sum(local_sum)) / total
@@ -45,7 +45,7 @@ def data_term(data: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bi
     loss = torch.zeros((), dtype=weight.dtype)
     weight_grad, bias_grad = torch.zeros_like(weight), torch.zeros_like(bias)
     # chunks of 2^19 numbers, but at least 8,192 rows: a fit evaluates this hundreds of times
-    for start, end in spans(len(data), max(8192, _chunk_size(data.shape[1] + weight.shape[0], budget=1 << 19))):
+    for start, end in spans(len(data), max(8192, chunk_size(data.shape[1] + weight.shape[0], budget=1 << 19))):
         chunk = data[start:end].to(weight.dtype)
         if scaling is not None:
             chunk = (chunk - scaling[0]) / scaling[1]
@@ -119,6 +119,21 @@ def fit_softmax_regression(
     `shard` (torchrun) the rows given are this process's, the fit is over every process's rows, and
     every process returns the same weights (see `_step_sharded`).
     """
+    weight, bias, _ = fit_with_scaling(features, labels, num_classes, l2=l2, max_iter=max_iter, shard=shard)
+    return weight, bias
+
+
+def fit_with_scaling(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    *,
+    l2: float,
+    max_iter: int = 500,
+    shard: Shard | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """`fit_softmax_regression`, also returning the (mean, scale) it standardized with, for callers that
+    work in the fit's standardized coordinates (the probe's curvature) without a second pass over the rows."""
     scaling = standardizer(features, shard)
     if shard is None:
         weight, bias = fit_standardized(features, labels, num_classes, l2=l2, max_iter=max_iter, scaling=scaling)
@@ -129,7 +144,7 @@ def fit_softmax_regression(
     mean, scale = scaling
     raw_weight = weight / scale
     raw_bias = bias - raw_weight @ mean
-    return raw_weight, raw_bias
+    return raw_weight, raw_bias, scaling
 
 
 def _step_sharded(optimizer: torch.optim.LBFGS, weight: torch.Tensor, bias: torch.Tensor, features: torch.Tensor,

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from . import influence
 from .distributed import Shard
-from .linear import fit_softmax_regression, fit_standardized, standardize, standardizer
+from .linear import fit_standardized, fit_with_scaling, standardize
 
 PROBE_MEASURES = ("loss", "margin", "self-influence", "boundary-shift")
 
@@ -20,7 +20,7 @@ PROBE_MEASURES = ("loss", "margin", "self-influence", "boundary-shift")
 def probe_logits(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """features @ Wᵀ + b in float64, a chunk of rows at a time (no float64 copy of the features)."""
     logits = torch.empty(len(features), weight.shape[0], dtype=torch.float64)
-    for start, end in influence.spans(len(features), influence._chunk_size(features.shape[1])):
+    for start, end in influence.spans(len(features), influence.chunk_size(features.shape[1])):
         logits[start:end] = torch.addmm(bias, features[start:end].double(), weight.T)
     return logits
 
@@ -42,15 +42,13 @@ def probe_scores(
     """
     if measure not in PROBE_MEASURES:
         raise ValueError(f"unknown probe measure {measure!r}; choose from {', '.join(PROBE_MEASURES)}")
-    weight, bias = fit_softmax_regression(features, labels, num_classes, l2=l2, shard=shard)
+    weight, bias, (mean, scale) = fit_with_scaling(features, labels, num_classes, l2=l2, shard=shard)
     logits = probe_logits(features, weight, bias)
     if measure == "loss":
         scores = influence.cross_entropy(logits, labels)
     elif measure == "margin":
         scores = influence.negative_margin(logits, labels)
     else:
-        mean, scale = standardizer(features, shard)
-
         def read(start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:  # a chunk, standardized as the fit saw it
             standardized = influence.augment((features[start:end].double() - mean) / scale, has_bias=True)
             return torch.softmax(logits[start:end], dim=1), standardized

@@ -122,6 +122,12 @@ def block_rows(num_rows: int, shard: Shard | None) -> range:
 # Row lists are numpy arrays here: at a million rows, Python lists of ints cost tens of MiB each.
 
 
+def rows_loader(prepared: Prepared, run: RunOptions, rows: np.ndarray):
+    """A loader over the given manifest rows, in their order."""
+    return make_loader(prepared.manifest.resolved_paths(), prepared.preprocess, batch_size=run.batch_size,
+                       num_workers=run.num_workers, rows=rows)
+
+
 def read_choice_sample(prepared: Prepared, sample_size: int, run: RunOptions, reporter: Reporter,
                        shard: Shard | None = None) -> tuple[np.ndarray, dict[str, torch.Tensor]]:
     """(the sample's rows, sorted; the candidate layers' features of the sample rows this process holds)."""
@@ -133,9 +139,7 @@ def read_choice_sample(prepared: Prepared, sample_size: int, run: RunOptions, re
     names = block_candidates(prepared.model, prepared.head_name)
     if len(mine) == 0:
         return sample_rows, {}
-    loader = make_loader(prepared.manifest.resolved_paths(), prepared.preprocess, batch_size=run.batch_size,
-                         num_workers=run.num_workers, rows=mine)
-    candidates = layer_features(prepared.model, names, loader, num_rows=len(mine), device=resolve_device(run.device),
+    candidates = layer_features(prepared.model, names, rows_loader(prepared, run, mine), num_rows=len(mine), device=resolve_device(run.device),
                                 reporter=reporter, row_order=mine)
     return sample_rows, candidates
 
@@ -166,18 +170,16 @@ def read_rest(prepared: Prepared, layer: str, sample_rows: np.ndarray, candidate
     rest = np.setdiff1d(block_indices, mine, assume_unique=True)
     if len(rest) == 0:
         return candidates[layer]
-    paths = prepared.manifest.resolved_paths()
     if len(mine):
         width = candidates[layer].shape[1]
     else:  # this process holds none of the sample (a tiny shard): learn the width from its first row
-        width = layer_features(prepared.model, layer, make_loader(paths, prepared.preprocess, batch_size=1, rows=rest[:1]),
-                               num_rows=1, device=resolve_device(run.device), row_order=rest[:1]).shape[1]
+        width = layer_features(prepared.model, layer, rows_loader(prepared, run, rest[:1]), num_rows=1,
+                               device=resolve_device(run.device), row_order=rest[:1]).shape[1]
     features = torch.empty(len(block), width, dtype=torch.float32)
     if len(mine):
         features[torch.from_numpy(mine - block.start)] = candidates[layer]
-    loader = make_loader(paths, prepared.preprocess, batch_size=run.batch_size, num_workers=run.num_workers, rows=rest)
     # written in place, row i of this process's block at i: no second copy of the rows' features
-    return layer_features(prepared.model, layer, loader, num_rows=len(block), device=resolve_device(run.device),
+    return layer_features(prepared.model, layer, rows_loader(prepared, run, rest), num_rows=len(block), device=resolve_device(run.device),
                           reporter=reporter, row_order=block_indices, out=features)
 
 
