@@ -140,4 +140,9 @@ def refit_scores(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
         return scores, logits
     weight, bias, (mean, scale) = fit_with_scaling(features, labels, num_classes, l2=l2, shard=shard)
     logits = probe_logits(features, weight, bias)
-    return influence.gradient_norm(logits, (features.double() - mean) / scale, labels), logits
+
+    def read(start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:  # a chunk, standardized as the fit saw it
+        return (torch.softmax(logits[start:end], dim=1),
+                influence.augment((features[start:end].double() - mean) / scale, has_bias=True))
+
+    return influence.gradient_norm_of(read, len(features), labels, num_classes + features.shape[1]), logits

@@ -28,6 +28,7 @@ from .errors import IrankError, UsageError
 from .files import is_stdio
 from .loading import ModelOptions, RunOptions
 from .progress import RichReporter
+from .rowstore import DEFAULT_MEMORY_BUDGET, parse_size
 
 EXIT_INPUT_ERROR = 3
 EXIT_GATE_FAILED = 4
@@ -116,6 +117,10 @@ StdOpt = Annotated[Optional[str], typer.Option(help="Normalization std per chann
 DeviceOpt = Annotated[Device, typer.Option(help="Where to run the model: auto picks CUDA when present.", rich_help_panel=RUN)]
 BatchOpt = Annotated[int, typer.Option(help="Samples (images or tensor rows) per batch.", rich_help_panel=RUN)]
 WorkersOpt = Annotated[int, typer.Option(help="DataLoader worker processes for decoding images or reading tensor rows.", rich_help_panel=RUN)]
+MemoryBudgetOpt = Annotated[str, typer.Option(
+    help="Per-sample arrays (a layer's features, head inputs, logits) kept in memory up to this size, e.g. 512MiB or "
+    "4GB; past it they go to a temporary file (under $TMPDIR) read a block at a time, so memory stays flat in "
+    "the number of rows. 0: always on disk.", rich_help_panel=RUN)]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or messages on stderr.", rich_help_panel=RUN)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON summary on stdout.", rich_help_panel=RUN)]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from OUTPUT.resume (saved after every epoch); same result as an uninterrupted run.", rich_help_panel=RUN)]
@@ -154,6 +159,7 @@ def score(
     image_size: ImageSizeOpt = None, resize: ResizeOpt = None, mean: MeanOpt = None, std: StdOpt = None,
     allow_outside_root: AllowOutsideOpt = False, on_bad_image: BadImageOpt = "fail",
     device: DeviceOpt = Device.auto, batch_size: BatchOpt = 128, num_workers: WorkersOpt = 0,
+    memory_budget: MemoryBudgetOpt = DEFAULT_MEMORY_BUDGET,
     quiet: QuietOpt = False, json_out: JsonOpt = False, overwrite: OverwriteOpt = False,
     fail_over: Annotated[Optional[float], typer.Option(
         help="CI gate: after writing the scores, exit with code 4 if the estimated share of mislabeled samples "
@@ -183,8 +189,9 @@ def score(
         curvature=curvature.value, damping=damping,
         boundary=BoundaryOptions(kind=boundary.value, layer=layer, l2=l2, choice_rows=choice_rows),
         model_options=model_options(arch, head, classes, preprocess, image_size, resize, mean, std, allow_outside_root, on_bad_image),
-        run_options=RunOptions(device=device.value, batch_size=batch_size, num_workers=num_workers), reporter=reporter,
-        overwrite=overwrite,
+        run_options=RunOptions(device=device.value, batch_size=batch_size, num_workers=num_workers,
+                               memory_budget=parse_size(memory_budget)),
+        reporter=reporter, overwrite=overwrite,
     )
     if not is_stdio(output):
         reporter.info(f"wrote {output} ({len(result.table)} rows) and {output}.json")
@@ -409,6 +416,7 @@ def post_train(
     image_size: ImageSizeOpt = None, resize: ResizeOpt = None, mean: MeanOpt = None, std: StdOpt = None,
     allow_outside_root: AllowOutsideOpt = False, on_bad_image: BadImageOpt = "fail",
     device: DeviceOpt = Device.auto, batch_size: BatchOpt = 128, num_workers: WorkersOpt = 0,
+    memory_budget: MemoryBudgetOpt = DEFAULT_MEMORY_BUDGET,
     quiet: QuietOpt = False, json_out: JsonOpt = False, overwrite: OverwriteOpt = False,
 ) -> None:
     """Post-train: remove the most influential samples gradually, refining the model after each round.
@@ -439,7 +447,8 @@ def post_train(
         train_options=_train_options(scope, epochs, lr, weight_decay, augment, seed, l2),
         val=str(val) if val else None,
         model_options=model_options(arch, head, classes, preprocess, image_size, resize, mean, std, allow_outside_root, on_bad_image),
-        run_options=RunOptions(device=device.value, batch_size=batch_size, num_workers=num_workers),
+        run_options=RunOptions(device=device.value, batch_size=batch_size, num_workers=num_workers,
+                               memory_budget=parse_size(memory_budget)),
         reporter=reporter, on_round=show, overwrite=overwrite,
     )
     summary = result.summary

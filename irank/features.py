@@ -12,14 +12,15 @@ from .data import batches
 from .errors import NumericsError
 from .influence import chunk_size, spans
 from .progress import Reporter
+from .rowstore import DiskRows, MemoryBudget
 
 
 @dataclass
 class ForwardOutputs:
     """Per-sample tensors, row-aligned with the manifest."""
 
-    head_inputs: torch.Tensor  # (n, D): what flows into the head, flattened
-    logits: torch.Tensor  # (n, C): what comes out of it
+    head_inputs: torch.Tensor | DiskRows  # (n, D): what flows into the head, flattened
+    logits: torch.Tensor | DiskRows  # (n, C): what comes out of it
 
 
 def resolve_device(name: str) -> torch.device:
@@ -42,11 +43,14 @@ def forward_pass(
     reporter: Reporter | None = None,
     description: str = "forward pass",
     first_row: int = 0,
+    budget: MemoryBudget | None = None,
 ) -> ForwardOutputs:
     """Run the model once over the loader in eval mode, capturing the head's input and output.
 
     `first_row`: the manifest row of the loader's row 0, for messages (a process's shard under torchrun).
+    `budget`: where the per-sample arrays go (in memory, or past the budget in a temporary file).
     """
+    budget = budget or MemoryBudget()
     reporter = reporter or Reporter()
     captured: dict[str, torch.Tensor] = {}
 
@@ -54,8 +58,8 @@ def forward_pass(
         captured["inputs"] = inputs[0].detach()
         captured["logits"] = output.detach()
 
-    head_inputs = torch.empty(num_rows, head.in_features, dtype=torch.float32)
-    logits = torch.empty(num_rows, head.out_features, dtype=torch.float32)
+    head_inputs = budget.array(num_rows, head.in_features)
+    logits = budget.array(num_rows, head.out_features)
     model.to(device).eval()
     handle = head.register_forward_hook(hook)
     try:

@@ -236,23 +236,40 @@ def influence_scores(
     return compute(read, count, labels, classes, dims, damping=damping, measure=measure, shard=shard), used
 
 
+def per_row(function: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], logits: torch.Tensor,
+            labels: torch.Tensor) -> torch.Tensor:
+    """function(logits chunk in float64, labels chunk) over chunks of rows: float64 (n,)."""
+    values = torch.empty(len(logits), dtype=torch.float64)
+    for start, end in spans(len(logits), chunk_size(logits.shape[1])):
+        values[start:end] = function(logits[start:end].double(), labels[start:end])
+    return values
+
+
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.double(), labels, reduction="none")
+    return per_row(lambda chunk, chunk_labels: F.cross_entropy(chunk, chunk_labels, reduction="none"), logits, labels)
 
 
-def negative_margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Best other logit minus the given label's logit: high when the model disagrees with the label."""
-    logits = logits.double()
+def _negative_margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     given = logits.gather(1, labels[:, None]).squeeze(1)
     others = logits.scatter(1, labels[:, None], float("-inf"))
     return others.max(dim=1).values - given
 
 
-def gradient_norm(logits: torch.Tensor, head_inputs: torch.Tensor, labels: torch.Tensor, *, has_bias: bool = True) -> torch.Tensor:
-    """‖g_i‖ = ‖p − e_y‖ · ‖φ̃‖, the Hessian-free baseline."""
-    read = head_rows(logits, head_inputs, has_bias)
-    norms = torch.empty(len(logits), dtype=torch.float64)
-    for start, end in spans(len(logits), chunk_size(logits.shape[1] + head_inputs.shape[1])):
+def negative_margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Best other logit minus the given label's logit: high when the model disagrees with the label."""
+    return per_row(_negative_margin, logits, labels)
+
+
+def gradient_norm_of(read: RowReader, count: int, labels: torch.Tensor, row_elements: int) -> torch.Tensor:
+    """‖g_i‖ = ‖p − e_y‖ · ‖φ̃‖ of every row read."""
+    norms = torch.empty(count, dtype=torch.float64)
+    for start, end in spans(count, chunk_size(row_elements)):
         probs, features = read(start, end)
         norms[start:end] = residuals(probs, labels[start:end]).norm(dim=1) * features.norm(dim=1)
     return norms
+
+
+def gradient_norm(logits: torch.Tensor, head_inputs: torch.Tensor, labels: torch.Tensor, *, has_bias: bool = True) -> torch.Tensor:
+    """‖g_i‖ = ‖p − e_y‖ · ‖φ̃‖, the Hessian-free baseline."""
+    return gradient_norm_of(head_rows(logits, head_inputs, has_bias), len(logits), labels,
+                            logits.shape[1] + head_inputs.shape[1])

@@ -17,6 +17,7 @@ from .data import batches
 from .errors import UsageError
 from .features import check_finite
 from .progress import Reporter
+from .rowstore import MemoryBudget
 
 
 class _Stop(Exception):
@@ -77,6 +78,7 @@ def layer_features(
     row_order: "np.ndarray | list[int] | None" = None,
     first_row: int = 0,
     out: torch.Tensor | None = None,
+    budget: MemoryBudget | None = None,
 ) -> dict[str, torch.Tensor] | torch.Tensor:
     """Pooled features of each named layer for every row of the loader (float32, CPU), in one pass.
 
@@ -84,8 +86,9 @@ def layer_features(
     result is manifest row i, or, with `row_order` (the manifest rows the loader covers), row_order[i].
     `first_row`: the manifest row of the loader's row 0, for messages (a process's shard under torchrun).
     `out` (one layer only): a tensor to fill in place of a new one; rows the loader does not cover keep
-    their values.
+    their values. `budget`: where new per-sample arrays go (default: memory).
     """
+    budget = budget or MemoryBudget()
     reporter = reporter or Reporter()
     single = isinstance(layer_names, str)
     names = [layer_names] if single else list(layer_names)
@@ -103,7 +106,7 @@ def layer_features(
             where = rows if position is None else position[rows]
             for name, pooled in run_until(model, layers, images.to(device, non_blocking=True)).items():
                 if name not in features:
-                    features[name] = out if out is not None else torch.empty(num_rows, pooled.shape[1], dtype=torch.float32)
+                    features[name] = out if out is not None else budget.array(num_rows, pooled.shape[1])
                 features[name].index_copy_(0, where, pooled.float().cpu())  # much faster than [rows] = on CPU
             advance(1)
     for tensor in features.values():

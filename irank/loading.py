@@ -18,6 +18,7 @@ from .errors import CheckpointError, ImageError, UsageError
 from .manifest import Manifest, check_inside_root, encode_labels, read_manifest, resolve_classes
 from .models import MLP
 from .tensors import check_tensor_rows, shape_text
+from .rowstore import DEFAULT_MEMORY_BUDGET, parse_size
 
 
 @dataclass
@@ -41,6 +42,9 @@ class RunOptions:
     device: str = "auto"
     batch_size: int = 128
     num_workers: int = 0
+    # bytes of per-sample arrays (features, logits) `score` keeps in memory; past it, a temporary file.
+    # None: no limit.
+    memory_budget: int | None = parse_size(DEFAULT_MEMORY_BUDGET)
 
 
 @dataclass

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from .influence import chunk_size, spans
 
 FIRST_COLUMNS = [
     "rank", "id", "path", "label", "predicted", "label_prob", "predicted_prob", "loss", "score", "class_rank",
@@ -12,43 +16,80 @@ FIRST_COLUMNS = [
 RUNNER_UPS = (2, 3)  # the model's 2nd and 3rd most probable classes, for annotators
 
 
-def runner_up_columns(probs: np.ndarray, class_names: np.ndarray) -> dict[str, np.ndarray]:
-    """candidate_K and candidate_K_prob: the K-th most probable class (ties: lower index first); empty when C < K."""
-    order = np.argsort(-probs, axis=1, kind="stable")
+def top_classes(probs: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
+    """Per row of `probs` (rows × classes): the given label's probability, the most probable class and its
+    probability, and the 2nd and 3rd most probable (index -1 and NaN when there are fewer classes).
+    Ties go to the lower class index."""
+    order = np.argsort(-probs, axis=1, kind="stable")[:, : max(RUNNER_UPS)]
     rows = np.arange(len(probs))
-    columns: dict[str, np.ndarray] = {}
+    columns = {"label_prob": probs[rows, labels], "predicted": order[:, 0], "predicted_prob": probs[rows, order[:, 0]]}
     for place in RUNNER_UPS:
         if probs.shape[1] >= place:
-            index = order[:, place - 1]
-            columns[f"candidate_{place}"] = class_names[index]
-            columns[f"candidate_{place}_prob"] = probs[rows, index]
+            columns[f"candidate_{place}"] = order[:, place - 1]
+            columns[f"candidate_{place}_prob"] = probs[rows, order[:, place - 1]]
         else:
-            columns[f"candidate_{place}"] = np.full(len(probs), "", dtype=object)
+            columns[f"candidate_{place}"] = np.full(len(probs), -1, dtype=np.int64)
             columns[f"candidate_{place}_prob"] = np.full(len(probs), np.nan)
     return columns
 
 
+def prediction_columns(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, np.ndarray]:
+    """`top_classes` of softmax(logits) and each row's cross-entropy, in float64, a chunk of rows at a time:
+    with a thousand classes and a million rows, all probabilities at once would be 8 GB."""
+    columns: dict[str, list[np.ndarray]] = {}
+    for start, end in spans(len(logits), chunk_size(logits.shape[1])):
+        chunk = logits[start:end].double()
+        chunk_labels = labels[start:end]
+        part = top_classes(torch.softmax(chunk, dim=1).numpy(), chunk_labels.numpy())
+        part["loss"] = F.cross_entropy(chunk, chunk_labels, reduction="none").numpy()
+        for name, values in part.items():
+            columns.setdefault(name, []).append(values)
+    return {name: np.concatenate(parts) for name, parts in columns.items()}
+
+
+def runner_up_columns(probs: np.ndarray, class_names: np.ndarray) -> dict[str, np.ndarray]:
+    """candidate_K and candidate_K_prob: the K-th most probable class (ties: lower index first); empty when C < K."""
+    top = top_classes(probs, np.zeros(len(probs), dtype=np.int64))
+    return {name: class_names_of(values, class_names) if not name.endswith("_prob") else values
+            for name, values in top.items() if name.startswith("candidate_")}
+
+
+def class_names_of(indices: np.ndarray, class_names: np.ndarray) -> np.ndarray:
+    """Class names of class indices; "" for -1 (no such class)."""
+    names = np.append(np.asarray(class_names, dtype=object), "")
+    return names[np.where(indices < 0, len(names) - 1, indices)]
+
+
 def rank_order(scores: np.ndarray, ids: list[str]) -> np.ndarray:
-    """Row indices from most to least influential; ties break by id so the order is deterministic."""
-    return np.lexsort((np.asarray(ids, dtype=str), -np.asarray(scores, dtype=np.float64)))
+    """Row indices from most to least influential; ties break by id so the order is deterministic.
 
-
-def ranks(scores: np.ndarray, ids: list[str]) -> np.ndarray:
-    """Rank of every row (1 = highest score)."""
-    order = rank_order(scores, ids)
-    result = np.empty(len(order), dtype=np.int64)
-    result[order] = np.arange(1, len(order) + 1)
-    return result
-
-
-def class_ranks(scores: np.ndarray, ids: list[str], labels: np.ndarray) -> np.ndarray:
-    """Rank of every row among the rows of its own given class."""
-    result = np.empty(len(scores), dtype=np.int64)
-    ids_array = np.asarray(ids, dtype=str)
+    Only the rows that tie are compared by id: an array of every id as fixed-width text would cost
+    4 bytes × the longest id × rows.
+    """
     scores = np.asarray(scores, dtype=np.float64)
-    for label in np.unique(labels):
-        members = np.flatnonzero(labels == label)
-        result[members] = ranks(scores[members], list(ids_array[members]))
+    order = np.argsort(-scores, kind="stable")
+    ordered = scores[order]
+    same = np.flatnonzero(ordered[1:] == ordered[:-1])
+    if len(same) == 0:
+        return order
+    # runs of equal scores: [start, end) in `order`
+    breaks = np.flatnonzero(np.diff(same) != 1)
+    starts = np.concatenate([same[:1], same[breaks + 1]])
+    ends = np.concatenate([same[breaks], same[-1:]]) + 2
+    for start, end in zip(starts.tolist(), ends.tolist()):
+        members = order[start:end]
+        order[start:end] = members[np.argsort(np.asarray([ids[i] for i in members], dtype=str), kind="stable")]
+    return order
+
+
+def class_ranks_in_order(ordered_labels: np.ndarray) -> np.ndarray:
+    """Given the rows' labels in rank order, each row's rank among the rows of its own class."""
+    by_class = np.argsort(ordered_labels, kind="stable")  # within a class, still in rank order
+    sorted_labels = ordered_labels[by_class]
+    first = np.concatenate([[True], sorted_labels[1:] != sorted_labels[:-1]])
+    group_start = np.maximum.accumulate(np.where(first, np.arange(len(first)), 0))
+    result = np.empty(len(ordered_labels), dtype=np.int64)
+    result[by_class] = np.arange(len(first)) - group_start + 1
     return result
 
 
@@ -59,30 +100,34 @@ def scores_table(
     paths: list[str],
     labels: np.ndarray,
     classes: list[str],
-    probs: np.ndarray,
-    loss: np.ndarray,
+    predictions: dict[str, np.ndarray],
     scores: np.ndarray,
 ) -> pd.DataFrame:
-    """One row per sample, sorted by rank, irank's columns first and then the manifest's own."""
-    predicted = probs.argmax(axis=1)
-    rows = np.arange(len(labels))
+    """One row per sample, sorted by rank, irank's columns first and then the manifest's own.
+
+    `predictions`: `prediction_columns` of the model's logits. The table is built in rank order
+    directly (no sorted copy of a finished table).
+    """
+    order = rank_order(scores, ids)
+    labels = np.asarray(labels)[order]
     class_names = np.asarray(classes, dtype=object)
+    ordered = {name: values[order] for name, values in predictions.items()}
     table = pd.DataFrame(
         {
-            "rank": ranks(scores, ids),
-            "id": ids,
-            "path": paths,
+            "rank": np.arange(1, len(order) + 1, dtype=np.int64),
+            "id": np.asarray(ids, dtype=object)[order],
+            "path": np.asarray(paths, dtype=object)[order],
             "label": class_names[labels],
-            "predicted": class_names[predicted],
-            "label_prob": probs[rows, labels],
-            "predicted_prob": probs[rows, predicted],
-            "loss": loss,
-            "score": scores,
-            "class_rank": class_ranks(scores, ids, labels),
-            **runner_up_columns(probs, class_names),
+            "predicted": class_names_of(ordered["predicted"], class_names),
+            "label_prob": ordered["label_prob"],
+            "predicted_prob": ordered["predicted_prob"],
+            "loss": ordered["loss"],
+            "score": np.asarray(scores, dtype=np.float64)[order],
+            "class_rank": class_ranks_in_order(labels),
+            **{name: class_names_of(ordered[name], class_names) if not name.endswith("_prob") else ordered[name]
+               for place in RUNNER_UPS for name in (f"candidate_{place}", f"candidate_{place}_prob")},
         }
     )
     extra = user_table.drop(columns=[c for c in ("id", "path", "label") if c in user_table.columns])
     extra = extra.rename(columns={c: f"{c}_input" for c in extra.columns if c in FIRST_COLUMNS})
-    table = pd.concat([table, extra.reset_index(drop=True)], axis=1)
-    return table.sort_values("rank", kind="mergesort").reset_index(drop=True)
+    return pd.concat([table, extra.take(order).reset_index(drop=True)], axis=1)

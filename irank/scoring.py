@@ -22,7 +22,8 @@ from .files import check_outputs_clear_of_inputs, check_overwrite, is_stdio, sha
 from .loading import ModelOptions, Prepared, RunOptions, prepare
 from .manifest import table_format, write_table
 from .progress import Reporter
-from .rank import scores_table
+from .rank import prediction_columns, scores_table
+from .rowstore import DiskRows, MemoryBudget
 
 METHODS = ("influence", "loss", "margin", "gradnorm")
 
@@ -81,12 +82,14 @@ def shard_loader(prepared: Prepared, run: RunOptions, shard: Shard | None = None
                              num_workers=run.num_workers, shard=shard)
 
 
-def run_forward(prepared: Prepared, run: RunOptions, reporter: Reporter, shard: Shard | None = None) -> ForwardOutputs:
-    """Head inputs and logits of every row (of this process's block of rows, with a `shard`)."""
+def run_forward(prepared: Prepared, run: RunOptions, reporter: Reporter, shard: Shard | None = None,
+                budget: MemoryBudget | None = None) -> ForwardOutputs:
+    """Head inputs and logits of every row (of this process's block of rows, with a `shard`); with a
+    `budget`, past it they go to temporary files."""
     loader, num_rows, first_row = shard_loader(prepared, run, shard)
     return forward_pass(
         prepared.model, prepared.head, loader, num_rows=num_rows,
-        device=resolve_device(run.device), reporter=reporter, first_row=first_row,
+        device=resolve_device(run.device), reporter=reporter, first_row=first_row, budget=budget,
     )
 
 
@@ -101,13 +104,13 @@ def refit_layer(prepared: Prepared, boundary: BoundaryOptions) -> str:
 
 
 def read_layer(prepared: Prepared, layer: str, run: RunOptions, reporter: Reporter,
-               shard: Shard | None = None) -> torch.Tensor:
+               shard: Shard | None = None, budget: MemoryBudget | None = None) -> torch.Tensor | DiskRows:
     """Features at a named layer (or the head's input) of every row, or of this process's block of rows."""
     if layer == HEAD_INPUT:
-        return run_forward(prepared, run, reporter, shard).head_inputs
+        return run_forward(prepared, run, reporter, shard, budget).head_inputs
     loader, num_rows, first_row = shard_loader(prepared, run, shard)
     return layer_features(prepared.model, layer, loader, num_rows=num_rows, device=resolve_device(run.device),
-                          reporter=reporter, first_row=first_row)
+                          reporter=reporter, first_row=first_row, budget=budget)
 
 
 # --layer auto reads every candidate layer on a seeded random sample of rows, chooses there, then runs the
@@ -161,7 +164,8 @@ def choose_on_sample(sample_rows: np.ndarray, candidates: dict[str, torch.Tensor
 
 
 def read_rest(prepared: Prepared, layer: str, sample_rows: np.ndarray, candidates: dict[str, torch.Tensor],
-              run: RunOptions, reporter: Reporter, shard: Shard | None = None) -> torch.Tensor:
+              run: RunOptions, reporter: Reporter, shard: Shard | None = None,
+              budget: MemoryBudget | None = None) -> torch.Tensor | DiskRows:
     """Features at the chosen layer of every row this process holds: the sample's already read, the others
     read now, each forward pass stopping at the layer."""
     block = block_rows(len(prepared.labels), shard)
@@ -175,9 +179,9 @@ def read_rest(prepared: Prepared, layer: str, sample_rows: np.ndarray, candidate
     else:  # this process holds none of the sample (a tiny shard): learn the width from its first row
         width = layer_features(prepared.model, layer, rows_loader(prepared, run, rest[:1]), num_rows=1,
                                device=resolve_device(run.device), row_order=rest[:1]).shape[1]
-    features = torch.empty(len(block), width, dtype=torch.float32)
+    features = (budget or MemoryBudget()).array(len(block), width)
     if len(mine):
-        features[torch.from_numpy(mine - block.start)] = candidates[layer]
+        features.index_copy_(0, torch.from_numpy(mine - block.start), candidates[layer])
     # written in place, row i of this process's block at i: no second copy of the rows' features
     return layer_features(prepared.model, layer, rows_loader(prepared, run, rest), num_rows=len(block), device=resolve_device(run.device),
                           reporter=reporter, row_order=block_indices, out=features)
@@ -236,19 +240,21 @@ def score(
             reporter.info(note)
         labels = torch.from_numpy(prepared.labels)
         shard = shard_of(len(labels))  # None with one process
+        budget = MemoryBudget(run_options.memory_budget)
         if boundary.kind == "head":
-            outputs = run_forward(prepared, run_options, reporter, shard)
+            outputs = run_forward(prepared, run_options, reporter, shard, budget)
         else:
             layer = refit_layer(prepared, boundary)
             if layer == "auto":
                 sample_rows, candidates = read_choice_sample(prepared, boundary.choice_rows, run_options, reporter, shard)
             else:
-                features, choice = read_layer(prepared, layer, run_options, reporter, shard), LayerChoice(layer, "given")
+                features = read_layer(prepared, layer, run_options, reporter, shard, budget)
+                choice = LayerChoice(layer, "given")
     if boundary.kind == "refit" and layer == "auto":
         # the gather lies between two agreement blocks: no collective inside one
         choice = choose_on_sample(sample_rows, candidates, labels, len(prepared.classes), boundary.l2, reporter, shard)
         with all_or_none():
-            features = read_rest(prepared, choice.layer, sample_rows, candidates, run_options, reporter, shard)
+            features = read_rest(prepared, choice.layer, sample_rows, candidates, run_options, reporter, shard, budget)
         del candidates
     local_labels = local_rows(labels, shard)
     if boundary.kind == "head":
@@ -265,17 +271,18 @@ def score(
                                       measure=influence_measure, l2=boundary.l2, shard=shard)
         details = refit_details(choice, boundary, method, influence_measure)
         del features
+    predictions = prediction_columns(logits, local_labels)
     if shard is not None:  # every process gets every row's results, in manifest order
-        scores, logits = shard.gather(scores), shard.gather(logits)
-    probs = torch.softmax(logits.double(), dim=1).numpy()
+        scores = shard.gather(scores)
+        predictions = {name: shard.gather(torch.from_numpy(values)).numpy() for name, values in predictions.items()}
+    del logits
     table = scores_table(
         prepared.manifest.table,
         ids=prepared.manifest.ids,
         paths=prepared.manifest.paths,
         labels=prepared.labels,
         classes=prepared.classes,
-        probs=probs,
-        loss=influence.cross_entropy(logits, labels).numpy(),
+        predictions=predictions,
         scores=scores.numpy(),
     )
     sidecar = {

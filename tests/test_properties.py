@@ -7,13 +7,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from irank.errors import ManifestError
 from irank.manifest import read_manifest, read_table, write_table
 from irank.prune import prune
-from irank.rank import scores_table
+from irank.rank import class_ranks_in_order, prediction_columns, rank_order, scores_table
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -28,9 +29,9 @@ def scored_manifests(draw):
     manifest = pd.DataFrame({"path": [f"img/{i}.png" for i in range(rows)], "label": [f"c{l}" for l in labels],
                              "note": [f"n{i}" for i in range(rows)]})
     names = [f"c{i}" for i in range(classes)]
-    probs = np.full((rows, classes), 1.0 / classes)
+    predictions = prediction_columns(torch.zeros(rows, classes), torch.tensor(labels))
     table = scores_table(manifest, ids=manifest["path"].tolist(), paths=manifest["path"].tolist(),
-                         labels=np.array(labels), classes=names, probs=probs, loss=np.zeros(rows), scores=np.array(scores))
+                         labels=np.array(labels), classes=names, predictions=predictions, scores=np.array(scores))
     return manifest, table
 
 
@@ -105,3 +106,18 @@ def test_fuzz_the_manifest_reader(data, fmt):
             read_table(path)
         except ManifestError:
             pass
+
+
+@FAST
+@given(st.lists(st.tuples(st.integers(-3, 3), st.integers(0, 2)), min_size=1, max_size=60), st.randoms())
+def test_rank_order_breaks_ties_by_id_and_class_ranks_follow_it(rows, random):
+    """Against the plain definition: sort by (score descending, id); a row's class rank is its place
+    among its class's rows in that order."""
+    scores = np.array([float(score) for score, _ in rows])  # few distinct values: many ties
+    labels = np.array([label for _, label in rows])
+    ids = [f"id-{i}" for i in range(len(rows))]
+    random.shuffle(ids)
+    order = rank_order(scores, ids)
+    assert order.tolist() == np.lexsort((np.asarray(ids, dtype=str), -scores)).tolist()
+    expected = [sum(1 for j in order[: place + 1] if labels[j] == labels[order[place]]) for place in range(len(order))]
+    assert class_ranks_in_order(labels[order]).tolist() == expected

@@ -71,6 +71,8 @@ def main() -> None:
                                             "--boundary", "head", "--batch-size", "1024")),
             ("score (default refit)", irank("score", str(checkpoint), manifest, "-o", str(folder / "scores.csv"),
                                             "--batch-size", "1024")),
+            ("score --memory-budget 0", irank("score", str(checkpoint), manifest, "-o", str(folder / "scores-disk.csv"),
+                                              "--batch-size", "1024", "--memory-budget", "0")),
             ("prune", irank("prune", str(folder / "scores.csv"), manifest, "--fraction", "0.2",
                             "-o", str(folder / "kept.csv"), "--removed", str(folder / "removed.csv"))),
         ]:

@@ -1,6 +1,9 @@
 """Cost of `irank score` as a multiple of a plain inference pass over the same DataLoader (not run by CI).
 
-    python tests/bench/score_cost.py SETTING [--boundary head|refit] [--repeats 3]
+    python tests/bench/score_cost.py SETTING [--boundary head|refit] [--repeats 3] [--manifest CSV]
+
+`--manifest` times another manifest than the setting's 10k training subset (e.g. all 50,000 CIFAR-10
+training images: `irank manifest bench-data/cifar10/train -o bench-data/cifar10/train-all.csv`).
 
 The two are timed alternately, `--repeats` times each, in one process; the medians are compared.
 """
@@ -19,9 +22,10 @@ parser = argparse.ArgumentParser()
 parser.add_argument("setting")
 parser.add_argument("--boundary", default="head")
 parser.add_argument("--repeats", type=int, default=3)
+parser.add_argument("--manifest", default=None)
 args = parser.parse_args()
 checkpoint = str(ROOT / "bench-out" / "base" / f"{args.setting}.safetensors")
-manifest = str(DATA / f"train-{args.setting.split('-')[1]}.csv")
+manifest = args.manifest or str(DATA / f"train-{args.setting.split('-')[1]}.csv")
 inference_times, score_times = [], []
 for _ in range(args.repeats):
     inference_times.append(plain_inference_seconds(checkpoint, manifest))

@@ -1,0 +1,112 @@
+"""Per-sample arrays that may outgrow memory: the head inputs, logits or a layer's features of every row.
+
+`score` keeps one (rows × width) float32 array of such state between its forward pass and its math.
+A `MemoryBudget` hands out in-memory tensors while they fit in it and, past it, `DiskRows`: the same
+array in an anonymous temporary file (removed by the system when the process ends, even on a crash),
+read and written a block of rows at a time with pread/pwrite. Nothing is memory-mapped, so the
+resident memory of a disk-backed array is the block in hand, whatever the number of rows; the file's
+pages sit in the kernel's page cache, which the kernel can drop.
+
+The math reads these arrays only through `len`, `.shape`, `.dtype` and row slices `[start:end]`, and the
+forward pass writes them only through `index_copy_(0, rows, values)`, so a `DiskRows` stands in for a tensor.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+
+import numpy as np
+import torch
+
+from .errors import UsageError
+
+DEFAULT_MEMORY_BUDGET = "1GiB"
+UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+         "t": 1000**4, "tb": 1000**4, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
+
+
+def parse_size(text: str, flag: str = "--memory-budget") -> int:
+    """'512MiB', '2GB', '1.5g', '0' → bytes; a UsageError naming `flag` otherwise."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    unit = match.group(2).lower() if match else None
+    if not match or unit not in UNITS:
+        raise UsageError(f"{flag} {text}: not a size (write e.g. 512MiB, 2GB or 0)")
+    return int(float(match.group(1)) * UNITS[unit])
+
+
+class DiskRows:
+    """A (rows × width) float32 array in a temporary file; row slices read into fresh tensors."""
+
+    dtype = torch.float32
+
+    def __init__(self, rows: int, width: int, folder: str | None = None):
+        self.shape = torch.Size((rows, width))
+        self._row_bytes = width * 4
+        self._file = tempfile.TemporaryFile(prefix="irank-rows-", dir=folder)
+        self._file.truncate(rows * self._row_bytes)  # sparse: zeros until written
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def is_floating_point(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __getitem__(self, key) -> torch.Tensor:
+        if not isinstance(key, slice):
+            raise TypeError("DiskRows reads row slices [start:end] only")
+        start, stop, step = key.indices(len(self))
+        if step != 1:
+            raise TypeError("DiskRows reads contiguous row slices only")
+        block = np.empty((max(0, stop - start), self.shape[1]), dtype=np.float32)
+        if block.size:
+            self._transfer(os.preadv, memoryview(block.reshape(-1)).cast("B"), start * self._row_bytes)
+        return torch.from_numpy(block)
+
+    def index_copy_(self, dim: int, index: torch.Tensor, values: torch.Tensor) -> "DiskRows":
+        """Write values[i] to row index[i], one pwrite per run of consecutive rows."""
+        if dim != 0:
+            raise TypeError("DiskRows writes whole rows (dim 0) only")
+        rows = index.cpu().numpy().astype(np.int64, copy=False)
+        if len(rows) == 0:
+            return self
+        if rows.min() < 0 or rows.max() >= len(self):
+            raise IndexError(f"row {int(rows.max() if rows.max() >= len(self) else rows.min())} outside 0..{len(self) - 1}")
+        data = np.ascontiguousarray(values.detach().cpu().numpy(), dtype=np.float32).reshape(len(rows), -1)
+        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+        for first, last in zip(np.concatenate([[0], breaks]).tolist(), np.concatenate([breaks, [len(rows)]]).tolist()):
+            self._transfer(os.pwritev, memoryview(data[first:last].reshape(-1)).cast("B"), int(rows[first]) * self._row_bytes)
+        return self
+
+    def _transfer(self, call, buffer: memoryview, offset: int) -> None:
+        """preadv/pwritev until the whole buffer moved (the system may move less per call)."""
+        done = 0
+        while done < len(buffer):
+            moved = call(self._file.fileno(), [buffer[done:]], offset + done)
+            if moved <= 0:
+                raise OSError(f"the temporary file of per-sample values ended early ({done} of {len(buffer)} bytes)")
+            done += moved
+
+
+class MemoryBudget:
+    """Hands out per-sample float32 arrays: in memory while they fit in what is left of `limit` bytes,
+    on disk (`DiskRows`) after that. `limit` None: always in memory."""
+
+    def __init__(self, limit: int | None = None, folder: str | None = None):
+        self.limit = limit
+        self.left = limit
+        self.folder = folder
+        self.spilled = 0  # bytes given out on disk
+
+    def array(self, rows: int, width: int) -> torch.Tensor | DiskRows:
+        size = rows * width * 4
+        if self.left is None or size <= self.left:
+            if self.left is not None:
+                self.left -= size
+            return torch.empty(rows, width, dtype=torch.float32)
+        self.spilled += size
+        return DiskRows(rows, width, self.folder)
