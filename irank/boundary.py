@@ -12,7 +12,7 @@ from torch import nn
 from . import influence
 from .distributed import Shard
 from .errors import UsageError
-from .linear import fit_standardized, fit_with_scaling, standardize
+from .linear import fit_standardized, fit_with_scaling, standardize, standardizer
 from .probe import heldout_probe_loss, probe_logits, probe_scores
 from .progress import Reporter
 
@@ -31,6 +31,7 @@ class BoundaryOptions:
     layer: str | None = "auto"  # with refit: a module name, "auto", or "head-input"; ignored by head when "auto"
     l2: float = 0.1
     choice_rows: int = 4096  # --layer auto chooses on a seeded random sample of this many rows
+    val: str | None = None  # a clean labelled manifest: --layer auto chooses by the probes' accuracy on it
 
     def validate(self) -> None:
         if self.kind not in BOUNDARIES:
@@ -41,6 +42,9 @@ class BoundaryOptions:
             raise UsageError(f"--choice-rows {self.choice_rows}: must be at least 10")
         if self.kind == "head" and self.layer not in (None, "auto"):
             raise UsageError("--layer needs --boundary refit (the head boundary is read at the head)")
+        if self.val is not None and (self.kind != "refit" or self.layer != "auto"):
+            raise UsageError("--val chooses the layer of --boundary refit --layer auto; it has no use with "
+                             f"--boundary {self.kind}" + (f" --layer {self.layer}" if self.kind == "refit" else ""))
 
     @property
     def probe_layer(self) -> str:
@@ -124,6 +128,33 @@ def choose_layer(features: dict[str, torch.Tensor], labels: torch.Tensor, num_cl
            "every layer memorized the given labels; lowest 3-fold held-out probe loss")
     if rows is not None:
         how += f" (on a random sample of {len(rows):,} rows)"
+    return LayerChoice(best, how, figures)
+
+
+def choose_layer_by_accuracy(features: dict[str, torch.Tensor], labels: torch.Tensor,
+                             val_features: dict[str, torch.Tensor], val_labels: torch.Tensor, num_classes: int, *,
+                             l2: float, reporter: Reporter | None = None) -> LayerChoice:
+    """The layer whose probe, fitted on the given (noisy) labels, is most accurate on a clean labelled set.
+
+    With a few clean labels the question `choose_layer` answers indirectly (which boundary did not bend
+    around the wrong labels?) has a direct answer: the boundary that predicts the true labels of unseen
+    samples best. Each probe is fitted as `choose_layer` fits it (standardized, float32); the val rows
+    are standardized with the fitted rows' statistics. Ties go to the deeper layer.
+    """
+    reporter = reporter or Reporter()
+    figures: dict[str, dict] = {}
+    for name, values in features.items():
+        mean, scale = standardizer(values)
+        weight, bias = fit_standardized(((values.double() - mean) / scale).float(), labels, num_classes, l2=l2)
+        agreement = float(((((values.double() - mean) / scale).float() @ weight.T + bias).argmax(1) == labels).double().mean())
+        held = ((val_features[name].double() - mean) / scale).float()
+        accuracy = float(((held @ weight.T + bias).argmax(1) == val_labels).double().mean())
+        figures[name] = {"dims": int(values.shape[1]), "agreement": agreement, "val_accuracy": accuracy}
+        reporter.info(f"layer {name}: {values.shape[1]} features, probe agrees with {agreement:.1%} of the given labels, "
+                      f"{accuracy:.1%} accurate on --val")
+    order = list(features)
+    best = max(order, key=lambda name: (figures[name]["val_accuracy"], order.index(name)))
+    how = f"highest accuracy on --val ({len(val_labels):,} rows) of a probe fitted on the given labels"
     return LayerChoice(best, how, figures)
 
 

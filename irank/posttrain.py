@@ -74,10 +74,12 @@ class LoopOptions:
                 "clean CIFAR-10, where post-train then cost 12 points of test accuracy)"
             )
 
-    def boundary_options(self, layer: str | None = None) -> BoundaryOptions:
-        """Scoring boundary of a round: `layer` once round 1 has fixed it."""
-        return BoundaryOptions(kind=self.boundary, layer=layer or self.layer or (HEAD_INPUT if self.boundary == "refit" else None),
-                               l2=self.probe_l2)
+    def boundary_options(self, layer: str | None = None, val: str | None = None) -> BoundaryOptions:
+        """Scoring boundary of a round: `layer` once round 1 has fixed it. With `val`, round 1's `--layer auto`
+        chooses by the probes' accuracy on it."""
+        layer = layer or self.layer or (HEAD_INPUT if self.boundary == "refit" else None)
+        return BoundaryOptions(kind=self.boundary, layer=layer, l2=self.probe_l2,
+                               val=val if self.boundary == "refit" and layer == "auto" else None)
 
 
 def plan_rounds(options: LoopOptions, estimated_budget: float | None = None) -> dict:
@@ -307,7 +309,8 @@ def _post_train(checkpoint: str, manifest: str, out: Path, loop: LoopOptions, tr
             started = time.perf_counter()
             table = score(current_model, current_manifest, output=str(building / "scores.csv"), method=loop.method,
                           influence_measure=loop.influence_measure, curvature=loop.curvature, damping=loop.damping,
-                          boundary=loop.boundary_options((state["layer"] or HEAD_INPUT) if "layer" in state else None), model_options=round_options,
+                          boundary=loop.boundary_options((state["layer"] or HEAD_INPUT) if "layer" in state else None, val),
+                          model_options=round_options,
                           run_options=run, reporter=reporter)
             if loop.boundary == "refit" and "layer" not in state:
                 chosen = table.sidecar["parameters"]["layer"]

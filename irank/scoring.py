@@ -11,7 +11,7 @@ import torch
 from . import influence
 from ._version import __version__
 from .boundary import (HEAD_INPUT, BoundaryOptions, LayerChoice, block_candidates, choice_sample, choose_layer,
-                       refit_scores)
+                       choose_layer_by_accuracy, refit_scores)
 from .data import make_loader, make_shard_loader
 from .distributed import Shard, all_or_none, broadcast_object, gather_objects, local_rows, shard_of, writes_here
 from .errors import UsageError
@@ -19,8 +19,8 @@ from .probe import PROBE_MEASURES
 from .features import ForwardOutputs, forward_pass, resolve_device
 from .layers import layer_features
 from .files import check_outputs_clear_of_inputs, check_overwrite, is_stdio, sha256_file, write_json_atomic
-from .loading import ModelOptions, Prepared, RunOptions, prepare
-from .manifest import table_format, write_table
+from .loading import ModelOptions, Prepared, RunOptions, check_same_input, prepare
+from .manifest import check_inside_root, encode_labels, read_manifest, table_format, write_table
 from .progress import Reporter
 from .rank import prediction_columns, scores_table
 from .rowstore import DiskRows, MemoryBudget
@@ -147,14 +147,37 @@ def read_choice_sample(prepared: Prepared, sample_size: int, run: RunOptions, re
     return sample_rows, candidates
 
 
+def read_val(prepared: Prepared, val: str, model_options: ModelOptions, run: RunOptions,
+             reporter: Reporter) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The candidate layers' features and the labels (in the manifest's class list) of every --val row; every
+    process reads all of them (a small clean set)."""
+    manifest = read_manifest(val)
+    if not model_options.allow_outside_root:
+        check_inside_root(manifest)
+    check_same_input(prepared.input_shape, manifest, "--val")
+    labels = torch.from_numpy(encode_labels(manifest, prepared.classes))
+    loader = make_loader(manifest.resolved_paths(), prepared.preprocess, batch_size=run.batch_size,
+                         num_workers=run.num_workers)
+    names = block_candidates(prepared.model, prepared.head_name)
+    features = layer_features(prepared.model, names, loader, num_rows=len(manifest), device=resolve_device(run.device),
+                              reporter=reporter)
+    return features, labels
+
+
 def choose_on_sample(sample_rows: np.ndarray, candidates: dict[str, torch.Tensor], labels: torch.Tensor,
-                     num_classes: int, l2: float, reporter: Reporter, shard: Shard | None = None) -> LayerChoice:
-    """The layer, chosen on the sample's rows (gathered from every process under torchrun)."""
+                     num_classes: int, l2: float, reporter: Reporter, shard: Shard | None = None,
+                     held_out: tuple[dict[str, torch.Tensor], torch.Tensor] | None = None) -> LayerChoice:
+    """The layer, chosen on the sample's rows (gathered from every process under torchrun): by the held-out
+    loss on the given labels, or, with `held_out` (--val's features and labels), by accuracy there."""
     if shard is not None:  # blocks are contiguous and the sample is sorted: rank order is row order
         parts = [part for part in gather_objects(candidates) if part]
         candidates = {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
-    choice = choose_layer(candidates, labels[torch.from_numpy(sample_rows)], num_classes, l2=l2, reporter=reporter,
-                          max_rows=len(sample_rows))
+    sample_labels = labels[torch.from_numpy(sample_rows)]
+    if held_out is not None:
+        choice = choose_layer_by_accuracy(candidates, sample_labels, *held_out, num_classes, l2=l2, reporter=reporter)
+    else:
+        choice = choose_layer(candidates, sample_labels, num_classes, l2=l2, reporter=reporter,
+                              max_rows=len(sample_rows))
     if len(sample_rows) < len(labels):
         choice.how += f" (on a random sample of {len(sample_rows):,} rows)"
     if shard is not None:
@@ -230,7 +253,8 @@ def score(
             table_format(output)
             sidecar_path = None if is_stdio(output) else output + ".json"
             check_outputs_clear_of_inputs(
-                {"-o": output, "the sidecar": sidecar_path}, {"checkpoint": checkpoint, "manifest": manifest}
+                {"-o": output, "the sidecar": sidecar_path},
+                {"checkpoint": checkpoint, "manifest": manifest, **({"--val": boundary.val} if boundary.val else {})},
             )
             if writes_here():
                 check_overwrite({"-o": output, "the sidecar": sidecar_path}, overwrite)
@@ -245,14 +269,19 @@ def score(
             outputs = run_forward(prepared, run_options, reporter, shard, budget)
         else:
             layer = refit_layer(prepared, boundary)
+            if boundary.val and layer != "auto":
+                reporter.info(f"--val: no layer to choose ({prepared.arch} is probed at {layer}); not used")
             if layer == "auto":
+                held_out = read_val(prepared, boundary.val, model_options, run_options, reporter) if boundary.val else None
                 sample_rows, candidates = read_choice_sample(prepared, boundary.choice_rows, run_options, reporter, shard)
             else:
                 features = read_layer(prepared, layer, run_options, reporter, shard, budget)
                 choice = LayerChoice(layer, "given")
     if boundary.kind == "refit" and layer == "auto":
         # the gather lies between two agreement blocks: no collective inside one
-        choice = choose_on_sample(sample_rows, candidates, labels, len(prepared.classes), boundary.l2, reporter, shard)
+        choice = choose_on_sample(sample_rows, candidates, labels, len(prepared.classes), boundary.l2, reporter, shard,
+                                  held_out)
+        del held_out
         with all_or_none():
             features = read_rest(prepared, choice.layer, sample_rows, candidates, run_options, reporter, shard, budget)
         del candidates
@@ -303,6 +332,8 @@ def score(
         "inputs": {
             "checkpoint": {"path": checkpoint, "sha256": sha256_file(checkpoint)},
             "manifest": {"path": manifest, "sha256": sha256_file(manifest)},
+            **({"val": {"path": boundary.val, "sha256": sha256_file(boundary.val)}}
+               if boundary.kind == "refit" and boundary.val else {}),
         },
     }
     with all_or_none():  # a failed write on rank 0 fails every process

@@ -1,5 +1,7 @@
 """Layer features and probes on a refit linear boundary."""
 
+from pathlib import Path
+
 import torch
 
 from irank.boundary import BoundaryOptions
@@ -165,3 +167,64 @@ def test_auto_layer_on_a_sample_then_the_rest_up_to_the_chosen_layer(tiny_data, 
                         boundary=BoundaryOptions(kind="refit", layer=parameters["layer"]))
     by_id = named.table.set_index("id")["score"]
     assert np.allclose(auto.table["score"].to_numpy(), by_id.loc[auto.table["id"]].to_numpy(), rtol=1e-4, atol=1e-9)
+
+
+def test_val_choice_keeps_the_layer_that_predicts_the_clean_labels():
+    from irank.boundary import choose_layer_by_accuracy
+
+    torch.manual_seed(0)
+    n, classes = 400, 4
+    truth = torch.arange(n) % classes
+    labels = truth.clone()
+    flipped = torch.arange(n) % 4 == 0
+    labels[flipped] = (truth[flipped] + 1) % classes
+    val_truth = torch.arange(200) % classes
+    features = {  # "deep" encodes the given labels, wrong ones too; on unseen rows it carries no class
+        "middle": torch.nn.functional.one_hot(truth, classes).float() * 3 + torch.randn(n, classes),
+        "deep": torch.nn.functional.one_hot(labels, classes).float() * 5 + 0.1 * torch.randn(n, classes),
+    }
+    val = {"middle": torch.nn.functional.one_hot(val_truth, classes).float() * 3 + torch.randn(200, classes),
+           "deep": torch.randn(200, classes)}
+    choice = choose_layer_by_accuracy(features, labels, val, val_truth, classes, l2=0.1)
+    assert choice.layer == "middle" and "--val" in choice.how
+    assert choice.figures["middle"]["val_accuracy"] > 0.7 > 0.45 > choice.figures["deep"]["val_accuracy"]
+    same = choose_layer_by_accuracy({"a": features["middle"], "b": features["middle"]}, labels,
+                                    {"a": val["middle"], "b": val["middle"]}, val_truth, classes, l2=0.1)
+    assert same.layer == "b"  # a tie goes to the deeper layer
+
+
+def test_score_chooses_the_layer_by_val_accuracy(cli, tiny_data, tiny_model, tmp_path):
+    import json
+
+    out = tmp_path / "s.csv"
+    code, _, err = cli("score", tiny_model, tiny_data["train"], "-o", out, "--val", tiny_data["test"], "-q")
+    assert code == 0, err
+    sidecar = json.loads((tmp_path / "s.csv.json").read_text())
+    parameters = sidecar["parameters"]
+    figures = parameters["layers"]
+    assert "--val" in parameters["layer_choice"] and all("val_accuracy" in f for f in figures.values())
+    assert figures[parameters["layer"]]["val_accuracy"] == max(f["val_accuracy"] for f in figures.values())
+    assert sidecar["inputs"]["val"]["path"] == tiny_data["test"]
+
+    post = tmp_path / "post"
+    code, _, err = cli("post-train", tiny_model, tiny_data["train"], "--out-dir", post, "--boundary", "refit",
+                       "--layer", "auto", "--scope", "refit", "--budget", "0.1", "--rounds", "1", "--val",
+                       tiny_data["test"], "-q")
+    assert code == 0, err
+    summary = json.loads((post / "summary.json").read_text())
+    assert "--val" in summary["layer_choice"]["layer_choice"]
+
+
+def test_val_needs_an_auto_layer_and_the_manifest_classes(cli, tiny_data, tiny_model, tmp_path):
+    import pandas as pd
+
+    code, _, err = cli("score", tiny_model, tiny_data["train"], "-o", tmp_path / "s.csv", "--boundary", "head",
+                       "--val", tiny_data["test"])
+    assert code == 3 and "--val" in err and err.strip().count("\n") == 0
+    odd = pd.read_csv(tiny_data["test"])
+    odd.loc[3, "label"] = "unicorn"
+    odd_path = Path(tiny_data["test"]).parent / "odd-val.csv"
+    odd.to_csv(odd_path, index=False)
+    code, _, err = cli("score", tiny_model, tiny_data["train"], "-o", tmp_path / "s.csv", "--val", odd_path, "-q")
+    assert code == 3 and "odd-val.csv" in err and "unicorn" in err and err.strip().count("\n") == 0
+    assert not (tmp_path / "s.csv").exists()
