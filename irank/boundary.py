@@ -134,12 +134,15 @@ def choose_layer(features: dict[str, torch.Tensor], labels: torch.Tensor, num_cl
 def choose_layer_by_accuracy(features: dict[str, torch.Tensor], labels: torch.Tensor,
                              val_features: dict[str, torch.Tensor], val_labels: torch.Tensor, num_classes: int, *,
                              l2: float, reporter: Reporter | None = None) -> LayerChoice:
-    """The layer whose probe, fitted on the given (noisy) labels, is most accurate on a clean labelled set.
+    """Among the layers whose probe did not memorize the given labels (as in `choose_layer`), the one whose
+    probe, fitted on the given (noisy) labels, is most accurate on a clean labelled set.
 
-    With a few clean labels the question `choose_layer` answers indirectly (which boundary did not bend
-    around the wrong labels?) has a direct answer: the boundary that predicts the true labels of unseen
-    samples best. Each probe is fitted as `choose_layer` fits it (standardized, float32); the val rows
-    are standardized with the fitted rows' statistics. Ties go to the deeper layer.
+    Clean accuracy alone is the wrong question: on a network that memorized its noisy labels, the probes
+    of its last layers generalize best to clean data and rank the wrong labels worst (CIFAR-10, 40%
+    noise: `pool` 0.734 AUROC against 0.851 at `features.2`), because they agree with every given label.
+    So memorized layers stay out, as in `choose_layer`, and clean accuracy replaces the held-out loss on
+    noisy labels among the rest. Each probe is fitted as `choose_layer` fits it (standardized,
+    float32); the val rows are standardized with the fitted rows' statistics. Ties go to the deeper layer.
     """
     reporter = reporter or Reporter()
     figures: dict[str, dict] = {}
@@ -149,12 +152,17 @@ def choose_layer_by_accuracy(features: dict[str, torch.Tensor], labels: torch.Te
         agreement = float(((((values.double() - mean) / scale).float() @ weight.T + bias).argmax(1) == labels).double().mean())
         held = ((val_features[name].double() - mean) / scale).float()
         accuracy = float(((held @ weight.T + bias).argmax(1) == val_labels).double().mean())
-        figures[name] = {"dims": int(values.shape[1]), "agreement": agreement, "val_accuracy": accuracy}
-        reporter.info(f"layer {name}: {values.shape[1]} features, probe agrees with {agreement:.1%} of the given labels, "
-                      f"{accuracy:.1%} accurate on --val")
+        memorized = agreement >= MEMORIZED_AGREEMENT
+        figures[name] = {"dims": int(values.shape[1]), "agreement": agreement, "memorized": memorized,
+                         "val_accuracy": accuracy}
+        reporter.info(f"layer {name}: {values.shape[1]} features, probe agrees with {agreement:.1%} of the given labels"
+                      f"{' (memorized them: not a candidate)' if memorized else ''}, {accuracy:.1%} accurate on --val")
     order = list(features)
-    best = max(order, key=lambda name: (figures[name]["val_accuracy"], order.index(name)))
-    how = f"highest accuracy on --val ({len(val_labels):,} rows) of a probe fitted on the given labels"
+    pool = [name for name in order if not figures[name]["memorized"]] or order
+    best = max(pool, key=lambda name: (figures[name]["val_accuracy"], order.index(name)))
+    how = (f"highest accuracy on --val ({len(val_labels):,} rows) of a probe fitted on the given labels, among the "
+           "layers whose probe did not memorize them" if not figures[best]["memorized"] else
+           f"every layer memorized the given labels; highest accuracy on --val ({len(val_labels):,} rows)")
     return LayerChoice(best, how, figures)
 
 

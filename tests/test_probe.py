@@ -186,7 +186,10 @@ def test_val_choice_keeps_the_layer_that_predicts_the_clean_labels():
     val = {"middle": torch.nn.functional.one_hot(val_truth, classes).float() * 3 + torch.randn(200, classes),
            "deep": torch.randn(200, classes)}
     choice = choose_layer_by_accuracy(features, labels, val, val_truth, classes, l2=0.1)
-    assert choice.layer == "middle" and "--val" in choice.how
+    assert choice.layer == "middle" and "--val" in choice.how and choice.figures["deep"]["memorized"]
+    # A memorized layer stays out even when its probe is the more accurate on the clean set.
+    accurate = dict(val, deep=torch.nn.functional.one_hot(val_truth, classes).float() * 9)
+    assert choose_layer_by_accuracy(features, labels, accurate, val_truth, classes, l2=0.1).layer == "middle"
     assert choice.figures["middle"]["val_accuracy"] > 0.7 > 0.45 > choice.figures["deep"]["val_accuracy"]
     same = choose_layer_by_accuracy({"a": features["middle"], "b": features["middle"]}, labels,
                                     {"a": val["middle"], "b": val["middle"]}, val_truth, classes, l2=0.1)
@@ -203,7 +206,8 @@ def test_score_chooses_the_layer_by_val_accuracy(cli, tiny_data, tiny_model, tmp
     parameters = sidecar["parameters"]
     figures = parameters["layers"]
     assert "--val" in parameters["layer_choice"] and all("val_accuracy" in f for f in figures.values())
-    assert figures[parameters["layer"]]["val_accuracy"] == max(f["val_accuracy"] for f in figures.values())
+    eligible = [f for f in figures.values() if not f["memorized"]] or list(figures.values())
+    assert figures[parameters["layer"]]["val_accuracy"] == max(f["val_accuracy"] for f in eligible)
     assert sidecar["inputs"]["val"]["path"] == tiny_data["test"]
 
     post = tmp_path / "post"
