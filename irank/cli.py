@@ -606,7 +606,8 @@ def _main(report_to=None) -> None:
         if exit_.code == EXIT_INTERRUPTED and isinstance(getattr(exit_.__context__, "__cause__", None), KeyboardInterrupt):
             if distributed.is_main():
                 errors.print("irank: interrupted; no partial output was written", markup=False)
-        elif exit_.code not in (0, None):
+        else:  # success too: every process reaches the end before any leaves the group (gloo can abort a
+            # process whose peer tore its connections down first: "terminate called without an active exception")
             distributed.settle()
         raise
     except IrankError as error:

@@ -203,8 +203,9 @@ def gather_rows(values: torch.Tensor, total: int) -> torch.Tensor:
 
 
 def settle() -> None:
-    """Wait, on the way out after a failure, until every process is here: torchrun ends the others as soon
-    as one exits non-zero, which must not cut short the message the failing process prints."""
+    """Wait, on the way out, until every process is here. After a failure: torchrun ends the others as soon
+    as one exits non-zero, which must not cut short the message the failing process prints. After success:
+    no process leaves the group while another is still exchanging with it."""
     if not active():
         return
     for stream in (sys.stdout, sys.stderr, sys.__stderr__):
