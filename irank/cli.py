@@ -584,15 +584,37 @@ def main() -> None:
     Under torchrun every process runs the command on its share of the rows. Only rank 0 writes to stdout
     and stderr; an error is printed once, by the process that saw it.
     """
-    from .distributed import is_main, process_group
+    from .distributed import is_main, launched_by_torchrun, process_group
 
-    with process_group():
-        if is_main():
-            _main()
-            return
-        report_to = sys.stderr
-        with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-            _main(report_to)
+    try:
+        with process_group():
+            if is_main():
+                _main()
+                return
+            report_to = sys.stderr
+            with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+                _main(report_to)
+    except SystemExit as exit_:
+        if launched_by_torchrun():
+            _leave(exit_.code)
+        raise
+
+
+def _leave(code) -> None:
+    """End a torchrun process now that it has left the process group, without the interpreter's teardown:
+    gloo's threads can still hold tensors then, and freeing them while Python shuts down aborts the
+    process ("terminate called without an active exception", exit -6) after its work was done and written."""
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):
+        with contextlib.suppress(Exception):
+            sys.__stderr__.write(f"{code}\n")
+            sys.__stderr__.flush()
+        code = 1
+    os._exit(code)
 
 
 def _main(report_to=None) -> None:
