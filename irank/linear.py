@@ -60,43 +60,10 @@ def data_term(data: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bi
     return loss, weight_grad, bias_grad
 
 
-TOLERANCE = 1e-7  # on the largest entry of the gradient: far below what moves a ranking
-# A fit on raw float32 features first runs in float32 to FLOAT32_TOLERANCE (each pass over the rows is
-# about 3× cheaper than in float64), then finishes in float64 from there to FINAL_TOLERANCE, tighter than
-# TOLERANCE so that fits reached by different paths (one process, or torchrun's sums in another order)
-# agree to ~1e-8 and not only to ~1e-6. Measured on 50,000 rows × 512 features (CIFAR-10 `features.3`):
-# 41 float32 + 83 float64 evaluations of the objective in 71–73 s, against 108 float64 evaluations to 1e-7
-# in 90–96 s; the float32 leg alone reaches 1e-5 in 41 evaluations and 11 s.
-FLOAT32_TOLERANCE = 1e-5
-FINAL_TOLERANCE = 1e-9
-
-
-def _lbfgs(weight: torch.Tensor, bias: torch.Tensor, max_iter: int, tolerance: float = TOLERANCE) -> torch.optim.LBFGS:
-    """L-BFGS over (weight, bias) until the largest gradient entry is below `tolerance`."""
+def _lbfgs(weight: torch.Tensor, bias: torch.Tensor, max_iter: int) -> torch.optim.LBFGS:
     weight.grad, bias.grad = torch.zeros_like(weight), torch.zeros_like(bias)
-    return torch.optim.LBFGS([weight, bias], lr=1, max_iter=max_iter, history_size=20, tolerance_grad=tolerance,
-                             tolerance_change={FLOAT32_TOLERANCE: 1e-9, FINAL_TOLERANCE: 1e-14}.get(tolerance, 1e-12),
-                             line_search_fn="strong_wolfe")
-
-
-def _float32(scaling: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    return scaling[0].float(), scaling[1].float()
-
-
-def _minimize(data: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *, l2: float,
-              max_iter: int, scaling: tuple[torch.Tensor, torch.Tensor] | None, tolerance: float = TOLERANCE) -> None:
-    """Run L-BFGS on (weight, bias) in place, in their dtype."""
-    num_rows = len(data)
-    optimizer = _lbfgs(weight, bias, max_iter, tolerance)
-
-    def closure():
-        loss, weight_grad, bias_grad = data_term(data, labels, weight, bias, scaling)
-        weight.grad.copy_(weight_grad / num_rows).add_(weight, alpha=l2)
-        bias.grad.copy_(bias_grad / num_rows)
-        return loss / num_rows + 0.5 * l2 * (weight * weight).sum()
-
-    with torch.no_grad():
-        optimizer.step(closure)
+    return torch.optim.LBFGS([weight, bias], lr=1, max_iter=max_iter, history_size=20,
+                             tolerance_grad=1e-7, tolerance_change=1e-12, line_search_fn="strong_wolfe")
 
 
 def fit_standardized(
@@ -114,23 +81,26 @@ def fit_standardized(
 
     The objective is strictly convex, so `init` (e.g. the fit on a superset of the rows) only saves
     iterations. The gradient tolerance (1e-7 on the largest entry) is far below what moves a ranking.
-    With `scaling` and no `init`, the fit runs in float32 first (see FLOAT32_TOLERANCE).
     The gradient is written out instead of taken by autograd: autograd's bookkeeping was a third of
     the time of these small fits.
     """
-    dims = standardized.shape[1]
+    num_rows, dims = standardized.shape
     dtype = torch.float64 if scaling is not None else standardized.dtype
-    tolerance = TOLERANCE
-    if init is not None:
-        weight, bias = (tensor.detach().clone().to(dtype) for tensor in init)
-    elif scaling is not None:
-        weight, bias = torch.zeros(num_classes, dims), torch.zeros(num_classes)
-        _minimize(standardized, labels, weight, bias, l2=l2, max_iter=max_iter, scaling=_float32(scaling),
-                  tolerance=FLOAT32_TOLERANCE)
-        weight, bias, tolerance = weight.double(), bias.double(), FINAL_TOLERANCE
+    if init is None:
+        weight = torch.zeros(num_classes, dims, dtype=dtype)
+        bias = torch.zeros(num_classes, dtype=dtype)
     else:
-        weight, bias = torch.zeros(num_classes, dims, dtype=dtype), torch.zeros(num_classes, dtype=dtype)
-    _minimize(standardized, labels, weight, bias, l2=l2, max_iter=max_iter, scaling=scaling, tolerance=tolerance)
+        weight, bias = (tensor.detach().clone().to(dtype) for tensor in init)
+    optimizer = _lbfgs(weight, bias, max_iter)
+
+    def closure():
+        loss, weight_grad, bias_grad = data_term(standardized, labels, weight, bias, scaling)
+        weight.grad.copy_(weight_grad / num_rows).add_(weight, alpha=l2)
+        bias.grad.copy_(bias_grad / num_rows)
+        return loss / num_rows + 0.5 * l2 * (weight * weight).sum()
+
+    with torch.no_grad():
+        optimizer.step(closure)
     return weight, bias
 
 
@@ -167,13 +137,10 @@ def fit_with_scaling(
     scaling = standardizer(features, shard)
     if shard is None:
         weight, bias = fit_standardized(features, labels, num_classes, l2=l2, max_iter=max_iter, scaling=scaling)
-    else:  # as fit_standardized: float32 first, then float64 from there
-        weight = torch.zeros(num_classes, features.shape[1], dtype=torch.float32)
-        bias = torch.zeros(num_classes, dtype=torch.float32)
-        _step_sharded(_lbfgs(weight, bias, max_iter, FLOAT32_TOLERANCE), weight, bias, features, _float32(scaling), labels,
-                      l2, shard)
-        weight, bias = weight.detach().double(), bias.detach().double()
-        _step_sharded(_lbfgs(weight, bias, max_iter, FINAL_TOLERANCE), weight, bias, features, scaling, labels, l2, shard)
+    else:
+        weight = torch.zeros(num_classes, features.shape[1], dtype=torch.float64)
+        bias = torch.zeros(num_classes, dtype=torch.float64)
+        _step_sharded(_lbfgs(weight, bias, max_iter), weight, bias, features, scaling, labels, l2, shard)
     mean, scale = scaling
     raw_weight = weight / scale
     raw_bias = bias - raw_weight @ mean
