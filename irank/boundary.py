@@ -148,8 +148,9 @@ def choose_layer_by_accuracy(features: dict[str, torch.Tensor], labels: torch.Te
     figures: dict[str, dict] = {}
     for name, values in features.items():
         mean, scale = standardizer(values)
-        weight, bias = fit_standardized(((values.double() - mean) / scale).float(), labels, num_classes, l2=l2)
-        agreement = float(((((values.double() - mean) / scale).float() @ weight.T + bias).argmax(1) == labels).double().mean())
+        standardized = ((values.double() - mean) / scale).float()
+        weight, bias = fit_standardized(standardized, labels, num_classes, l2=l2)
+        agreement = float(((standardized @ weight.T + bias).argmax(1) == labels).double().mean())
         held = ((val_features[name].double() - mean) / scale).float()
         accuracy = float(((held @ weight.T + bias).argmax(1) == val_labels).double().mean())
         memorized = agreement >= MEMORIZED_AGREEMENT

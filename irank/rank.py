@@ -47,13 +47,6 @@ def prediction_columns(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, 
     return {name: np.concatenate(parts) for name, parts in columns.items()}
 
 
-def runner_up_columns(probs: np.ndarray, class_names: np.ndarray) -> dict[str, np.ndarray]:
-    """candidate_K and candidate_K_prob: the K-th most probable class (ties: lower index first); empty when C < K."""
-    top = top_classes(probs, np.zeros(len(probs), dtype=np.int64))
-    return {name: class_names_of(values, class_names) if not name.endswith("_prob") else values
-            for name, values in top.items() if name.startswith("candidate_")}
-
-
 def class_names_of(indices: np.ndarray, class_names: np.ndarray) -> np.ndarray:
     """Class names of class indices; "" for -1 (no such class)."""
     names = np.append(np.asarray(class_names, dtype=object), "")

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 import irank
-from irank.rank import runner_up_columns
+from irank.rank import class_names_of, top_classes
 
 CLASSES = ["cross", "disk", "hstripes", "vstripes"]
 
@@ -51,13 +51,17 @@ def manifest_here(tiny_data, tmp_path) -> Path:
     return copy
 
 
-def test_runner_up_columns_name_the_second_and_third_most_probable_classes():
+def test_top_classes_name_the_second_and_third_most_probable_classes():
     probs = np.array([[0.1, 0.6, 0.3], [0.2, 0.2, 0.6]])
-    columns = runner_up_columns(probs, np.array(["a", "b", "c"], dtype=object))
-    assert list(columns["candidate_2"]) == ["c", "a"] and list(columns["candidate_3"]) == ["a", "b"]
+    names = np.array(["a", "b", "c"], dtype=object)
+    columns = top_classes(probs, np.array([0, 2]))
+    assert list(class_names_of(columns["candidate_2"], names)) == ["c", "a"]
+    assert list(class_names_of(columns["candidate_3"], names)) == ["a", "b"]
     assert np.allclose(columns["candidate_2_prob"], [0.3, 0.2]) and np.allclose(columns["candidate_3_prob"], [0.1, 0.2])
-    two = runner_up_columns(np.array([[0.7, 0.3]]), np.array(["a", "b"], dtype=object))
-    assert list(two["candidate_2"]) == ["b"] and list(two["candidate_3"]) == [""] and np.isnan(two["candidate_3_prob"][0])
+    assert list(class_names_of(columns["predicted"], names)) == ["b", "c"] and np.allclose(columns["label_prob"], [0.1, 0.6])
+    two = top_classes(np.array([[0.7, 0.3]]), np.array([1]))
+    assert list(class_names_of(two["candidate_2"], names[:2])) == ["b"]
+    assert list(class_names_of(two["candidate_3"], names[:2])) == [""] and np.isnan(two["candidate_3_prob"][0])
 
 
 def test_scores_carry_the_runner_up_candidates(scored):
