@@ -15,6 +15,7 @@ from .errors import UsageError
 from .linear import fit_standardized, fit_with_scaling, standardize, standardizer
 from .probe import heldout_probe_loss, probe_logits, probe_scores
 from .progress import Reporter
+from .rowstore import MemoryBudget
 
 BOUNDARIES = ("head", "refit")
 HEAD_INPUT = "head-input"  # --layer value: the features that flow into the checkpoint's own head
@@ -168,18 +169,21 @@ def choose_layer_by_accuracy(features: dict[str, torch.Tensor], labels: torch.Te
 
 
 def refit_scores(features: torch.Tensor, labels: torch.Tensor, num_classes: int, *, method: str, measure: str,
-                 l2: float, shard: Shard | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 l2: float, shard: Shard | None = None,
+                 budget: MemoryBudget | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(scores, probe logits) of every sample on an L2 probe refit on `features` (this process's rows, with a
-    `shard`, on the probe fitted to every process's rows)."""
+    `shard`, on the probe fitted to every process's rows); the logits go to disk past the `budget`."""
     if method == "influence":
-        scores, logits, _ = probe_scores(features, labels, num_classes, l2=l2, measure=measure, shard=shard)
+        scores, logits, _ = probe_scores(features, labels, num_classes, l2=l2, measure=measure, shard=shard,
+                                         budget=budget)
         return scores, logits
     probe_measure = {"loss": "loss", "margin": "margin"}.get(method)
     if probe_measure:
-        scores, logits, _ = probe_scores(features, labels, num_classes, l2=l2, measure=probe_measure, shard=shard)
+        scores, logits, _ = probe_scores(features, labels, num_classes, l2=l2, measure=probe_measure, shard=shard,
+                                         budget=budget)
         return scores, logits
     weight, bias, (mean, scale) = fit_with_scaling(features, labels, num_classes, l2=l2, shard=shard)
-    logits = probe_logits(features, weight, bias)
+    logits = probe_logits(features, weight, bias, budget)
 
     def read(start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:  # a chunk, standardized as the fit saw it
         return (torch.softmax(logits[start:end], dim=1),

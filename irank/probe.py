@@ -13,15 +13,18 @@ import torch.nn.functional as F
 from . import influence
 from .distributed import Shard
 from .linear import fit_standardized, fit_with_scaling, standardize
+from .rowstore import DiskRows, MemoryBudget
 
 PROBE_MEASURES = ("loss", "margin", "self-influence", "boundary-shift")
 
 
-def probe_logits(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """features @ Wᵀ + b in float64, a chunk of rows at a time (no float64 copy of the features)."""
-    logits = torch.empty(len(features), weight.shape[0], dtype=torch.float64)
+def probe_logits(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                 budget: MemoryBudget | None = None) -> torch.Tensor | DiskRows:
+    """features @ Wᵀ + b in float64, a chunk of rows at a time (no float64 copy of the features); with a
+    `budget`, on disk past it."""
+    logits = (budget or MemoryBudget()).array(len(features), weight.shape[0], dtype=torch.float64)
     for start, end in influence.spans(len(features), influence.chunk_size(features.shape[1])):
-        logits[start:end] = torch.addmm(bias, features[start:end].double(), weight.T)
+        logits.index_copy_(0, torch.arange(start, end), torch.addmm(bias, features[start:end].double(), weight.T))
     return logits
 
 
@@ -33,6 +36,7 @@ def probe_scores(
     l2: float,
     measure: str = "loss",
     shard: Shard | None = None,
+    budget: MemoryBudget | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Fit the probe on (features, labels) and score every sample: (scores, probe logits, (weight, bias)).
 
@@ -43,7 +47,7 @@ def probe_scores(
     if measure not in PROBE_MEASURES:
         raise ValueError(f"unknown probe measure {measure!r}; choose from {', '.join(PROBE_MEASURES)}")
     weight, bias, (mean, scale) = fit_with_scaling(features, labels, num_classes, l2=l2, shard=shard)
-    logits = probe_logits(features, weight, bias)
+    logits = probe_logits(features, weight, bias, budget)
     if measure == "loss":
         scores = influence.cross_entropy(logits, labels)
     elif measure == "margin":

@@ -1,6 +1,7 @@
 """Per-sample arrays that may outgrow memory: the head inputs, logits or a layer's features of every row.
 
-`score` keeps one (rows × width) float32 array of such state between its forward pass and its math.
+`score` keeps (rows × width) arrays of such state between its forward pass and its math (float32; the
+probe's logits float64).
 A `MemoryBudget` hands out in-memory tensors while they fit in it and, past it, `DiskRows`: the same
 array in an anonymous temporary file (removed by the system when the process ends, even on a crash),
 read and written a block of rows at a time with pread/pwrite. Nothing is memory-mapped, so the
@@ -36,14 +37,17 @@ def parse_size(text: str, flag: str = "--memory-budget") -> int:
     return int(float(match.group(1)) * UNITS[unit])
 
 
+NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+
+
 class DiskRows:
-    """A (rows × width) float32 array in a temporary file; row slices read into fresh tensors."""
+    """A (rows × width) float32 (or float64) array in a temporary file; row slices read into fresh tensors."""
 
-    dtype = torch.float32
-
-    def __init__(self, rows: int, width: int, folder: str | None = None):
+    def __init__(self, rows: int, width: int, folder: str | None = None, dtype: torch.dtype = torch.float32):
         self.shape = torch.Size((rows, width))
-        self._row_bytes = width * 4
+        self.dtype = dtype
+        self._numpy_dtype = NUMPY_DTYPES[dtype]
+        self._row_bytes = width * np.dtype(self._numpy_dtype).itemsize
         self._file = tempfile.TemporaryFile(prefix="irank-rows-", dir=folder)
         self._file.truncate(rows * self._row_bytes)  # sparse: zeros until written
 
@@ -62,7 +66,7 @@ class DiskRows:
         start, stop, step = key.indices(len(self))
         if step != 1:
             raise TypeError("DiskRows reads contiguous row slices only")
-        block = np.empty((max(0, stop - start), self.shape[1]), dtype=np.float32)
+        block = np.empty((max(0, stop - start), self.shape[1]), dtype=self._numpy_dtype)
         if block.size:
             self._transfer(os.preadv, memoryview(block.reshape(-1)).cast("B"), start * self._row_bytes)
         return torch.from_numpy(block)
@@ -76,7 +80,7 @@ class DiskRows:
             return self
         if rows.min() < 0 or rows.max() >= len(self):
             raise IndexError(f"row {int(rows.max() if rows.max() >= len(self) else rows.min())} outside 0..{len(self) - 1}")
-        data = np.ascontiguousarray(values.detach().cpu().numpy(), dtype=np.float32).reshape(len(rows), -1)
+        data = np.ascontiguousarray(values.detach().cpu().numpy(), dtype=self._numpy_dtype).reshape(len(rows), -1)
         breaks = np.flatnonzero(np.diff(rows) != 1) + 1
         for first, last in zip(np.concatenate([[0], breaks]).tolist(), np.concatenate([breaks, [len(rows)]]).tolist()):
             self._transfer(os.pwritev, memoryview(data[first:last].reshape(-1)).cast("B"), int(rows[first]) * self._row_bytes)
@@ -93,8 +97,8 @@ class DiskRows:
 
 
 class MemoryBudget:
-    """Hands out per-sample float32 arrays: in memory while they fit in what is left of `limit` bytes,
-    on disk (`DiskRows`) after that. `limit` None: always in memory."""
+    """Hands out per-sample arrays (float32 unless asked): in memory while they fit in what is left of
+    `limit` bytes, on disk (`DiskRows`) after that. `limit` None: always in memory."""
 
     def __init__(self, limit: int | None = None, folder: str | None = None):
         self.limit = limit
@@ -102,11 +106,11 @@ class MemoryBudget:
         self.folder = folder
         self.spilled = 0  # bytes given out on disk
 
-    def array(self, rows: int, width: int) -> torch.Tensor | DiskRows:
-        size = rows * width * 4
+    def array(self, rows: int, width: int, dtype: torch.dtype = torch.float32) -> torch.Tensor | DiskRows:
+        size = rows * width * torch.empty((), dtype=dtype).element_size()
         if self.left is None or size <= self.left:
             if self.left is not None:
                 self.left -= size
-            return torch.empty(rows, width, dtype=torch.float32)
+            return torch.empty(rows, width, dtype=dtype)
         self.spilled += size
-        return DiskRows(rows, width, self.folder)
+        return DiskRows(rows, width, self.folder, dtype)

@@ -297,7 +297,7 @@ def score(
         del outputs
     else:
         scores, logits = refit_scores(features, local_labels, len(prepared.classes), method=method,
-                                      measure=influence_measure, l2=boundary.l2, shard=shard)
+                                      measure=influence_measure, l2=boundary.l2, shard=shard, budget=budget)
         details = refit_details(choice, boundary, method, influence_measure)
         del features
     predictions = prediction_columns(logits, local_labels)

@@ -25,6 +25,10 @@ def test_disk_rows_read_back_what_index_copy_wrote_in_any_order():
         stored.index_copy_(0, torch.tensor([1000]), values[:1])
     with pytest.raises(TypeError):
         stored[torch.tensor([1, 2])]
+    wide = DiskRows(10, 3, dtype=torch.float64)  # the probe's logits
+    exact = torch.randn(10, 3, dtype=torch.float64)
+    wide.index_copy_(0, torch.arange(10), exact)
+    assert wide[0:10].dtype == torch.float64 and torch.equal(wide[0:10], exact)
 
 
 def test_budget_keeps_what_fits_in_memory_and_puts_the_rest_on_disk():
@@ -33,6 +37,9 @@ def test_budget_keeps_what_fits_in_memory_and_puts_the_rest_on_disk():
     assert isinstance(first, torch.Tensor) and isinstance(second, DiskRows) and budget.spilled == 32_000
     assert isinstance(budget.array(1000, 2), torch.Tensor)  # 8 kB still fits
     assert isinstance(MemoryBudget(None).array(10**5, 100), torch.Tensor)
+    doubles = MemoryBudget(1000 * 8 * 3)
+    assert isinstance(doubles.array(1000, 3, dtype=torch.float64), torch.Tensor) and doubles.left == 0
+    assert isinstance(doubles.array(1, 1, dtype=torch.float64), DiskRows)
 
 
 @pytest.mark.parametrize("text, size", [("0", 0), ("512MiB", 512 * 2**20), ("2GB", 2 * 10**9), ("1.5g", 1_500_000_000),
@@ -48,7 +55,7 @@ def test_bad_sizes_name_the_flag(text):
 
 
 @pytest.mark.parametrize("boundary", ["refit", "head"])
-@pytest.mark.parametrize("method", ["influence", "gradnorm"])
+@pytest.mark.parametrize("method", ["influence", "loss", "gradnorm"])
 def test_scores_on_disk_equal_the_scores_in_memory(cli, embeddings, mlp_model, tmp_path, boundary, method):  # noqa: F811
     outputs = []
     for budget in ("1GiB", "0"):
