@@ -12,7 +12,7 @@ from torch import nn
 from . import influence
 from .distributed import Shard
 from .errors import UsageError
-from .linear import fit_standardized, fit_with_scaling, standardize, standardizer
+from .linear import fit_standardized, fit_with_scaling, standardizer
 from .probe import heldout_probe_loss, probe_logits, probe_scores
 from .progress import Reporter
 from .rowstore import MemoryBudget
@@ -87,6 +87,17 @@ def choice_sample(num_rows: int, *, limit: int | None = None, seed: int = 0) -> 
     return torch.randperm(num_rows, generator=generator)[:limit].sort().values
 
 
+def layer_probe(values: torch.Tensor, labels: torch.Tensor, num_classes: int, *, l2: float):
+    """The layer choice's probe on one layer's features: standardized, in float32 (the choice compares
+    losses that differ in the first decimal, and it is 3× faster), fitted on the given labels.
+    Returns ((mean, scale), the standardized features, (weight, bias), agreement with the given labels)."""
+    mean, scale = standardizer(values)
+    standardized = ((values.double() - mean) / scale).float()
+    weight, bias = fit_standardized(standardized, labels, num_classes, l2=l2)
+    agreement = float(((standardized @ weight.T + bias).argmax(1) == labels).double().mean())
+    return (mean, scale), standardized, (weight, bias), agreement
+
+
 def choose_layer(features: dict[str, torch.Tensor], labels: torch.Tensor, num_classes: int, *, l2: float,
                  reporter: Reporter | None = None, max_rows: int | None = None) -> LayerChoice:
     """The deepest structure that did not memorize the given labels.
@@ -106,10 +117,8 @@ def choose_layer(features: dict[str, torch.Tensor], labels: torch.Tensor, num_cl
     figures: dict[str, dict] = {}
     fits = {}
     for name, values in features.items():
-        # float32: the choice compares losses that differ in the first decimal, and it is 3× faster
-        standardized = standardize(values if rows is None else values[rows]).float()
-        weight, bias = fit_standardized(standardized, labels, num_classes, l2=l2)
-        agreement = float(((standardized @ weight.T + bias).argmax(1) == labels).double().mean())
+        _, standardized, (weight, bias), agreement = layer_probe(values if rows is None else values[rows], labels,
+                                                                 num_classes, l2=l2)
         fits[name] = (standardized, (weight, bias))
         figures[name] = {"dims": int(values.shape[1]), "agreement": agreement,
                          "memorized": agreement >= MEMORIZED_AGREEMENT, "heldout_loss": None}
@@ -148,10 +157,7 @@ def choose_layer_by_accuracy(features: dict[str, torch.Tensor], labels: torch.Te
     reporter = reporter or Reporter()
     figures: dict[str, dict] = {}
     for name, values in features.items():
-        mean, scale = standardizer(values)
-        standardized = ((values.double() - mean) / scale).float()
-        weight, bias = fit_standardized(standardized, labels, num_classes, l2=l2)
-        agreement = float(((standardized @ weight.T + bias).argmax(1) == labels).double().mean())
+        (mean, scale), _, (weight, bias), agreement = layer_probe(values, labels, num_classes, l2=l2)
         held = ((val_features[name].double() - mean) / scale).float()
         accuracy = float(((held @ weight.T + bias).argmax(1) == val_labels).double().mean())
         memorized = agreement >= MEMORIZED_AGREEMENT

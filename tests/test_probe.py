@@ -117,15 +117,21 @@ def test_refit_on_a_middle_layer_writes_a_cut_model_that_eval_and_score_run(cli,
     assert code == 3 and "--scope refit" in err
 
 
+def noisy_labels(n: int, classes: int, flip_every: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(true classes, given labels): every `flip_every`-th row's label moved to the next class."""
+    truth = torch.arange(n) % classes
+    labels = truth.clone()
+    flipped = torch.arange(n) % flip_every == 0
+    labels[flipped] = (truth[flipped] + 1) % classes
+    return truth, labels
+
+
 def test_auto_layer_skips_a_layer_that_memorized_the_given_labels():
     from irank.boundary import choose_layer
 
     torch.manual_seed(0)
     n, classes = 400, 4
-    truth = torch.arange(n) % classes
-    labels = truth.clone()
-    flipped = torch.arange(n) % 5 == 0
-    labels[flipped] = (truth[flipped] + 1) % classes
+    truth, labels = noisy_labels(n, classes, flip_every=5)
     memorized = torch.nn.functional.one_hot(labels, classes).float() * 5 + 0.1 * torch.randn(n, classes)
     structured = torch.nn.functional.one_hot(truth, classes).float() * 2 + torch.randn(n, classes)
     choice = choose_layer({"deep": memorized, "middle": structured}, labels, classes, l2=0.1)
@@ -174,10 +180,7 @@ def test_val_choice_keeps_the_layer_that_predicts_the_clean_labels():
 
     torch.manual_seed(0)
     n, classes = 400, 4
-    truth = torch.arange(n) % classes
-    labels = truth.clone()
-    flipped = torch.arange(n) % 4 == 0
-    labels[flipped] = (truth[flipped] + 1) % classes
+    truth, labels = noisy_labels(n, classes, flip_every=4)
     val_truth = torch.arange(200) % classes
     features = {  # "deep" encodes the given labels, wrong ones too; on unseen rows it carries no class
         "middle": torch.nn.functional.one_hot(truth, classes).float() * 3 + torch.randn(n, classes),
