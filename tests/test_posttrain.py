@@ -93,6 +93,11 @@ def test_post_train_on_a_refit_boundary_cuts_the_model_at_the_chosen_layer(cli, 
     summary = json.loads(text)
     layer = summary["layer_choice"]["layer"]
     assert layer in summary["layer_choice"]["layers"]
+    # --method auto is decided in round 1 and then kept: round 2 scores with the method round 1 chose
+    rounds = [json.loads((out / f"round-0{n}" / "scores.csv.json").read_text()) for n in (1, 2)]
+    assert summary["method"] in ("loss", "influence")
+    assert [r["method"] for r in rounds] == [summary["method"]] * 2
+    assert "method_choice" in rounds[0]["parameters"] and "method_choice" not in rounds[1]["parameters"]
     meta = read_checkpoint(str(out / "final.safetensors")).metadata
     if layer == "head-input":
         assert "probe" not in meta
