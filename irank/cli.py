@@ -145,9 +145,8 @@ def score(
     manifest: Annotated[Path, typer.Argument(help="Samples to score: CSV/TSV/JSONL/Parquet with path and label columns.")],
     output: Annotated[str, typer.Option("-o", "--output", help="Scores table (CSV); '-' writes it to stdout.")],
     method: Annotated[Method, typer.Option(help="influence: the sample's influence on the decision boundary (the probe's, or the head's); "
-                                           "loss, margin, gradnorm: read off the same boundary. auto (default): influence on the head; "
-                                           "on a refit probe, its loss when the checkpoint's head reproduces ≥ 99% of the given labels "
-                                           "(it memorized them: the probe's loss ranks better there), influence otherwise. See README.")] = Method.auto,
+                                           "loss, margin, gradnorm: read off the same boundary. auto (default): influence on the head, "
+                                           "the probe's loss on a refit probe (it ranked wrong labels better there; see README).")] = Method.auto,
     influence_measure: Annotated[Measure, typer.Option(help="With --method influence: self-influence (rise of its own loss "
                                                        "if left out), boundary-shift (mean squared change of all logits) "
                                                        "or parameter-shift (‖Δθ‖).")] = Measure.self_influence,
@@ -410,7 +409,7 @@ def post_train(
     seed: Annotated[int, typer.Option(help="Seed for shuffling and augmentation.")] = 0,
     val: Annotated[Optional[Path], typer.Option(help="Clean labelled manifest: stop when its accuracy stops improving and keep the best round; with --boundary refit --layer auto, round 1 also chooses the layer by the probes' accuracy on it.")] = None,
     patience: Annotated[int, typer.Option(help="With --val: rounds without improvement before stopping.")] = 1,
-    method: Annotated[Method, typer.Option(help="Score used to rank each round; auto (default) as in `irank score`, decided in round 1 and kept.")] = Method.auto,
+    method: Annotated[Method, typer.Option(help="Score used to rank each round; auto (default): influence on the head, the probe's loss on a refit probe.")] = Method.auto,
     influence_measure: Annotated[Measure, typer.Option(help="With --method influence: which influence measure.")] = Measure.self_influence,
     curvature: Annotated[Curvature, typer.Option(help="Head curvature: exact, kfac or auto.")] = Curvature.auto,
     damping: Annotated[float, typer.Option(help="Damping relative to the mean eigenvalue of the curvature.")] = 0.01,

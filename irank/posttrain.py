@@ -47,7 +47,7 @@ class LoopOptions:
     per_class: bool = False
     min_per_class: int = 1
     patience: int = 1  # with --val: rounds without improvement before stopping
-    method: str = "auto"  # auto: decided in round 1 (see method_choice), then kept
+    method: str = "auto"  # auto: influence on the head, the probe's loss on a refit probe (see method_choice)
     influence_measure: str = "self-influence"
     curvature: str = "auto"
     damping: float = 0.01

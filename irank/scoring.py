@@ -21,7 +21,7 @@ from .layers import layer_features
 from .files import check_outputs_clear_of_inputs, check_overwrite, is_stdio, sha256_file, write_json_atomic
 from .loading import ModelOptions, Prepared, RunOptions, check_same_input, prepare
 from .manifest import check_inside_root, encode_labels, read_manifest, table_format, write_table
-from .method_choice import label_fit, resolve_method
+from .method_choice import resolve_method
 from .progress import Reporter
 from .rank import prediction_columns, scores_table
 from .rowstore import DiskRows, MemoryBudget
@@ -132,52 +132,20 @@ def rows_loader(prepared: Prepared, run: RunOptions, rows: np.ndarray):
                        num_workers=run.num_workers, rows=rows)
 
 
-def sample_rows_here(num_rows: int, sample_size: int, shard: Shard | None) -> tuple[np.ndarray, np.ndarray]:
-    """(the choice sample's rows, sorted; those of them this process holds)."""
+def read_choice_sample(prepared: Prepared, sample_size: int, run: RunOptions, reporter: Reporter,
+                       shard: Shard | None = None) -> tuple[np.ndarray, dict[str, torch.Tensor]]:
+    """(the sample's rows, sorted; the candidate layers' features of the sample rows this process holds)."""
+    num_rows = len(prepared.labels)
     sample = choice_sample(num_rows, limit=sample_size)
     sample_rows = np.arange(num_rows) if sample is None else sample.numpy()
     block = block_rows(num_rows, shard)
-    return sample_rows, sample_rows[(sample_rows >= block.start) & (sample_rows < block.stop)]
-
-
-def read_choice_sample(prepared: Prepared, sample_size: int, run: RunOptions, reporter: Reporter,
-                       shard: Shard | None = None, *, with_head: bool = False) -> tuple[np.ndarray, dict[str, torch.Tensor]]:
-    """(the sample's rows, sorted; the candidate layers' features of the sample rows this process holds).
-    `with_head`: also the head's outputs (the logits), under the head's name, from the same pass."""
-    sample_rows, mine = sample_rows_here(len(prepared.labels), sample_size, shard)
-    names = block_candidates(prepared.model, prepared.head_name) + ([prepared.head_name] if with_head else [])
+    mine = sample_rows[(sample_rows >= block.start) & (sample_rows < block.stop)]
+    names = block_candidates(prepared.model, prepared.head_name)
     if len(mine) == 0:
         return sample_rows, {}
     candidates = layer_features(prepared.model, names, rows_loader(prepared, run, mine), num_rows=len(mine), device=resolve_device(run.device),
                                 reporter=reporter, row_order=mine)
     return sample_rows, candidates
-
-
-def sample_label_counts(prepared: Prepared, sample_size: int, run: RunOptions, reporter: Reporter,
-                        shard: Shard | None = None) -> tuple[int, int]:
-    """(rows whose given label the checkpoint's head predicts, rows), on this process's part of the choice sample."""
-    _, mine = sample_rows_here(len(prepared.labels), sample_size, shard)
-    if len(mine) == 0:
-        return 0, 0
-    logits = layer_features(prepared.model, prepared.head_name, rows_loader(prepared, run, mine), num_rows=len(mine),
-                            device=resolve_device(run.device), reporter=reporter, row_order=mine)
-    return label_fit(logits, torch.from_numpy(prepared.labels[mine]))
-
-
-def share_of(counts: tuple[int, int], shard: Shard | None) -> float:
-    """agreeing / rows, summed over every process under torchrun."""
-    if shard is not None:
-        counts = tuple(map(sum, zip(*gather_objects(counts))))
-    return counts[0] / counts[1]
-
-
-def gather_sample(candidates: dict[str, torch.Tensor], shard: Shard | None) -> dict[str, torch.Tensor]:
-    """The sample's features from every process, in row order (blocks are contiguous and the sample is
-    sorted: rank order is row order)."""
-    if shard is None:
-        return candidates
-    parts = [part for part in gather_objects(candidates) if part]
-    return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
 
 
 def read_val(prepared: Prepared, val: str, model_options: ModelOptions, run: RunOptions,
@@ -200,8 +168,11 @@ def read_val(prepared: Prepared, val: str, model_options: ModelOptions, run: Run
 def choose_on_sample(sample_rows: np.ndarray, candidates: dict[str, torch.Tensor], labels: torch.Tensor,
                      num_classes: int, l2: float, reporter: Reporter, shard: Shard | None = None,
                      held_out: tuple[dict[str, torch.Tensor], torch.Tensor] | None = None) -> LayerChoice:
-    """The layer, chosen on the sample's rows (`candidates`: every process's, gathered): by the held-out
+    """The layer, chosen on the sample's rows (gathered from every process under torchrun): by the held-out
     loss on the given labels, or, with `held_out` (--val's features and labels), by accuracy there."""
+    if shard is not None:  # blocks are contiguous and the sample is sorted: rank order is row order
+        parts = [part for part in gather_objects(candidates) if part]
+        candidates = {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
     sample_labels = labels[torch.from_numpy(sample_rows)]
     if held_out is not None:
         choice = choose_layer_by_accuracy(candidates, sample_labels, *held_out, num_classes, l2=l2, reporter=reporter)
@@ -240,11 +211,9 @@ def read_rest(prepared: Prepared, layer: str, sample_rows: np.ndarray, candidate
                           reporter=reporter, row_order=block_indices, out=features)
 
 
-def method_details(requested: str, how: str, fit: float | None) -> dict:
+def method_details(requested: str, how: str) -> dict:
     """What the sidecar says of `--method auto`: nothing when the method was given."""
-    if requested != "auto":
-        return {}
-    return {"method_choice": {"requested": "auto", "how": how, **({"head_label_fit": fit} if fit is not None else {})}}
+    return {"method_choice": {"requested": "auto", "how": how}} if requested == "auto" else {}
 
 
 def refit_details(choice: LayerChoice, boundary: BoundaryOptions, method: str, measure: str) -> dict:
@@ -272,8 +241,7 @@ def score(
 ) -> ScoreResult:
     """Score and rank every sample of `manifest` under `checkpoint`; write the table to `output` if given.
 
-    `method` auto: influence on the head; on a refit probe, its loss after a checkpoint that memorized
-    the given labels, its influence otherwise (`method_choice`).
+    `method` auto: influence on the head, the probe's loss on a refit probe (see `method_choice`).
     The table is sorted by rank (1 = most influential, the first to suspect of a wrong label) and
     `output` gets a JSON sidecar `output + '.json'` with the parameters and input hashes. An existing
     output or sidecar is replaced only with `overwrite`.
@@ -304,7 +272,6 @@ def score(
         labels = torch.from_numpy(prepared.labels)
         shard = shard_of(len(labels))  # None with one process
         budget = MemoryBudget(run_options.memory_budget)
-        fit = None  # the share of the given labels the head reproduces, when --method auto needs it
         if boundary.kind == "head":
             outputs = run_forward(prepared, run_options, reporter, shard, budget)
         else:
@@ -313,31 +280,20 @@ def score(
                 reporter.info(f"--val: no layer to choose ({prepared.arch} is probed at {layer}); not used")
             if layer == "auto":
                 held_out = read_val(prepared, boundary.val, model_options, run_options, reporter) if boundary.val else None
-                sample_rows, candidates = read_choice_sample(prepared, boundary.choice_rows, run_options, reporter, shard,
-                                                             with_head=method == "auto")
+                sample_rows, candidates = read_choice_sample(prepared, boundary.choice_rows, run_options, reporter, shard)
             else:
                 features = read_layer(prepared, layer, run_options, reporter, shard, budget)
                 choice = LayerChoice(layer, "given")
-    if boundary.kind == "refit" and layer != "auto" and method == "auto":
-        with all_or_none():
-            counts = sample_label_counts(prepared, boundary.choice_rows, run_options, reporter, shard)
-        fit = share_of(counts, shard)  # the gather lies outside the agreement block
     if boundary.kind == "refit" and layer == "auto":
         # the gather lies between two agreement blocks: no collective inside one
-        gathered = gather_sample(candidates, shard)
-        head_logits = gathered.pop(prepared.head_name, None)
-        candidates.pop(prepared.head_name, None)
-        if head_logits is not None:
-            fit = share_of(label_fit(head_logits, labels[torch.from_numpy(sample_rows)]), None)  # already gathered
-        choice = choose_on_sample(sample_rows, gathered, labels, len(prepared.classes), boundary.l2, reporter, shard,
+        choice = choose_on_sample(sample_rows, candidates, labels, len(prepared.classes), boundary.l2, reporter, shard,
                                   held_out)
-        del gathered
         del held_out
         with all_or_none():
             features = read_rest(prepared, choice.layer, sample_rows, candidates, run_options, reporter, shard, budget)
         del candidates
     requested = method
-    method, method_how = resolve_method(requested, boundary.kind, fit)
+    method, method_how = resolve_method(requested, boundary.kind)
     if requested == "auto":
         reporter.info(f"method: {method} ({method_how})")
     local_labels = local_rows(labels, shard)
@@ -349,13 +305,12 @@ def score(
             shard=shard,
         )
         details["boundary"] = "head"
-        details.update(method_details(requested, method_how, fit))
+        details.update(method_details(requested, method_how))
         del outputs
     else:
         scores, logits = refit_scores(features, local_labels, len(prepared.classes), method=method,
                                       measure=influence_measure, l2=boundary.l2, shard=shard, budget=budget)
-        details = {**refit_details(choice, boundary, method, influence_measure),
-                   **method_details(requested, method_how, fit)}
+        details = {**refit_details(choice, boundary, method, influence_measure), **method_details(requested, method_how)}
         del features
     predictions = prediction_columns(logits, local_labels)
     if shard is not None:  # every process gets every row's results, in manifest order

@@ -55,41 +55,28 @@ def assert_same_scores(single: pd.DataFrame, sharded: pd.DataFrame) -> None:
             assert abs(single.loc[first, "score"] - single.loc[second, "score"]) <= SCORE_TOLERANCE * scale
 
 
-def test_score_equals_one_process(tiny_data, tiny_model, tmp_path):
+@pytest.mark.parametrize("method, used", [("auto", "loss"), ("influence", "influence")])
+def test_score_equals_one_process(tiny_data, tiny_model, tmp_path, method, used):
     """The default refit boundary: layer choice by 3-fold held-out loss on a sample of rows that spans both
-    processes' blocks (gathered), the other rows read up to the chosen layer, probe fit, influence on it.
+    processes' blocks (gathered), the other rows read up to the chosen layer, probe fit, and the probe's
+    loss (the default) or its influence (whose curvature is summed over the processes) on it.
     (`--boundary head` is compared in the post-train test, whose rounds score on the head.)"""
     single = irank.score(tiny_model, tiny_data["train"], run_options=irank.RunOptions(device="cpu", batch_size=32),
-                         boundary=irank.BoundaryOptions(choice_rows=100))
+                         boundary=irank.BoundaryOptions(choice_rows=100), method=method)
     assert "random sample of 100 rows" in single.sidecar["parameters"]["layer_choice"]
     output = tmp_path / "scores.csv"
     result = torchrun("score", tiny_model, tiny_data["train"], "-o", output, "--device", "cpu", "--batch-size", 32,
-                      "--choice-rows", 100)
+                      "--choice-rows", 100, "--method", method)
     assert result.returncode == 0, result.stderr
     assert_same_scores(single.table, pd.read_csv(output))
     sidecar = json.loads((tmp_path / "scores.csv.json").read_text())
     assert sidecar["parameters"]["layer"] == single.sidecar["parameters"]["layer"]
-    assert sidecar["parameters"]["method_choice"] == single.sidecar["parameters"]["method_choice"]  # the head's fit, gathered
+    assert sidecar["method"] == single.sidecar["method"] == used
     for name, figures in single.sidecar["parameters"]["layers"].items():
         assert sidecar["parameters"]["layers"][name]["memorized"] == figures["memorized"]
         assert sidecar["parameters"]["layers"][name]["agreement"] == pytest.approx(figures["agreement"], abs=0.01)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scores.csv", "scores.csv.json"]  # no temp file
     assert result.stderr.count("wrote ") == 1  # only rank 0 speaks
-
-
-def test_auto_method_on_a_named_layer_equals_one_process(tiny_data, tiny_model, tmp_path):
-    """--method auto with a named layer: each process reads the head on its part of the choice sample and
-    the counts are summed, so the decision and the scores are one process's."""
-    single = irank.score(tiny_model, tiny_data["train"], run_options=irank.RunOptions(device="cpu", batch_size=32),
-                         boundary=irank.BoundaryOptions(layer="features.1", choice_rows=100))
-    output = tmp_path / "scores.csv"
-    result = torchrun("score", tiny_model, tiny_data["train"], "-o", output, "--device", "cpu", "--batch-size", 32,
-                      "--layer", "features.1", "--choice-rows", 100)
-    assert result.returncode == 0, result.stderr
-    sidecar = json.loads((tmp_path / "scores.csv.json").read_text())
-    assert sidecar["method"] == single.sidecar["method"]
-    assert sidecar["parameters"]["method_choice"] == single.sidecar["parameters"]["method_choice"]
-    assert_same_scores(single.table, pd.read_csv(output))
 
 
 def test_a_bad_image_in_one_process_stops_every_process(tiny_data, tiny_model, tmp_path):

@@ -93,7 +93,7 @@ def test_post_train_on_a_refit_boundary_cuts_the_model_at_the_chosen_layer(cli, 
     summary = json.loads(text)
     layer = summary["layer_choice"]["layer"]
     assert layer in summary["layer_choice"]["layers"]
-    # --method auto is decided in round 1 and then kept: round 2 scores with the method round 1 chose
+    # what --method auto resolved to in round 1 is recorded and passed on: round 2 scores with it as given
     rounds = [json.loads((out / f"round-0{n}" / "scores.csv.json").read_text()) for n in (1, 2)]
     assert summary["method"] in ("loss", "influence")
     assert [r["method"] for r in rounds] == [summary["method"]] * 2
