@@ -307,14 +307,12 @@ def _post_train(checkpoint: str, manifest: str, out: Path, loop: LoopOptions, tr
                 shutil.rmtree(out / folder)
         with _round_folder(building):
             started = time.perf_counter()
-            table = score(current_model, current_manifest, output=str(building / "scores.csv"),
-                          method=state.get("method", loop.method),
+            table = score(current_model, current_manifest, output=str(building / "scores.csv"), method=loop.method,
                           influence_measure=loop.influence_measure, curvature=loop.curvature, damping=loop.damping,
                           boundary=loop.boundary_options((state["layer"] or HEAD_INPUT) if "layer" in state else None, val),
                           model_options=round_options,
                           run_options=run, reporter=reporter)
-            if "method" not in state:  # round 1 decides what auto means; the later rounds keep it
-                state["method"] = table.sidecar["method"]
+            state.setdefault("method", table.sidecar["method"])  # for the summary: what --method auto ranked by
             if loop.boundary == "refit" and "layer" not in state:
                 chosen = table.sidecar["parameters"]["layer"]
                 state["layer"] = None if chosen == HEAD_INPUT else chosen
