@@ -536,7 +536,7 @@ def demo(
     table.add_column("value", justify="right")
     rows = [
         ("flipped training labels", f"{summary['flipped_labels']} of {summary['train_rows']}"),
-        ("removed (most influential)", str(summary["removed"])),
+        ("removed (first in the rank)", str(summary["removed"])),
         ("flipped labels among them", f"{summary['flipped_among_removed']} ({summary['precision_at_k']:.1%})"),
         ("AUROC of the rank for flipped labels", f"{summary['auroc']:.3f}"),
         ("model's fit to the noisy labels", f"{summary['train_accuracy_on_noisy_labels']:.1%}"),
