@@ -20,3 +20,20 @@ def test_refit_reaches_the_regularized_optimum():
     accuracy = ((features.double() @ weight.T + bias).argmax(1) == labels).float().mean()
     majority = labels.bincount().max() / len(labels)
     assert accuracy > majority + 0.2
+
+
+def test_a_fit_on_a_standardized_copy_equals_the_chunked_fit_bit_for_bit(monkeypatch):
+    """Small sets are standardized once into a float64 copy (faster); larger ones chunk by chunk on every
+    evaluation. Both compute the same numbers in the same order, so the fits are identical."""
+    from irank import linear
+
+    generator = torch.Generator().manual_seed(1)
+    features = torch.randn(300, 7, generator=generator) * 3 + 5
+    labels = torch.randint(0, 3, (300,), generator=generator)
+    copied = linear.fit_with_scaling(features, labels, 3, l2=0.1)
+    assert linear.fit_rows(features, linear.standardizer(features))[1] is None  # the copy was used
+    monkeypatch.setattr(linear, "PRESTANDARDIZE_BYTES", 0)
+    assert linear.fit_rows(features, linear.standardizer(features))[1] is not None  # now chunk by chunk
+    chunked = linear.fit_with_scaling(features, labels, 3, l2=0.1)
+    for a, b in zip(copied[:2], chunked[:2]):
+        assert torch.equal(a, b)
