@@ -3,8 +3,9 @@
     python tests/bench/posttrain_cifar.py SETTING [--variants head-refit,probe-refit,head-full,probe-full] [--rounds 8]
 
 SETTING is a base checkpoint name from tests/bench/train_bases.sh (ce-sym40, ce-sym20, ce-asym40,
-ce-sym0, gce-sym40). Writes bench-out/<SETTING>/results.json and prints a markdown table. Every stage
-caches its result in that JSON, so an interrupted run continues where it stopped.
+ce-sym0, gce-sym40; with EXTRA=1 also ce-sym60, ce-asym20, gce-sym20, ce-sym40-es, ce-sym40-aug).
+Writes bench-out/<SETTING>/results.json and prints a markdown table. Every stage caches its result in
+that JSON, so an interrupted run continues where it stopped.
 """
 
 from __future__ import annotations
