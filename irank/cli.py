@@ -147,7 +147,7 @@ def score(
     method: Annotated[Method, typer.Option(help="influence: the sample's influence on the decision boundary (the probe's, or the head's); "
                                            "loss, margin, gradnorm: read off the same boundary. auto (default): influence on the head, "
                                            "the probe's loss on a refit probe (it ranked wrong labels better there; see README).")] = Method.auto,
-    influence_measure: Annotated[Measure, typer.Option(help="With --method influence: self-influence (rise of its own loss "
+    influence_measure: Annotated[Measure, typer.Option(help="With --method influence (or auto on --boundary head): self-influence (rise of its own loss "
                                                        "if left out), boundary-shift (mean squared change of all logits) "
                                                        "or parameter-shift (‖Δθ‖).")] = Measure.self_influence,
     curvature: Annotated[Curvature, typer.Option(help="Head curvature: exact Gauss-Newton, Kronecker-factored (kfac), "
@@ -410,7 +410,7 @@ def post_train(
     val: Annotated[Optional[Path], typer.Option(help="Clean labelled manifest: stop when its accuracy stops improving and keep the best round; with --boundary refit --layer auto, round 1 also chooses the layer by the probes' accuracy on it.")] = None,
     patience: Annotated[int, typer.Option(help="With --val: rounds without improvement before stopping.")] = 1,
     method: Annotated[Method, typer.Option(help="Score used to rank each round; auto (default): influence on the head, the probe's loss on a refit probe.")] = Method.auto,
-    influence_measure: Annotated[Measure, typer.Option(help="With --method influence: which influence measure.")] = Measure.self_influence,
+    influence_measure: Annotated[Measure, typer.Option(help="With --method influence (or auto on --boundary head): which influence measure.")] = Measure.self_influence,
     curvature: Annotated[Curvature, typer.Option(help="Head curvature: exact, kfac or auto.")] = Curvature.auto,
     damping: Annotated[float, typer.Option(help="Damping relative to the mean eigenvalue of the curvature.")] = 0.01,
     boundary: Annotated[Boundary, typer.Option(help="head: score on the current model's head; refit: on an L2 probe refit each round at --layer.")] = Boundary.head,
