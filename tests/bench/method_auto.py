@@ -9,8 +9,7 @@ For each base checkpoint bench-out/base/NAME.safetensors (NAME = LOSS-SETTING[-V
 bench-data/cifar10/train-SETTING.csv): `score` with the default boundary (refit, --layer auto) and each of
 --method loss, influence and auto; prints the checkpoint's accuracy on the given labels (how much of them
 it memorized), the chosen layer, AUROC / precision at k against the known wrong labels, and what auto
-chose. Writes
-bench-out/method-auto.json (adding to what earlier runs wrote).
+chose. Writes bench-out/method-auto.json (adding to what earlier runs wrote).
 """
 
 from __future__ import annotations
