@@ -94,6 +94,19 @@ class Device(str, Enum):
     cuda = "cuda"
 
 
+class ChannelsLast(str, Enum):
+    auto = "auto"
+    on = "on"
+    off = "off"
+
+
+class Precision(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
 MODEL = "Model and preprocessing"
 RUN = "Running"
 GATE = "CI gate"
@@ -117,6 +130,13 @@ MeanOpt = Annotated[Optional[str], typer.Option(help="Normalization mean per cha
 StdOpt = Annotated[Optional[str], typer.Option(help="Normalization std per channel, e.g. 0.5 or 0.229,0.224,0.225.", rich_help_panel=MODEL)]
 DeviceOpt = Annotated[Device, typer.Option(help="Where to run the model: auto picks CUDA when present.", rich_help_panel=RUN)]
 BatchOpt = Annotated[int, typer.Option(help="Samples (images or tensor rows) per batch.", rich_help_panel=RUN)]
+ChannelsLastOpt = Annotated[ChannelsLast, typer.Option(
+    help="Run convolutions in channels-last (NHWC) memory layout: auto (default) turns it on for models with 2-d "
+    "convolutions, whose kernels are faster in it (small-cnn on CPU: 1.4x); the results agree to float rounding.",
+    rich_help_panel=RUN)]
+PrecisionOpt = Annotated[Precision, typer.Option(
+    help="Autocast precision of the model's pass: auto (bf16 on a CUDA device that has it, full precision on CPU), "
+    "fp32, bf16 or fp16. Scores, features and logits are kept in float32 whatever it is.", rich_help_panel=RUN)]
 WorkersOpt = Annotated[int, typer.Option(help="DataLoader worker processes for decoding images or reading tensor rows.", rich_help_panel=RUN)]
 MemoryBudgetOpt = Annotated[str, typer.Option(
     help="Per-sample arrays (a layer's features, head inputs, logits) kept in memory up to this size, e.g. 512MiB or "
@@ -162,6 +182,7 @@ def score(
     image_size: ImageSizeOpt = None, resize: ResizeOpt = None, mean: MeanOpt = None, std: StdOpt = None,
     allow_outside_root: AllowOutsideOpt = False, on_bad_image: BadImageOpt = "fail",
     device: DeviceOpt = Device.auto, batch_size: BatchOpt = 128, num_workers: WorkersOpt = 0,
+    channels_last: ChannelsLastOpt = ChannelsLast.auto, precision: PrecisionOpt = Precision.auto,
     memory_budget: MemoryBudgetOpt = DEFAULT_MEMORY_BUDGET,
     quiet: QuietOpt = False, json_out: JsonOpt = False, overwrite: OverwriteOpt = False,
     fail_over: Annotated[Optional[float], typer.Option(
@@ -193,13 +214,14 @@ def score(
         boundary=BoundaryOptions(kind=boundary.value, layer=layer, l2=l2, choice_rows=choice_rows,
                                  val=str(val) if val else None),
         model_options=model_options(arch, head, classes, preprocess, image_size, resize, mean, std, allow_outside_root, on_bad_image),
-        run_options=RunOptions(device=device.value, batch_size=batch_size, num_workers=num_workers,
+        run_options=RunOptions(device=device.value, batch_size=batch_size, num_workers=num_workers, channels_last=channels_last.value,
+                               precision=precision.value,
                                memory_budget=parse_size(memory_budget)),
         reporter=reporter, overwrite=overwrite,
     )
     if not is_stdio(output):
-        reporter.info(f"wrote {output} ({len(result.table)} rows) and {output}.json")
-    verdict = check_gate(result.table, fail_over=fail_over, fail_score=fail_score) if fail_over is not None else None
+        reporter.info(f"wrote {output} ({len(result.ranked)} rows) and {output}.json")
+    verdict = check_gate(result.ranked.verdict_columns(), fail_over=fail_over, fail_score=fail_score) if fail_over is not None else None
     if json_out:
         print_json({**result.sidecar, "output": output, "gate": verdict.to_dict() if verdict else None})
     if verdict is None:
@@ -337,6 +359,7 @@ def refine(
     image_size: ImageSizeOpt = None, resize: ResizeOpt = None, mean: MeanOpt = None, std: StdOpt = None,
     allow_outside_root: AllowOutsideOpt = False, on_bad_image: BadImageOpt = "fail",
     device: DeviceOpt = Device.auto, batch_size: BatchOpt = 128, num_workers: WorkersOpt = 0,
+    channels_last: ChannelsLastOpt = ChannelsLast.auto, precision: PrecisionOpt = Precision.auto,
     quiet: QuietOpt = False, json_out: JsonOpt = False, overwrite: OverwriteOpt = False, resume: ResumeOpt = False,
 ) -> None:
     """Fine-tune a checkpoint on a manifest and save it as safetensors that score and eval load with no flags.
@@ -349,7 +372,8 @@ def refine(
     result = run_refine(
         str(checkpoint), str(manifest), output=output, train_options=_train_options(scope, epochs, lr, weight_decay, augment, seed, l2, layer=layer),
         val=str(val) if val else None, model_options=model_options(arch, head, classes, preprocess, image_size, resize, mean, std, allow_outside_root, on_bad_image),
-        run_options=RunOptions(device=device.value, batch_size=batch_size, num_workers=num_workers), reporter=reporter,
+        run_options=RunOptions(device=device.value, batch_size=batch_size, num_workers=num_workers, channels_last=channels_last.value,
+                               precision=precision.value), reporter=reporter,
         overwrite=overwrite, resume=resume,
     )
     reporter.info(f"wrote {output} (best epoch {result.best_epoch})")
@@ -373,6 +397,7 @@ def train(
     image_size: ImageSizeOpt = None, resize: ResizeOpt = None, mean: MeanOpt = None, std: StdOpt = None,
     allow_outside_root: AllowOutsideOpt = False, on_bad_image: BadImageOpt = "fail",
     device: DeviceOpt = Device.auto, batch_size: BatchOpt = 128, num_workers: WorkersOpt = 0,
+    channels_last: ChannelsLastOpt = ChannelsLast.auto, precision: PrecisionOpt = Precision.auto,
     quiet: QuietOpt = False, json_out: JsonOpt = False, overwrite: OverwriteOpt = False, resume: ResumeOpt = False,
 ) -> None:
     """Train a classifier from scratch (all layers), e.g. to get a base model for the demo or a benchmark."""
@@ -382,7 +407,8 @@ def train(
     result = run_train(
         arch, str(manifest), output=output, train_options=_train_options(Scope.full, epochs, lr, weight_decay, augment, seed, loss=loss),
         val=str(val) if val else None, model_options=model_options(None, None, classes, preprocess, image_size, resize, mean, std, allow_outside_root, on_bad_image),
-        run_options=RunOptions(device=device.value, batch_size=batch_size, num_workers=num_workers), reporter=reporter,
+        run_options=RunOptions(device=device.value, batch_size=batch_size, num_workers=num_workers, channels_last=channels_last.value,
+                               precision=precision.value), reporter=reporter,
         overwrite=overwrite, resume=resume,
     )
     reporter.info(f"wrote {output}")
@@ -420,6 +446,7 @@ def post_train(
     image_size: ImageSizeOpt = None, resize: ResizeOpt = None, mean: MeanOpt = None, std: StdOpt = None,
     allow_outside_root: AllowOutsideOpt = False, on_bad_image: BadImageOpt = "fail",
     device: DeviceOpt = Device.auto, batch_size: BatchOpt = 128, num_workers: WorkersOpt = 0,
+    channels_last: ChannelsLastOpt = ChannelsLast.auto, precision: PrecisionOpt = Precision.auto,
     memory_budget: MemoryBudgetOpt = DEFAULT_MEMORY_BUDGET,
     quiet: QuietOpt = False, json_out: JsonOpt = False, overwrite: OverwriteOpt = False,
 ) -> None:
@@ -451,7 +478,8 @@ def post_train(
         train_options=_train_options(scope, epochs, lr, weight_decay, augment, seed, l2),
         val=str(val) if val else None,
         model_options=model_options(arch, head, classes, preprocess, image_size, resize, mean, std, allow_outside_root, on_bad_image),
-        run_options=RunOptions(device=device.value, batch_size=batch_size, num_workers=num_workers,
+        run_options=RunOptions(device=device.value, batch_size=batch_size, num_workers=num_workers, channels_last=channels_last.value,
+                               precision=precision.value,
                                memory_budget=parse_size(memory_budget)),
         reporter=reporter, on_round=show, overwrite=overwrite,
     )
@@ -472,6 +500,7 @@ def eval_command(
     image_size: ImageSizeOpt = None, resize: ResizeOpt = None, mean: MeanOpt = None, std: StdOpt = None,
     allow_outside_root: AllowOutsideOpt = False, on_bad_image: BadImageOpt = "fail",
     device: DeviceOpt = Device.auto, batch_size: BatchOpt = 128, num_workers: WorkersOpt = 0,
+    channels_last: ChannelsLastOpt = ChannelsLast.auto, precision: PrecisionOpt = Precision.auto,
     quiet: QuietOpt = False, json_out: JsonOpt = False,
 ) -> None:
     """Accuracy of a checkpoint on a manifest, overall and per class.
@@ -480,7 +509,8 @@ def eval_command(
     """
     report = run_evaluate(
         str(checkpoint), str(manifest), model_options=model_options(arch, head, classes, preprocess, image_size, resize, mean, std, allow_outside_root, on_bad_image),
-        run_options=RunOptions(device=device.value, batch_size=batch_size, num_workers=num_workers), reporter=RichReporter(quiet),
+        run_options=RunOptions(device=device.value, batch_size=batch_size, num_workers=num_workers, channels_last=channels_last.value,
+                               precision=precision.value), reporter=RichReporter(quiet),
     )
     if json_out:
         print_json(report)

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 from .data import batches
 from .errors import NumericsError
 from .influence import chunk_size, spans
+from .placement import Placement, resolve_device  # noqa: F401  (resolve_device: imported from here by callers)
 from .progress import Reporter
 from .rowstore import DiskRows, MemoryBudget
 
@@ -23,23 +24,13 @@ class ForwardOutputs:
     logits: torch.Tensor | DiskRows  # (n, C): what comes out of it
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        from .errors import UsageError
-
-        raise UsageError("--device cuda: no CUDA device is available here (use --device cpu or auto)")
-    return torch.device(name)
-
-
 def forward_pass(
     model: nn.Module,
     head: nn.Linear,
     loader: DataLoader,
     *,
     num_rows: int,
-    device: torch.device,
+    device: torch.device | Placement,
     reporter: Reporter | None = None,
     description: str = "forward pass",
     first_row: int = 0,
@@ -49,6 +40,7 @@ def forward_pass(
 
     `first_row`: the manifest row of the loader's row 0, for messages (a process's shard under torchrun).
     `budget`: where the per-sample arrays go (in memory, or past the budget in a temporary file).
+    `device`: a device, or a `Placement` (memory format and precision too).
     """
     budget = budget or MemoryBudget()
     reporter = reporter or Reporter()
@@ -60,12 +52,13 @@ def forward_pass(
 
     head_inputs = budget.array(num_rows, head.in_features)
     logits = budget.array(num_rows, head.out_features)
-    model.to(device).eval()
+    place = Placement.of(device)
+    place.place_model(model).eval()
     handle = head.register_forward_hook(hook)
     try:
-        with torch.inference_mode(), reporter.task(description, len(loader)) as advance:
+        with torch.inference_mode(), place.autocast(), reporter.task(description, len(loader)) as advance:
             for images, rows in batches(loader):
-                model(images.to(device, non_blocking=True))
+                model(place.inputs(images))
                 # index_copy_, not `head_inputs[rows] = ...`: on CPU it is many times faster (measured 40×),
                 # which a million rows notice.
                 head_inputs.index_copy_(0, rows, captured["inputs"].reshape(len(rows), -1).float().cpu())

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 from .data import batches
 from .errors import UsageError
 from .features import check_finite
+from .placement import Placement
 from .progress import Reporter
 from .rowstore import MemoryBudget
 
@@ -73,7 +74,7 @@ def layer_features(
     loader: DataLoader,
     *,
     num_rows: int,
-    device: torch.device,
+    device: "torch.device | Placement",
     reporter: Reporter | None = None,
     row_order: "np.ndarray | list[int] | None" = None,
     first_row: int = 0,
@@ -86,7 +87,8 @@ def layer_features(
     result is manifest row i, or, with `row_order` (the manifest rows the loader covers), row_order[i].
     `first_row`: the manifest row of the loader's row 0, for messages (a process's shard under torchrun).
     `out` (one layer only): a tensor to fill in place of a new one; rows the loader does not cover keep
-    their values. `budget`: where new per-sample arrays go (default: memory).
+    their values. `budget`: where new per-sample arrays go (default: memory). `device`: a device, or a
+    `Placement` (memory format and precision too).
     """
     budget = budget or MemoryBudget()
     reporter = reporter or Reporter()
@@ -99,12 +101,13 @@ def layer_features(
         num_rows = len(order)
         position = torch.full((int(order.max()) + 1,), -1, dtype=torch.long)
         position[order] = torch.arange(num_rows)
-    model.to(device).eval()
+    place = Placement.of(device)
+    place.place_model(model).eval()
     features: dict[str, torch.Tensor] = {}
-    with torch.inference_mode(), reporter.task(f"features at {', '.join(names)}", len(loader)) as advance:
+    with torch.inference_mode(), place.autocast(), reporter.task(f"features at {', '.join(names)}", len(loader)) as advance:
         for images, rows in batches(loader):
             where = rows if position is None else position[rows]
-            for name, pooled in run_until(model, layers, images.to(device, non_blocking=True)).items():
+            for name, pooled in run_until(model, layers, place.inputs(images)).items():
                 if name not in features:
                     features[name] = out if out is not None else budget.array(num_rows, pooled.shape[1])
                 features[name].index_copy_(0, where, pooled.float().cpu())  # much faster than [rows] = on CPU

@@ -17,6 +17,7 @@ from .data import BAD_IMAGE_POLICIES, Preprocess, find_bad_images, resolve_prepr
 from .errors import CheckpointError, ImageError, UsageError
 from .manifest import Manifest, check_inside_root, encode_labels, read_manifest, resolve_classes
 from .models import MLP
+from .placement import Placement, resolve_placement
 from .tensors import check_tensor_rows, shape_text
 from .rowstore import DEFAULT_MEMORY_BUDGET, parse_size
 
@@ -45,6 +46,12 @@ class RunOptions:
     # bytes of per-sample arrays (features, logits) `score` keeps in memory; past it, a temporary file.
     # None: no limit.
     memory_budget: int | None = parse_size(DEFAULT_MEMORY_BUDGET)
+    channels_last: str = "auto"  # auto: on for models with 2-d convolutions (see placement.py)
+    precision: str = "auto"  # autocast: auto (bf16 on CUDA, full precision on CPU), fp32, bf16, fp16
+
+    def placement(self, model: nn.Module) -> Placement:
+        """Where and how `model` runs in this run: device, memory format, precision."""
+        return resolve_placement(model, self.device, self.channels_last, self.precision)
 
 
 @dataclass

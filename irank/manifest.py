@@ -15,6 +15,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import pandas as pd
@@ -304,9 +305,12 @@ def encode_labels(manifest: Manifest, classes: list[str]) -> np.ndarray:
     return encoded
 
 
-def csv_quoting(table: pd.DataFrame) -> int:
+def csv_quoting(table: pd.DataFrame, *texts: list[str]) -> int:
     """Minimal quoting, unless a value holds a lone carriage return: the csv module leaves that unquoted
-    and a reader would split the row there, so then every field is quoted."""
+    and a reader would split the row there, so then every field is quoted. `texts`: more values (lists of
+    strings) that go into the same file."""
+    if any("\r" in text for values in texts for text in values):
+        return csv.QUOTE_ALL
     for column in table.columns:
         if table[column].dtype == object or pd.api.types.is_string_dtype(table[column]):
             values = table[column]
@@ -336,6 +340,31 @@ def write_table(table: pd.DataFrame, path: str | os.PathLike) -> None:
                 table.to_parquet(tmp, index=False)
             except ImportError as exc:
                 raise ManifestError(f"{path}: writing Parquet needs pyarrow (pip install pyarrow)") from exc
+
+
+def write_blocks(blocks: Iterable[pd.DataFrame], path: str | os.PathLike, quoting: int = csv.QUOTE_MINIMAL) -> None:
+    """Write a table given as consecutive blocks of rows (the first one carries the header), atomically, as
+    `write_table` does, holding one block at a time: CSV, TSV, JSONL and stdout are appended to block by
+    block; Parquet, whose writer here takes a whole table, is assembled first. `quoting`: `csv_quoting` of
+    the whole table, which one block cannot know (the caller can)."""
+    if is_stdio(path):
+        for number, block in enumerate(blocks):
+            sys.stdout.write(block.to_csv(index=False, header=number == 0, quoting=quoting))
+        sys.stdout.flush()
+        return
+    fmt = table_format(path)
+    if fmt == "parquet":
+        write_table(pd.concat(list(blocks), ignore_index=True), path)
+        return
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as handle:
+        for number, block in enumerate(blocks):
+            if fmt == "jsonl":
+                if len(block):
+                    text = block.to_json(orient="records", lines=True, force_ascii=False)
+                    handle.write(text if text.endswith("\n") else text + "\n")
+            else:
+                block.to_csv(handle, index=False, header=number == 0, sep="\t" if fmt == "tsv" else ",",
+                             quoting=quoting)
 
 
 def manifest_from_folder(image_dir: str | os.PathLike, output: str | os.PathLike) -> pd.DataFrame:

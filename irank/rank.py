@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from .influence import chunk_size, spans
+from .manifest import csv_quoting
 
 FIRST_COLUMNS = [
     "rank", "id", "path", "label", "predicted", "label_prob", "predicted_prob", "loss", "score", "class_rank",
@@ -86,41 +87,78 @@ def class_ranks_in_order(ordered_labels: np.ndarray) -> np.ndarray:
     return result
 
 
-def scores_table(
-    user_table: pd.DataFrame,
-    *,
-    ids: list[str],
-    paths: list[str],
-    labels: np.ndarray,
-    classes: list[str],
-    predictions: dict[str, np.ndarray],
-    scores: np.ndarray,
-) -> pd.DataFrame:
-    """One row per sample, sorted by rank, irank's columns first and then the manifest's own.
+BLOCK_ROWS = 65_536  # rows of the scores table built (and written) at a time
 
-    `predictions`: `prediction_columns` of the model's logits. The table is built in rank order
-    directly (no sorted copy of a finished table).
+
+class RankedScores:
+    """The scores table, held as its columns in manifest order plus the rank order, and built a block of
+    rows at a time: writing a million rows never holds the whole table of strings (ids, paths, class names,
+    the manifest's own columns) at once.
+
+    `predictions`: `prediction_columns` of the model's logits.
     """
-    order = rank_order(scores, ids)
-    labels = np.asarray(labels)[order]
-    class_names = np.asarray(classes, dtype=object)
-    ordered = {name: values[order] for name, values in predictions.items()}
-    table = pd.DataFrame(
-        {
-            "rank": np.arange(1, len(order) + 1, dtype=np.int64),
-            "id": np.asarray(ids, dtype=object)[order],
-            "path": np.asarray(paths, dtype=object)[order],
-            "label": class_names[labels],
-            "predicted": class_names_of(ordered["predicted"], class_names),
-            "label_prob": ordered["label_prob"],
-            "predicted_prob": ordered["predicted_prob"],
-            "loss": ordered["loss"],
-            "score": np.asarray(scores, dtype=np.float64)[order],
-            "class_rank": class_ranks_in_order(labels),
-            **{name: class_names_of(ordered[name], class_names) if not name.endswith("_prob") else ordered[name]
-               for place in RUNNER_UPS for name in (f"candidate_{place}", f"candidate_{place}_prob")},
-        }
-    )
-    extra = user_table.drop(columns=[c for c in ("id", "path", "label") if c in user_table.columns])
-    extra = extra.rename(columns={c: f"{c}_input" for c in extra.columns if c in FIRST_COLUMNS})
-    return pd.concat([table, extra.take(order).reset_index(drop=True)], axis=1)
+
+    def __init__(self, user_table: pd.DataFrame, *, ids: list[str], paths: list[str], labels: np.ndarray,
+                 classes: list[str], predictions: dict[str, np.ndarray], scores: np.ndarray):
+        self.scores = np.asarray(scores, dtype=np.float64)
+        self.order = rank_order(self.scores, ids)
+        self.labels = np.asarray(labels)
+        self.class_ranks = class_ranks_in_order(self.labels[self.order])
+        self.ids, self.paths, self.predictions = ids, paths, predictions
+        self.class_names = np.asarray(classes, dtype=object)
+        extra = user_table.drop(columns=[c for c in ("id", "path", "label") if c in user_table.columns])
+        self.extra = extra.rename(columns={c: f"{c}_input" for c in extra.columns if c in FIRST_COLUMNS})
+        self._frame: pd.DataFrame | None = None
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def block(self, start: int, end: int) -> pd.DataFrame:
+        """Rows [start, end) of the table in rank order (rank start + 1 first), irank's columns first."""
+        order = self.order[start:end]
+        labels = self.labels[order]
+        ordered = {name: values[order] for name, values in self.predictions.items()}
+        names = self.class_names
+        table = pd.DataFrame(
+            {
+                "rank": np.arange(start + 1, start + len(order) + 1, dtype=np.int64),
+                "id": np.asarray([self.ids[i] for i in order.tolist()], dtype=object),
+                "path": np.asarray([self.paths[i] for i in order.tolist()], dtype=object),
+                "label": names[labels],
+                "predicted": class_names_of(ordered["predicted"], names),
+                "label_prob": ordered["label_prob"],
+                "predicted_prob": ordered["predicted_prob"],
+                "loss": ordered["loss"],
+                "score": self.scores[order],
+                "class_rank": self.class_ranks[start:end],
+                **{name: class_names_of(ordered[name], names) if not name.endswith("_prob") else ordered[name]
+                   for place in RUNNER_UPS for name in (f"candidate_{place}", f"candidate_{place}_prob")},
+            }
+        )
+        return pd.concat([table, self.extra.take(order).reset_index(drop=True)], axis=1)
+
+    def blocks(self, rows: int = BLOCK_ROWS):
+        """The table in rank order, `rows` rows at a time."""
+        for start in range(0, max(len(self), 1), rows):  # an empty table still gets its header
+            yield self.block(start, min(start + rows, len(self)))
+
+    def csv_quoting(self) -> int:
+        """`manifest.csv_quoting` of the whole table, from its string columns (a number holds no carriage return)."""
+        return csv_quoting(self.extra, self.ids, self.paths, self.class_names.tolist())
+
+    def verdict_columns(self) -> pd.DataFrame:
+        """label, predicted and score of every row (manifest order): what a CI gate reads, without the rest."""
+        return pd.DataFrame({"label": self.class_names[self.labels],
+                             "predicted": class_names_of(self.predictions["predicted"], self.class_names),
+                             "score": self.scores})
+
+    def frame(self) -> pd.DataFrame:
+        """The whole table (built once, on first use)."""
+        if self._frame is None:
+            self._frame = self.block(0, len(self))
+        return self._frame
+
+
+def scores_table(user_table: pd.DataFrame, **columns) -> pd.DataFrame:
+    """One row per sample, sorted by rank, irank's columns first and then the manifest's own (see RankedScores)."""
+    return RankedScores(user_table, **columns).frame()

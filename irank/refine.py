@@ -17,7 +17,8 @@ from .distributed import (active, all_or_none, all_reduce_sum, broadcast_, ddp_d
                           local_rows, rank, shard_of, world_size, writes_here)
 from .errors import UsageError
 from .evaluation import accuracy_report
-from .features import forward_pass, resolve_device
+from .features import forward_pass
+from .placement import Placement
 from .files import check_outputs_clear_of_inputs, check_overwrite, sha256_bytes, sha256_file
 from .loading import ModelOptions, Prepared, RunOptions, check_same_input, prepare
 from .linear import fit_softmax_regression
@@ -85,7 +86,7 @@ class ValidationSet:
     Under torchrun each process scores its block of the rows and the correct predictions are summed.
     """
 
-    def __init__(self, prepared: Prepared, path: str, run: RunOptions, device: torch.device, allow_outside_root: bool = False):
+    def __init__(self, prepared: Prepared, path: str, run: RunOptions, device: "torch.device | Placement", allow_outside_root: bool = False):
         manifest = read_manifest(path)
         if not allow_outside_root:
             check_inside_root(manifest)
@@ -96,17 +97,17 @@ class ValidationSet:
             manifest.resolved_paths(), prepared.preprocess, batch_size=run.batch_size, num_workers=run.num_workers,
             shard=self.shard)
         self.classes = prepared.classes
-        self.device = device
+        self.place = Placement.of(device)
         self.cached_inputs: torch.Tensor | None = None
 
     def accuracy(self, prepared: Prepared, reporter: Reporter, cache_head_inputs: bool) -> float:
         if cache_head_inputs and self.cached_inputs is not None:
             with torch.no_grad():
-                logits = prepared.head(self.cached_inputs.to(self.device)).float().cpu()
+                logits = prepared.head(self.cached_inputs.to(self.place.device)).float().cpu()
         else:
             with all_or_none():
                 outputs = forward_pass(prepared.model, prepared.head, self.loader, num_rows=self.num_rows,
-                                       device=self.device, reporter=reporter, description="validation",
+                                       device=self.place, reporter=reporter, description="validation",
                                        first_row=self.first_row)
             logits = outputs.logits
             if cache_head_inputs:
@@ -133,26 +134,28 @@ def attach_probe(prepared: Prepared, layer: str, in_features: int) -> None:
     prepared.extra_metadata["probe"] = {"layer": layer, "in_features": in_features}
 
 
-def refit_head(prepared: Prepared, options: TrainOptions, run: RunOptions, device: torch.device,
+def refit_head(prepared: Prepared, options: TrainOptions, run: RunOptions, device: "torch.device | Placement",
                reporter: Reporter, validation: ValidationSet | None) -> RefineResult:
     """Replace the head by the L2-regularized softmax regression fitted from scratch on frozen features:
     the head's input, or with `options.layer` a layer's pooled output (the model is then cut there)."""
     from .layers import layer_features
 
-    model = prepared.model.to(device)
+    place = Placement.of(device)
+    device = place.device
+    model = place.place_model(prepared.model)
     shard = shard_of(len(prepared.labels))  # None with one process
     with all_or_none():
         loader, num_rows, first_row = make_shard_loader(prepared.manifest.resolved_paths(), prepared.preprocess,
                                                         batch_size=run.batch_size, num_workers=run.num_workers, shard=shard)
         if options.layer:
-            head_inputs = layer_features(model, options.layer, loader, num_rows=num_rows, device=device,
+            head_inputs = layer_features(model, options.layer, loader, num_rows=num_rows, device=place,
                                          reporter=reporter, first_row=first_row)
         else:
-            head_inputs = forward_pass(model, prepared.head, loader, num_rows=num_rows, device=device,
+            head_inputs = forward_pass(model, prepared.head, loader, num_rows=num_rows, device=place,
                                        reporter=reporter, description="head inputs", first_row=first_row).head_inputs
     if options.layer:
         attach_probe(prepared, options.layer, head_inputs.shape[1])
-    model, head = prepared.model.to(device), prepared.head
+    model, head = place.place_model(prepared.model), prepared.head
     labels = local_rows(torch.from_numpy(prepared.labels), shard)
     weight, bias = fit_softmax_regression(head_inputs, labels, head.out_features, l2=options.l2, shard=shard)
     with torch.no_grad():
@@ -172,7 +175,7 @@ def refit_head(prepared: Prepared, options: TrainOptions, run: RunOptions, devic
     return RefineResult(history=[record], best_epoch=1)
 
 
-def train_epochs(prepared: Prepared, options: TrainOptions, run: RunOptions, device: torch.device,
+def train_epochs(prepared: Prepared, options: TrainOptions, run: RunOptions, device: "torch.device | Placement",
                  reporter: Reporter, validation: ValidationSet | None, resume: Resume | None = None) -> RefineResult:
     """The training loop. Head scope with no augmentation trains on head inputs computed once.
 
@@ -185,9 +188,11 @@ def train_epochs(prepared: Prepared, options: TrainOptions, run: RunOptions, dev
     """
     if options.scope == "refit":
         return refit_head(prepared, options, run, device, reporter, validation)
+    place = Placement.of(device)
+    device = place.device
     shard = shard_of(len(prepared.labels))  # None with one process
     torch.manual_seed(options.seed if shard is None else options.seed + rank())  # augmentation draws differ by process
-    model, head = prepared.model.to(device), prepared.head
+    model, head = place.place_model(prepared.model), prepared.head
     labels = torch.from_numpy(prepared.labels)
     head_only = options.scope == "head"
     cached = head_only and options.augment == "none"
@@ -203,7 +208,7 @@ def train_epochs(prepared: Prepared, options: TrainOptions, run: RunOptions, dev
         with all_or_none():
             plain, num_rows, first_row = make_shard_loader(paths, prepared.preprocess, batch_size=run.batch_size,
                                                            num_workers=run.num_workers, shard=shard)
-            head_inputs = forward_pass(model, head, plain, num_rows=num_rows, device=device, reporter=reporter,
+            head_inputs = forward_pass(model, head, plain, num_rows=num_rows, device=place, reporter=reporter,
                                        description="head inputs", first_row=first_row).head_inputs
         steps_per_epoch = math.ceil(len(labels) / run.batch_size)
     elif shard is None:
@@ -219,6 +224,8 @@ def train_epochs(prepared: Prepared, options: TrainOptions, run: RunOptions, dev
         forward = DistributedDataParallel(model, device_ids=ddp_device_ids() if device.type == "cuda" else None,
                                           find_unused_parameters=bool(prepared.extra_metadata.get("probe")))
     total_steps = options.epochs * steps_per_epoch
+    # fp16 gradients underflow without loss scaling; bf16 and full precision need none (the scaler then passes through)
+    scaler = torch.amp.GradScaler(device.type, enabled=place.autocast_dtype == torch.float16 and not cached)
     result = RefineResult()
     best_accuracy, best_state, step = -1.0, None, 0
     generator = torch.Generator().manual_seed(options.seed)
@@ -259,13 +266,15 @@ def train_epochs(prepared: Prepared, options: TrainOptions, run: RunOptions, dev
                     logits = head(head_inputs[rows].to(device))
                     loss = training_loss(logits, labels[rows].to(device), options.loss)
                 else:
-                    logits = forward(images.to(device, non_blocking=True))
-                    loss = training_loss(logits, labels[rows].to(device), options.loss)
+                    with place.autocast():
+                        logits = forward(place.inputs(images))
+                    loss = training_loss(logits.float(), labels[rows].to(device), options.loss)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                scaler.scale(loss).backward()
                 if cached and shard is not None:
                     loss = sum_gradients(trainable, loss)
-                optimizer.step()
+                scaler.step(optimizer)
+                scaler.update()
                 running += float(loss.detach()) * len(rows)
                 seen += len(rows)
                 step += 1
@@ -329,7 +338,7 @@ def _fit_and_save(checkpoint: str | None, manifest: str, output: str, options: T
         prepared = prepare(checkpoint, manifest, model_options)
         for note in prepared.notes:
             reporter.info(note)
-        device = resolve_device(run.device)
+        device = run.placement(prepared.model)  # device, memory format and precision
         validation = ValidationSet(prepared, val, run, device, model_options.allow_outside_root) if val else None
     inputs = {"checkpoint": sha256_file(checkpoint) if checkpoint else None, "manifest": sha256_file(manifest),
               "val": sha256_file(val) if val else None, "options": dict(options.__dict__),

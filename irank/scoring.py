@@ -16,14 +16,15 @@ from .data import make_loader, make_shard_loader
 from .distributed import Shard, all_or_none, broadcast_object, gather_objects, local_rows, shard_of, writes_here
 from .errors import UsageError
 from .probe import PROBE_MEASURES
-from .features import ForwardOutputs, forward_pass, resolve_device
+from .features import ForwardOutputs, forward_pass
 from .layers import layer_features
 from .files import check_outputs_clear_of_inputs, check_overwrite, is_stdio, sha256_file, write_json_atomic
 from .loading import ModelOptions, Prepared, RunOptions, check_same_input, prepare
-from .manifest import check_inside_root, encode_labels, read_manifest, table_format, write_table
+from .manifest import check_inside_root, encode_labels, read_manifest, table_format, write_blocks
 from .method_choice import resolve_method
+from .placement import Placement
 from .progress import Reporter
-from .rank import prediction_columns, scores_table
+from .rank import RankedScores, prediction_columns
 from .rowstore import DiskRows, MemoryBudget
 
 METHODS = ("auto", "influence", "loss", "margin", "gradnorm")
@@ -31,8 +32,13 @@ METHODS = ("auto", "influence", "loss", "margin", "gradnorm")
 
 @dataclass
 class ScoreResult:
-    table: pd.DataFrame  # sorted by rank
+    ranked: RankedScores  # the scores table, built a block of rows at a time
     sidecar: dict  # provenance, as written next to the output
+
+    @property
+    def table(self) -> pd.DataFrame:
+        """The whole scores table, sorted by rank (built on first use: at millions of rows, a GB of strings)."""
+        return self.ranked.frame()
 
 
 def method_scores(
@@ -90,7 +96,7 @@ def run_forward(prepared: Prepared, run: RunOptions, reporter: Reporter, shard: 
     loader, num_rows, first_row = shard_loader(prepared, run, shard)
     return forward_pass(
         prepared.model, prepared.head, loader, num_rows=num_rows,
-        device=resolve_device(run.device), reporter=reporter, first_row=first_row, budget=budget,
+        device=run.placement(prepared.model), reporter=reporter, first_row=first_row, budget=budget,
     )
 
 
@@ -110,7 +116,7 @@ def read_layer(prepared: Prepared, layer: str, run: RunOptions, reporter: Report
     if layer == HEAD_INPUT:
         return run_forward(prepared, run, reporter, shard, budget).head_inputs
     loader, num_rows, first_row = shard_loader(prepared, run, shard)
-    return layer_features(prepared.model, layer, loader, num_rows=num_rows, device=resolve_device(run.device),
+    return layer_features(prepared.model, layer, loader, num_rows=num_rows, device=run.placement(prepared.model),
                           reporter=reporter, first_row=first_row, budget=budget)
 
 
@@ -143,7 +149,7 @@ def read_choice_sample(prepared: Prepared, sample_size: int, run: RunOptions, re
     names = block_candidates(prepared.model, prepared.head_name)
     if len(mine) == 0:
         return sample_rows, {}
-    candidates = layer_features(prepared.model, names, rows_loader(prepared, run, mine), num_rows=len(mine), device=resolve_device(run.device),
+    candidates = layer_features(prepared.model, names, rows_loader(prepared, run, mine), num_rows=len(mine), device=run.placement(prepared.model),
                                 reporter=reporter, row_order=mine)
     return sample_rows, candidates
 
@@ -160,7 +166,7 @@ def read_val(prepared: Prepared, val: str, model_options: ModelOptions, run: Run
     loader = make_loader(manifest.resolved_paths(), prepared.preprocess, batch_size=run.batch_size,
                          num_workers=run.num_workers)
     names = block_candidates(prepared.model, prepared.head_name)
-    features = layer_features(prepared.model, names, loader, num_rows=len(manifest), device=resolve_device(run.device),
+    features = layer_features(prepared.model, names, loader, num_rows=len(manifest), device=run.placement(prepared.model),
                               reporter=reporter)
     return features, labels
 
@@ -202,13 +208,18 @@ def read_rest(prepared: Prepared, layer: str, sample_rows: np.ndarray, candidate
         width = candidates[layer].shape[1]
     else:  # this process holds none of the sample (a tiny shard): learn the width from its first row
         width = layer_features(prepared.model, layer, rows_loader(prepared, run, rest[:1]), num_rows=1,
-                               device=resolve_device(run.device), row_order=rest[:1]).shape[1]
+                               device=run.placement(prepared.model), row_order=rest[:1]).shape[1]
     features = (budget or MemoryBudget()).array(len(block), width)
     if len(mine):
         features.index_copy_(0, torch.from_numpy(mine - block.start), candidates[layer])
     # written in place, row i of this process's block at i: no second copy of the rows' features
-    return layer_features(prepared.model, layer, rows_loader(prepared, run, rest), num_rows=len(block), device=resolve_device(run.device),
+    return layer_features(prepared.model, layer, rows_loader(prepared, run, rest), num_rows=len(block), device=run.placement(prepared.model),
                           reporter=reporter, row_order=block_indices, out=features)
+
+
+def placement_details(place: Placement) -> dict:
+    """What the sidecar says of how the model ran: it moves the scores by float rounding (precision more)."""
+    return {"device": place.device.type, "channels_last": place.channels_last, "precision": place.precision}
 
 
 def method_details(requested: str, how: str) -> dict:
@@ -317,7 +328,7 @@ def score(
         scores = shard.gather(scores)
         predictions = {name: shard.gather(torch.from_numpy(values)).numpy() for name, values in predictions.items()}
     del logits
-    table = scores_table(
+    ranked = RankedScores(
         prepared.manifest.table,
         ids=prepared.manifest.ids,
         paths=prepared.manifest.paths,
@@ -336,10 +347,11 @@ def score(
             "head": prepared.head_name,
             "preprocess": prepared.preprocess.to_dict(),
             "batch_size": run_options.batch_size,
+            **placement_details(run_options.placement(prepared.model)),
         },
         "classes": prepared.classes,
         "class_source": prepared.class_source,
-        "num_samples": len(table),
+        "num_samples": len(ranked),
         "skipped_rows": prepared.skipped,
         "inputs": {
             "checkpoint": {"path": checkpoint, "sha256": sha256_file(checkpoint)},
@@ -350,7 +362,7 @@ def score(
     }
     with all_or_none():  # a failed write on rank 0 fails every process
         if output is not None and writes_here():
-            write_table(table, output)
+            write_blocks(ranked.blocks(), output, quoting=ranked.csv_quoting())
             if not is_stdio(output):
                 write_json_atomic(output + ".json", sidecar)
-    return ScoreResult(table=table, sidecar=sidecar)
+    return ScoreResult(ranked=ranked, sidecar=sidecar)

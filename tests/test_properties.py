@@ -12,9 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from irank.errors import ManifestError
-from irank.manifest import read_manifest, read_table, write_table
+from irank.manifest import csv_quoting, read_manifest, read_table, write_blocks, write_table
 from irank.prune import prune
-from irank.rank import class_ranks_in_order, prediction_columns, rank_order, scores_table
+from irank.rank import RankedScores, class_ranks_in_order, prediction_columns, rank_order, scores_table
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -121,3 +121,34 @@ def test_rank_order_breaks_ties_by_id_and_class_ranks_follow_it(rows, random):
     assert order.tolist() == np.lexsort((np.asarray(ids, dtype=str), -scores)).tolist()
     expected = [sum(1 for j in order[: place + 1] if labels[j] == labels[order[place]]) for place in range(len(order))]
     assert class_ranks_in_order(labels[order]).tolist() == expected
+
+
+@FAST
+@given(manifests(), st.sampled_from(["csv", "tsv", "jsonl"]), st.integers(1, 7))
+def test_writing_in_blocks_gives_the_bytes_of_writing_whole(table, fmt, block_rows):
+    """score writes its table a block of rows at a time: the file must be the one a whole write gives."""
+    blocks = [table.iloc[start:start + block_rows] for start in range(0, max(len(table), 1), block_rows)]
+    with tempfile.TemporaryDirectory() as folder:
+        whole, in_blocks = Path(folder) / f"whole.{fmt}", Path(folder) / f"blocks.{fmt}"
+        write_table(table, whole)
+        write_blocks(blocks, in_blocks, quoting=csv_quoting(table))
+        assert in_blocks.read_bytes() == whole.read_bytes()
+
+
+@FAST
+@given(st.integers(1, 40), st.integers(1, 9), st.data())
+def test_the_ranked_blocks_make_up_the_whole_table(rows, block_rows, data):
+    labels = np.array(data.draw(st.lists(st.integers(0, 3), min_size=rows, max_size=rows)))
+    scores = np.array(data.draw(st.lists(st.sampled_from([0.0, 1.0, 2.5, -3.0]) | st.floats(-10, 10),
+                                         min_size=rows, max_size=rows)))
+    manifest = pd.DataFrame({"path": [f"img/{i}.png" for i in range(rows)], "label": [f"c{l}" for l in labels],
+                             "note": [f"n{i}" for i in range(rows)]})
+    predictions = prediction_columns(torch.randn(rows, 4, generator=torch.Generator().manual_seed(rows)),
+                                     torch.from_numpy(labels))
+    ranked = RankedScores(manifest, ids=manifest["path"].tolist(), paths=manifest["path"].tolist(), labels=labels,
+                          classes=["c0", "c1", "c2", "c3"], predictions=predictions, scores=scores)
+    joined = pd.concat(list(ranked.blocks(block_rows)), ignore_index=True)
+    assert joined.equals(ranked.frame())
+    assert joined["rank"].tolist() == list(range(1, rows + 1))
+    assert joined["score"].is_monotonic_decreasing
+    assert sorted(joined["note"]) == sorted(manifest["note"])

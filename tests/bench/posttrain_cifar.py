@@ -58,15 +58,18 @@ def detection(scores: np.ndarray, corrupted: np.ndarray) -> dict:
     return {"auroc": auroc(scores, corrupted), "precision_at_k": precision_at_k(order, corrupted)}
 
 
-def plain_inference_seconds(checkpoint: str, manifest: str) -> float:
+def plain_inference_seconds(checkpoint: str, manifest: str, channels_last: bool = False) -> float:
+    """A plain `model(x)` loop over the same DataLoader as `score`'s; with `channels_last`, model and batches in
+    that memory layout (the layout `score` uses for conv nets), the fairer baseline."""
     prepared = prepare(checkpoint, manifest, ModelOptions())
     loader = make_loader(prepared.manifest.resolved_paths(), prepared.preprocess, batch_size=RUN.batch_size, num_workers=RUN.num_workers)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = prepared.model.to(device).eval()
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    model = prepared.model.to(device, memory_format=layout).eval()
     started = time.perf_counter()
     with torch.inference_mode():
         for images, _ in batches(loader):
-            model(images.to(device))
+            model(images.to(device, memory_format=layout))
     return time.perf_counter() - started
 
 

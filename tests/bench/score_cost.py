@@ -5,7 +5,9 @@
 `--manifest` times another manifest than the setting's 10k training subset (e.g. all 50,000 CIFAR-10
 training images: `irank manifest bench-data/cifar10/train -o bench-data/cifar10/train-all.csv`).
 
-The two are timed alternately, `--repeats` times each, in one process; the medians are compared.
+Three things are timed in turn, `--repeats` times each, in one process, and the medians compared: the plain
+loop (default memory layout: the issue's baseline), the plain loop in channels-last (the layout `score`
+uses for conv nets: the fairer baseline), and `score`.
 """
 
 from __future__ import annotations
@@ -26,13 +28,15 @@ parser.add_argument("--manifest", default=None)
 args = parser.parse_args()
 checkpoint = str(ROOT / "bench-out" / "base" / f"{args.setting}.safetensors")
 manifest = args.manifest or str(DATA / f"train-{args.setting.split('-')[1]}.csv")
-inference_times, score_times = [], []
+inference_times, nhwc_times, score_times = [], [], []
 for _ in range(args.repeats):
     inference_times.append(plain_inference_seconds(checkpoint, manifest))
+    nhwc_times.append(plain_inference_seconds(checkpoint, manifest, channels_last=True))
     started = time.perf_counter()
     result = irank.score(checkpoint, manifest, run_options=RUN, boundary=BoundaryOptions(kind=args.boundary))
     score_times.append(time.perf_counter() - started)
 infer, seconds = statistics.median(inference_times), statistics.median(score_times)
-print(f"{args.setting} --boundary {args.boundary}: score {seconds:.1f} s, inference {infer:.1f} s (medians of {args.repeats}), "
-      f"ratio {seconds / infer:.2f}, curvature {result.sidecar['parameters'].get('curvature')}, "
+nhwc = statistics.median(nhwc_times)
+print(f"{args.setting} --boundary {args.boundary}: score {seconds:.1f} s, plain loop {infer:.1f} s, channels-last plain "
+      f"loop {nhwc:.1f} s (medians of {args.repeats}); ratios {seconds / infer:.2f} and {seconds / nhwc:.2f}, curvature {result.sidecar['parameters'].get('curvature')}, "
       f"layer {result.sidecar['parameters'].get('layer')}")
