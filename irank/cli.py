@@ -131,13 +131,17 @@ StdOpt = Annotated[Optional[str], typer.Option(help="Normalization std per chann
 DeviceOpt = Annotated[Device, typer.Option(help="Where to run the model: auto picks CUDA when present.", rich_help_panel=RUN)]
 BatchOpt = Annotated[int, typer.Option(help="Samples (images or tensor rows) per batch.", rich_help_panel=RUN)]
 ChannelsLastOpt = Annotated[ChannelsLast, typer.Option(
-    help="Run convolutions in channels-last (NHWC) memory layout: auto (default) turns it on for models with 2-d "
-    "convolutions, whose kernels are faster in it (small-cnn on CPU: 1.4x); the results agree to float rounding.",
+    help="Run convolutions in channels-last (NHWC) memory layout: auto (default) turns it on for models with a 2-d "
+    "convolution of 64 or more channels, whose kernels are faster in it (small-cnn on CPU: 1.4x); the results "
+    "agree to float rounding.",
     rich_help_panel=RUN)]
 PrecisionOpt = Annotated[Precision, typer.Option(
     help="Autocast precision of the model's pass: auto (bf16 on a CUDA device that has it, full precision on CPU), "
     "fp32, bf16 or fp16. Scores, features and logits are kept in float32 whatever it is.", rich_help_panel=RUN)]
-WorkersOpt = Annotated[int, typer.Option(help="DataLoader worker processes for decoding images or reading tensor rows.", rich_help_panel=RUN)]
+WorkersOpt = Annotated[str, typer.Option(
+    help="DataLoader worker processes for decoding images or reading tensor rows: a number (0: in the main process), "
+    "or auto: for images the usable CPUs (split among torchrun's processes on a node), at most 8, none on a single "
+    "CPU; for tensor rows none (memory-mapped reads are faster in-process).", rich_help_panel=RUN)]
 MemoryBudgetOpt = Annotated[str, typer.Option(
     help="Per-sample arrays (a layer's features, head inputs, logits) kept in memory up to this size, e.g. 512MiB or "
     "4GB; past it they go to a temporary file (under $TMPDIR) read a block at a time, so memory stays flat in "
@@ -153,6 +157,15 @@ def model_options(arch, head, classes, preprocess, image_size, resize, mean, std
     return ModelOptions(arch=arch, head=head, classes=str(classes) if classes else None, preprocess=preprocess,
                         allow_outside_root=allow_outside_root, on_bad_image=on_bad_image,
                         image_size=image_size, resize=resize, mean=mean, std=std)
+
+
+def parse_workers(text: str) -> int | None:
+    """--num-workers: a whole number of at least 0, or auto (None)."""
+    if text.strip().lower() == "auto":
+        return None
+    if not text.strip().isdigit():
+        raise UsageError(f"--num-workers {text}: a whole number of 0 or more, or auto")
+    return int(text)
 
 
 def print_json(payload: dict) -> None:
@@ -181,7 +194,7 @@ def score(
     arch: ArchOpt = None, head: HeadOpt = None, classes: ClassesOpt = None, preprocess: PresetOpt = None,
     image_size: ImageSizeOpt = None, resize: ResizeOpt = None, mean: MeanOpt = None, std: StdOpt = None,
     allow_outside_root: AllowOutsideOpt = False, on_bad_image: BadImageOpt = "fail",
-    device: DeviceOpt = Device.auto, batch_size: BatchOpt = 128, num_workers: WorkersOpt = 0,
+    device: DeviceOpt = Device.auto, batch_size: BatchOpt = 128, num_workers: WorkersOpt = "auto",
     channels_last: ChannelsLastOpt = ChannelsLast.auto, precision: PrecisionOpt = Precision.auto,
     memory_budget: MemoryBudgetOpt = DEFAULT_MEMORY_BUDGET,
     quiet: QuietOpt = False, json_out: JsonOpt = False, overwrite: OverwriteOpt = False,
@@ -214,7 +227,7 @@ def score(
         boundary=BoundaryOptions(kind=boundary.value, layer=layer, l2=l2, choice_rows=choice_rows,
                                  val=str(val) if val else None),
         model_options=model_options(arch, head, classes, preprocess, image_size, resize, mean, std, allow_outside_root, on_bad_image),
-        run_options=RunOptions(device=device.value, batch_size=batch_size, num_workers=num_workers, channels_last=channels_last.value,
+        run_options=RunOptions(device=device.value, batch_size=batch_size, num_workers=parse_workers(num_workers), channels_last=channels_last.value,
                                precision=precision.value,
                                memory_budget=parse_size(memory_budget)),
         reporter=reporter, overwrite=overwrite,
@@ -358,7 +371,7 @@ def refine(
     arch: ArchOpt = None, head: HeadOpt = None, classes: ClassesOpt = None, preprocess: PresetOpt = None,
     image_size: ImageSizeOpt = None, resize: ResizeOpt = None, mean: MeanOpt = None, std: StdOpt = None,
     allow_outside_root: AllowOutsideOpt = False, on_bad_image: BadImageOpt = "fail",
-    device: DeviceOpt = Device.auto, batch_size: BatchOpt = 128, num_workers: WorkersOpt = 0,
+    device: DeviceOpt = Device.auto, batch_size: BatchOpt = 128, num_workers: WorkersOpt = "auto",
     channels_last: ChannelsLastOpt = ChannelsLast.auto, precision: PrecisionOpt = Precision.auto,
     quiet: QuietOpt = False, json_out: JsonOpt = False, overwrite: OverwriteOpt = False, resume: ResumeOpt = False,
 ) -> None:
@@ -372,7 +385,7 @@ def refine(
     result = run_refine(
         str(checkpoint), str(manifest), output=output, train_options=_train_options(scope, epochs, lr, weight_decay, augment, seed, l2, layer=layer),
         val=str(val) if val else None, model_options=model_options(arch, head, classes, preprocess, image_size, resize, mean, std, allow_outside_root, on_bad_image),
-        run_options=RunOptions(device=device.value, batch_size=batch_size, num_workers=num_workers, channels_last=channels_last.value,
+        run_options=RunOptions(device=device.value, batch_size=batch_size, num_workers=parse_workers(num_workers), channels_last=channels_last.value,
                                precision=precision.value), reporter=reporter,
         overwrite=overwrite, resume=resume,
     )
@@ -396,7 +409,7 @@ def train(
     classes: ClassesOpt = None, preprocess: PresetOpt = None,
     image_size: ImageSizeOpt = None, resize: ResizeOpt = None, mean: MeanOpt = None, std: StdOpt = None,
     allow_outside_root: AllowOutsideOpt = False, on_bad_image: BadImageOpt = "fail",
-    device: DeviceOpt = Device.auto, batch_size: BatchOpt = 128, num_workers: WorkersOpt = 0,
+    device: DeviceOpt = Device.auto, batch_size: BatchOpt = 128, num_workers: WorkersOpt = "auto",
     channels_last: ChannelsLastOpt = ChannelsLast.auto, precision: PrecisionOpt = Precision.auto,
     quiet: QuietOpt = False, json_out: JsonOpt = False, overwrite: OverwriteOpt = False, resume: ResumeOpt = False,
 ) -> None:
@@ -407,7 +420,7 @@ def train(
     result = run_train(
         arch, str(manifest), output=output, train_options=_train_options(Scope.full, epochs, lr, weight_decay, augment, seed, loss=loss),
         val=str(val) if val else None, model_options=model_options(None, None, classes, preprocess, image_size, resize, mean, std, allow_outside_root, on_bad_image),
-        run_options=RunOptions(device=device.value, batch_size=batch_size, num_workers=num_workers, channels_last=channels_last.value,
+        run_options=RunOptions(device=device.value, batch_size=batch_size, num_workers=parse_workers(num_workers), channels_last=channels_last.value,
                                precision=precision.value), reporter=reporter,
         overwrite=overwrite, resume=resume,
     )
@@ -445,7 +458,7 @@ def post_train(
     arch: ArchOpt = None, head: HeadOpt = None, classes: ClassesOpt = None, preprocess: PresetOpt = None,
     image_size: ImageSizeOpt = None, resize: ResizeOpt = None, mean: MeanOpt = None, std: StdOpt = None,
     allow_outside_root: AllowOutsideOpt = False, on_bad_image: BadImageOpt = "fail",
-    device: DeviceOpt = Device.auto, batch_size: BatchOpt = 128, num_workers: WorkersOpt = 0,
+    device: DeviceOpt = Device.auto, batch_size: BatchOpt = 128, num_workers: WorkersOpt = "auto",
     channels_last: ChannelsLastOpt = ChannelsLast.auto, precision: PrecisionOpt = Precision.auto,
     memory_budget: MemoryBudgetOpt = DEFAULT_MEMORY_BUDGET,
     quiet: QuietOpt = False, json_out: JsonOpt = False, overwrite: OverwriteOpt = False,
@@ -478,7 +491,7 @@ def post_train(
         train_options=_train_options(scope, epochs, lr, weight_decay, augment, seed, l2),
         val=str(val) if val else None,
         model_options=model_options(arch, head, classes, preprocess, image_size, resize, mean, std, allow_outside_root, on_bad_image),
-        run_options=RunOptions(device=device.value, batch_size=batch_size, num_workers=num_workers, channels_last=channels_last.value,
+        run_options=RunOptions(device=device.value, batch_size=batch_size, num_workers=parse_workers(num_workers), channels_last=channels_last.value,
                                precision=precision.value,
                                memory_budget=parse_size(memory_budget)),
         reporter=reporter, on_round=show, overwrite=overwrite,
@@ -499,7 +512,7 @@ def eval_command(
     arch: ArchOpt = None, head: HeadOpt = None, classes: ClassesOpt = None, preprocess: PresetOpt = None,
     image_size: ImageSizeOpt = None, resize: ResizeOpt = None, mean: MeanOpt = None, std: StdOpt = None,
     allow_outside_root: AllowOutsideOpt = False, on_bad_image: BadImageOpt = "fail",
-    device: DeviceOpt = Device.auto, batch_size: BatchOpt = 128, num_workers: WorkersOpt = 0,
+    device: DeviceOpt = Device.auto, batch_size: BatchOpt = 128, num_workers: WorkersOpt = "auto",
     channels_last: ChannelsLastOpt = ChannelsLast.auto, precision: PrecisionOpt = Precision.auto,
     quiet: QuietOpt = False, json_out: JsonOpt = False,
 ) -> None:
@@ -509,7 +522,7 @@ def eval_command(
     """
     report = run_evaluate(
         str(checkpoint), str(manifest), model_options=model_options(arch, head, classes, preprocess, image_size, resize, mean, std, allow_outside_root, on_bad_image),
-        run_options=RunOptions(device=device.value, batch_size=batch_size, num_workers=num_workers, channels_last=channels_last.value,
+        run_options=RunOptions(device=device.value, batch_size=batch_size, num_workers=parse_workers(num_workers), channels_last=channels_last.value,
                                precision=precision.value), reporter=RichReporter(quiet),
     )
     if json_out:

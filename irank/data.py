@@ -155,9 +155,29 @@ class ImageDataset(Dataset):
 
 
 BAD_IMAGE_POLICIES = ("fail", "skip")
+AUTO_WORKERS_CAP = 8
 
 
-def find_bad_images(paths: list[Path] | TensorRows, *, num_workers: int = 0) -> list[dict]:
+def auto_workers() -> int:
+    """Loader workers for `--num-workers auto` on images: this process's share of the usable CPUs (torchrun's
+    processes on a node split them), at most AUTO_WORKERS_CAP; none when the share is a single CPU, where a
+    worker would only take turns with the main process."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    share = cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
+    return min(AUTO_WORKERS_CAP, share) if share >= 2 else 0
+
+
+def resolve_workers(num_workers: int | None, paths) -> int:
+    """`num_workers` as given, or for None (auto) `auto_workers()` on images and 0 on tensor rows, which are
+    read from memory-mapped files faster than a worker process can hand them over."""
+    if num_workers is None:
+        return 0 if isinstance(paths, TensorRows) else auto_workers()
+    if num_workers < 0:
+        raise UsageError(f"--num-workers {num_workers}: must be 0 or more")
+    return num_workers
+
+
+def find_bad_images(paths: list[Path] | TensorRows, *, num_workers: int | None = 0) -> list[dict]:
     """Decode every image once (no transform); rows that fail, as {row (1-based), path, reason}.
 
     For tensor rows, every file's header is read once and every index checked against its length.
@@ -165,7 +185,7 @@ def find_bad_images(paths: list[Path] | TensorRows, *, num_workers: int = 0) -> 
     if isinstance(paths, TensorRows):
         return bad_tensor_rows(paths)
     dataset = ImageDataset(paths, transform=lambda image: torch.zeros(0))
-    loader = DataLoader(dataset, batch_size=64, num_workers=num_workers, collate_fn=lambda items: items)
+    loader = DataLoader(dataset, batch_size=64, num_workers=resolve_workers(num_workers, paths), collate_fn=lambda items: items)
     bad = []
     for items in loader:
         for _, row, error in items:
@@ -226,7 +246,7 @@ def make_loader(
     preprocess: Preprocess,
     *,
     batch_size: int,
-    num_workers: int = 0,
+    num_workers: int | None = 0,
     augment: str = "none",
     rows: list[int] | None = None,
     shuffle: bool = False,
@@ -236,8 +256,7 @@ def make_loader(
 ) -> DataLoader:
     if batch_size <= 0:
         raise UsageError(f"--batch-size {batch_size}: must be positive")
-    if num_workers < 0:
-        raise UsageError(f"--num-workers {num_workers}: must be 0 or more")
+    num_workers = resolve_workers(num_workers, paths)
     if augment not in AUGMENTS:
         raise UsageError(f"--augment {augment}: choose from {', '.join(AUGMENTS)}")
     if isinstance(paths, TensorRows):
@@ -262,7 +281,7 @@ def make_loader(
     )
 
 
-def make_shard_loader(paths: list[Path], preprocess: Preprocess, *, batch_size: int, num_workers: int = 0,
+def make_shard_loader(paths: list[Path], preprocess: Preprocess, *, batch_size: int, num_workers: int | None = 0,
                       shard=None) -> tuple[DataLoader | ShardLoader, int, int]:
     """(loader, how many rows it yields, the manifest row of its first row): every row, or with a
     `distributed.Shard` this process's block of rows, counted from the block's start."""

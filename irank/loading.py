@@ -42,11 +42,11 @@ class ModelOptions:
 class RunOptions:
     device: str = "auto"
     batch_size: int = 128
-    num_workers: int = 0
+    num_workers: int | None = None  # None: auto (see data.resolve_workers)
     # bytes of per-sample arrays (features, logits) `score` keeps in memory; past it, a temporary file.
     # None: no limit.
     memory_budget: int | None = parse_size(DEFAULT_MEMORY_BUDGET)
-    channels_last: str = "auto"  # auto: on for models with 2-d convolutions (see placement.py)
+    channels_last: str = "auto"  # auto: on for models with wide 2-d convolutions (see placement.py)
     precision: str = "auto"  # autocast: auto (bf16 on CUDA, full precision on CPU), fp32, bf16, fp16
 
     def placement(self, model: nn.Module) -> Placement:
@@ -135,7 +135,7 @@ def prepare(checkpoint_path: str | None, manifest_path: str, options: ModelOptio
         check_inside_root(manifest)
     if options.on_bad_image not in BAD_IMAGE_POLICIES:
         raise UsageError(f"--on-bad-image {options.on_bad_image}: choose from {', '.join(BAD_IMAGE_POLICIES)}")
-    skipped = find_bad_images(manifest.resolved_paths()) if options.on_bad_image == "skip" else []
+    skipped = find_bad_images(manifest.resolved_paths(), num_workers=None) if options.on_bad_image == "skip" else []
     if skipped:
         bad_rows = {item["row"] - 1 for item in skipped}
         good = [row for row in range(len(manifest)) if row not in bad_rows]

@@ -17,11 +17,12 @@ from irank.models import BUILTIN_ARCHS, vector_model
 from irank.placement import resolve_placement
 
 
-def test_auto_turns_channels_last_on_for_conv_nets_only():
-    assert resolve_placement(BUILTIN_ARCHS["tiny-cnn"](4), "cpu").channels_last
+def test_auto_turns_channels_last_on_for_wide_conv_nets_only():
+    assert resolve_placement(BUILTIN_ARCHS["small-cnn"](4), "cpu").channels_last
+    assert not resolve_placement(BUILTIN_ARCHS["tiny-cnn"](4), "cpu").channels_last  # 8–32 channels
     assert not resolve_placement(vector_model("mlp-8-16", 4), "cpu").channels_last
-    assert not resolve_placement(BUILTIN_ARCHS["tiny-cnn"](4), "cpu", channels_last="off").channels_last
-    assert resolve_placement(vector_model("mlp-8-16", 4), "cpu", channels_last="on").channels_last
+    assert not resolve_placement(BUILTIN_ARCHS["small-cnn"](4), "cpu", channels_last="off").channels_last
+    assert resolve_placement(BUILTIN_ARCHS["tiny-cnn"](4), "cpu", channels_last="on").channels_last
 
 
 def test_auto_precision_is_full_on_cpu_and_the_named_one_otherwise():
@@ -63,7 +64,7 @@ def test_bf16_autocast_keeps_the_ranking_and_says_so(tiny_data, tiny_model, tmp_
     half, half_sidecar = scores_of(tiny_data, tiny_model, tmp_path, "bf16", precision="bf16")
     assert full_sidecar["parameters"]["precision"] == "fp32"
     assert half_sidecar["parameters"]["precision"] == "bf16"
-    assert half_sidecar["parameters"]["channels_last"] is True
+    assert half_sidecar["parameters"]["channels_last"] is False  # tiny-cnn: too narrow for auto
     assert half["score"].dtype == np.float64 and np.isfinite(half["score"]).all()
     correlation = pd.Series(full["score"]).corr(pd.Series(half["score"]), method="spearman")
     assert correlation > 0.95
@@ -82,10 +83,38 @@ def test_refine_under_autocast_writes_a_full_precision_contiguous_checkpoint(tin
     output = tmp_path / "refined.safetensors"
     irank.refine(tiny_model, tiny_data["train"], output=str(output),
                  train_options=irank.TrainOptions(scope="full", epochs=1, lr=0.01, seed=0),
-                 run_options=irank.RunOptions(device="cpu", batch_size=64, precision=precision))
+                 run_options=irank.RunOptions(device="cpu", batch_size=64, precision=precision, channels_last="on"))
     before, after = load_file(tiny_model), load_file(str(output))
     assert before.keys() == after.keys()
     for name, tensor in after.items():
         assert tensor.dtype == before[name].dtype and tensor.is_contiguous() and torch.isfinite(tensor).all()
     changed = [name for name in after if after[name].is_floating_point() and not torch.equal(after[name], before[name])]
     assert changed  # it trained
+
+
+def test_auto_workers_share_the_cpus_among_torchrun_processes(monkeypatch):
+    from irank import data
+
+    monkeypatch.setattr(data.os, "sched_getaffinity", lambda _pid: set(range(12)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert data.resolve_workers(None, []) == data.AUTO_WORKERS_CAP  # 12 CPUs, capped
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert data.resolve_workers(None, []) == 3
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "12")
+    assert data.resolve_workers(None, []) == 0  # one CPU each: decode in the process itself
+    assert data.resolve_workers(5, []) == 5
+
+
+def test_tensor_rows_get_no_workers_by_default(tmp_path):
+    from irank import data, synthetic
+    from irank.manifest import read_manifest
+
+    synthetic.make_embeddings(tmp_path, num_rows=20, dim=4, num_classes=2, noise=0.0, seed=0)
+    assert data.resolve_workers(None, read_manifest(tmp_path / "train.csv").resolved_paths()) == 0
+
+
+@pytest.mark.parametrize("value", ["-1", "two", "1.5"])
+def test_a_bad_worker_count_is_one_line(cli, tiny_data, tiny_model, tmp_path, value):
+    code, _, err = cli("score", tiny_model, tiny_data["train"], "-o", tmp_path / "s.csv", "--num-workers", value)
+    assert code != 0 and "--num-workers" in err and "Traceback" not in err
+    assert not (tmp_path / "s.csv").exists()
