@@ -159,6 +159,18 @@ def model_options(arch, head, classes, preprocess, image_size, resize, mean, std
                         image_size=image_size, resize=resize, mean=mean, std=std)
 
 
+def method_and_measure(method: "Method", measure: "Measure | None", boundary: "Boundary", reporter) -> tuple[str, str]:
+    """(--method, --influence-measure) to run: a measure given with --method auto asks for influence, which
+    auto would not rank by on a refit probe (there it ranks by the probe's loss)."""
+    if measure is None:
+        return method.value, Measure.self_influence.value
+    if method is Method.auto and boundary is Boundary.refit:
+        reporter.info(f"--influence-measure {measure.value} given: ranking by influence (--method auto would rank by "
+                      "the probe's loss here)")
+        return "influence", measure.value
+    return method.value, measure.value
+
+
 def parse_workers(text: str) -> int | None:
     """--num-workers: a whole number of at least 0, or auto (None)."""
     if text.strip().lower() == "auto":
@@ -180,9 +192,10 @@ def score(
     method: Annotated[Method, typer.Option(help="influence: the sample's influence on the decision boundary (the probe's, or the head's); "
                                            "loss, margin, gradnorm: read off the same boundary. auto (default): influence on the head, "
                                            "the probe's loss on a refit probe (it ranked wrong labels better there; see README).")] = Method.auto,
-    influence_measure: Annotated[Measure, typer.Option(help="With --method influence (or auto on --boundary head): self-influence (rise of its own loss "
+    influence_measure: Annotated[Optional[Measure], typer.Option(help="The influence measure: self-influence (default; rise of its own loss "
                                                        "if left out), boundary-shift (mean squared change of all logits) "
-                                                       "or parameter-shift (‖Δθ‖).")] = Measure.self_influence,
+                                                       "or parameter-shift (‖Δθ‖). Giving it with --method auto ranks by influence on a refit "
+                                                       "probe too.", show_default=False)] = None,
     curvature: Annotated[Curvature, typer.Option(help="Head curvature: exact Gauss-Newton, Kronecker-factored (kfac), "
                                                  "or auto (exact when small).")] = Curvature.auto,
     damping: Annotated[float, typer.Option(help="Damping, relative to the mean eigenvalue of the curvature.")] = 0.01,
@@ -221,8 +234,9 @@ def score(
         raise UsageError("--json and -o - both write to stdout; pick one")
     validate_gate(fail_over, fail_score, boundary.value)
     reporter = RichReporter(quiet)
+    method_name, measure_name = method_and_measure(method, influence_measure, boundary, reporter)
     result = run_score(
-        str(checkpoint), str(manifest), output=output, method=method.value, influence_measure=influence_measure.value,
+        str(checkpoint), str(manifest), output=output, method=method_name, influence_measure=measure_name,
         curvature=curvature.value, damping=damping,
         boundary=BoundaryOptions(kind=boundary.value, layer=layer, l2=l2, choice_rows=choice_rows,
                                  val=str(val) if val else None),
@@ -251,7 +265,7 @@ def prune(
     scores: Annotated[str, typer.Argument(help="Scores table from irank score; '-' reads it from stdin.")],
     manifest: Annotated[Path, typer.Argument(help="The manifest that was scored.")],
     output: Annotated[str, typer.Option("-o", "--output", help="Kept manifest: the input's rows, columns and order minus the removed rows.")],
-    fraction: Annotated[Optional[float], typer.Option(help="Remove this share of the rows (0 < F < 1), most influential first.")] = None,
+    fraction: Annotated[Optional[float], typer.Option(help="Remove this share of the rows (0 < F < 1), from rank 1 down.")] = None,
     count: Annotated[Optional[int], typer.Option(help="Remove this many rows (per class with --per-class).")] = None,
     min_score: Annotated[Optional[float], typer.Option(help="Remove every row whose score is at least this.")] = None,
     per_class: Annotated[bool, typer.Option("--per-class", help="Take the same fraction (or count) from each class, by class_rank.")] = False,
@@ -259,7 +273,7 @@ def prune(
     removed: Annotated[Optional[str], typer.Option(help="Also write the removed rows (with rank, class_rank, score) here.")] = None,
     quiet: QuietOpt = False, json_out: JsonOpt = False, overwrite: OverwriteOpt = False,
 ) -> None:
-    """Remove the most influential rows from a manifest. Needs no model.
+    """Remove the rows ranked first (the most suspect of a wrong label) from a manifest. Needs no model.
 
     Example: irank score ck.safetensors train.csv -o - | irank prune - train.csv --fraction 0.1 -o clean.csv
     """
@@ -283,7 +297,7 @@ def review(
     scores: Annotated[str, typer.Argument(help="Scores table from irank score ('-' reads it from stdin).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Folder to write the review pack into (created; "
                                          "an earlier pack with no decisions filled in is replaced with --overwrite).")],
-    top: Annotated[Optional[int], typer.Option(help="Flag this many rows, most influential first (per class with "
+    top: Annotated[Optional[int], typer.Option(help="Flag this many rows, from rank 1 down (per class with "
                                                "--per-class). Default: 100 when --fraction is not given.")] = None,
     fraction: Annotated[Optional[float], typer.Option(help="Flag this share of the rows (0 < F ≤ 1) instead.")] = None,
     per_class: Annotated[bool, typer.Option("--per-class", help="Take --top rows (or --fraction) from each class, by class_rank.")] = False,
@@ -449,7 +463,7 @@ def post_train(
     val: Annotated[Optional[Path], typer.Option(help="Clean labelled manifest: stop when its accuracy stops improving and keep the best round; with --boundary refit --layer auto, round 1 also chooses the layer by the probes' accuracy on it.")] = None,
     patience: Annotated[int, typer.Option(help="With --val: rounds without improvement before stopping.")] = 1,
     method: Annotated[Method, typer.Option(help="Score used to rank each round; auto (default): influence on the head, the probe's loss on a refit probe.")] = Method.auto,
-    influence_measure: Annotated[Measure, typer.Option(help="With --method influence (or auto on --boundary head): which influence measure.")] = Measure.self_influence,
+    influence_measure: Annotated[Optional[Measure], typer.Option(help="The influence measure (default self-influence); giving it with --method auto ranks by influence on a refit probe too.", show_default=False)] = None,
     curvature: Annotated[Curvature, typer.Option(help="Head curvature: exact, kfac or auto.")] = Curvature.auto,
     damping: Annotated[float, typer.Option(help="Damping relative to the mean eigenvalue of the curvature.")] = 0.01,
     boundary: Annotated[Boundary, typer.Option(help="head: score on the current model's head; refit: on an L2 probe refit each round at --layer.")] = Boundary.head,
@@ -463,7 +477,7 @@ def post_train(
     memory_budget: MemoryBudgetOpt = DEFAULT_MEMORY_BUDGET,
     quiet: QuietOpt = False, json_out: JsonOpt = False, overwrite: OverwriteOpt = False,
 ) -> None:
-    """Post-train: remove the most influential samples gradually, refining the model after each round.
+    """Post-train: remove the samples ranked first (the most suspect) gradually, refining the model after each round.
 
     Round by round: score the kept samples under the current model, remove the top --step share (of the original size), refine on the rest. Writes DIR/round-NN/{scores.csv,kept.csv,removed.csv,model.safetensors}, DIR/final.safetensors (the best round with --val, else the last), DIR/removed.csv (every removed row with its round and rank) and DIR/summary.json. Run the same command again to resume after the last finished round.
 
@@ -472,6 +486,7 @@ def post_train(
     from .posttrain import LoopOptions, post_train as run_post_train
 
     reporter = RichReporter(quiet)
+    method_name, measure_name = method_and_measure(method, influence_measure, boundary, reporter)
     table = Table(title="post-train rounds")
     for column in ("round", "removed", "kept", "val accuracy", "seconds"):
         table.add_column(column, justify="right")
@@ -485,7 +500,7 @@ def post_train(
     result = run_post_train(
         str(checkpoint), str(manifest), out_dir=str(out_dir),
         loop=LoopOptions(rounds=rounds, step=step, budget=budget, per_class=per_class, min_per_class=min_per_class,
-                         patience=patience, method=method.value, influence_measure=influence_measure.value,
+                         patience=patience, method=method_name, influence_measure=measure_name,
                          curvature=curvature.value, damping=damping, boundary=boundary.value, layer=layer,
                          probe_l2=probe_l2),
         train_options=_train_options(scope, epochs, lr, weight_decay, augment, seed, l2),

@@ -1,4 +1,4 @@
-"""`irank post-train`: the paper's gradual loop — score, remove the most influential, refine — round by round.
+"""`irank post-train`: the paper's gradual loop — score, remove the rows ranked first, refine — round by round.
 
 Each round's files go to `DIR/round-NN/` (built in a hidden sibling folder and renamed when the round
 is complete), and `DIR/summary.json` is rewritten after every round, so an interrupted run resumes
@@ -212,7 +212,7 @@ def post_train(
     on_round: Callable[[dict], None] | None = None,
     overwrite: bool = False,
 ) -> PostTrainResult:
-    """Gradually remove the most influential samples and refine the model after each removal.
+    """Gradually remove the samples ranked first and refine the model after each removal.
 
     Round r scores the samples kept so far under the model of round r−1, removes the top `step` share
     (of the original size), and refines on the rest. With `val`, the loop stops once validation

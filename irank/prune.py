@@ -110,7 +110,7 @@ def prune(
     min_per_class: int = 1,
     overwrite: bool = False,
 ) -> PruneResult:
-    """Remove the most influential rows of `manifest` according to `scores` (see `removal_mask`).
+    """Remove the rows ranked first in `scores` from `manifest` (see `removal_mask`).
 
     The kept manifest has the input's rows, columns and order minus the removed rows; the removed
     rows come sorted by rank, with their rank, class_rank and score appended.

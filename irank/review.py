@@ -57,7 +57,7 @@ def validate_selection(top: int | None, fraction: float | None) -> None:
 
 
 def flagged_mask(table: pd.DataFrame, *, top: int | None = None, fraction: float | None = None, per_class: bool = False) -> np.ndarray:
-    """The rows to hand to annotators: the `top` most influential (per class with per_class) or a fraction of them."""
+    """The rows to hand to annotators: the first `top` in the rank (per class with per_class) or a fraction of them."""
     validate_selection(top, fraction)
     if top is None and fraction is None:
         top = DEFAULT_TOP
@@ -268,9 +268,9 @@ def review(
     label_studio_root: str | None = None,
     overwrite: bool = False,
 ) -> ReviewResult:
-    """Write the review pack for the most influential rows of `scores` into the folder `output`.
+    """Write the review pack for the rows ranked first in `scores` into the folder `output`.
 
-    `top` (default 100) or `fraction` of the rows, most influential first, from each class with
+    `top` (default 100) or `fraction` of the rows, from rank 1 down, from each class with
     `per_class`. Relative image paths resolve against `image_root_dir`, else the scored manifest's
     folder (from the scores' sidecar), else the scores file's folder. Label Studio URLs are relative to
     `label_studio_root` (default: that same image folder), which is the LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT

@@ -269,9 +269,9 @@ def render_page(flagged: pd.DataFrame, table: pd.DataFrame, thumbnails: list[str
     counts = per_class_counts(table, mask)
     parameters = summary["parameters"]
     if parameters["fraction"] is not None:
-        rule = f"the most influential {parameters['fraction']:.0%}"
+        rule = f"the first {parameters['fraction']:.0%} in the rank"
     else:
-        rule = f"the {parameters['top'] or len(flagged)} most influential"
+        rule = f"the first {parameters['top'] or len(flagged)} in the rank"
     rule += " of each class" if parameters["per_class"] else ""
     cut_label = "lowest flagged" if parameters["per_class"] else "cut"
     filter_classes = sorted(set(classes) | set(flagged["label"].astype(str)) | set(flagged["predicted"].astype(str)))
@@ -287,7 +287,7 @@ def render_page(flagged: pd.DataFrame, table: pd.DataFrame, thumbnails: list[str
 </head>
 <body data-ready="0">
 <h1>irank review</h1>
-<p class="lead">{len(flagged)} of {summary['scored_rows']} samples flagged ({escape(rule)}), most influential first.
+<p class="lead">{len(flagged)} of {summary['scored_rows']} samples flagged ({escape(rule)}), rank 1 (the most suspect) first.
 Write your decision for each in <code>review.csv</code> (<code>keep</code>, <code>relabel</code> with a
 <code>new_label</code>, or <code>remove</code>), then run <code>irank apply review.csv MANIFEST -o FIXED.csv</code>.
 {f'<strong>{missing} images were not found</strong> under {escape(summary["image_root"])}.' if missing else ''}</p>
@@ -299,7 +299,7 @@ Write your decision for each in <code>review.csv</code> (<code>keep</code>, <cod
 <section class="controls">
 <label>Show class <select id="class-filter"><option value="">all classes</option>{options_html(filter_classes)}</select></label>
 <label>by <select id="class-field"><option value="label">given label</option><option value="predicted">suggested label</option></select></label>
-<label>Sort by <select id="sort-key"><option value="rank">rank (most influential first)</option>
+<label>Sort by <select id="sort-key"><option value="rank">rank (most suspect first)</option>
 <option value="classRank">rank within class</option><option value="labelProb">given label's probability (lowest first)</option>
 <option value="label">given label</option><option value="predicted">suggested label</option></select></label>
 <span id="shown">{len(flagged)} cards</span>

@@ -253,7 +253,7 @@ def score(
     """Score and rank every sample of `manifest` under `checkpoint`; write the table to `output` if given.
 
     `method` auto: influence on the head, the probe's loss on a refit probe (see `method_choice`).
-    The table is sorted by rank (1 = most influential, the first to suspect of a wrong label) and
+    The table is sorted by rank (1 = the highest score, the first to suspect of a wrong label) and
     `output` gets a JSON sidecar `output + '.json'` with the parameters and input hashes. An existing
     output or sidecar is replaced only with `overwrite`.
     """

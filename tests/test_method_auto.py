@@ -51,3 +51,22 @@ def test_cli_says_what_auto_chose(cli, tiny_data, tiny_model, tmp_path):
     code, _, err = cli("score", tiny_model, tiny_data["train"], "-o", output, "--device", "cpu",
                        "--influence-measure", "parameter-shift", "--overwrite")
     assert code == 3 and "--influence-measure parameter-shift: not on a refit probe" in err
+
+
+def test_an_influence_measure_given_with_auto_ranks_by_influence(cli, tiny_data, tiny_model, tmp_path):
+    """Before, `--influence-measure boundary-shift` with the default `--method auto` did nothing on a refit probe."""
+    sidecars = {}
+    for name, extra in (("auto", []), ("measure", ["--influence-measure", "boundary-shift"]),
+                        ("named", ["--method", "influence", "--influence-measure", "boundary-shift"])):
+        output = tmp_path / f"{name}.csv"
+        code, _, err = cli("score", tiny_model, tiny_data["train"], "-o", output, "--device", "cpu", *extra)
+        assert code == 0, err
+        sidecars[name] = json.loads((tmp_path / f"{name}.csv.json").read_text())
+        if name == "measure":
+            assert "--influence-measure boundary-shift given: ranking by influence" in " ".join(err.split())
+    assert sidecars["auto"]["method"] == "loss"
+    assert sidecars["measure"]["method"] == "influence"
+    assert sidecars["measure"]["parameters"]["influence_measure"] == "boundary-shift"
+    scores = {name: pd.read_csv(tmp_path / f"{name}.csv").set_index("id")["score"].sort_index() for name in sidecars}
+    pd.testing.assert_series_equal(scores["measure"], scores["named"])
+    assert not scores["measure"].equals(scores["auto"])
