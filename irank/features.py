@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 from .data import batches
 from .errors import NumericsError
 from .influence import chunk_size, spans
-from .placement import Placement, resolve_device  # noqa: F401  (resolve_device: imported from here by callers)
+from .placement import Placement
 from .progress import Reporter
 from .rowstore import DiskRows, MemoryBudget
 
