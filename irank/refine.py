@@ -342,7 +342,8 @@ def _fit_and_save(checkpoint: str | None, manifest: str, output: str, options: T
         validation = ValidationSet(prepared, val, run, device, model_options.allow_outside_root) if val else None
     inputs = {"checkpoint": sha256_file(checkpoint) if checkpoint else None, "manifest": sha256_file(manifest),
               "val": sha256_file(val) if val else None, "options": dict(options.__dict__),
-              "model": dict(model_options.__dict__), "batch_size": run.batch_size}
+              "model": dict(model_options.__dict__), "batch_size": run.batch_size,
+              "precision": device.precision, "channels_last": device.channels_last}
     state = None
     if not active():  # under torchrun no state is saved: --resume is refused there
         state = Resume(resume_path(output), sha256_bytes(json.dumps(inputs, sort_keys=True).encode()), resume)
@@ -352,6 +353,7 @@ def _fit_and_save(checkpoint: str | None, manifest: str, output: str, options: T
     provenance = {
         "manifest": {"path": manifest, "sha256": sha256_file(manifest), "rows": len(prepared.manifest)},
         "options": dict(options.__dict__),
+        "run": {"device": device.device.type, "precision": device.precision, "channels_last": device.channels_last},
         "best_epoch": result.best_epoch,
         "history": result.history,
     }

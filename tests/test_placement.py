@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 import irank
@@ -90,6 +91,8 @@ def test_refine_under_autocast_writes_a_full_precision_contiguous_checkpoint(tin
         assert tensor.dtype == before[name].dtype and tensor.is_contiguous() and torch.isfinite(tensor).all()
     changed = [name for name in after if after[name].is_floating_point() and not torch.equal(after[name], before[name])]
     assert changed  # it trained
+    metadata = json.loads(safe_open(str(output), "pt").metadata()["irank"])
+    assert metadata["refined"]["run"] == {"device": "cpu", "precision": precision, "channels_last": True}
 
 
 def test_auto_workers_share_the_cpus_among_torchrun_processes(monkeypatch):
