@@ -137,11 +137,11 @@ ChannelsLastOpt = Annotated[ChannelsLast, typer.Option(
     rich_help_panel=RUN)]
 PrecisionOpt = Annotated[Precision, typer.Option(
     help="Autocast precision of the model's pass: auto (bf16 on a CUDA device that has it, full precision on CPU), "
-    "fp32, bf16 or fp16. Scores, features and logits are kept in float32 whatever it is.", rich_help_panel=RUN)]
+    "fp32, bf16 or fp16. Features and logits are kept in float32 and scores in float64 whatever it is.", rich_help_panel=RUN)]
 WorkersOpt = Annotated[str, typer.Option(
     help="DataLoader worker processes for decoding images or reading tensor rows: a number (0: in the main process), "
     "or auto: for images the usable CPUs (split among torchrun's processes on a node), at most 8, none on a single "
-    "CPU; for tensor rows none (memory-mapped reads are faster in-process).", rich_help_panel=RUN)]
+    "CPU; for tensor rows none (memory-mapped reads are faster in-process).", metavar="N|auto", rich_help_panel=RUN)]
 MemoryBudgetOpt = Annotated[str, typer.Option(
     help="Per-sample arrays (a layer's features, head inputs, logits) kept in memory up to this size, e.g. 512MiB or "
     "4GB; past it they go to a temporary file (under $TMPDIR) read a block at a time, so memory stays flat in "
