@@ -7,6 +7,7 @@ column) are read by `irank.tensors` and fed as stored. `make_loader` picks the d
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -126,11 +127,11 @@ def resolve_preprocess(
 class ImageDataset(Dataset):
     """Images of a manifest; each item is (tensor or None, row, error message or None)."""
 
-    def __init__(self, paths: list[Path], transform, rows: list[int] | None = None):
+    def __init__(self, paths: Sequence[Path], transform, rows: Sequence[int] | None = None):
         self.max_pixels = max_image_pixels()
         self.paths = paths
         self.transform = transform
-        self.rows = rows if rows is not None else list(range(len(paths)))
+        self.rows = rows if rows is not None else range(len(paths))  # a range: no list of a million ints
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -177,7 +178,7 @@ def resolve_workers(num_workers: int | None, paths) -> int:
     return num_workers
 
 
-def find_bad_images(paths: list[Path] | TensorRows, *, num_workers: int | None = 0) -> list[dict]:
+def find_bad_images(paths: Sequence[Path] | TensorRows, *, num_workers: int | None = 0) -> list[dict]:
     """Decode every image once (no transform); rows that fail, as {row (1-based), path, reason}.
 
     For tensor rows, every file's header is read once and every index checked against its length.
@@ -242,7 +243,7 @@ class ShardLoader:
 
 
 def make_loader(
-    paths: list[Path] | TensorRows,
+    paths: Sequence[Path] | TensorRows,
     preprocess: Preprocess,
     *,
     batch_size: int,
@@ -282,14 +283,14 @@ def make_loader(
     )
 
 
-def make_shard_loader(paths: list[Path], preprocess: Preprocess, *, batch_size: int, num_workers: int | None = 0,
+def make_shard_loader(paths: Sequence[Path] | TensorRows, preprocess: Preprocess, *, batch_size: int, num_workers: int | None = 0,
                       shard=None) -> tuple[DataLoader | ShardLoader, int, int]:
     """(loader, how many rows it yields, the manifest row of its first row): every row, or with a
     `distributed.Shard` this process's block of rows, counted from the block's start."""
     if shard is None:
         return make_loader(paths, preprocess, batch_size=batch_size, num_workers=num_workers), len(paths), 0
     loader = make_loader(paths, preprocess, batch_size=batch_size, num_workers=num_workers,
-                         rows=list(range(shard.start, shard.stop)))
+                         rows=range(shard.start, shard.stop))
     return ShardLoader(loader, shard.start), shard.local, shard.start
 
 

@@ -116,3 +116,18 @@ def test_a_lone_carriage_return_in_a_value_survives_write_and_read(tmp_path):
     table = pd.DataFrame({"path": ["0", "1"], "label": ["0", "1"], "note": ["\r0", "plain"]})
     write_table(table, tmp_path / "m.csv")
     pd.testing.assert_frame_equal(read_table(tmp_path / "m.csv"), table)
+
+
+def test_resolved_image_paths_are_the_files_each_row_names(tmp_path):
+    """`resolved_paths` resolves a row's file when it is read (no million Path objects held): it must give
+    what a list of resolved paths gave, for relative and absolute rows, by index, slice and iteration."""
+    from irank.manifest import read_manifest
+
+    absolute = tmp_path / "elsewhere" / "c.png"
+    (tmp_path / "m.csv").write_text(f"path,label\nimg/a.png,x\nimg/sub/b.png,y\n{absolute},x\n")
+    manifest = read_manifest(tmp_path / "m.csv")
+    paths = manifest.resolved_paths()
+    expected = [tmp_path.resolve() / "img/a.png", tmp_path.resolve() / "img/sub/b.png", absolute]
+    assert list(paths) == expected and len(paths) == 3
+    assert paths[-1] == absolute and paths[1:] == expected[1:]
+    assert manifest.resolved_paths() is paths  # built once
