@@ -22,7 +22,7 @@ import pandas as pd
 
 from .errors import ManifestError
 from .files import atomic_path, is_stdio
-from .tensors import TensorRows, parse_indices, tensor_row_ids, tensor_row_mask
+from .tensors import TensorRowIds, TensorRows, parse_indices, tensor_row_ids, tensor_row_mask
 
 FORMATS = {
     ".csv": "csv",
@@ -128,7 +128,7 @@ class Manifest:
     table: pd.DataFrame
     source: str
     root: Path
-    ids: list[str]
+    ids: "list[str] | TensorRowIds"
     paths: list[str]
     labels: list[str]
     tensor_index: np.ndarray | None = None  # tensor rows: the `index` column as int64; None for images
@@ -216,23 +216,29 @@ def read_manifest(path: str | os.PathLike, *, require_label: bool = True) -> Man
     if "id" in table.columns:
         ids = column_as_text(table, "id")
     elif tensor_index is not None:
-        ids = tensor_row_ids(paths, tensor_keys, tensor_index)
+        ids = TensorRowIds(paths, tensor_keys, tensor_index)  # made when read; never empty: the path is not
     else:
         ids = list(paths)
-    for row, (sample_path, label, sample_id) in enumerate(zip(paths, labels, ids), start=1):
+    made = isinstance(ids, TensorRowIds)
+    for row, (sample_path, label, sample_id) in enumerate(zip(paths, labels, paths if made else ids), start=1):
         if not sample_path.strip():
             raise ManifestError(f"manifest {name}: row {row} has an empty path")
         if require_label and not label.strip():
             raise ManifestError(f"manifest {name}: row {row} has an empty label")
         if not sample_id.strip():
             raise ManifestError(f"manifest {name}: row {row} has an empty id")
-    first_row: dict[str, int] = {}
-    for row, sample_id in enumerate(ids, start=1):
-        if sample_id in first_row:
-            raise ManifestError(
-                f"manifest {name}: duplicate id {sample_id!r} in rows {first_row[sample_id]} and {row}"
-            )
-        first_row[sample_id] = row
+    if made:
+        pair = ids.first_duplicate()
+        if pair is not None:
+            raise ManifestError(f"manifest {name}: duplicate id {ids[pair[1]]!r} in rows {pair[0] + 1} and {pair[1] + 1}")
+    else:
+        first_row: dict[str, int] = {}
+        for row, sample_id in enumerate(ids, start=1):
+            if sample_id in first_row:
+                raise ManifestError(
+                    f"manifest {name}: duplicate id {sample_id!r} in rows {first_row[sample_id]} and {row}"
+                )
+            first_row[sample_id] = row
     root = Path.cwd() if is_stdio(path) else Path(path).resolve().parent
     return Manifest(table=table, source=name, root=root, ids=ids, paths=paths, labels=labels,
                     tensor_index=tensor_index, tensor_keys=tensor_keys)

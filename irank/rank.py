@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from .influence import chunk_size, spans
 from .manifest import csv_quoting
+from .tensors import TensorRowIds
 
 FIRST_COLUMNS = [
     "rank", "id", "path", "label", "predicted", "label_prob", "predicted_prob", "loss", "score", "class_rank",
@@ -144,7 +145,9 @@ class RankedScores:
 
     def csv_quoting(self) -> int:
         """`manifest.csv_quoting` of the whole table, from its string columns (a number holds no carriage return)."""
-        return csv_quoting(self.extra, self.ids, self.paths, self.class_names.tolist())
+        # made tensor-row ids hold only their path, key (a manifest column) and index: nothing to look at twice
+        ids = [] if isinstance(self.ids, TensorRowIds) else self.ids
+        return csv_quoting(self.extra, ids, self.paths, self.class_names.tolist())
 
     def verdict_columns(self) -> pd.DataFrame:
         """label, predicted and score of every row (manifest order): what a CI gate reads, without the rest."""

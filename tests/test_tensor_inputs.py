@@ -407,3 +407,52 @@ def test_image_arrays_in_an_npy_file_train_a_cnn(cli, tiny_data, tmp_path):
     code, _, err = cli("score", model, manifest, "-o", scores, "--device", "cpu")
     assert code == 0, err
     assert pd.read_csv(scores)["id"].str.fullmatch(r"images\.npy\[\d+\]").all()
+
+
+def write_rows(folder: Path, rows: list[tuple[str, str, int]]) -> Path:
+    """A tensor-row manifest without an id column: (path, key, index) per row; "" = no key."""
+    lines = ["path,key,index,label"] + [f"{path},{key},{index},a" for path, key, index in rows]
+    (folder / "m.csv").write_text("\n".join(lines) + "\n")
+    return folder / "m.csv"
+
+
+def test_made_ids_are_the_ids_tensor_row_ids_writes(tmp_path):
+    from irank.tensors import tensor_row_ids
+
+    rows = [("e.npy", "", 0), ("e.npy", "", 1), ("w.safetensors", "x", 0), ("w.safetensors", "y", 0), ("e.npy", "", 10)]
+    manifest = read_manifest(write_rows(tmp_path, rows))
+    expected = tensor_row_ids([r[0] for r in rows], [r[1] for r in rows], np.array([r[2] for r in rows]))
+    assert list(manifest.ids) == expected == ["e.npy[0]", "e.npy[1]", "w.safetensors[x][0]", "w.safetensors[y][0]",
+                                              "e.npy[10]"]
+    assert manifest.ids[-1] == "e.npy[10]" and manifest.ids[1:3] == expected[1:3]
+    assert manifest.subset([4, 0]).ids == ["e.npy[10]", "e.npy[0]"]
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([("e.npy", "", 0), ("e.npy", "", 1), ("f.npy", "", 1), ("e.npy", "", 1)], "duplicate id 'e.npy[1]' in rows 2 and 4"),
+    ([("w.safetensors", "x", 3), ("w.safetensors", "y", 3), ("w.safetensors", "x", 3)],
+     "duplicate id 'w.safetensors[x][3]' in rows 1 and 3"),
+    # paths with brackets are compared as ids (see TensorRowIds.first_duplicate): different ids stay apart
+    ([("a[k].npy", "", 1), ("a.npy", "", 1), ("a[k].npy", "", 2)], None),
+    ([("w[x].safetensors", "", 1), ("w.safetensors", "", 0)], None),
+])
+def test_duplicate_made_ids_are_refused_naming_both_rows(tmp_path, rows, message):
+    from irank.errors import ManifestError
+
+    path = write_rows(tmp_path, rows)
+    if message is None:
+        assert len(read_manifest(path).ids) == len(rows)
+        return
+    with pytest.raises(ManifestError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        read_manifest(path)
+
+
+def test_ids_spelled_alike_by_different_rows_are_duplicates():
+    """File `d.npy` with key `z` and a file named `d.npy[z]` without one, both at index 4, spell one id:
+    a comparison of (file, key, index) alone would miss it."""
+    from irank.tensors import TensorRowIds
+
+    ids = TensorRowIds(["d.npy", "d.npy[z]"], ["z", ""], np.array([4, 4]))
+    assert ids[0] == ids[1] == "d.npy[z][4]"
+    assert ids.first_duplicate() == (0, 1)
+    assert TensorRowIds(["d.npy", "d.npy"], ["z", ""], np.array([4, 4])).first_duplicate() is None
