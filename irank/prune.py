@@ -128,10 +128,12 @@ def prune(
         raise UsageError("-o and --removed cannot both go to stdout")
     score_table = read_scores(scores, only_needed=True)
     samples = read_manifest(manifest, require_label=False)
-    position = {sample_id: row for row, sample_id in enumerate(samples.ids)}
-    unknown = [sample_id for sample_id in score_table["id"] if sample_id not in position]
-    if unknown:
-        raise ManifestError(f"scores {scores}: id {unknown[0]!r} is not in manifest {manifest} ({len(unknown)} such ids)")
+    # each scored id's manifest row, by a pandas hash index (a dict of a million ids took ~100 bytes each)
+    manifest_row = pd.Index(list(samples.ids), dtype=object).get_indexer(score_table["id"].to_numpy(dtype=object))
+    unknown = np.flatnonzero(manifest_row < 0)
+    if len(unknown):
+        raise ManifestError(f"scores {scores}: id {score_table['id'].iloc[unknown[0]]!r} is not in manifest {manifest} "
+                            f"({len(unknown)} such ids)")
     remove = removal_mask(
         score_table["score"].to_numpy(np.float64),
         score_table["rank"].to_numpy(np.int64),
@@ -139,8 +141,10 @@ def prune(
         score_table["label"].to_numpy(),
         fraction=fraction, count=count, min_score=min_score, per_class=per_class, min_per_class=min_per_class,
     )
-    removed_scores = score_table[remove].sort_values("rank", kind="mergesort")
-    removed_rows = removed_scores["id"].map(position).to_numpy(np.int64)
+    removed_at = np.flatnonzero(remove)  # positions in the scores table, then by rank (stable, as sort_values)
+    removed_at = removed_at[np.argsort(score_table["rank"].to_numpy()[removed_at], kind="mergesort")]
+    removed_scores = score_table.iloc[removed_at]
+    removed_rows = manifest_row[removed_at]
     keep = np.ones(len(samples), dtype=bool)
     keep[removed_rows] = False
     kept = samples.table[keep]
