@@ -12,6 +12,7 @@ image preprocessing applies).
 
 from __future__ import annotations
 
+import itertools
 import mmap
 import os
 from collections.abc import Sequence
@@ -96,7 +97,7 @@ class TensorRowIds(Sequence):
         Compared as (file, key, index) codes, with no strings made, unless a path or key holds a bracket:
         then two different triples could spell one id (`a[k]` + `[1]` and `a` + key `k` + `[1]`), so the
         ids themselves are compared."""
-        texts = list(self.paths) + (list(self.keys) if self.keys is not None else [])
+        texts = itertools.chain(self.paths, self.keys if self.keys is not None else ())
         if any("[" in text or "]" in text for text in texts):
             first: dict[str, int] = {}
             for row, sample_id in enumerate(self):
@@ -104,7 +105,6 @@ class TensorRowIds(Sequence):
                     return first[sample_id], row
                 first[sample_id] = row
             return None
-        del texts
         codes = pd.DataFrame({"path": pd.factorize(pd.Series(self.paths, dtype=object))[0],
                               "key": pd.factorize(pd.Series(self.keys, dtype=object))[0] if self.keys is not None else 0,
                               "index": self.indices})
