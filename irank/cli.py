@@ -171,6 +171,13 @@ def method_and_measure(method: "Method", measure: "Measure | None", boundary: "B
     return method.value, measure.value
 
 
+def run_options(device, batch_size, num_workers, channels_last, precision, memory_budget=None) -> RunOptions:
+    """RunOptions from the Running flags every model command shares (`--memory-budget` where it has one)."""
+    budget = {} if memory_budget is None else {"memory_budget": parse_size(memory_budget)}
+    return RunOptions(device=device.value, batch_size=batch_size, num_workers=parse_workers(num_workers),
+                      channels_last=channels_last.value, precision=precision.value, **budget)
+
+
 def parse_workers(text: str) -> int | None:
     """--num-workers: a whole number of at least 0, or auto (None)."""
     if text.strip().lower() == "auto":
@@ -241,9 +248,7 @@ def score(
         boundary=BoundaryOptions(kind=boundary.value, layer=layer, l2=l2, choice_rows=choice_rows,
                                  val=str(val) if val else None),
         model_options=model_options(arch, head, classes, preprocess, image_size, resize, mean, std, allow_outside_root, on_bad_image),
-        run_options=RunOptions(device=device.value, batch_size=batch_size, num_workers=parse_workers(num_workers), channels_last=channels_last.value,
-                               precision=precision.value,
-                               memory_budget=parse_size(memory_budget)),
+        run_options=run_options(device, batch_size, num_workers, channels_last, precision, memory_budget),
         reporter=reporter, overwrite=overwrite,
     )
     if not is_stdio(output):
@@ -399,8 +404,7 @@ def refine(
     result = run_refine(
         str(checkpoint), str(manifest), output=output, train_options=_train_options(scope, epochs, lr, weight_decay, augment, seed, l2, layer=layer),
         val=str(val) if val else None, model_options=model_options(arch, head, classes, preprocess, image_size, resize, mean, std, allow_outside_root, on_bad_image),
-        run_options=RunOptions(device=device.value, batch_size=batch_size, num_workers=parse_workers(num_workers), channels_last=channels_last.value,
-                               precision=precision.value), reporter=reporter,
+        run_options=run_options(device, batch_size, num_workers, channels_last, precision), reporter=reporter,
         overwrite=overwrite, resume=resume,
     )
     reporter.info(f"wrote {output} (best epoch {result.best_epoch})")
@@ -434,8 +438,7 @@ def train(
     result = run_train(
         arch, str(manifest), output=output, train_options=_train_options(Scope.full, epochs, lr, weight_decay, augment, seed, loss=loss),
         val=str(val) if val else None, model_options=model_options(None, None, classes, preprocess, image_size, resize, mean, std, allow_outside_root, on_bad_image),
-        run_options=RunOptions(device=device.value, batch_size=batch_size, num_workers=parse_workers(num_workers), channels_last=channels_last.value,
-                               precision=precision.value), reporter=reporter,
+        run_options=run_options(device, batch_size, num_workers, channels_last, precision), reporter=reporter,
         overwrite=overwrite, resume=resume,
     )
     reporter.info(f"wrote {output}")
@@ -506,9 +509,7 @@ def post_train(
         train_options=_train_options(scope, epochs, lr, weight_decay, augment, seed, l2),
         val=str(val) if val else None,
         model_options=model_options(arch, head, classes, preprocess, image_size, resize, mean, std, allow_outside_root, on_bad_image),
-        run_options=RunOptions(device=device.value, batch_size=batch_size, num_workers=parse_workers(num_workers), channels_last=channels_last.value,
-                               precision=precision.value,
-                               memory_budget=parse_size(memory_budget)),
+        run_options=run_options(device, batch_size, num_workers, channels_last, precision, memory_budget),
         reporter=reporter, on_round=show, overwrite=overwrite,
     )
     summary = result.summary
@@ -537,8 +538,7 @@ def eval_command(
     """
     report = run_evaluate(
         str(checkpoint), str(manifest), model_options=model_options(arch, head, classes, preprocess, image_size, resize, mean, std, allow_outside_root, on_bad_image),
-        run_options=RunOptions(device=device.value, batch_size=batch_size, num_workers=parse_workers(num_workers), channels_last=channels_last.value,
-                               precision=precision.value), reporter=RichReporter(quiet),
+        run_options=run_options(device, batch_size, num_workers, channels_last, precision), reporter=RichReporter(quiet),
     )
     if json_out:
         print_json(report)
