@@ -12,14 +12,18 @@ from __future__ import annotations
 import csv
 import io
 import os
+import shutil
 import sys
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
 
+from .columns import CodedColumnBuilder, TextColumnBuilder, codes_and_values, distinct, first_duplicate, text_hashes
 from .errors import ManifestError
 from .files import atomic_path, is_stdio
 from .tensors import TensorRowIds, TensorRows, parse_indices, tensor_row_ids, tensor_row_mask
@@ -46,58 +50,123 @@ def table_format(path: str | os.PathLike) -> str:
     return FORMATS[suffix]
 
 
-def read_table(path: str | os.PathLike, *, what: str = "manifest", columns: tuple[str, ...] | None = None) -> pd.DataFrame:
-    """Read a CSV/TSV/JSONL/Parquet table (or CSV from stdin for '-'), values kept as the user wrote them.
+CHUNK_ROWS = 65_536  # rows of a manifest parsed at a time
 
-    With `columns`, only those of them the table has are kept (CSV/TSV: the others are never parsed).
-    """
-    fmt = table_format(path)
-    source = sys.stdin.buffer if is_stdio(path) else path
-    if not is_stdio(path):
-        if not Path(path).exists():
-            raise ManifestError(f"{what} {path}: no such file")
-        if Path(path).is_dir():
-            raise ManifestError(f"{what} {path}: is a folder, not a file")
+
+@contextmanager
+def table_errors(what: str, name: str, fmt: str):
+    """Turn the parser's exceptions into one-line ManifestErrors naming the file."""
     try:
-        if fmt in ("csv", "tsv"):
-            if is_stdio(path):
-                source = io.BytesIO(sys.stdin.buffer.read())
-            table = pd.read_csv(
-                source,
-                sep="\t" if fmt == "tsv" else ",",
-                dtype=str,
-                keep_default_na=False,
-                encoding="utf-8-sig",
-                usecols=None if columns is None else (lambda column: column in columns),
-            )
-        elif fmt == "jsonl":
-            table = pd.read_json(source, lines=True, dtype=False)
-        else:
-            try:
-                table = pd.read_parquet(source)
-            except ImportError as exc:
-                raise ManifestError(f"{what} {path}: reading Parquet needs pyarrow (pip install pyarrow)") from exc
+        yield
     except ManifestError:
         raise
     except pd.errors.EmptyDataError:
-        raise ManifestError(f"{what} {path}: the file is empty") from None
+        raise ManifestError(f"{what} {name}: the file is empty") from None
     except UnicodeDecodeError as exc:
-        raise ManifestError(f"{what} {path}: not valid UTF-8 text (byte {exc.start})") from None
+        raise ManifestError(f"{what} {name}: not valid UTF-8 text (byte {exc.start})") from None
     except (pd.errors.ParserError, ValueError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ManifestError(f"{what} {path}: cannot parse as {fmt}: {first_line}") from None
+        raise ManifestError(f"{what} {name}: cannot parse as {fmt}: {first_line}") from None
     except OSError as exc:
-        raise ManifestError(f"{what} {path}: cannot read: {exc.strerror or exc}") from None
+        raise ManifestError(f"{what} {name}: cannot read: {exc.strerror or exc}") from None
+
+
+def check_readable(path: str | os.PathLike, what: str) -> None:
+    if not Path(path).exists():
+        raise ManifestError(f"{what} {path}: no such file")
+    if Path(path).is_dir():
+        raise ManifestError(f"{what} {path}: is a folder, not a file")
+
+
+def _named_columns(table: pd.DataFrame, columns: tuple[str, ...] | None) -> pd.DataFrame:
     table.columns = [str(column) for column in table.columns]
     if columns is not None:
         table = table[[column for column in table.columns if column in columns]]
     return table
 
 
+def iter_table(source, fmt: str, *, what: str, name: str, columns: tuple[str, ...] | None = None,
+               chunk_rows: int | None = None) -> Iterator[pd.DataFrame]:
+    """A table (a path or an open binary file) in blocks of `chunk_rows` rows, values as the user wrote them.
+
+    CSV and TSV are parsed a block at a time; JSONL and Parquet are read whole and handed out in blocks.
+    A table with a header and no rows gives one empty block (its columns)."""
+    chunk_rows = chunk_rows or CHUNK_ROWS
+    with table_errors(what, name, fmt):
+        if fmt in ("csv", "tsv"):
+            with pd.read_csv(
+                source,
+                sep="\t" if fmt == "tsv" else ",",
+                dtype=str,
+                keep_default_na=False,
+                encoding="utf-8-sig",
+                usecols=None if columns is None else (lambda column: column in columns),
+                chunksize=chunk_rows,
+            ) as reader:
+                for chunk in reader:
+                    yield _named_columns(chunk, columns)
+            return
+        if fmt == "jsonl":
+            table = pd.read_json(source, lines=True, dtype=False)
+        else:
+            try:
+                table = pd.read_parquet(source)
+            except ImportError as exc:
+                raise ManifestError(f"{what} {name}: reading Parquet needs pyarrow (pip install pyarrow)") from exc
+    table = _named_columns(table, columns)
+    for start in range(0, max(len(table), 1), chunk_rows):
+        yield table.iloc[start:start + chunk_rows]
+
+
+def read_table(path: str | os.PathLike, *, what: str = "manifest", columns: tuple[str, ...] | None = None) -> pd.DataFrame:
+    """Read a CSV/TSV/JSONL/Parquet table (or CSV from stdin for '-'), values kept as the user wrote them.
+
+    With `columns`, only those of them the table has are kept (CSV/TSV: the others are never parsed).
+    """
+    fmt = table_format(path)
+    if is_stdio(path):
+        source = io.BytesIO(sys.stdin.buffer.read())
+    else:
+        check_readable(path, what)
+        source = path
+    with table_errors(what, str(path), fmt):
+        if fmt in ("csv", "tsv"):
+            return _named_columns(pd.read_csv(
+                source, sep="\t" if fmt == "tsv" else ",", dtype=str, keep_default_na=False, encoding="utf-8-sig",
+                usecols=None if columns is None else (lambda column: column in columns),
+            ), columns)
+    return pd.concat(list(iter_table(source, fmt, what=what, name=str(path), columns=columns,
+                                     chunk_rows=1 << 62)), ignore_index=True)
+
+
+class TableSource:
+    """A table that can be read again, a block of rows at a time: its file, or stdin copied to a temporary
+    file on the first read (removed when this object goes)."""
+
+    def __init__(self, path: str | os.PathLike, what: str = "manifest"):
+        self.name, self.what, self.format = str(path), what, table_format(path)
+        self._spool = None
+        if is_stdio(path):
+            self._spool = tempfile.TemporaryFile(prefix="irank-stdin-")
+            shutil.copyfileobj(sys.stdin.buffer, self._spool)
+        else:
+            check_readable(path, what)
+
+    def chunks(self, columns: tuple[str, ...] | None = None, chunk_rows: int | None = None) -> Iterator[pd.DataFrame]:
+        if self._spool is not None:
+            self._spool.seek(0)
+        source = self._spool if self._spool is not None else self.name
+        yield from iter_table(source, self.format, what=self.what, name=self.name, columns=columns,
+                              chunk_rows=chunk_rows)
+
+
 def column_as_text(table: pd.DataFrame, column: str) -> list[str]:
     """A column's values as strings, as the user wrote them (JSON numbers without a trailing .0)."""
-    values = []
-    for value in table[column].tolist():
+    values = table[column].tolist()
+    if pd.api.types.infer_dtype(values, skipna=False) in ("string", "empty"):  # CSV and TSV: all strings already
+        return values
+    values, given = [], values
+    for value in given:
         if isinstance(value, float) and value.is_integer():
             value = int(value)
         values.append("" if value is None else str(value))
@@ -108,7 +177,7 @@ class ImagePaths(Sequence):
     """The image rows' files, each resolved against the manifest's folder when it is read: a list of a
     million Path objects would hold 283 MB (traced), these hold nothing but the paths as written."""
 
-    def __init__(self, root: Path, written: list[str]):
+    def __init__(self, root: Path, written: Sequence[str]):
         self.root, self.written = root, written
 
     def __len__(self) -> int:
@@ -123,32 +192,76 @@ class ImagePaths(Sequence):
 
 @dataclass
 class Manifest:
-    """A validated manifest: the user's table plus the columns irank reads from it."""
+    """A validated manifest: the columns irank reads from it, held compactly (see `columns.py`), and the file
+    to read the user's whole table from again when it is written out (`chunks`), so the table itself is not
+    kept: at a million rows pandas holds ~200 bytes a row of it."""
 
-    table: pd.DataFrame
     source: str
     root: Path
-    ids: "list[str] | TensorRowIds"
-    paths: list[str]
-    labels: list[str]
+    ids: Sequence[str]  # TextColumn (an id column), TensorRowIds (made), or `paths` (images without ids)
+    paths: Sequence[str]  # as written: TextColumn (images) or CodedColumn (tensor files)
+    labels: Sequence[str]  # CodedColumn; "" for every row when labels were not required and are missing
+    columns: list[str]  # the user's columns, in order
+    table_source: TableSource | None = field(default=None, repr=False, compare=False)
     tensor_index: np.ndarray | None = None  # tensor rows: the `index` column as int64; None for images
-    tensor_keys: list[str] | None = None  # tensor rows with a `key` column: its values ("" = the only tensor)
+    tensor_keys: Sequence[str] | None = None  # tensor rows with a `key` column: its values ("" = the only tensor)
+    carriage_return: bool = False  # a value somewhere holds "\r" (then CSV output quotes every field)
+    kept_rows: np.ndarray | None = None  # after `subset`: the rows of the table on disk, in order
     _resolved: "ImagePaths | TensorRows | None" = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
-        return len(self.table)
+        return len(self.labels)
 
     @property
     def holds_tensors(self) -> bool:
         return self.tensor_index is not None
 
+    def chunks(self, columns: tuple[str, ...] | None = None,
+               chunk_rows: int | None = None) -> Iterator[tuple[int, pd.DataFrame]]:
+        """The user's table read again from its file: (row of the block's first row, block), in row order;
+        `columns`: only those."""
+        chunk_rows = chunk_rows or CHUNK_ROWS
+        if self.kept_rows is not None:  # a subset (rare: rows skipped as unreadable): read whole, then take
+            whole = pd.concat(list(self.table_source.chunks(columns, chunk_rows)), ignore_index=True)
+            if len(whole) <= int(self.kept_rows.max(initial=-1)):
+                raise ManifestError(f"manifest {self.source}: changed while irank ran ({len(whole)} rows now)")
+            whole = whole.take(self.kept_rows)
+            for start in range(0, max(len(whole), 1), chunk_rows):
+                yield start, whole.iloc[start:start + chunk_rows].reset_index(drop=True)
+            return
+        start = 0
+        for chunk in self.table_source.chunks(columns, chunk_rows):
+            self._check_rows(start + len(chunk))
+            yield start, chunk.reset_index(drop=True)
+            start += len(chunk)
+        if start != len(self):
+            raise ManifestError(f"manifest {self.source}: changed while irank ran ({start} rows now, {len(self)} before)")
+
+    def _check_rows(self, rows: int) -> None:
+        if rows > len(self):
+            raise ManifestError(f"manifest {self.source}: changed while irank ran (more than {len(self)} rows now)")
+
+    @property
+    def table(self) -> pd.DataFrame:
+        """The user's whole table, read again from its file (at a million rows, hundreds of MB: prefer `chunks`)."""
+        return pd.concat([chunk for _, chunk in self.chunks()], ignore_index=True)
+
     def subset(self, rows: list[int]) -> "Manifest":
         """The same manifest with only `rows` (0-based), in their order."""
-        return Manifest(table=self.table.iloc[rows].reset_index(drop=True), source=self.source, root=self.root,
-                        ids=[self.ids[r] for r in rows], paths=[self.paths[r] for r in rows],
-                        labels=[self.labels[r] for r in rows],
-                        tensor_index=None if self.tensor_index is None else self.tensor_index[np.asarray(rows, dtype=np.int64)],
-                        tensor_keys=None if self.tensor_keys is None else [self.tensor_keys[r] for r in rows])
+        rows = np.asarray(rows, dtype=np.int64)
+        paths = self.paths.take(rows)
+        if isinstance(self.ids, TensorRowIds):
+            ids = None
+        else:
+            ids = paths if self.ids is self.paths else self.ids.take(rows)
+        keys = None if self.tensor_keys is None else self.tensor_keys.take(rows)
+        index = None if self.tensor_index is None else self.tensor_index[rows]
+        if ids is None:
+            ids = TensorRowIds(paths, keys, index)
+        kept = rows if self.kept_rows is None else self.kept_rows[rows]
+        return Manifest(source=self.source, root=self.root, ids=ids, paths=paths, labels=self.labels.take(rows),
+                        columns=self.columns, table_source=self.table_source, tensor_index=index, tensor_keys=keys,
+                        carriage_return=self.carriage_return, kept_rows=kept)
 
     def resolved_paths(self) -> "ImagePaths | TensorRows":
         """Each row's file resolved against the manifest's folder: a sequence of image paths, or for tensor
@@ -160,32 +273,6 @@ class Manifest:
             else:
                 self._resolved = ImagePaths(self.root, self.paths)
         return self._resolved
-
-
-def tensor_columns(table: pd.DataFrame, paths: list[str], name: str) -> tuple[np.ndarray | None, list[str] | None]:
-    """For a manifest of tensor rows, its `index` (int64) and `key` values; (None, None) for images.
-
-    A manifest mixing image rows and tensor rows is refused, naming the first row of the other kind.
-    """
-    is_tensor = tensor_row_mask(paths)
-    if not is_tensor.any():
-        return None, None
-    if not is_tensor.all():
-        odd = int(np.flatnonzero(is_tensor != is_tensor[0])[0])
-        kinds = ("a tensor file", "an image") if is_tensor[0] else ("an image", "a tensor file")
-        raise ManifestError(
-            f"manifest {name}: row {odd + 1} ({paths[odd]!r}) points at {kinds[1]} but row 1 at {kinds[0]}; "
-            "a manifest lists images or tensor rows (.npy, .safetensors), not both"
-        )
-    if "index" not in table.columns:
-        raise ManifestError(
-            f"manifest {name}: rows point into tensor files (row 1: {paths[0]!r}) but there is no 'index' column "
-            "naming the row in the file"
-        )
-    keys = column_as_text(table, "key") if "key" in table.columns else None
-    if keys is not None and not any(key.strip() for key in keys):
-        keys = None
-    return parse_indices(column_as_text(table, "index"), name), keys
 
 
 def default_ids(table: pd.DataFrame) -> list[str]:
@@ -200,48 +287,141 @@ def default_ids(table: pd.DataFrame) -> list[str]:
     return paths
 
 
-def read_manifest(path: str | os.PathLike, *, require_label: bool = True) -> Manifest:
-    table = read_table(path)
-    name = str(path)
-    needed = ["path", "label"] if require_label else ["path"]
-    missing = [column for column in needed if column not in table.columns]
-    if missing:
-        found = ", ".join(table.columns) or "none"
-        raise ManifestError(f"manifest {name}: missing column {' and '.join(repr(m) for m in missing)} (columns found: {found})")
-    if len(table) == 0:
-        raise ManifestError(f"manifest {name}: has a header but no rows")
-    paths = column_as_text(table, "path")
-    labels = column_as_text(table, "label") if "label" in table.columns else [""] * len(table)
-    tensor_index, tensor_keys = tensor_columns(table, paths, name)
-    if "id" in table.columns:
-        ids = column_as_text(table, "id")
-    elif tensor_index is not None:
-        ids = TensorRowIds(paths, tensor_keys, tensor_index)  # made when read; never empty: the path is not
-    else:
-        ids = list(paths)
-    made = isinstance(ids, TensorRowIds)
-    for row, (sample_path, label, sample_id) in enumerate(zip(paths, labels, paths if made else ids), start=1):
-        if not sample_path.strip():
-            raise ManifestError(f"manifest {name}: row {row} has an empty path")
-        if require_label and not label.strip():
-            raise ManifestError(f"manifest {name}: row {row} has an empty label")
-        if not sample_id.strip():
-            raise ManifestError(f"manifest {name}: row {row} has an empty id")
-    if made:
-        pair = ids.first_duplicate()
+def _blank(values: list[str]) -> np.ndarray:
+    """Which values are empty or whitespace (what `str.strip` leaves empty)."""
+    return np.fromiter((not value or value.isspace() for value in values), dtype=bool, count=len(values))
+
+
+def holds_carriage_return(table: pd.DataFrame) -> bool:
+    """Whether a string value of the table holds a "\r" (`csv_quoting` would quote every field)."""
+    for column in table.columns:
+        values = table[column].to_numpy()
+        if values.dtype == object:
+            try:
+                if "\r" in "".join(values):  # all strings (CSV, TSV): one scan in C
+                    return True
+                continue
+            except TypeError:  # mixed cells (JSONL): as csv_quoting does
+                pass
+        if csv_quoting(table[[column]]) == csv.QUOTE_ALL:
+            return True
+    return False
+
+
+class ManifestReader:
+    """Reads a manifest a block of rows at a time, checking each block and keeping only compact columns."""
+
+    def __init__(self, name: str, require_label: bool):
+        self.name, self.require_label = name, require_label
+        self.rows = 0
+        self.columns: list[str] | None = None
+        self.tensors: bool | None = None  # decided by row 1
+        self.first_path = ""
+        self.paths: TextColumnBuilder | CodedColumnBuilder | None = None
+        self.labels = CodedColumnBuilder()
+        self.ids = TextColumnBuilder()
+        self.keys = CodedColumnBuilder()
+        self.indices: list[np.ndarray] = []
+        self.hashes: list[np.ndarray] = []  # of the ids (or image paths): for the duplicate check
+        self.carriage_return = False
+
+    def add(self, chunk: pd.DataFrame) -> None:
+        name, start = self.name, self.rows
+        if self.columns is None:
+            self.columns = list(chunk.columns)
+            needed = ["path", "label"] if self.require_label else ["path"]
+            missing = [column for column in needed if column not in chunk.columns]
+            if missing:
+                found = ", ".join(chunk.columns) or "none"
+                raise ManifestError(f"manifest {name}: missing column {' and '.join(repr(m) for m in missing)} "
+                                    f"(columns found: {found})")
+        if len(chunk) == 0:
+            return
+        paths = column_as_text(chunk, "path")
+        labels = column_as_text(chunk, "label") if "label" in chunk.columns else [""] * len(chunk)
+        has_id = "id" in chunk.columns
+        ids = column_as_text(chunk, "id") if has_id else None
+        is_tensor = tensor_row_mask(paths)
+        if self.tensors is None:
+            self.tensors, self.first_path = bool(is_tensor[0]), paths[0]
+            self.paths = CodedColumnBuilder() if self.tensors else TextColumnBuilder()
+        if (is_tensor != self.tensors).any():
+            odd = int(np.flatnonzero(is_tensor != self.tensors)[0])
+            if paths[odd].strip():  # an empty path is named as such below
+                kinds = ("a tensor file", "an image") if self.tensors else ("an image", "a tensor file")
+                raise ManifestError(
+                    f"manifest {name}: row {start + odd + 1} ({paths[odd]!r}) points at {kinds[1]} but row 1 at "
+                    f"{kinds[0]}; a manifest lists images or tensor rows (.npy, .safetensors), not both"
+                )
+        problems = [(_blank(paths), "an empty path")]
+        if self.require_label:
+            problems.append((_blank(labels), "an empty label"))
+        if has_id:
+            problems.append((_blank(ids), "an empty id"))
+        bad = np.logical_or.reduce([mask for mask, _ in problems])
+        if bad.any():
+            at = int(np.argmax(bad))
+            what = next(text for mask, text in problems if mask[at])
+            raise ManifestError(f"manifest {name}: row {start + at + 1} has {what}")
+        if self.tensors:
+            if "index" not in chunk.columns:
+                raise ManifestError(
+                    f"manifest {name}: rows point into tensor files (row 1: {self.first_path!r}) but there is no "
+                    "'index' column naming the row in the file"
+                )
+            self.indices.append(parse_indices(column_as_text(chunk, "index"), name, first_row=start))
+            if "key" in chunk.columns:
+                self.keys.add(column_as_text(chunk, "key"))
+        if not self.carriage_return and holds_carriage_return(chunk):
+            self.carriage_return = True
+        self.paths.add(paths)
+        self.labels.add(labels)
+        if has_id:
+            self.ids.add(ids)
+            self.hashes.append(text_hashes(ids))
+        elif not self.tensors:
+            self.hashes.append(text_hashes(paths))
+        self.rows += len(chunk)
+
+    def finish(self, source: TableSource, root: Path) -> Manifest:
+        name = self.name
+        if self.rows == 0:
+            raise ManifestError(f"manifest {name}: has a header but no rows")
+        paths, labels = self.paths.build(), self.labels.build()
+        tensor_index = tensor_keys = None
+        if self.tensors:
+            tensor_index = np.concatenate(self.indices)
+            if "key" in self.columns:
+                tensor_keys = self.keys.build()
+                if not any(key.strip() for key in tensor_keys.values):
+                    tensor_keys = None
+        if "id" in self.columns:
+            ids = self.ids.build()
+        elif self.tensors:
+            ids = TensorRowIds(paths, tensor_keys, tensor_index)  # made when read; never empty: the path is not
+        else:
+            ids = paths
+        if isinstance(ids, TensorRowIds):
+            pair = ids.first_duplicate()
+        else:
+            hashes = np.concatenate(self.hashes)
+            self.hashes = []
+            pair = first_duplicate(ids, hashes)
         if pair is not None:
             raise ManifestError(f"manifest {name}: duplicate id {ids[pair[1]]!r} in rows {pair[0] + 1} and {pair[1] + 1}")
-    else:
-        first_row: dict[str, int] = {}
-        for row, sample_id in enumerate(ids, start=1):
-            if sample_id in first_row:
-                raise ManifestError(
-                    f"manifest {name}: duplicate id {sample_id!r} in rows {first_row[sample_id]} and {row}"
-                )
-            first_row[sample_id] = row
+        return Manifest(source=name, root=root, ids=ids, paths=paths, labels=labels, columns=self.columns,
+                        table_source=source, tensor_index=tensor_index, tensor_keys=tensor_keys,
+                        carriage_return=self.carriage_return)
+
+
+def read_manifest(path: str | os.PathLike, *, require_label: bool = True) -> Manifest:
+    """Read and check a manifest a block of rows at a time (see `Manifest` for what is kept)."""
+    source = TableSource(path)
+    reader = ManifestReader(str(path), require_label)
+    for chunk in source.chunks():
+        reader.add(chunk)
     root = Path.cwd() if is_stdio(path) else Path(path).resolve().parent
-    return Manifest(table=table, source=name, root=root, ids=ids, paths=paths, labels=labels,
-                    tensor_index=tensor_index, tensor_keys=tensor_keys)
+    return reader.finish(source, root)
 
 
 def check_inside_root(manifest: Manifest) -> None:
@@ -306,7 +486,7 @@ def resolve_classes(
         return list(checkpoint_classes), "the checkpoint's metadata"
     if classes_file:
         return read_classes_file(classes_file), f"--classes {classes_file}"
-    unique = sorted(set(labels))
+    unique = sorted(distinct(labels))
     if all(_is_int(label) for label in unique):
         top = max(int(label) for label in unique)
         if min(int(label) for label in unique) < 0:
@@ -316,19 +496,22 @@ def resolve_classes(
 
 
 def encode_labels(manifest: Manifest, classes: list[str]) -> np.ndarray:
-    """Class index of every row; a label may be a class name or an integer index into `classes`."""
+    """Class index of every row; a label may be a class name or an integer index into `classes`.
+
+    Each distinct label is looked up once."""
     index_of = {name: index for index, name in enumerate(classes)}
-    encoded = np.empty(len(manifest), dtype=np.int64)
-    for row, label in enumerate(manifest.labels):
-        if label in index_of:
-            encoded[row] = index_of[label]
-        elif _is_int(label) and 0 <= int(label) < len(classes):
-            encoded[row] = int(label)
-        else:
-            shown = ", ".join(classes[:12]) + (", ..." if len(classes) > 12 else "")
-            raise ManifestError(
-                f"manifest {manifest.source}: row {row + 1}: label {label!r} is not in the class list ({shown})"
-            )
+    codes, values = codes_and_values(manifest.labels)
+    mapped = np.array([index_of[label] if label in index_of
+                       else int(label) if _is_int(label) and 0 <= int(label) < len(classes) else -1
+                       for label in values], dtype=np.int64)
+    encoded = mapped[codes] if len(codes) else np.zeros(0, dtype=np.int64)
+    unknown = np.flatnonzero(encoded < 0)
+    if len(unknown):
+        row = int(unknown[0])
+        shown = ", ".join(classes[:12]) + (", ..." if len(classes) > 12 else "")
+        raise ManifestError(
+            f"manifest {manifest.source}: row {row + 1}: label {manifest.labels[row]!r} is not in the class list ({shown})"
+        )
     return encoded
 
 

@@ -147,8 +147,10 @@ def prune(
     removed_rows = manifest_row[removed_at]
     keep = np.ones(len(samples), dtype=bool)
     keep[removed_rows] = False
-    kept = samples.table[keep]
-    removed = samples.table.iloc[removed_rows].reset_index(drop=True)
+    table = samples.table
+    kept = table[keep]
+    removed = table.iloc[removed_rows].reset_index(drop=True)
+    del table
     for column in ("rank", "class_rank", "score"):
         name = column if column not in removed.columns else f"{column}_irank"
         removed[name] = removed_scores[column].to_numpy()

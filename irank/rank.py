@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import csv
+import os
+import pickle
+import tempfile
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pandas as pd
 import torch
@@ -9,7 +16,11 @@ import torch.nn.functional as F
 
 from .influence import chunk_size, spans
 from .manifest import csv_quoting
+from .rowstore import DiskRows, MemoryBudget
 from .tensors import TensorRowIds
+
+if TYPE_CHECKING:
+    from .manifest import Manifest
 
 FIRST_COLUMNS = [
     "rank", "id", "path", "label", "predicted", "label_prob", "predicted_prob", "loss", "score", "class_rank",
@@ -35,18 +46,40 @@ def top_classes(probs: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
     return columns
 
 
-def prediction_columns(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, np.ndarray]:
-    """`top_classes` of softmax(logits) and each row's cross-entropy, in float64, a chunk of rows at a time:
-    with a thousand classes and a million rows, all probabilities at once would be 8 GB."""
-    columns: dict[str, list[np.ndarray]] = {}
+PREDICTION_COLUMNS = ("label_prob", "predicted", "predicted_prob", "candidate_2", "candidate_2_prob",
+                      "candidate_3", "candidate_3_prob", "loss")
+CLASS_COLUMNS = ("predicted", "candidate_2", "candidate_3")  # class indices (exact in float64)
+
+
+def prediction_rows(logits: torch.Tensor | DiskRows, labels: torch.Tensor,
+                    budget: MemoryBudget | None = None) -> torch.Tensor | DiskRows:
+    """`top_classes` of softmax(logits) and each row's cross-entropy, in float64, packed as one row of
+    PREDICTION_COLUMNS per sample, computed a chunk of rows at a time (with a thousand classes and a million
+    rows, all probabilities at once would be 8 GB); held in memory, or past `budget` in a temporary file."""
+    rows = (budget or MemoryBudget()).array(len(logits), len(PREDICTION_COLUMNS), torch.float64)
     for start, end in spans(len(logits), chunk_size(logits.shape[1])):
         chunk = logits[start:end].double()
         chunk_labels = labels[start:end]
         part = top_classes(torch.softmax(chunk, dim=1).numpy(), chunk_labels.numpy())
         part["loss"] = F.cross_entropy(chunk, chunk_labels, reduction="none").numpy()
-        for name, values in part.items():
-            columns.setdefault(name, []).append(values)
-    return {name: np.concatenate(parts) for name, parts in columns.items()}
+        packed = np.stack([np.asarray(part[name], dtype=np.float64) for name in PREDICTION_COLUMNS], axis=1)
+        rows.index_copy_(0, torch.arange(start, end), torch.from_numpy(packed))
+    return rows
+
+
+def unpack_predictions(rows: np.ndarray) -> dict[str, np.ndarray]:
+    """Packed prediction rows (rows × PREDICTION_COLUMNS) → one array per column, class indices as int64."""
+    return {name: rows[:, place].astype(np.int64) if name in CLASS_COLUMNS else rows[:, place]
+            for place, name in enumerate(PREDICTION_COLUMNS)}
+
+
+def prediction_columns(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, np.ndarray]:
+    """`prediction_rows` as one array per column, in memory."""
+    return unpack_predictions(prediction_rows(logits, labels).numpy())
+
+
+def pack_predictions(columns: dict[str, np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.stack([np.asarray(columns[name], dtype=np.float64) for name in PREDICTION_COLUMNS], axis=1))
 
 
 def class_names_of(indices: np.ndarray, class_names: np.ndarray) -> np.ndarray:
@@ -96,29 +129,66 @@ class RankedScores:
     rows at a time: writing a million rows never holds the whole table of strings (ids, paths, class names,
     the manifest's own columns) at once.
 
-    `predictions`: `prediction_columns` of the model's logits.
+    `user_rows`: the manifest's own table, or a `Manifest`, whose table is then read again from its file
+    when the table is written. `predictions`: `prediction_rows` of the logits (in memory or a `DiskRows`),
+    or `prediction_columns`. A table of more than one block is written through temporary files: the
+    manifest's columns and the predictions of each block of manifest rows go to one file per range of ranks,
+    then each range is read back, sorted and written in turn.
     """
 
-    def __init__(self, user_table: pd.DataFrame, *, ids: list[str], paths: list[str], labels: np.ndarray,
-                 classes: list[str], predictions: dict[str, np.ndarray], scores: np.ndarray):
+    def __init__(self, user_rows: "pd.DataFrame | Manifest", *, ids: Sequence[str], paths: Sequence[str],
+                 labels: np.ndarray, classes: list[str], predictions: "torch.Tensor | DiskRows | dict[str, np.ndarray]",
+                 scores: np.ndarray):
         self.scores = np.asarray(scores, dtype=np.float64)
         self.order = rank_order(self.scores, ids)
         self.labels = np.asarray(labels)
         self.class_ranks = class_ranks_in_order(self.labels[self.order])
-        self.ids, self.paths, self.predictions = ids, paths, predictions
+        self.ids, self.paths = ids, paths
+        self.predictions = pack_predictions(predictions) if isinstance(predictions, dict) else predictions
         self.class_names = np.asarray(classes, dtype=object)
-        extra = user_table.drop(columns=[c for c in ("id", "path", "label") if c in user_table.columns])
-        self.extra = extra.rename(columns={c: f"{c}_input" for c in extra.columns if c in FIRST_COLUMNS})
+        self.user_rows = user_rows
+        columns = list(user_rows.columns)
+        self.extra_columns = tuple(column for column in columns if column not in ("id", "path", "label"))
         self._frame: pd.DataFrame | None = None
 
     def __len__(self) -> int:
         return len(self.order)
 
-    def block(self, start: int, end: int) -> pd.DataFrame:
-        """Rows [start, end) of the table in rank order (rank start + 1 first), irank's columns first."""
+    def _extra(self, chunk: pd.DataFrame) -> pd.DataFrame:
+        """The manifest's own columns of a block of its rows (renamed where irank writes a column of that name)."""
+        extra = chunk[list(self.extra_columns)]
+        return extra.rename(columns={c: f"{c}_input" for c in extra.columns if c in FIRST_COLUMNS})
+
+    def _user_chunks(self, chunk_rows: int | None = None):
+        """(row of the block's first row, the block's manifest columns or None when it has none of its own,
+        rows in it), in manifest order."""
+        if not self.extra_columns:
+            step = chunk_rows or BLOCK_ROWS
+            for start in range(0, len(self), step):
+                yield start, None, min(step, len(self) - start)
+        elif isinstance(self.user_rows, pd.DataFrame):
+            step = chunk_rows or max(len(self.user_rows), 1)
+            for start in range(0, max(len(self.user_rows), 1), step):
+                chunk = self._extra(self.user_rows.iloc[start:start + step])
+                yield start, chunk, len(chunk)
+        else:
+            for start, chunk in self.user_rows.chunks(self.extra_columns, chunk_rows=chunk_rows):
+                yield start, self._extra(chunk), len(chunk)
+
+    def _whole_extra(self) -> pd.DataFrame:
+        if not self.extra_columns:
+            return pd.DataFrame(index=pd.RangeIndex(len(self)))
+        return pd.concat([chunk for _, chunk, _ in self._user_chunks()], ignore_index=True)
+
+    def _whole_predictions(self) -> np.ndarray:
+        return self.predictions[0:len(self)].numpy()
+
+    def block(self, start: int, end: int, extra: pd.DataFrame, predicted: np.ndarray) -> pd.DataFrame:
+        """Rows [start, end) of the table in rank order (rank start + 1 first), irank's columns first.
+        `extra` and `predicted`: the manifest's own columns and the packed predictions of those rows, in rank order."""
         order = self.order[start:end]
         labels = self.labels[order]
-        ordered = {name: values[order] for name, values in self.predictions.items()}
+        ordered = unpack_predictions(predicted)
         names = self.class_names
         table = pd.DataFrame(
             {
@@ -136,29 +206,76 @@ class RankedScores:
                    for place in RUNNER_UPS for name in (f"candidate_{place}", f"candidate_{place}_prob")},
             }
         )
-        return pd.concat([table, self.extra.take(order).reset_index(drop=True)], axis=1)
+        return pd.concat([table, extra.reset_index(drop=True)], axis=1)
 
-    def blocks(self, rows: int = BLOCK_ROWS):
-        """The table in rank order, `rows` rows at a time."""
-        for start in range(0, max(len(self), 1), rows):  # an empty table still gets its header
-            yield self.block(start, min(start + rows, len(self)))
+    def blocks(self, rows: int | None = None, chunk_rows: int | None = None):
+        """The table in rank order, `rows` (BLOCK_ROWS) rows at a time (`chunk_rows`: rows of the manifest read
+        at a time)."""
+        rows = rows or BLOCK_ROWS
+        if len(self) > rows:
+            yield from self._spilled_blocks(rows, chunk_rows)
+        else:  # one block (an empty table still gets its header)
+            yield self.frame()
+
+    def _spilled_blocks(self, rows: int, chunk_rows: int | None):
+        """Blocks of the table sorted into rank order through temporary files: one file per range of `rows`
+        ranks, filled while the manifest is read once, then read one at a time."""
+        rank_of_row = np.empty(len(self), dtype=np.int64)
+        rank_of_row[self.order] = np.arange(len(self))
+        with tempfile.TemporaryDirectory(prefix="irank-ranked-") as folder:
+            for start, extra, count in self._user_chunks(chunk_rows):
+                ranks = rank_of_row[start:start + count]
+                predicted = self.predictions[start:start + count].numpy()
+                buckets = ranks // rows
+                for bucket in np.unique(buckets).tolist():
+                    mask = buckets == bucket
+                    piece = (ranks[mask], predicted[mask], None if extra is None else extra[mask])
+                    with open(os.path.join(folder, str(bucket)), "ab") as handle:
+                        pickle.dump(piece, handle, protocol=pickle.HIGHEST_PROTOCOL)
+            del rank_of_row
+            for bucket, start in enumerate(range(0, len(self), rows)):
+                path = os.path.join(folder, str(bucket))
+                pieces = []
+                with open(path, "rb") as handle:
+                    while True:
+                        try:
+                            pieces.append(pickle.load(handle))
+                        except EOFError:
+                            break
+                os.remove(path)
+                into_rank_order = np.argsort(np.concatenate([piece[0] for piece in pieces]), kind="stable")
+                predicted = np.concatenate([piece[1] for piece in pieces])[into_rank_order]
+                end = min(start + rows, len(self))
+                if self.extra_columns:
+                    extra = pd.concat([piece[2] for piece in pieces]).iloc[into_rank_order]
+                else:
+                    extra = pd.DataFrame(index=pd.RangeIndex(end - start))
+                yield self.block(start, end, extra, predicted)
 
     def csv_quoting(self) -> int:
         """`manifest.csv_quoting` of the whole table, from its string columns (a number holds no carriage return)."""
-        # made tensor-row ids hold only their path, key (a manifest column) and index: nothing to look at twice
-        ids = [] if isinstance(self.ids, TensorRowIds) else self.ids
-        return csv_quoting(self.extra, ids, self.paths, self.class_names.tolist())
+        if any("\r" in name for name in self.class_names.tolist()):
+            return csv.QUOTE_ALL
+        if isinstance(self.user_rows, pd.DataFrame):
+            # made tensor-row ids hold only their path, key (a manifest column) and index: nothing to look at twice
+            ids = [] if isinstance(self.ids, TensorRowIds) else self.ids
+            return csv_quoting(self._whole_extra(), ids, self.paths)
+        return csv.QUOTE_ALL if self.user_rows.carriage_return else csv.QUOTE_MINIMAL
 
     def verdict_columns(self) -> pd.DataFrame:
         """label, predicted and score of every row (manifest order): what a CI gate reads, without the rest."""
+        column = PREDICTION_COLUMNS.index("predicted")
+        predicted = np.concatenate([self.predictions[start:end][:, column].numpy().astype(np.int64)
+                                    for start, end in spans(len(self), BLOCK_ROWS)] or [np.zeros(0, dtype=np.int64)])
         return pd.DataFrame({"label": self.class_names[self.labels],
-                             "predicted": class_names_of(self.predictions["predicted"], self.class_names),
+                             "predicted": class_names_of(predicted, self.class_names),
                              "score": self.scores})
 
     def frame(self) -> pd.DataFrame:
         """The whole table (built once, on first use)."""
         if self._frame is None:
-            self._frame = self.block(0, len(self))
+            self._frame = self.block(0, len(self), self._whole_extra().take(self.order),
+                                     self._whole_predictions()[self.order])
         return self._frame
 
 

@@ -24,7 +24,7 @@ from .manifest import check_inside_root, encode_labels, read_manifest, table_for
 from .method_choice import resolve_method
 from .placement import Placement
 from .progress import Reporter
-from .rank import RankedScores, prediction_columns
+from .rank import RankedScores, prediction_rows
 from .rowstore import DiskRows, MemoryBudget
 
 METHODS = ("auto", "influence", "loss", "margin", "gradnorm")
@@ -323,13 +323,13 @@ def score(
                                       measure=influence_measure, l2=boundary.l2, shard=shard, budget=budget)
         details = {**refit_details(choice, boundary, method, influence_measure), **method_details(requested, method_how)}
         del features
-    predictions = prediction_columns(logits, local_labels)
+    predictions = prediction_rows(logits, local_labels, budget)
     if shard is not None:  # every process gets every row's results, in manifest order
         scores = shard.gather(scores)
-        predictions = {name: shard.gather(torch.from_numpy(values)).numpy() for name, values in predictions.items()}
+        predictions = shard.gather(predictions[0:len(predictions)])
     del logits
     ranked = RankedScores(
-        prepared.manifest.table,
+        prepared.manifest,
         ids=prepared.manifest.ids,
         paths=prepared.manifest.paths,
         labels=prepared.labels,

@@ -24,6 +24,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
+from .columns import StringSequence, codes_and_values, distinct
 from .errors import ImageError, ManifestError
 
 TENSOR_SUFFIXES = (".npy", ".safetensors")
@@ -36,16 +37,17 @@ SLICE_SPAN_FACTOR = 4
 
 def tensor_row_mask(paths: Sequence[str]) -> np.ndarray:
     """For every path, whether it names a tensor file (by suffix, any case); each distinct path is looked at once."""
-    codes, distinct = pd.factorize(pd.Series(list(paths), dtype=object), sort=False)
-    return np.array([is_tensor_path(path) for path in distinct], dtype=bool)[codes] if len(codes) else np.zeros(0, bool)
+    codes, values = codes_and_values(paths)
+    return np.array([is_tensor_path(path) for path in values], dtype=bool)[codes] if len(codes) else np.zeros(0, bool)
 
 
 def is_tensor_path(path: str | os.PathLike) -> bool:
     return str(path).lower().endswith(TENSOR_SUFFIXES)
 
 
-def parse_indices(texts: Sequence[str], manifest: str) -> np.ndarray:
-    """The `index` column as int64, or a ManifestError naming the first row that is not a whole number ≥ 0."""
+def parse_indices(texts: Sequence[str], manifest: str, first_row: int = 0) -> np.ndarray:
+    """The `index` column as int64, or a ManifestError naming the first row that is not a whole number ≥ 0
+    (`first_row`: the 0-based manifest row of texts[0], for a block of a manifest)."""
     try:  # the fast path, one vectorized parse; the slow one below finds and names the first bad row
         indices = np.asarray(texts, dtype=str).astype(np.int64)
         if len(indices) == 0 or indices.min() >= 0:
@@ -55,8 +57,8 @@ def parse_indices(texts: Sequence[str], manifest: str) -> np.ndarray:
     series = pd.Series(list(texts), dtype=object).astype(str).str.strip()
     valid = series.str.fullmatch(r"\+?\d{1,18}").to_numpy(dtype=bool)
     if not valid.all():
-        row = int(np.flatnonzero(~valid)[0])
-        value = series.iloc[row]
+        at = int(np.flatnonzero(~valid)[0])
+        value, row = series.iloc[at], first_row + at
         if not value:
             raise ManifestError(f"manifest {manifest}: row {row + 1} has an empty index")
         why = "is negative" if value.startswith("-") and value[1:].isdigit() else "is not a whole number"
@@ -75,7 +77,7 @@ def tensor_row_ids(paths: Sequence[str], keys: Sequence[str] | None, indices: np
     return (path_series + key_text + index_text).tolist()
 
 
-class TensorRowIds(Sequence):
+class TensorRowIds(StringSequence):
     """The default ids of tensor rows, as `tensor_row_ids` writes them, each made when it is read: a
     million of them held as strings take 70 MB (traced)."""
 
@@ -97,7 +99,7 @@ class TensorRowIds(Sequence):
         Compared as (file, key, index) codes, with no strings made, unless a path or key holds a bracket:
         then two different triples could spell one id (`a[k]` + `[1]` and `a` + key `k` + `[1]`), so the
         ids themselves are compared."""
-        texts = itertools.chain(self.paths, self.keys if self.keys is not None else ())
+        texts = itertools.chain(distinct(self.paths), distinct(self.keys) if self.keys is not None else ())
         if any("[" in text or "]" in text for text in texts):
             first: dict[str, int] = {}
             for row, sample_id in enumerate(self):
@@ -105,8 +107,8 @@ class TensorRowIds(Sequence):
                     return first[sample_id], row
                 first[sample_id] = row
             return None
-        codes = pd.DataFrame({"path": pd.factorize(pd.Series(self.paths, dtype=object))[0],
-                              "key": pd.factorize(pd.Series(self.keys, dtype=object))[0] if self.keys is not None else 0,
+        codes = pd.DataFrame({"path": codes_and_values(self.paths)[0],
+                              "key": codes_and_values(self.keys)[0] if self.keys is not None else 0,
                               "index": self.indices})
         later = codes.duplicated(keep="first").to_numpy()
         if not later.any():
@@ -156,12 +158,12 @@ class TensorRows(Sequence):
     def build(cls, manifest: str, root: Path, paths: Sequence[str], keys: Sequence[str] | None,
               indices: np.ndarray) -> "TensorRows":
         """Group rows by (path, key) with vectorized factorizing; only distinct files are resolved."""
-        path_codes, path_values = pd.factorize(pd.Series(list(paths), dtype=object), sort=False)
+        path_codes, path_values = codes_and_values(paths)
         if keys is None:
-            key_codes, key_values = np.zeros(len(path_codes), dtype=np.int64), np.array([""], dtype=object)
+            key_codes, key_values = np.zeros(len(path_codes), dtype=np.int64), [""]
         else:
-            key_codes, key_values = pd.factorize(pd.Series(list(keys), dtype=object), sort=False)
-        pairs = path_codes.astype(np.int64) * len(key_values) + key_codes
+            key_codes, key_values = codes_and_values(keys)
+        pairs = path_codes.astype(np.int64) * len(key_values) + np.asarray(key_codes, dtype=np.int64)
         unique_pairs, first_rows, source_of_row = np.unique(pairs, return_index=True, return_inverse=True)
         order = np.argsort(first_rows, kind="stable")  # sources in order of first appearance
         rank = np.empty(len(order), dtype=np.int64)

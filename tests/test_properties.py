@@ -86,8 +86,8 @@ def test_manifest_read_write_read_is_the_identity(table, fmt):
         second = Path(folder) / f"b.{fmt}"
         write_table(once.table, second)
         twice = read_manifest(second)
+        assert twice.table.equals(once.table)  # the table is read again from its file: while it exists
     assert once.paths == table["path"].tolist() and once.labels == table["label"].tolist()
-    assert twice.table.equals(once.table)
     assert (twice.paths, twice.labels, twice.ids) == (once.paths, once.labels, once.ids)
 
 

@@ -1,0 +1,195 @@
+"""Columns of strings for a million rows, held compactly, and a duplicate check that needs no set of them.
+
+A list of a million Python strings costs about 60 bytes a row beside the text (object header, list slot);
+a manifest read into pandas costs that for every column. irank keeps of a manifest only what it reads:
+  - `TextColumn`: distinct-per-row strings (image paths, ids) as one UTF-8 byte string and 8-byte offsets;
+  - `CodedColumn`: strings with few distinct values (labels, tensor files, keys) as int32 codes and the values.
+Both are read-only sequences of `str`, so code written for lists keeps working.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+
+ITER_ROWS = 65_536  # rows decoded at a time when a column is iterated
+
+
+class StringSequence(Sequence):
+    """Equal to any list, tuple or column of the same strings, as a list would be."""
+
+    __hash__ = None
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, (list, tuple, StringSequence)):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+
+
+class TextColumn(StringSequence):
+    """Strings as one UTF-8 byte string plus each one's end offset: the text's bytes and 8 more a row."""
+
+    def __init__(self, blob: bytes, offsets: np.ndarray):
+        self.blob = blob
+        self.offsets = offsets  # int64, len + 1: string i is blob[offsets[i]:offsets[i + 1]]
+
+    @classmethod
+    def of(cls, values: Iterable[str]) -> "TextColumn":
+        builder = TextColumnBuilder()
+        builder.add(list(values))
+        return builder.build()
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, row):
+        if isinstance(row, slice):
+            return [self[index] for index in range(*row.indices(len(self)))]
+        row = int(row)
+        if row < 0:
+            row += len(self)
+        if not 0 <= row < len(self):
+            raise IndexError(f"row {row} outside 0..{len(self) - 1}")
+        return self.blob[self.offsets[row]:self.offsets[row + 1]].decode("utf-8")
+
+    def __iter__(self) -> Iterator[str]:
+        ends = self.offsets.tolist() if len(self) <= ITER_ROWS else None
+        for start in range(0, len(self), ITER_ROWS):
+            bounds = ends[start:start + ITER_ROWS + 1] if ends is not None else \
+                self.offsets[start:start + ITER_ROWS + 1].tolist()
+            blob = self.blob
+            for first, last in zip(bounds[:-1], bounds[1:]):
+                yield blob[first:last].decode("utf-8")
+
+    def take(self, rows: Sequence[int]) -> "TextColumn":
+        return TextColumn.of(self[int(row)] for row in rows)
+
+    def __repr__(self) -> str:
+        return f"TextColumn({len(self)} rows, {len(self.blob):,} bytes)"
+
+
+class TextColumnBuilder:
+    """Appends blocks of strings; `build` joins them into one TextColumn."""
+
+    def __init__(self):
+        self.parts: list[bytes] = []
+        self.lengths: list[np.ndarray] = []
+
+    def add(self, values: list[str]) -> None:
+        encoded = [value.encode("utf-8") for value in values]
+        self.parts.append(b"".join(encoded))
+        self.lengths.append(np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)))
+
+    def build(self) -> TextColumn:
+        lengths = np.concatenate(self.lengths) if self.lengths else np.zeros(0, dtype=np.int64)
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        blob = b"".join(self.parts)
+        self.parts, self.lengths = [], []
+        return TextColumn(blob, offsets)
+
+
+class CodedColumn(StringSequence):
+    """Strings with few distinct values: an int32 code a row and the list of values."""
+
+    def __init__(self, codes: np.ndarray, values: list[str]):
+        self.codes = codes
+        self.values = values
+
+    @classmethod
+    def of(cls, values: Iterable[str]) -> "CodedColumn":
+        builder = CodedColumnBuilder()
+        builder.add(list(values))
+        return builder.build()
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    def __getitem__(self, row):
+        if isinstance(row, slice):
+            return [self.values[code] for code in self.codes[row].tolist()]
+        return self.values[int(self.codes[row])]
+
+    def __iter__(self) -> Iterator[str]:
+        values = self.values
+        for start in range(0, len(self), ITER_ROWS):
+            for code in self.codes[start:start + ITER_ROWS].tolist():
+                yield values[code]
+
+    def take(self, rows: Sequence[int]) -> "CodedColumn":
+        """The given rows; only the values they use are kept."""
+        used, codes = np.unique(self.codes[np.asarray(rows, dtype=np.int64)], return_inverse=True)
+        return CodedColumn(codes.reshape(-1).astype(np.int32), [self.values[code] for code in used.tolist()])
+
+    def __repr__(self) -> str:
+        return f"CodedColumn({len(self)} rows, {len(self.values)} values)"
+
+
+class CodedColumnBuilder:
+    def __init__(self):
+        self.position: dict[str, int] = {}
+        self.values: list[str] = []
+        self.codes: list[np.ndarray] = []
+
+    def add(self, values: list[str]) -> None:
+        codes, distinct = pd.factorize(pd.Series(values, dtype=object), sort=False)
+        mapping = np.fromiter((self._code(value) for value in distinct), dtype=np.int64, count=len(distinct))
+        self.codes.append(mapping[codes].astype(np.int32) if len(codes) else np.zeros(0, dtype=np.int32))
+
+    def _code(self, value: str) -> int:
+        if value not in self.position:
+            self.position[value] = len(self.values)
+            self.values.append(value)
+        return self.position[value]
+
+    def build(self) -> CodedColumn:
+        codes = np.concatenate(self.codes) if self.codes else np.zeros(0, dtype=np.int32)
+        return CodedColumn(codes, self.values)
+
+
+def codes_and_values(values: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+    """(a code per row, the distinct values) of a column: a CodedColumn's own, else factorized."""
+    if isinstance(values, CodedColumn):
+        return values.codes, values.values
+    codes, distinct = pd.factorize(pd.Series(list(values), dtype=object), sort=False)
+    return codes, list(distinct)
+
+
+def distinct(values: Sequence[str]) -> list[str]:
+    """The distinct strings of a column (of a CodedColumn: its values list, with no pass over the rows)."""
+    return list(values.values) if isinstance(values, CodedColumn) else list(dict.fromkeys(values))
+
+
+def text_hashes(values: list[str]) -> np.ndarray:
+    """A 64-bit hash of each string (pandas' vectorized hash: the same string, the same hash, in any block)."""
+    return pd.util.hash_array(np.asarray(values, dtype=object)) if values else np.zeros(0, dtype=np.uint64)
+
+
+def first_duplicate(values: Sequence[str], hashes: np.ndarray) -> tuple[int, int] | None:
+    """(earlier row, row), 0-based, of the first row whose string an earlier row has, or None.
+
+    Only the rows that share a 64-bit hash (`text_hashes` of `values`) are compared as strings, so no set
+    of a million strings is built; a collision of two different strings is told apart there.
+    """
+    order = np.argsort(hashes, kind="stable")  # within one hash, rows stay ascending
+    ordered = hashes[order]
+    same = np.flatnonzero(ordered[1:] == ordered[:-1])
+    if len(same) == 0:
+        return None
+    breaks = np.flatnonzero(np.diff(same) != 1)
+    starts = np.concatenate([same[:1], same[breaks + 1]])
+    ends = np.concatenate([same[breaks], same[-1:]]) + 2
+    best: tuple[int, int] | None = None
+    for start, end in zip(starts.tolist(), ends.tolist()):
+        first_row: dict[str, int] = {}
+        for row in order[start:end].tolist():
+            if best is not None and row >= best[1]:
+                break
+            text = values[row]
+            if text in first_row:
+                best = (first_row[text], row)
+                break
+            first_row[text] = row
+    return best

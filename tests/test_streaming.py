@@ -1,0 +1,205 @@
+"""Manifests read a block of rows at a time, held as compact columns, and scores tables written in rank
+order through temporary files: the same results as reading and writing whole, at any block size."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from irank import columns, manifest as manifest_module, rank as rank_module, synthetic
+from irank.columns import CodedColumn, TextColumn, first_duplicate, text_hashes
+from irank.errors import ManifestError
+from irank.manifest import read_manifest
+from irank.rank import RankedScores, prediction_columns, prediction_rows
+from irank.rowstore import DiskRows, MemoryBudget
+
+FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+strings = st.lists(st.text(max_size=6), max_size=30)
+
+
+@FAST
+@given(strings, st.data())
+def test_text_and_coded_columns_hold_the_strings_they_were_given(values, data):
+    rows = data.draw(st.lists(st.integers(0, max(len(values) - 1, 0)), max_size=10)) if values else []
+    for column in (TextColumn.of(values), CodedColumn.of(values)):
+        assert len(column) == len(values)
+        assert list(column) == values and column == values and column[:] == values
+        assert [column[i] for i in range(len(values))] == values
+        if values:
+            assert column[-1] == values[-1]
+        assert list(column.take(rows)) == [values[i] for i in rows]
+    assert sorted(CodedColumn.of(values).take(rows).values) == sorted(set(values[i] for i in rows))
+
+
+def test_columns_iterate_across_their_decoding_blocks(monkeypatch):
+    monkeypatch.setattr(columns, "ITER_ROWS", 3)
+    values = [f"é{i}" for i in range(10)]
+    assert list(TextColumn.of(values)) == values == list(CodedColumn.of(values))
+
+
+def naive_first_duplicate(values):
+    first = {}
+    for row, value in enumerate(values):
+        if value in first:
+            return first[value], row
+        first[value] = row
+    return None
+
+
+@FAST
+@given(st.lists(st.sampled_from(["a", "b", "c", "d", "ab", "é", ""]) | st.text(max_size=3), max_size=40),
+       st.sampled_from(["real", "all collide", "half collide"]))
+def test_the_duplicate_check_is_the_plain_definition_even_when_hashes_collide(values, hashes):
+    hashed = {"real": text_hashes(values),
+              "all collide": np.zeros(len(values), dtype=np.uint64),
+              "half collide": text_hashes(values) % np.uint64(2)}[hashes]
+    assert first_duplicate(TextColumn.of(values), hashed) == naive_first_duplicate(values)
+
+
+def write_rows(folder: Path, rows: list[dict], name: str = "m.csv") -> Path:
+    path = folder / name
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 100])
+def test_a_manifest_read_in_blocks_is_the_manifest_read_whole(tmp_path, monkeypatch, chunk):
+    np.save(tmp_path / "e.npy", np.zeros((9, 2), dtype=np.float32))
+    rows = [{"path": "e.npy", "label": f"c{i % 3}", "index": str(8 - i), "note": f"n,{i}"} for i in range(9)]
+    whole = read_manifest(write_rows(tmp_path, rows))
+    monkeypatch.setattr(manifest_module, "CHUNK_ROWS", chunk)
+    blocks = read_manifest(tmp_path / "m.csv")
+    assert (blocks.paths, blocks.labels, blocks.ids) == (whole.paths, whole.labels, whole.ids)
+    assert blocks.tensor_index.tolist() == whole.tensor_index.tolist() == [8 - i for i in range(9)]
+    assert blocks.table.equals(whole.table) and blocks.table["note"].tolist() == [f"n,{i}" for i in range(9)]
+    assert [len(part) for _, part in blocks.chunks()] == [min(chunk, 9 - start) for start in range(0, 9, chunk)]
+
+
+@pytest.mark.parametrize("row, change, message", [
+    (6, {"label": " "}, "row 6 has an empty label"),
+    (5, {"path": ""}, "row 5 has an empty path"),
+    (7, {"index": "x"}, "row 7: index 'x' is not a whole number"),
+    (4, {"path": "b.png"}, "row 4 ('b.png') points at an image but row 1 at a tensor file"),
+    (8, {"index": "1"}, "duplicate id 'e.npy[1]' in rows 2 and 8"),
+])
+def test_errors_in_a_later_block_name_the_manifest_row(tmp_path, monkeypatch, row, change, message):
+    monkeypatch.setattr(manifest_module, "CHUNK_ROWS", 2)
+    rows = [{"path": "e.npy", "label": "a", "index": str(i)} for i in range(9)]
+    rows[row - 1].update(change)
+    with pytest.raises(ManifestError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
+                       .replace("]", r"\]")):
+        read_manifest(write_rows(tmp_path, rows))
+
+
+def test_duplicate_ids_in_different_blocks_are_found(tmp_path, monkeypatch):
+    monkeypatch.setattr(manifest_module, "CHUNK_ROWS", 3)
+    rows = [{"id": f"s{i}", "path": f"{i}.png", "label": "a"} for i in range(10)]
+    rows[8]["id"] = "s2"
+    with pytest.raises(ManifestError, match=r"duplicate id 's2' in rows 3 and 9"):
+        read_manifest(write_rows(tmp_path, rows))
+    rows = [{"path": f"{i}.png", "label": "a"} for i in range(10)]
+    rows[9]["path"] = "0.png"
+    with pytest.raises(ManifestError, match=r"duplicate id '0.png' in rows 1 and 10"):
+        read_manifest(write_rows(tmp_path, rows))
+
+
+def ranked_inputs(rows: int, seed: int):
+    generator = np.random.default_rng(seed)
+    labels = generator.integers(0, 4, rows)
+    scores = generator.choice([0.0, 1.0, 2.5, -3.0], rows) + (generator.random(rows) < 0.5) * generator.random(rows)
+    logits = torch.from_numpy(generator.normal(size=(rows, 4)))
+    return labels, scores, logits
+
+
+@FAST
+@given(st.integers(1, 40), st.integers(1, 9), st.integers(1, 9), st.booleans(), st.booleans())
+def test_the_table_sorted_through_temporary_files_is_the_table_sorted_in_memory(rows, block_rows, chunk_rows,
+                                                                                 own_columns, on_disk):
+    """A Manifest's table, read again in blocks of `chunk_rows` and sorted by rank through a file per
+    `block_rows` ranks, with the predictions in memory or in a DiskRows: the same table as in memory."""
+    labels, scores, logits = ranked_inputs(rows, rows * 100 + block_rows)
+    table = pd.DataFrame({"path": [f"img/{i}.png" for i in range(rows)], "label": [f"c{l}" for l in labels]})
+    if own_columns:
+        table["note"] = [f"n{i}" for i in range(rows)]
+        table["score"] = [str(i) for i in range(rows)]  # a user column irank writes as score_input
+    classes = ["c0", "c1", "c2", "c3"]
+    with tempfile.TemporaryDirectory() as folder:
+        table.to_csv(Path(folder) / "m.csv", index=False)
+        manifest = read_manifest(Path(folder) / "m.csv")
+        predictions = prediction_rows(logits, torch.from_numpy(labels), MemoryBudget(0 if on_disk else None))
+        assert isinstance(predictions, DiskRows) == on_disk
+        streamed = RankedScores(manifest, ids=manifest.ids, paths=manifest.paths, labels=labels, classes=classes,
+                                predictions=predictions, scores=scores)
+        joined = pd.concat(list(streamed.blocks(block_rows, chunk_rows)), ignore_index=True)
+    in_memory = RankedScores(table, ids=table["path"].tolist(), paths=table["path"].tolist(), labels=labels,
+                             classes=classes, predictions=prediction_columns(logits, torch.from_numpy(labels)),
+                             scores=scores).frame()
+    assert joined.equals(in_memory)
+    assert joined["rank"].tolist() == list(range(1, rows + 1)) and joined["score"].is_monotonic_decreasing
+    if own_columns:
+        assert (joined["note"].str[1:].astype(int) == joined["path"].str.extract(r"(\d+)")[0].astype(int)).all()
+        assert joined["score_input"].tolist() == joined["note"].str[1:].tolist()
+
+
+@pytest.fixture(scope="module")
+def rows_and_model(tmp_path_factory):
+    """60 tensor rows with a user column, and an MLP trained on them."""
+    import irank
+
+    folder = tmp_path_factory.mktemp("rows")
+    train_csv, _ = synthetic.make_embeddings(folder, num_rows=60, dim=4, num_classes=3, noise=0.2, seed=1)
+    model = folder / "mlp.safetensors"
+    irank.train("mlp-4-8", str(train_csv), output=str(model),
+                train_options=irank.TrainOptions(scope="full", epochs=3, lr=0.05, seed=0),
+                run_options=irank.RunOptions(device="cpu", batch_size=16))
+    return train_csv, model
+
+
+@pytest.mark.parametrize("boundary", ["head", "refit"])
+def test_score_writes_the_same_bytes_in_small_blocks_and_on_disk(cli, rows_and_model, tmp_path, monkeypatch, boundary):
+    train_csv, model = rows_and_model
+    code, _, err = cli("score", model, train_csv, "-o", tmp_path / "whole.csv", "--boundary", boundary, "-q")
+    assert code == 0, err
+    monkeypatch.setattr(manifest_module, "CHUNK_ROWS", 7)
+    monkeypatch.setattr(rank_module, "BLOCK_ROWS", 11)
+    code, _, err = cli("score", model, train_csv, "-o", tmp_path / "blocks.csv", "--boundary", boundary, "-q",
+                       "--memory-budget", "0")
+    assert code == 0, err
+    whole = (tmp_path / "whole.csv").read_bytes()
+    assert (tmp_path / "blocks.csv").read_bytes() == whole
+    table = pd.read_csv(tmp_path / "blocks.csv")
+    assert len(table) == 60 and {"true_label", "flipped"} <= set(table.columns)
+
+
+def test_a_manifest_from_stdin_can_be_read_again(monkeypatch):
+    """stdin is kept in a temporary file, so its rows can be read again for the output."""
+    import io
+    import sys
+
+    text = "path,label,note\n" + "".join(f"{i}.png,c{i % 2},n{i}\n" for i in range(7))
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(text.encode())))
+    monkeypatch.setattr(manifest_module, "CHUNK_ROWS", 3)
+    manifest = read_manifest("-")
+    assert list(manifest.paths) == [f"{i}.png" for i in range(7)]
+    for _ in range(2):
+        assert manifest.table["note"].tolist() == [f"n{i}" for i in range(7)]
+
+
+def test_a_manifest_that_changes_before_the_output_is_refused(tmp_path):
+    table = pd.DataFrame({"path": [f"{i}.png" for i in range(5)], "label": "a", "note": "x"})
+    path = tmp_path / "m.csv"
+    table.to_csv(path, index=False)
+    manifest = read_manifest(path)
+    table.iloc[:3].to_csv(path, index=False)
+    with pytest.raises(ManifestError, match="changed while irank ran"):
+        manifest.table
+    pd.concat([table, table.iloc[:1]]).to_csv(path, index=False)
+    with pytest.raises(ManifestError, match="changed while irank ran"):
+        manifest.table
