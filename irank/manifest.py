@@ -85,6 +85,12 @@ def _named_columns(table: pd.DataFrame, columns: tuple[str, ...] | None) -> pd.D
     return table
 
 
+def _csv_options(fmt: str, columns: tuple[str, ...] | None) -> dict:
+    """How pandas reads irank's CSV and TSV: every value a string, as written (no NaN, no number parsing)."""
+    return {"sep": "\t" if fmt == "tsv" else ",", "dtype": str, "keep_default_na": False, "encoding": "utf-8-sig",
+            "usecols": None if columns is None else (lambda column: column in columns)}
+
+
 def iter_table(source, fmt: str, *, what: str, name: str, columns: tuple[str, ...] | None = None,
                chunk_rows: int | None = None) -> Iterator[pd.DataFrame]:
     """A table (a path or an open binary file) in blocks of `chunk_rows` rows, values as the user wrote them.
@@ -94,15 +100,7 @@ def iter_table(source, fmt: str, *, what: str, name: str, columns: tuple[str, ..
     chunk_rows = chunk_rows or CHUNK_ROWS
     with table_errors(what, name, fmt):
         if fmt in ("csv", "tsv"):
-            with pd.read_csv(
-                source,
-                sep="\t" if fmt == "tsv" else ",",
-                dtype=str,
-                keep_default_na=False,
-                encoding="utf-8-sig",
-                usecols=None if columns is None else (lambda column: column in columns),
-                chunksize=chunk_rows,
-            ) as reader:
+            with pd.read_csv(source, chunksize=chunk_rows, **_csv_options(fmt, columns)) as reader:
                 for chunk in reader:
                     yield _named_columns(chunk, columns)
             return
@@ -131,10 +129,7 @@ def read_table(path: str | os.PathLike, *, what: str = "manifest", columns: tupl
         source = path
     with table_errors(what, str(path), fmt):
         if fmt in ("csv", "tsv"):
-            return _named_columns(pd.read_csv(
-                source, sep="\t" if fmt == "tsv" else ",", dtype=str, keep_default_na=False, encoding="utf-8-sig",
-                usecols=None if columns is None else (lambda column: column in columns),
-            ), columns)
+            return _named_columns(pd.read_csv(source, **_csv_options(fmt, columns)), columns)
     return pd.concat(list(iter_table(source, fmt, what=what, name=str(path), columns=columns,
                                      chunk_rows=1 << 62)), ignore_index=True)
 
@@ -341,18 +336,6 @@ class ManifestReader:
         labels = column_as_text(chunk, "label") if "label" in chunk.columns else [""] * len(chunk)
         has_id = "id" in chunk.columns
         ids = column_as_text(chunk, "id") if has_id else None
-        is_tensor = tensor_row_mask(paths)
-        if self.tensors is None:
-            self.tensors, self.first_path = bool(is_tensor[0]), paths[0]
-            self.paths = CodedColumnBuilder() if self.tensors else TextColumnBuilder()
-        if (is_tensor != self.tensors).any():
-            odd = int(np.flatnonzero(is_tensor != self.tensors)[0])
-            if paths[odd].strip():  # an empty path is named as such below
-                kinds = ("a tensor file", "an image") if self.tensors else ("an image", "a tensor file")
-                raise ManifestError(
-                    f"manifest {name}: row {start + odd + 1} ({paths[odd]!r}) points at {kinds[1]} but row 1 at "
-                    f"{kinds[0]}; a manifest lists images or tensor rows (.npy, .safetensors), not both"
-                )
         problems = [(_blank(paths), "an empty path")]
         if self.require_label:
             problems.append((_blank(labels), "an empty label"))
@@ -363,6 +346,17 @@ class ManifestReader:
             at = int(np.argmax(bad))
             what = next(text for mask, text in problems if mask[at])
             raise ManifestError(f"manifest {name}: row {start + at + 1} has {what}")
+        is_tensor = tensor_row_mask(paths)
+        if self.tensors is None:
+            self.tensors, self.first_path = bool(is_tensor[0]), paths[0]
+            self.paths = CodedColumnBuilder() if self.tensors else TextColumnBuilder()
+        if (is_tensor != self.tensors).any():
+            odd = int(np.flatnonzero(is_tensor != self.tensors)[0])
+            kinds = ("a tensor file", "an image") if self.tensors else ("an image", "a tensor file")
+            raise ManifestError(
+                f"manifest {name}: row {start + odd + 1} ({paths[odd]!r}) points at {kinds[1]} but row 1 at "
+                f"{kinds[0]}; a manifest lists images or tensor rows (.npy, .safetensors), not both"
+            )
         if self.tensors:
             if "index" not in chunk.columns:
                 raise ManifestError(
