@@ -8,7 +8,6 @@ manifest. Nothing is written unless every row is valid.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,17 +16,38 @@ import pandas as pd
 from ._version import __version__
 from .errors import ManifestError, UsageError
 from .files import check_outputs_clear_of_inputs, check_overwrite, is_stdio, sha256_file, write_json_atomic
-from .manifest import column_as_text, read_classes_file, read_manifest, read_table, rebase_paths, table_format, write_table
+from .columns import distinct
+from .manifest import (Manifest, blocks_quoting, column_as_text, path_rebaser, read_classes_file, read_manifest,
+                       read_table, table_format, write_blocks, write_table)
 from .review import DECISIONS, LABEL_STUDIO_DECISION, LABEL_STUDIO_LABEL, LABEL_STUDIO_REMOVE
 
 AUDIT_COLUMNS = ["id", "old_label", "new_label", "decision"]
 
 
-@dataclass
 class ApplyResult:
-    fixed: pd.DataFrame  # the manifest's rows and columns, relabeled rows changed and removed rows dropped
-    audit: pd.DataFrame  # one row per reviewed row: id, old_label, new_label, decision
-    summary: dict
+    """`audit`: one row per reviewed row (id, old_label, new_label, decision). `fixed`: the manifest's rows and
+    columns, relabeled rows changed and removed rows dropped, read from the manifest's file when asked
+    (`apply_review` writes it a block of rows at a time)."""
+
+    def __init__(self, samples: Manifest, keep: np.ndarray, new_labels: dict[int, str], audit: pd.DataFrame,
+                 summary: dict):
+        self.samples, self.keep, self.new_labels, self.audit, self.summary = samples, keep, new_labels, audit, summary
+
+    @property
+    def fixed(self) -> pd.DataFrame:
+        return pd.concat(list(self.fixed_blocks()), ignore_index=False)
+
+    def fixed_blocks(self, rebase=None):
+        """The fixed table a block of the manifest at a time (labels as text, as the manifest wrote them)."""
+        for start, chunk in self.samples.chunks():
+            block = chunk.copy()
+            block.index = pd.RangeIndex(start, start + len(chunk))
+            labels = column_as_text(block, "label")
+            for row in (row for row in self.new_labels if start <= row < start + len(chunk)):
+                labels[row - start] = self.new_labels[row]
+            block["label"] = labels
+            block = block[self.keep[start:start + len(chunk)]]
+            yield block if rebase is None else rebase(block)
 
 
 def read_decisions(path: str) -> pd.DataFrame:
@@ -160,28 +180,26 @@ def apply_review(
     check_overwrite(outputs, overwrite)
     decisions = read_decisions(reviewed)
     samples = read_manifest(manifest)
-    classes, class_source = apply_class_list(reviewed, samples.labels, classes_file)
+    label_values = distinct(samples.labels)
+    classes, class_source = apply_class_list(reviewed, label_values, classes_file)
     # the reviewed ids' manifest rows, by a pandas hash index: dicts over every id of a million-row manifest
     # took ~100 bytes a row each, and a review covers a few of them
     found = pd.Index(list(samples.ids), dtype=object).get_indexer(decisions["id"].to_numpy(dtype=object))
     position = {sample_id: int(row) for sample_id, row in zip(decisions["id"], found) if row >= 0}
     validate_decisions(decisions, reviewed, {sample_id: samples.labels[row] for sample_id, row in position.items()},
                        classes, class_source)
-    labels = list(samples.labels)
+    new_labels: dict[int, str] = {}  # manifest row → its new label (only the relabeled rows)
     keep = np.ones(len(samples), dtype=bool)
     audit_rows = []
     for row in decisions.itertuples(index=False):
         at = position[row.id]
         old = samples.labels[at]
         if row.decision == "relabel":
-            labels[at] = written_label(row.new_label, classes, samples.labels)
+            new_labels[at] = written_label(row.new_label, classes, label_values)
         elif row.decision == "remove":
             keep[at] = False
-        audit_rows.append({"id": row.id, "old_label": old, "new_label": labels[at] if keep[at] else "",
+        audit_rows.append({"id": row.id, "old_label": old, "new_label": new_labels.get(at, old) if keep[at] else "",
                            "decision": row.decision or "keep"})
-    fixed = samples.table.copy()
-    fixed["label"] = labels
-    fixed = fixed[keep]
     audit = pd.DataFrame(audit_rows, columns=AUDIT_COLUMNS)
     counts = decisions["decision"].replace("", "keep").value_counts()
     changed = sum(1 for r in audit_rows if r["decision"] == "relabel" and r["old_label"] != r["new_label"])
@@ -201,10 +219,12 @@ def apply_review(
             "manifest": {"path": manifest, "sha256": sha256_file(manifest)},
         },
     }
+    result = ApplyResult(samples, keep, new_labels, audit, summary)
     if output is not None:
-        write_table(rebase_paths(fixed, samples.root, output), output)
+        rebase = path_rebaser((samples.paths[row] for row in np.flatnonzero(keep).tolist()), samples.root, output)
+        write_blocks(result.fixed_blocks(rebase), output, quoting=blocks_quoting(result.fixed_blocks, samples, keep))
         if not is_stdio(output):
             write_json_atomic(output + ".json", summary)
     if audit_output is not None:
         write_table(audit, audit_output)
-    return ApplyResult(fixed=fixed, audit=audit, summary=summary)
+    return result

@@ -200,7 +200,7 @@ class Manifest:
     table_source: TableSource | None = field(default=None, repr=False, compare=False)
     tensor_index: np.ndarray | None = None  # tensor rows: the `index` column as int64; None for images
     tensor_keys: Sequence[str] | None = None  # tensor rows with a `key` column: its values ("" = the only tensor)
-    carriage_return: bool = False  # a value somewhere holds "\r" (then CSV output quotes every field)
+    carriage_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # rows with a "\r" in a value
     kept_rows: np.ndarray | None = None  # after `subset`: the rows of the table on disk, in order
     _resolved: "ImagePaths | TensorRows | None" = field(default=None, repr=False, compare=False)
 
@@ -210,6 +210,11 @@ class Manifest:
     @property
     def holds_tensors(self) -> bool:
         return self.tensor_index is not None
+
+    @property
+    def carriage_return(self) -> bool:
+        """Whether a value somewhere holds a "\r" (then CSV output quotes every field: see `csv_quoting`)."""
+        return len(self.carriage_rows) > 0
 
     def chunks(self, columns: tuple[str, ...] | None = None,
                chunk_rows: int | None = None) -> Iterator[tuple[int, pd.DataFrame]]:
@@ -256,7 +261,7 @@ class Manifest:
         kept = rows if self.kept_rows is None else self.kept_rows[rows]
         return Manifest(source=self.source, root=self.root, ids=ids, paths=paths, labels=self.labels.take(rows),
                         columns=self.columns, table_source=self.table_source, tensor_index=index, tensor_keys=keys,
-                        carriage_return=self.carriage_return, kept_rows=kept)
+                        carriage_rows=np.flatnonzero(np.isin(rows, self.carriage_rows)), kept_rows=kept)
 
     def resolved_paths(self) -> "ImagePaths | TensorRows":
         """Each row's file resolved against the manifest's folder: a sequence of image paths, or for tensor
@@ -285,6 +290,16 @@ def default_ids(table: pd.DataFrame) -> list[str]:
 def _blank(values: list[str]) -> np.ndarray:
     """Which values are empty or whitespace (what `str.strip` leaves empty)."""
     return np.fromiter((not value or value.isspace() for value in values), dtype=bool, count=len(values))
+
+
+def carriage_return_rows(table: pd.DataFrame) -> np.ndarray:
+    """Positions of the rows of which a string value holds a "\r" (looked at row by row only when one does)."""
+    if not holds_carriage_return(table):
+        return np.zeros(0, dtype=np.int64)
+    found = np.zeros(len(table), dtype=bool)
+    for column in table.columns:
+        found |= table[column].map(lambda value: isinstance(value, str) and "\r" in value).to_numpy(dtype=bool)
+    return np.flatnonzero(found)
 
 
 def holds_carriage_return(table: pd.DataFrame) -> bool:
@@ -318,7 +333,7 @@ class ManifestReader:
         self.keys = CodedColumnBuilder()
         self.indices: list[np.ndarray] = []
         self.hashes: list[np.ndarray] = []  # of the ids (or image paths): for the duplicate check
-        self.carriage_return = False
+        self.carriage_rows: list[np.ndarray] = []
 
     def add(self, chunk: pd.DataFrame) -> None:
         name, start = self.name, self.rows
@@ -366,8 +381,7 @@ class ManifestReader:
             self.indices.append(parse_indices(column_as_text(chunk, "index"), name, first_row=start))
             if "key" in chunk.columns:
                 self.keys.add(column_as_text(chunk, "key"))
-        if not self.carriage_return and holds_carriage_return(chunk):
-            self.carriage_return = True
+        self.carriage_rows.append(start + carriage_return_rows(chunk))
         self.paths.add(paths)
         self.labels.add(labels)
         if has_id:
@@ -405,7 +419,7 @@ class ManifestReader:
             raise ManifestError(f"manifest {name}: duplicate id {ids[pair[1]]!r} in rows {pair[0] + 1} and {pair[1] + 1}")
         return Manifest(source=name, root=root, ids=ids, paths=paths, labels=labels, columns=self.columns,
                         table_source=source, tensor_index=tensor_index, tensor_keys=tensor_keys,
-                        carriage_return=self.carriage_return)
+                        carriage_rows=np.concatenate(self.carriage_rows).astype(np.int64))
 
 
 def read_manifest(path: str | os.PathLike, *, require_label: bool = True) -> Manifest:
@@ -546,6 +560,15 @@ def write_table(table: pd.DataFrame, path: str | os.PathLike) -> None:
                 raise ManifestError(f"{path}: writing Parquet needs pyarrow (pip install pyarrow)") from exc
 
 
+def blocks_quoting(blocks, manifest: Manifest, keep: np.ndarray) -> int:
+    """`csv_quoting` of the table that `blocks()` yields a block at a time, made of the manifest's rows where
+    `keep` holds: minimal unless a kept row held a "\r" (then the blocks are read once to see whether one
+    still does)."""
+    if not keep[manifest.carriage_rows].any():
+        return csv.QUOTE_MINIMAL
+    return csv.QUOTE_ALL if any(holds_carriage_return(block) for block in blocks()) else csv.QUOTE_MINIMAL
+
+
 def write_blocks(blocks: Iterable[pd.DataFrame], path: str | os.PathLike, quoting: int = csv.QUOTE_MINIMAL) -> None:
     """Write a table given as consecutive blocks of rows (the first one carries the header), atomically, as
     `write_table` does, holding one block at a time: CSV, TSV, JSONL and stdout are appended to block by
@@ -592,30 +615,42 @@ def manifest_from_folder(image_dir: str | os.PathLike, output: str | os.PathLike
     return pd.DataFrame(rows, columns=["path", "label"])
 
 
-def rebase_paths(table: pd.DataFrame, source_root: Path, output: str | os.PathLike) -> pd.DataFrame:
-    """The table with relative paths rewritten to resolve from the output's folder.
+def path_rebaser(paths: Iterable[str], source_root: Path, output: str | os.PathLike):
+    """A function that rewrites a block of a manifest's rows so that relative paths resolve from the output's
+    folder, or None when no path changes (the same folder; only absolute paths).
 
-    A manifest written to another folder keeps pointing at the same files. When paths change and
-    the table has no `id` column, one is added holding the original paths, so ids stay stable.
-    """
+    A manifest written to another folder keeps pointing at the same files. When paths change and the
+    table has no `id` column, one is added holding the original paths (`default_ids`), so ids stay stable.
+    `paths`: every path of the table (looked at until the first that changes)."""
     target_root = Path.cwd() if is_stdio(output) else Path(output).resolve().parent
     if target_root == source_root.resolve():
-        return table
-    original = column_as_text(table, "path")
-    rebased = []
-    for value in original:
+        return None
+
+    def rebased(value: str) -> str:
         if os.path.isabs(value):
-            rebased.append(value)
-        else:
-            absolute = os.path.normpath(source_root / value)
-            try:
-                rebased.append(Path(os.path.relpath(absolute, target_root)).as_posix())
-            except ValueError:
-                rebased.append(absolute)
-    if rebased == original:
+            return value
+        absolute = os.path.normpath(source_root / value)
+        try:
+            return Path(os.path.relpath(absolute, target_root)).as_posix()
+        except ValueError:
+            return absolute
+
+    if all(rebased(value) == value for value in paths):
+        return None
+
+    def rebase(table: pd.DataFrame) -> pd.DataFrame:
+        memo: dict[str, str] = {}
+        written = column_as_text(table, "path")
+        table = table.copy()
+        if "id" not in table.columns:
+            table.insert(0, "id", default_ids(table))
+        table["path"] = [memo[value] if value in memo else memo.setdefault(value, rebased(value)) for value in written]
         return table
-    table = table.copy()
-    if "id" not in table.columns:
-        table.insert(0, "id", default_ids(table))
-    table["path"] = rebased
-    return table
+
+    return rebase
+
+
+def rebase_paths(table: pd.DataFrame, source_root: Path, output: str | os.PathLike) -> pd.DataFrame:
+    """The table with relative paths rewritten to resolve from the output's folder (see `path_rebaser`)."""
+    rebase = path_rebaser(column_as_text(table, "path"), source_root, output)
+    return table if rebase is None else rebase(table)

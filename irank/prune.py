@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import pandas as pd
 
 from ._version import __version__
 from .errors import ManifestError, UsageError
 from .files import check_outputs_clear_of_inputs, check_overwrite, is_stdio, sha256_file, write_json_atomic
-from .manifest import read_manifest, read_table, rebase_paths, table_format, write_table
+from .manifest import Manifest, blocks_quoting, path_rebaser, read_manifest, read_table, rebase_paths, table_format, write_blocks, write_table
 
 SCORE_COLUMNS = ("id", "label", "rank", "class_rank", "score")
 
@@ -90,11 +88,33 @@ def read_scores(path: str, *, only_needed: bool = False) -> pd.DataFrame:
     return table
 
 
-@dataclass
 class PruneResult:
-    kept: pd.DataFrame
-    removed: pd.DataFrame
-    summary: dict
+    """What `prune` decided. `kept` (the manifest's table without the removed rows, in its order) is read from
+    the manifest's file when asked: `prune` itself writes it a block of rows at a time."""
+
+    def __init__(self, samples: Manifest, keep: np.ndarray, removed: pd.DataFrame, summary: dict):
+        self.samples, self.keep, self.removed, self.summary = samples, keep, removed, summary
+
+    @property
+    def kept(self) -> pd.DataFrame:
+        return self.samples.table[self.keep]
+
+    def kept_blocks(self, rebase=None):
+        """The kept rows a block of the manifest at a time (the first block carries the header even when empty)."""
+        for start, chunk in self.samples.chunks():
+            block = chunk[self.keep[start:start + len(chunk)]]
+            yield block if rebase is None else rebase(block)
+
+
+def rows_of(samples: Manifest, mask: np.ndarray) -> pd.DataFrame:
+    """The manifest's rows where `mask` holds, in manifest order, read a block at a time."""
+    parts = [chunk[mask[start:start + len(chunk)]] for start, chunk in samples.chunks()]
+    return pd.concat(parts, ignore_index=True)
+
+
+def paths_of(samples: Manifest, rows: np.ndarray):
+    """The paths of the given rows, one at a time (for `path_rebaser`, which stops at the first that changes)."""
+    return (samples.paths[row] for row in rows.tolist())
 
 
 def prune(
@@ -147,10 +167,8 @@ def prune(
     removed_rows = manifest_row[removed_at]
     keep = np.ones(len(samples), dtype=bool)
     keep[removed_rows] = False
-    table = samples.table
-    kept = table[keep]
-    removed = table.iloc[removed_rows].reset_index(drop=True)
-    del table
+    # the removed rows in manifest order, then in rank order (a share of the manifest; the kept rows are streamed)
+    removed = rows_of(samples, ~keep).iloc[np.searchsorted(np.sort(removed_rows), removed_rows)].reset_index(drop=True)
     for column in ("rank", "class_rank", "score"):
         name = column if column not in removed.columns else f"{column}_irank"
         removed[name] = removed_scores[column].to_numpy()
@@ -173,10 +191,12 @@ def prune(
             "manifest": {"path": manifest, "sha256": sha256_file(manifest)},
         },
     }
+    result = PruneResult(samples, keep, removed, summary)
     if output is not None:
-        write_table(rebase_paths(kept, samples.root, output), output)
+        rebase = path_rebaser(paths_of(samples, np.flatnonzero(keep)), samples.root, output)
+        write_blocks(result.kept_blocks(rebase), output, quoting=blocks_quoting(result.kept_blocks, samples, keep))
         if not is_stdio(output):
             write_json_atomic(output + ".json", summary)
     if removed_output is not None:
         write_table(rebase_paths(removed, samples.root, removed_output), removed_output)
-    return PruneResult(kept=kept, removed=removed, summary=summary)
+    return result

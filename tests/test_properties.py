@@ -53,7 +53,7 @@ def test_prune_partitions_the_manifest(case, rule, per_class, min_per_class):
         manifest.to_csv(folder / "m.csv", index=False)
         table.to_csv(folder / "s.csv", index=False)
         result = prune(str(folder / "s.csv"), str(folder / "m.csv"), per_class=per_class, min_per_class=min_per_class, **rule)
-    kept, removed = result.kept, result.removed
+        kept, removed = result.kept, result.removed  # kept is read from the manifest's file
     kept_ids, removed_ids = set(kept["path"]), set(removed["path"])
     assert kept_ids | removed_ids == set(manifest["path"])  # kept ∪ removed = input
     assert not kept_ids & removed_ids  # kept ∩ removed = ∅

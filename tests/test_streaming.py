@@ -203,3 +203,62 @@ def test_a_manifest_that_changes_before_the_output_is_refused(tmp_path):
     pd.concat([table, table.iloc[:1]]).to_csv(path, index=False)
     with pytest.raises(ManifestError, match="changed while irank ran"):
         manifest.table
+
+
+@pytest.mark.parametrize("carriage_in", ["kept", "removed", "none"])
+@pytest.mark.parametrize("elsewhere", [False, True])
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_prune_streams_the_bytes_of_a_whole_write(tmp_path, monkeypatch, carriage_in, elsewhere, fmt):
+    """prune writes the kept rows a block of the manifest at a time: the file is the one writing the kept
+    table whole gives (quoting decided on the kept rows, paths rebased into another folder)."""
+    from irank.manifest import rebase_paths, write_table
+    from irank.prune import prune
+
+    rows = 11
+    table = pd.DataFrame({"path": [f"img/{i}.png" for i in range(rows)], "label": [f"c{i % 3}" for i in range(rows)],
+                          "note": [f"n,{i}" for i in range(rows)]})
+    scores = pd.DataFrame({"id": table["path"], "label": table["label"], "rank": range(1, rows + 1),
+                           "class_rank": [i // 3 + 1 for i in range(rows)], "score": np.linspace(1, 0, rows)})
+    if carriage_in != "none":
+        table.loc[0 if carriage_in == "removed" else rows - 1, "note"] = "two\rlines"  # rank 1 is removed
+    write_table(table, tmp_path / "m.csv")  # every field quoted where a value holds "\r"
+    scores.to_csv(tmp_path / "s.csv", index=False)
+    folder = tmp_path / ("out" if elsewhere else "")
+    folder.mkdir(exist_ok=True)
+    monkeypatch.setattr(manifest_module, "CHUNK_ROWS", 3)
+    result = prune(str(tmp_path / "s.csv"), str(tmp_path / "m.csv"), output=str(folder / f"kept.{fmt}"), count=4)
+    write_table(rebase_paths(result.kept, tmp_path, folder / f"whole.{fmt}"), folder / f"whole.{fmt}")
+    assert (folder / f"kept.{fmt}").read_bytes() == (folder / f"whole.{fmt}").read_bytes()
+    first_line = (folder / f"kept.{fmt}").read_text().splitlines()[0].replace('"', "")
+    added_id = first_line.startswith("id,") if fmt == "csv" else first_line.startswith("{id:")
+    assert len(result.kept) == rows - 4 and added_id == elsewhere
+    assert result.removed["rank"].tolist() == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("carriage_in", ["kept", "removed", "relabeled away", "none"])
+@pytest.mark.parametrize("elsewhere", [False, True])
+def test_apply_streams_the_bytes_of_a_whole_write(tmp_path, monkeypatch, carriage_in, elsewhere):
+    from irank.apply import apply_review
+    from irank.manifest import rebase_paths, write_table
+
+    rows = 10
+    table = pd.DataFrame({"path": [f"img/{i}.png" for i in range(rows)], "label": [f"c{i % 3}" for i in range(rows)],
+                          "note": [f"n,{i}" for i in range(rows)]})
+    row = {"kept": 7, "removed": 1, "relabeled away": 4, "none": None}[carriage_in]
+    if row is not None:
+        table.loc[row, "label" if carriage_in == "relabeled away" else "note"] = "a\rb"
+    write_table(table, tmp_path / "m.csv")
+    decisions = pd.DataFrame({"id": ["img/1.png", "img/4.png", "img/8.png"], "decision": ["remove", "relabel", "keep"],
+                              "new_label": ["", "c2", ""]})
+    decisions.to_csv(tmp_path / "reviewed.csv", index=False)
+    (tmp_path / "classes.txt").write_text("c0\nc1\nc2\n")
+    folder = tmp_path / ("out" if elsewhere else "")
+    folder.mkdir(exist_ok=True)
+    monkeypatch.setattr(manifest_module, "CHUNK_ROWS", 3)
+    result = apply_review(str(tmp_path / "reviewed.csv"), str(tmp_path / "m.csv"), output=str(folder / "fixed.csv"),
+                          classes_file=str(tmp_path / "classes.txt"))
+    fixed = result.fixed
+    write_table(rebase_paths(fixed, tmp_path, folder / "whole.csv"), folder / "whole.csv")
+    assert (folder / "fixed.csv").read_bytes() == (folder / "whole.csv").read_bytes()
+    assert len(fixed) == rows - 1 and fixed.loc[4, "label"] == "c2" and 1 not in fixed.index
+    assert result.audit["new_label"].tolist() == ["", "c2", table.loc[8, "label"]]
