@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pandas as pd
 
 from ._version import __version__
 from .errors import ManifestError, UsageError
 from .files import check_outputs_clear_of_inputs, check_overwrite, is_stdio, sha256_file, write_json_atomic
-from .manifest import Manifest, blocks_quoting, path_rebaser, read_manifest, read_table, rebase_paths, table_format, write_blocks, write_table
+from .manifest import (Manifest, blocks_quoting, check_readable, iter_table, path_rebaser, read_manifest, rebase_paths,
+                       table_format, write_blocks, write_table)
 
 SCORE_COLUMNS = ("id", "label", "rank", "class_rank", "score")
 
@@ -69,19 +72,37 @@ def removal_mask(
 
 
 def read_scores(path: str, *, only_needed: bool = False) -> pd.DataFrame:
-    """A scores table, checked; with `only_needed`, just the columns prune reads (less memory at scale)."""
-    table = read_table(path, what="scores", columns=SCORE_COLUMNS if only_needed else None)
-    missing = [column for column in SCORE_COLUMNS if column not in table.columns]
-    if missing:
-        raise ManifestError(f"scores {path}: missing column {', '.join(missing)}; is this the output of irank score?")
-    table["id"] = table["id"].astype(str)
-    table["label"] = table["label"].astype(str)
-    for column in ("rank", "class_rank", "score"):
-        converted = pd.to_numeric(table[column], errors="coerce")
-        bad = np.flatnonzero(converted.isna().to_numpy())
-        if len(bad):
-            raise ManifestError(f"scores {path}: row {bad[0] + 1}: {column} {table[column].iloc[bad[0]]!r} is not a number")
-        table[column] = converted
+    """A scores table, checked; with `only_needed`, just the columns prune reads (less memory at scale).
+
+    Read and converted a block of rows at a time: the numbers are parsed from each block's text before the
+    next block is read, and the labels of all rows share one string per class."""
+    fmt = table_format(path)
+    if is_stdio(path):
+        source = sys.stdin.buffer
+    else:
+        check_readable(path, "scores")
+        source = path
+    parts, start = [], 0
+    for chunk in iter_table(source, fmt, what="scores", name=str(path), columns=SCORE_COLUMNS if only_needed else None):
+        if start == 0:
+            missing = [column for column in SCORE_COLUMNS if column not in chunk.columns]
+            if missing:
+                raise ManifestError(f"scores {path}: missing column {', '.join(missing)}; is this the output of irank score?")
+        chunk = chunk.copy()
+        chunk["id"] = chunk["id"].astype(str)
+        codes, labels = pd.factorize(chunk["label"].astype(str))
+        chunk["label"] = np.asarray(labels, dtype=object)[codes] if len(codes) else chunk["label"].astype(str)
+        for column in ("rank", "class_rank", "score"):
+            converted = pd.to_numeric(chunk[column], errors="coerce")
+            bad = np.flatnonzero(converted.isna().to_numpy())
+            if len(bad):
+                raise ManifestError(f"scores {path}: row {start + bad[0] + 1}: {column} {chunk[column].iloc[bad[0]]!r} "
+                                    "is not a number")
+            chunk[column] = converted
+        parts.append(chunk)
+        start += len(chunk)
+    table = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0].reset_index(drop=True)
+    del parts
     duplicated = table["id"].duplicated()
     if duplicated.any():
         raise ManifestError(f"scores {path}: id {table['id'][duplicated].iloc[0]!r} appears twice")
