@@ -182,10 +182,10 @@ def apply_review(
     samples = read_manifest(manifest)
     label_values = distinct(samples.labels)
     classes, class_source = apply_class_list(reviewed, label_values, classes_file)
-    # the reviewed ids' manifest rows, by a pandas hash index: dicts over every id of a million-row manifest
-    # took ~100 bytes a row each, and a review covers a few of them
-    found = pd.Index(list(samples.ids), dtype=object).get_indexer(decisions["id"].to_numpy(dtype=object))
-    position = {sample_id: int(row) for sample_id, row in zip(decisions["id"], found) if row >= 0}
+    # the reviewed ids' manifest rows, found in one pass over the ids (made one at a time): an index of every id
+    # of a million-row manifest held its million strings, and a review covers a few of them
+    wanted = set(decisions["id"])
+    position = {sample_id: row for row, sample_id in enumerate(samples.ids) if sample_id in wanted}
     validate_decisions(decisions, reviewed, {sample_id: samples.labels[row] for sample_id, row in position.items()},
                        classes, class_source)
     new_labels: dict[int, str] = {}  # manifest row → its new label (only the relabeled rows)
