@@ -167,6 +167,17 @@ def text_hashes(values: list[str]) -> np.ndarray:
     return pd.util.hash_array(np.asarray(values, dtype=object)) if values else np.zeros(0, dtype=np.uint64)
 
 
+def equal_runs(ordered: np.ndarray) -> list[tuple[int, int]]:
+    """[start, end) of every run of two or more equal neighbours in a sorted array."""
+    same = np.flatnonzero(ordered[1:] == ordered[:-1])
+    if len(same) == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(same) != 1)
+    starts = np.concatenate([same[:1], same[breaks + 1]])
+    ends = np.concatenate([same[breaks], same[-1:]]) + 2
+    return list(zip(starts.tolist(), ends.tolist()))
+
+
 def first_duplicate(values: Sequence[str], hashes: np.ndarray) -> tuple[int, int] | None:
     """(earlier row, row), 0-based, of the first row whose string an earlier row has, or None.
 
@@ -174,15 +185,8 @@ def first_duplicate(values: Sequence[str], hashes: np.ndarray) -> tuple[int, int
     of a million strings is built; a collision of two different strings is told apart there.
     """
     order = np.argsort(hashes, kind="stable")  # within one hash, rows stay ascending
-    ordered = hashes[order]
-    same = np.flatnonzero(ordered[1:] == ordered[:-1])
-    if len(same) == 0:
-        return None
-    breaks = np.flatnonzero(np.diff(same) != 1)
-    starts = np.concatenate([same[:1], same[breaks + 1]])
-    ends = np.concatenate([same[breaks], same[-1:]]) + 2
     best: tuple[int, int] | None = None
-    for start, end in zip(starts.tolist(), ends.tolist()):
+    for start, end in equal_runs(hashes[order]):
         first_row: dict[str, int] = {}
         for row in order[start:end].tolist():
             if best is not None and row >= best[1]:

@@ -14,6 +14,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from .columns import equal_runs
 from .influence import chunk_size, spans
 from .manifest import csv_quoting
 from .rowstore import DiskRows, MemoryBudget
@@ -89,22 +90,14 @@ def class_names_of(indices: np.ndarray, class_names: np.ndarray) -> np.ndarray:
 
 
 def rank_order(scores: np.ndarray, ids: list[str]) -> np.ndarray:
-    """Row indices from most to least influential; ties break by id so the order is deterministic.
+    """Row indices from the highest score to the lowest; ties break by id so the order is deterministic.
 
     Only the rows that tie are compared by id: an array of every id as fixed-width text would cost
     4 bytes × the longest id × rows.
     """
     scores = np.asarray(scores, dtype=np.float64)
     order = np.argsort(-scores, kind="stable")
-    ordered = scores[order]
-    same = np.flatnonzero(ordered[1:] == ordered[:-1])
-    if len(same) == 0:
-        return order
-    # runs of equal scores: [start, end) in `order`
-    breaks = np.flatnonzero(np.diff(same) != 1)
-    starts = np.concatenate([same[:1], same[breaks + 1]])
-    ends = np.concatenate([same[breaks], same[-1:]]) + 2
-    for start, end in zip(starts.tolist(), ends.tolist()):
+    for start, end in equal_runs(scores[order]):  # runs of equal scores: [start, end) in `order`
         members = order[start:end]
         order[start:end] = members[np.argsort(np.asarray([ids[i] for i in members], dtype=str), kind="stable")]
     return order
