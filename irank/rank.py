@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from .columns import equal_runs
+from .columns import equal_runs, values_at
 from .influence import chunk_size, spans
 from .manifest import csv_quoting
 from .rowstore import DiskRows, MemoryBudget
@@ -186,8 +186,8 @@ class RankedScores:
         table = pd.DataFrame(
             {
                 "rank": np.arange(start + 1, start + len(order) + 1, dtype=np.int64),
-                "id": np.asarray([self.ids[i] for i in order.tolist()], dtype=object),
-                "path": np.asarray([self.paths[i] for i in order.tolist()], dtype=object),
+                "id": np.asarray(values_at(self.ids, order), dtype=object),
+                "path": np.asarray(values_at(self.paths, order), dtype=object),
                 "label": names[labels],
                 "predicted": class_names_of(ordered["predicted"], names),
                 "label_prob": ordered["label_prob"],

@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from .columns import StringSequence, codes_and_values, distinct
+from .columns import StringSequence, codes_and_values, distinct, values_at
 from .errors import ImageError, ManifestError
 
 TENSOR_SUFFIXES = (".npy", ".safetensors")
@@ -92,6 +92,14 @@ class TensorRowIds(StringSequence):
             return [self[index] for index in range(*row.indices(len(self)))]
         key = self.keys[row] if self.keys is not None else ""
         return f"{self.paths[row]}{f'[{key}]' if key else ''}[{int(self.indices[row])}]"
+
+    def values_at(self, rows: np.ndarray) -> list[str]:
+        """The ids of the given rows (a block of the scores table), made together."""
+        paths, indices = values_at(self.paths, rows), self.indices[rows].tolist()
+        if self.keys is None:
+            return [f"{path}[{index}]" for path, index in zip(paths, indices)]
+        keys = values_at(self.keys, rows)
+        return [f"{path}[{key}][{index}]" if key else f"{path}[{index}]" for path, key, index in zip(paths, keys, indices)]
 
     def first_duplicate(self) -> tuple[int, int] | None:
         """(earlier row, row), 0-based, of the first row whose id an earlier row has, or None.

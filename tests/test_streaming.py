@@ -262,3 +262,26 @@ def test_apply_streams_the_bytes_of_a_whole_write(tmp_path, monkeypatch, carriag
     assert (folder / "fixed.csv").read_bytes() == (folder / "whole.csv").read_bytes()
     assert len(fixed) == rows - 1 and fixed.loc[4, "label"] == "c2" and 1 not in fixed.index
     assert result.audit["new_label"].tolist() == ["", "c2", table.loc[8, "label"]]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 12), st.data(), st.sampled_from([",", "\t"]), st.booleans())
+def test_the_plain_csv_writer_writes_what_pandas_writes(rows, data, sep, header):
+    """plain_csv (str.join) gives pandas' bytes, or None (pandas then writes the block)."""
+    from irank.manifest import plain_csv
+
+    columns = {
+        "rank": data.draw(st.lists(st.integers(-2**63, 2**63 - 1), min_size=rows, max_size=rows)),
+        "score": data.draw(st.lists(st.floats(allow_nan=True, allow_infinity=True), min_size=rows, max_size=rows)),
+        "flag": data.draw(st.lists(st.booleans(), min_size=rows, max_size=rows)),
+        "text": data.draw(st.lists(st.text(max_size=5) | st.sampled_from(["a", "b c", "é", ""]), min_size=rows,
+                                   max_size=rows)),
+    }
+    table = pd.DataFrame(columns)
+    table["text"] = table["text"].astype(object)
+    text = plain_csv(table, sep, header)
+    expected = table.to_csv(index=False, sep=sep, header=header)
+    if text is None:  # only when a value needs quoting
+        assert any(special in value for value in columns["text"] for special in (sep, '"', "\n", "\r"))
+    else:
+        assert text == expected
