@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from irank import columns, manifest as manifest_module, rank as rank_module, synthetic
 from irank.columns import CodedColumn, TextColumn, first_duplicate, text_hashes
 from irank.errors import ManifestError
-from irank.manifest import read_manifest
+from irank.manifest import read_manifest, write_table
 from irank.rank import RankedScores, prediction_columns, prediction_rows
 from irank.rowstore import DiskRows, MemoryBudget
 
@@ -285,3 +285,20 @@ def test_the_plain_csv_writer_writes_what_pandas_writes(rows, data, sep, header)
         assert any(special in value for value in columns["text"] for special in (sep, '"', "\n", "\r"))
     else:
         assert text == expected
+
+
+def test_a_subset_reads_back_only_its_rows_in_its_order(tmp_path, monkeypatch):
+    """`--on-bad-image skip` keeps a subset of the manifest: its table read again holds those rows only."""
+    monkeypatch.setattr(manifest_module, "CHUNK_ROWS", 2)
+    rows = [{"path": f"{i}.png", "label": f"c{i % 2}", "note": f"n{i}"} for i in range(7)]
+    rows[3]["note"] = "a\rb"
+    write_table(pd.DataFrame(rows), tmp_path / "m.csv")
+    manifest = read_manifest(tmp_path / "m.csv")
+    assert manifest.carriage_rows.tolist() == [3]
+    subset = manifest.subset([6, 0, 3, 5])
+    assert list(subset.paths) == ["6.png", "0.png", "3.png", "5.png"] == list(subset.ids)
+    assert list(subset.labels) == ["c0", "c0", "c1", "c1"] and subset.carriage_rows.tolist() == [2]
+    assert subset.table["note"].tolist() == ["n6", "n0", "a\rb", "n5"]
+    assert [len(part) for _, part in subset.chunks()] == [2, 2]
+    smaller = subset.subset([1, 3])
+    assert smaller.table["note"].tolist() == ["n0", "n5"] and not smaller.carriage_return
