@@ -217,6 +217,13 @@ def read_rest(prepared: Prepared, layer: str, sample_rows: np.ndarray, candidate
                           reporter=reporter, row_order=block_indices, out=features)
 
 
+def counted(blocks, advance):
+    """The blocks, advancing a progress bar by each one's rows once it has been handed on (written)."""
+    for block in blocks:
+        yield block
+        advance(len(block))
+
+
 def placement_details(place: Placement) -> dict:
     """What the sidecar says of how the model ran: it moves the scores by float rounding (precision more)."""
     return {"device": place.device.type, "channels_last": place.channels_last, "precision": place.precision}
@@ -362,7 +369,8 @@ def score(
     }
     with all_or_none():  # a failed write on rank 0 fails every process
         if output is not None and writes_here():
-            write_blocks(ranked.blocks(), output, quoting=ranked.csv_quoting())
+            with reporter.task("writing the scores", len(ranked)) as advance:
+                write_blocks(counted(ranked.blocks(), advance), output, quoting=ranked.csv_quoting())
             if not is_stdio(output):
                 write_json_atomic(output + ".json", sidecar)
     return ScoreResult(ranked=ranked, sidecar=sidecar)
