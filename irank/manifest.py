@@ -13,6 +13,7 @@ import csv
 import io
 import os
 import shutil
+import stat
 import sys
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
@@ -135,8 +136,8 @@ def read_table(path: str | os.PathLike, *, what: str = "manifest", columns: tupl
 
 
 class TableSource:
-    """A table that can be read again, a block of rows at a time: its file, or stdin copied to a temporary
-    file on the first read (removed when this object goes)."""
+    """A table that can be read again, a block of rows at a time: its file, or stdin (or a pipe) copied to a
+    temporary file on the first read (removed when this object goes)."""
 
     def __init__(self, path: str | os.PathLike, what: str = "manifest"):
         self.name, self.what, self.format = str(path), what, table_format(path)
@@ -144,8 +145,15 @@ class TableSource:
         if is_stdio(path):
             self._spool = tempfile.TemporaryFile(prefix="irank-stdin-")
             shutil.copyfileobj(sys.stdin.buffer, self._spool)
-        else:
-            check_readable(path, what)
+            return
+        check_readable(path, what)
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a pipe (`<(command)`) reads once: keep a copy
+            self._spool = tempfile.TemporaryFile(prefix="irank-pipe-")
+            try:
+                with open(path, "rb") as pipe:
+                    shutil.copyfileobj(pipe, self._spool)
+            except OSError as exc:
+                raise ManifestError(f"{what} {path}: cannot read: {exc.strerror or exc}") from None
 
     def chunks(self, columns: tuple[str, ...] | None = None, chunk_rows: int | None = None) -> Iterator[pd.DataFrame]:
         if self._spool is not None:

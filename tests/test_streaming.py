@@ -302,3 +302,24 @@ def test_a_subset_reads_back_only_its_rows_in_its_order(tmp_path, monkeypatch):
     assert [len(part) for _, part in subset.chunks()] == [2, 2]
     smaller = subset.subset([1, 3])
     assert smaller.table["note"].tolist() == ["n0", "n5"] and not smaller.carriage_return
+
+
+def test_a_manifest_from_a_pipe_can_be_read_again(tmp_path):
+    """A named pipe gives its rows once: they are kept in a temporary file for the second read."""
+    import os
+    import threading
+
+    pipe = tmp_path / "m.csv"
+    os.mkfifo(pipe)
+    text = "path,label,note\n" + "".join(f"{i}.png,c{i % 2},n{i}\n" for i in range(5))
+
+    def write():
+        with open(pipe, "w") as handle:
+            handle.write(text)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    manifest = read_manifest(pipe)
+    writer.join()
+    for _ in range(2):
+        assert manifest.table["note"].tolist() == [f"n{i}" for i in range(5)]
