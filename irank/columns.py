@@ -178,7 +178,7 @@ def distinct(values: Sequence[str]) -> list[str]:
 
 def text_hashes(values: list[str]) -> np.ndarray:
     """A 64-bit hash of each string (pandas' vectorized hash: the same string, the same hash, in any block)."""
-    return pd.util.hash_array(np.asarray(values, dtype=object)) if values else np.zeros(0, dtype=np.uint64)
+    return pd.util.hash_array(np.asarray(values, dtype=object), categorize=False) if len(values) else np.zeros(0, dtype=np.uint64)
 
 
 def equal_runs(ordered: np.ndarray) -> list[tuple[int, int]]:
@@ -211,3 +211,36 @@ def first_duplicate(values: Sequence[str], hashes: np.ndarray) -> tuple[int, int
                 break
             first_row[text] = row
     return best
+
+
+def find_rows(column: Sequence[str], wanted: Sequence[str], block_rows: int = ITER_ROWS,
+            hash_of=None) -> np.ndarray:
+    """For each string of `wanted`, the row of `column` that holds it (-1 where none does); `column` holds
+    each string once. Matched by 64-bit hash (a sorted array of the column's hashes: 16 bytes a row, where
+    an index of its strings took ~100) and checked string by string; where two strings share a hash, the
+    rows of that hash are compared one by one. `hash_of`: text_hashes (tests pass a weaker one)."""
+    hash_of = hash_of or text_hashes
+    wanted = list(wanted)
+    count = len(column)
+    if count == 0:
+        return np.full(len(wanted), -1, dtype=np.int64)
+    hashes = np.concatenate([hash_of(values_at(column, np.arange(start, min(start + block_rows, count))))
+                             for start in range(0, count, block_rows)])
+    order = np.argsort(hashes, kind="stable")
+    ordered = hashes[order]
+    del hashes
+    wanted_hashes = hash_of(wanted) if wanted else np.zeros(0, dtype=ordered.dtype)
+    at = np.minimum(np.searchsorted(ordered, wanted_hashes), count - 1)
+    rows = np.where(ordered[at] == wanted_hashes, order[at], -1).astype(np.int64)
+    for start in range(0, len(wanted), block_rows):
+        found = np.flatnonzero(rows[start:start + block_rows] >= 0) + start
+        for place, text in zip(found.tolist(), values_at(column, rows[found])):
+            if text != wanted[place]:  # another string with the same hash: look through every row of that hash
+                rows[place] = -1
+                first = int(at[place])
+                while first < count and ordered[first] == wanted_hashes[place]:
+                    if column[int(order[first])] == wanted[place]:
+                        rows[place] = order[first]
+                        break
+                    first += 1
+    return rows

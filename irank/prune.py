@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from ._version import __version__
+from .columns import find_rows
 from .errors import ManifestError, UsageError
 from .files import check_outputs_clear_of_inputs, check_overwrite, is_stdio, sha256_file, write_json_atomic
 from .manifest import (Manifest, blocks_quoting, check_readable, iter_table, path_rebaser, read_manifest, rebase_paths,
@@ -169,8 +170,8 @@ def prune(
         raise UsageError("-o and --removed cannot both go to stdout")
     score_table = read_scores(scores, only_needed=True)
     samples = read_manifest(manifest, require_label=False)
-    # each scored id's manifest row, by a pandas hash index (a dict of a million ids took ~100 bytes each)
-    manifest_row = pd.Index(list(samples.ids), dtype=object).get_indexer(score_table["id"].to_numpy(dtype=object))
+    # each scored id's manifest row, by hash: an index of a million ids held their million strings
+    manifest_row = find_rows(samples.ids, score_table["id"].to_numpy(dtype=object))
     unknown = np.flatnonzero(manifest_row < 0)
     if len(unknown):
         raise ManifestError(f"scores {scores}: id {score_table['id'].iloc[unknown[0]]!r} is not in manifest {manifest} "

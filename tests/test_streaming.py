@@ -323,3 +323,18 @@ def test_a_manifest_from_a_pipe_can_be_read_again(tmp_path):
     writer.join()
     for _ in range(2):
         assert manifest.table["note"].tolist() == [f"n{i}" for i in range(5)]
+
+
+@FAST
+@given(st.lists(st.text(max_size=3), unique=True, max_size=30), st.lists(st.text(max_size=3), max_size=30),
+       st.sampled_from(["real", "all collide", "half collide"]), st.integers(1, 7))
+def test_ids_are_found_by_hash_as_by_a_dict(held, wanted, hashes, block_rows):
+    from irank.columns import find_rows
+
+    wanted = wanted + held[::2]
+    weak = {"real": None,
+            "all collide": lambda values: np.zeros(len(values), dtype=np.uint64),
+            "half collide": lambda values: text_hashes(values) % np.uint64(2)}[hashes]
+    position = {text: row for row, text in enumerate(held)}
+    expected = [position.get(text, -1) for text in wanted]
+    assert find_rows(TextColumn.of(held), wanted, block_rows, weak).tolist() == expected
