@@ -249,6 +249,11 @@ class Manifest:
         if rows > len(self):
             raise ManifestError(f"manifest {self.source}: changed while irank ran (more than {len(self)} rows now)")
 
+    def paths_at(self, rows: np.ndarray) -> Iterator[str]:
+        """The paths of the given rows as written, one at a time (for `path_rebaser`, which stops at the first
+        that changes)."""
+        return (self.paths[row] for row in np.asarray(rows).tolist())
+
     @property
     def table(self) -> pd.DataFrame:
         """The user's whole table, read again from its file (at a million rows, hundreds of MB: prefer `chunks`)."""

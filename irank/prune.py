@@ -134,11 +134,6 @@ def rows_of(samples: Manifest, mask: np.ndarray) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
-def paths_of(samples: Manifest, rows: np.ndarray):
-    """The paths of the given rows, one at a time (for `path_rebaser`, which stops at the first that changes)."""
-    return (samples.paths[row] for row in rows.tolist())
-
-
 def prune(
     scores: str,
     manifest: str,
@@ -215,7 +210,7 @@ def prune(
     }
     result = PruneResult(samples, keep, removed, summary)
     if output is not None:
-        rebase = path_rebaser(paths_of(samples, np.flatnonzero(keep)), samples.root, output)
+        rebase = path_rebaser(samples.paths_at(np.flatnonzero(keep)), samples.root, output)
         write_blocks(result.kept_blocks(rebase), output, quoting=blocks_quoting(result.kept_blocks, samples, keep))
         if not is_stdio(output):
             write_json_atomic(output + ".json", summary)
