@@ -72,11 +72,15 @@ def table_errors(what: str, name: str, fmt: str):
         raise ManifestError(f"{what} {name}: cannot read: {exc.strerror or exc}") from None
 
 
-def check_readable(path: str | os.PathLike, what: str) -> None:
+def table_input(path: str | os.PathLike, what: str):
+    """What a table is read from: stdin's bytes for '-', else the path, once it is known to be a file."""
+    if is_stdio(path):
+        return sys.stdin.buffer
     if not Path(path).exists():
         raise ManifestError(f"{what} {path}: no such file")
     if Path(path).is_dir():
         raise ManifestError(f"{what} {path}: is a folder, not a file")
+    return path
 
 
 def _named_columns(table: pd.DataFrame, columns: tuple[str, ...] | None) -> pd.DataFrame:
@@ -123,11 +127,9 @@ def read_table(path: str | os.PathLike, *, what: str = "manifest", columns: tupl
     With `columns`, only those of them the table has are kept (CSV/TSV: the others are never parsed).
     """
     fmt = table_format(path)
+    source = table_input(path, what)
     if is_stdio(path):
-        source = io.BytesIO(sys.stdin.buffer.read())
-    else:
-        check_readable(path, what)
-        source = path
+        source = io.BytesIO(source.read())
     with table_errors(what, str(path), fmt):
         if fmt in ("csv", "tsv"):
             return _named_columns(pd.read_csv(source, **_csv_options(fmt, columns)), columns)
@@ -142,11 +144,11 @@ class TableSource:
     def __init__(self, path: str | os.PathLike, what: str = "manifest"):
         self.name, self.what, self.format = str(path), what, table_format(path)
         self._spool = None
+        source = table_input(path, what)
         if is_stdio(path):
             self._spool = tempfile.TemporaryFile(prefix="irank-stdin-")
-            shutil.copyfileobj(sys.stdin.buffer, self._spool)
+            shutil.copyfileobj(source, self._spool)
             return
-        check_readable(path, what)
         if not stat.S_ISREG(os.stat(path).st_mode):  # a pipe (`<(command)`) reads once: keep a copy
             self._spool = tempfile.TemporaryFile(prefix="irank-pipe-")
             try:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import pandas as pd
 
@@ -11,7 +9,7 @@ from ._version import __version__
 from .columns import find_rows
 from .errors import ManifestError, UsageError
 from .files import check_outputs_clear_of_inputs, check_overwrite, is_stdio, sha256_file, write_json_atomic
-from .manifest import (Manifest, blocks_quoting, check_readable, iter_table, path_rebaser, read_manifest, rebase_paths,
+from .manifest import (Manifest, blocks_quoting, iter_table, path_rebaser, read_manifest, rebase_paths, table_input,
                        table_format, write_blocks, write_table)
 
 SCORE_COLUMNS = ("id", "label", "rank", "class_rank", "score")
@@ -78,11 +76,7 @@ def read_scores(path: str, *, only_needed: bool = False) -> pd.DataFrame:
     Read and converted a block of rows at a time: the numbers are parsed from each block's text before the
     next block is read, and the labels of all rows share one string per class."""
     fmt = table_format(path)
-    if is_stdio(path):
-        source = sys.stdin.buffer
-    else:
-        check_readable(path, "scores")
-        source = path
+    source = table_input(path, "scores")
     parts, start = [], 0
     for chunk in iter_table(source, fmt, what="scores", name=str(path), columns=SCORE_COLUMNS if only_needed else None):
         if start == 0:
