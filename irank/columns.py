@@ -214,33 +214,36 @@ def first_duplicate(values: Sequence[str], hashes: np.ndarray) -> tuple[int, int
 
 
 def find_rows(column: Sequence[str], wanted: Sequence[str], block_rows: int = ITER_ROWS,
-            hash_of=None) -> np.ndarray:
+              hash_of=None) -> np.ndarray:
     """For each string of `wanted`, the row of `column` that holds it (-1 where none does); `column` holds
     each string once. Matched by 64-bit hash (a sorted array of the column's hashes: 16 bytes a row, where
     an index of its strings took ~100) and checked string by string; where two strings share a hash, the
-    rows of that hash are compared one by one. `hash_of`: text_hashes (tests pass a weaker one)."""
+    rows of that hash are compared one by one. `wanted` is read a block of `block_rows` at a time (a
+    TextColumn of a million ids is never a list of them). `hash_of`: text_hashes (tests pass a weaker one)."""
     hash_of = hash_of or text_hashes
-    wanted = list(wanted)
     count = len(column)
-    if count == 0:
-        return np.full(len(wanted), -1, dtype=np.int64)
+    rows = np.full(len(wanted), -1, dtype=np.int64)
+    if count == 0 or len(wanted) == 0:
+        return rows
     hashes = np.concatenate([hash_of(values_at(column, np.arange(start, min(start + block_rows, count))))
                              for start in range(0, count, block_rows)])
     order = np.argsort(hashes, kind="stable")
     ordered = hashes[order]
     del hashes
-    wanted_hashes = hash_of(wanted) if wanted else np.zeros(0, dtype=ordered.dtype)
-    at = np.minimum(np.searchsorted(ordered, wanted_hashes), count - 1)
-    rows = np.where(ordered[at] == wanted_hashes, order[at], -1).astype(np.int64)
     for start in range(0, len(wanted), block_rows):
-        found = np.flatnonzero(rows[start:start + block_rows] >= 0) + start
-        for place, text in zip(found.tolist(), values_at(column, rows[found])):
-            if text != wanted[place]:  # another string with the same hash: look through every row of that hash
-                rows[place] = -1
+        texts = values_at(wanted, np.arange(start, min(start + block_rows, len(wanted))))
+        wanted_hashes = hash_of(texts)
+        at = np.minimum(np.searchsorted(ordered, wanted_hashes), count - 1)
+        block = np.where(ordered[at] == wanted_hashes, order[at], -1).astype(np.int64)
+        found = np.flatnonzero(block >= 0)
+        for place, text in zip(found.tolist(), values_at(column, block[found])):
+            if text != texts[place]:  # another string with the same hash: look through every row of that hash
+                block[place] = -1
                 first = int(at[place])
                 while first < count and ordered[first] == wanted_hashes[place]:
-                    if column[int(order[first])] == wanted[place]:
-                        rows[place] = order[first]
+                    if column[int(order[first])] == texts[place]:
+                        block[place] = order[first]
                         break
                     first += 1
+        rows[start:start + len(texts)] = block
     return rows

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
 
 from ._version import __version__
-from .columns import find_rows
+from .columns import (CodedColumn, CodedColumnBuilder, TextColumn, TextColumnBuilder, find_rows, first_duplicate,
+                      text_hashes)
 from .errors import ManifestError, UsageError
 from .files import check_outputs_clear_of_inputs, check_overwrite, is_stdio, sha256_file, write_json_atomic
 from .manifest import (Manifest, blocks_quoting, iter_table, path_rebaser, read_manifest, rebase_paths, table_input,
@@ -70,38 +74,86 @@ def removal_mask(
     return remove
 
 
-def read_scores(path: str, *, only_needed: bool = False) -> pd.DataFrame:
-    """A scores table, checked; with `only_needed`, just the columns prune reads (less memory at scale).
+def _score_block(chunk: pd.DataFrame, path: str, start: int) -> pd.DataFrame:
+    """A block of a scores table with its ids and labels as text and its numbers parsed (a clear error
+    naming the row where one is not a number)."""
+    if start == 0:
+        missing = [column for column in SCORE_COLUMNS if column not in chunk.columns]
+        if missing:
+            raise ManifestError(f"scores {path}: missing column {', '.join(missing)}; is this the output of irank score?")
+    chunk = chunk.copy()
+    chunk["id"] = chunk["id"].astype(str)
+    chunk["label"] = chunk["label"].astype(str)
+    for column in ("rank", "class_rank", "score"):
+        converted = pd.to_numeric(chunk[column], errors="coerce")
+        bad = np.flatnonzero(converted.isna().to_numpy())
+        if len(bad):
+            raise ManifestError(f"scores {path}: row {start + bad[0] + 1}: {column} {chunk[column].iloc[bad[0]]!r} "
+                                "is not a number")
+        chunk[column] = converted
+    return chunk
+
+
+def _score_blocks(path: str, columns: tuple[str, ...] | None) -> Iterator[tuple[int, pd.DataFrame]]:
+    start = 0
+    for chunk in iter_table(table_input(path, "scores"), table_format(path), what="scores", name=str(path),
+                            columns=columns):
+        yield start, _score_block(chunk, path, start)
+        start += len(chunk)
+
+
+def read_scores(path: str) -> pd.DataFrame:
+    """A scores table, checked, every column (`review` shows them all).
 
     Read and converted a block of rows at a time: the numbers are parsed from each block's text before the
     next block is read, and the labels of all rows share one string per class."""
-    fmt = table_format(path)
-    source = table_input(path, "scores")
-    parts, start = [], 0
-    for chunk in iter_table(source, fmt, what="scores", name=str(path), columns=SCORE_COLUMNS if only_needed else None):
-        if start == 0:
-            missing = [column for column in SCORE_COLUMNS if column not in chunk.columns]
-            if missing:
-                raise ManifestError(f"scores {path}: missing column {', '.join(missing)}; is this the output of irank score?")
-        chunk = chunk.copy()
-        chunk["id"] = chunk["id"].astype(str)
-        codes, labels = pd.factorize(chunk["label"].astype(str))
-        chunk["label"] = np.asarray(labels, dtype=object)[codes] if len(codes) else chunk["label"].astype(str)
-        for column in ("rank", "class_rank", "score"):
-            converted = pd.to_numeric(chunk[column], errors="coerce")
-            bad = np.flatnonzero(converted.isna().to_numpy())
-            if len(bad):
-                raise ManifestError(f"scores {path}: row {start + bad[0] + 1}: {column} {chunk[column].iloc[bad[0]]!r} "
-                                    "is not a number")
-            chunk[column] = converted
+    parts = []
+    for _, chunk in _score_blocks(path, None):
+        codes, labels = pd.factorize(chunk["label"])
+        chunk["label"] = np.asarray(labels, dtype=object)[codes] if len(codes) else chunk["label"]
         parts.append(chunk)
-        start += len(chunk)
     table = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0].reset_index(drop=True)
     del parts
     duplicated = table["id"].duplicated()
     if duplicated.any():
         raise ManifestError(f"scores {path}: id {table['id'][duplicated].iloc[0]!r} appears twice")
     return table
+
+
+@dataclass
+class ScoreColumns:
+    """The five columns of a scores table that `prune` reads, held compactly: ids as one text column (no
+    Python string per row), labels as codes, the numbers as arrays."""
+
+    ids: TextColumn
+    labels: CodedColumn
+    rank: np.ndarray
+    class_rank: np.ndarray
+    score: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.rank)
+
+
+def read_score_columns(path: str) -> ScoreColumns:
+    """`prune`'s columns of a scores table, checked as `read_scores` checks them, a block of rows at a time."""
+    ids, labels = TextColumnBuilder(), CodedColumnBuilder()
+    numbers: dict[str, list[np.ndarray]] = {"rank": [], "class_rank": [], "score": []}
+    hashes = []
+    for _, chunk in _score_blocks(path, SCORE_COLUMNS):
+        block_ids = chunk["id"].tolist()
+        ids.add(block_ids)
+        hashes.append(text_hashes(block_ids))
+        labels.add(chunk["label"].tolist())
+        numbers["rank"].append(chunk["rank"].to_numpy(np.int64))
+        numbers["class_rank"].append(chunk["class_rank"].to_numpy(np.int64))
+        numbers["score"].append(chunk["score"].to_numpy(np.float64))
+    columns = ScoreColumns(ids.build(), labels.build(), *(np.concatenate(numbers[name])
+                                                          for name in ("rank", "class_rank", "score")))
+    pair = first_duplicate(columns.ids, np.concatenate(hashes))
+    if pair is not None:
+        raise ManifestError(f"scores {path}: id {columns.ids[pair[1]]!r} appears twice")
+    return columns
 
 
 class PruneResult:
@@ -157,24 +209,19 @@ def prune(
     check_overwrite(outputs, overwrite)
     if is_stdio(output) and is_stdio(removed_output):
         raise UsageError("-o and --removed cannot both go to stdout")
-    score_table = read_scores(scores, only_needed=True)
+    score_table = read_score_columns(scores)
     samples = read_manifest(manifest, require_label=False)
     # each scored id's manifest row, by hash: an index of a million ids held their million strings
-    manifest_row = find_rows(samples.ids, score_table["id"].to_numpy(dtype=object))
+    manifest_row = find_rows(samples.ids, score_table.ids)
     unknown = np.flatnonzero(manifest_row < 0)
     if len(unknown):
-        raise ManifestError(f"scores {scores}: id {score_table['id'].iloc[unknown[0]]!r} is not in manifest {manifest} "
+        raise ManifestError(f"scores {scores}: id {score_table.ids[int(unknown[0])]!r} is not in manifest {manifest} "
                             f"({len(unknown)} such ids)")
-    remove = removal_mask(
-        score_table["score"].to_numpy(np.float64),
-        score_table["rank"].to_numpy(np.int64),
-        score_table["class_rank"].to_numpy(np.int64),
-        score_table["label"].to_numpy(),
-        fraction=fraction, count=count, min_score=min_score, per_class=per_class, min_per_class=min_per_class,
-    )
+    remove = removal_mask(score_table.score, score_table.rank, score_table.class_rank, score_table.labels.codes,
+                          fraction=fraction, count=count, min_score=min_score, per_class=per_class,
+                          min_per_class=min_per_class)
     removed_at = np.flatnonzero(remove)  # positions in the scores table, then by rank (stable, as sort_values)
-    removed_at = removed_at[np.argsort(score_table["rank"].to_numpy()[removed_at], kind="mergesort")]
-    removed_scores = score_table.iloc[removed_at]
+    removed_at = removed_at[np.argsort(score_table.rank[removed_at], kind="mergesort")]
     removed_rows = manifest_row[removed_at]
     keep = np.ones(len(samples), dtype=bool)
     keep[removed_rows] = False
@@ -182,8 +229,10 @@ def prune(
     removed = rows_of(samples, ~keep).iloc[np.searchsorted(np.sort(removed_rows), removed_rows)].reset_index(drop=True)
     for column in ("rank", "class_rank", "score"):
         name = column if column not in removed.columns else f"{column}_irank"
-        removed[name] = removed_scores[column].to_numpy()
-    per_class_removed = removed_scores["label"].value_counts().sort_index()
+        removed[name] = getattr(score_table, column)[removed_at]
+    removed_codes = np.bincount(score_table.labels.codes[removed_at], minlength=len(score_table.labels.values))
+    per_class_removed = sorted((label, int(number)) for label, number in zip(score_table.labels.values, removed_codes)
+                               if number)
     summary = {
         "irank_version": __version__,
         "command": "prune",
@@ -196,7 +245,7 @@ def prune(
         "unscored_rows_kept": len(samples) - len(score_table),
         "kept_rows": int(keep.sum()),
         "removed_rows": int((~keep).sum()),
-        "removed_per_class": {str(k): int(v) for k, v in per_class_removed.items()},
+        "removed_per_class": dict(per_class_removed),
         "inputs": {
             "scores": {"path": scores, "sha256": None if is_stdio(scores) else sha256_file(scores)},
             "manifest": {"path": manifest, "sha256": sha256_file(manifest)},

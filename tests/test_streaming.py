@@ -110,6 +110,39 @@ def test_duplicate_ids_in_different_blocks_are_found(tmp_path, monkeypatch):
         read_manifest(write_rows(tmp_path, rows))
 
 
+@pytest.mark.parametrize("row, column, value, message", [
+    (8, "id", "s2", "id 's2' appears twice"),
+    (7, "rank", "x", "row 7: rank 'x' is not a number"),
+    (9, "score", "", "row 9: score"),
+])
+def test_score_table_errors_in_a_later_block(tmp_path, monkeypatch, row, column, value, message):
+    from irank.prune import read_score_columns, read_scores
+
+    monkeypatch.setattr(manifest_module, "CHUNK_ROWS", 3)
+    scores = pd.DataFrame({"id": [f"s{i}" for i in range(10)], "label": "a", "rank": range(1, 11),
+                           "class_rank": range(1, 11), "score": np.linspace(1, 0, 10)}).astype(str)
+    scores.loc[row - 1, column] = value
+    scores.to_csv(tmp_path / "s.csv", index=False)
+    for reader in (read_score_columns, read_scores):
+        with pytest.raises(ManifestError, match=message):
+            reader(str(tmp_path / "s.csv"))
+
+
+def test_score_columns_hold_what_the_table_holds(tmp_path, monkeypatch):
+    from irank.prune import read_score_columns, read_scores
+
+    monkeypatch.setattr(manifest_module, "CHUNK_ROWS", 4)
+    generator = np.random.default_rng(3)
+    scores = pd.DataFrame({"id": [f"x/{i}.png" for i in generator.permutation(11)],
+                           "label": generator.choice(["cat", "dog", "é"], 11), "rank": generator.permutation(11) + 1,
+                           "class_rank": generator.integers(1, 5, 11), "score": generator.normal(size=11)})
+    scores.to_csv(tmp_path / "s.csv", index=False)
+    columns, table = read_score_columns(str(tmp_path / "s.csv")), read_scores(str(tmp_path / "s.csv"))
+    assert list(columns.ids) == table["id"].tolist() and list(columns.labels) == table["label"].tolist()
+    for name in ("rank", "class_rank", "score"):
+        assert getattr(columns, name).tolist() == table[name].tolist()
+
+
 def ranked_inputs(rows: int, seed: int):
     generator = np.random.default_rng(seed)
     labels = generator.integers(0, 4, rows)
@@ -338,3 +371,4 @@ def test_ids_are_found_by_hash_as_by_a_dict(held, wanted, hashes, block_rows):
     position = {text: row for row, text in enumerate(held)}
     expected = [position.get(text, -1) for text in wanted]
     assert find_rows(TextColumn.of(held), wanted, block_rows, weak).tolist() == expected
+    assert find_rows(TextColumn.of(held), TextColumn.of(wanted), block_rows, weak).tolist() == expected
