@@ -472,6 +472,7 @@ def post_train(
     boundary: Annotated[Boundary, typer.Option(help="head: score on the current model's head; refit: on an L2 probe refit each round at --layer.")] = Boundary.head,
     layer: Annotated[Optional[str], typer.Option(help="With --boundary refit: the probe's layer, or auto (chosen in round 1). With --scope refit the refined model is the network cut there plus the probe.")] = None,
     probe_l2: Annotated[float, typer.Option(help="With --boundary refit: the scoring probe's L2 strength.")] = 0.1,
+    rejudge: Annotated[bool, typer.Option("--rejudge", help="Rank EVERY input row again each round under the last round's model (its layer chosen anew with --layer auto), remove the top --budget of them and refine that model on the rest: a row removed once comes back when the refined model no longer suspects it. Default 3 rounds. Strongest with --boundary refit --layer auto --scope full --augment crop-flip --lr 0.1 --epochs 10 (README, Benchmark).")] = False,
     arch: ArchOpt = None, head: HeadOpt = None, classes: ClassesOpt = None, preprocess: PresetOpt = None,
     image_size: ImageSizeOpt = None, resize: ResizeOpt = None, mean: MeanOpt = None, std: StdOpt = None,
     allow_outside_root: AllowOutsideOpt = False, on_bad_image: BadImageOpt = "fail",
@@ -482,7 +483,7 @@ def post_train(
 ) -> None:
     """Post-train: remove the samples ranked first (the most suspect) gradually, refining the model after each round.
 
-    Round by round: score the kept samples under the current model, remove the top --step share (of the original size), refine on the rest. Writes DIR/round-NN/{scores.csv,kept.csv,removed.csv,model.safetensors}, DIR/final.safetensors (the best round with --val, else the last), DIR/removed.csv (every removed row with its round and rank) and DIR/summary.json. Run the same command again to resume after the last finished round.
+    Round by round: score the kept samples under the current model, remove the top --step share (of the original size), refine on the rest. With --rejudge, every round ranks all the input rows under the last round's model instead, removes the top --budget of them and refines on the rest; the last round's removal is the answer. Writes DIR/round-NN/{scores.csv,kept.csv,removed.csv,model.safetensors}, DIR/final.safetensors (the best round with --val, else the last), DIR/removed.csv (every removed row with its round and rank) and DIR/summary.json. Run the same command again to resume after the last finished round.
 
     Example: irank post-train model.safetensors train.csv --out-dir post --budget 0.3 --rounds 6 --val val.csv
     """
@@ -505,7 +506,7 @@ def post_train(
         loop=LoopOptions(rounds=rounds, step=step, budget=budget, per_class=per_class, min_per_class=min_per_class,
                          patience=patience, method=method_name, influence_measure=measure_name,
                          curvature=curvature.value, damping=damping, boundary=boundary.value, layer=layer,
-                         probe_l2=probe_l2),
+                         probe_l2=probe_l2, rejudge=rejudge),
         train_options=_train_options(scope, epochs, lr, weight_decay, augment, seed, l2),
         val=str(val) if val else None,
         model_options=model_options(arch, head, classes, preprocess, image_size, resize, mean, std, allow_outside_root, on_bad_image),

@@ -35,6 +35,7 @@ from .refine import TrainOptions, refine
 from .scoring import score, validate_score_options
 
 DEFAULT_ROUNDS = 5
+DEFAULT_REJUDGE_ROUNDS = 3  # with --rejudge each round is a whole fine-tune; ce-sym40 gained little after 3
 
 
 @dataclass
@@ -54,6 +55,7 @@ class LoopOptions:
     boundary: str = "head"  # head, or refit: an L2 probe refit each round at `layer`
     layer: str | None = None  # with boundary refit: a module name, "auto" (chosen in round 1), or the head's input
     probe_l2: float = 0.1
+    rejudge: bool = False  # every round ranks every input row under the last round's model; see post_train
 
     def validate(self) -> None:
         for name, value in (("--step", self.step), ("--budget", self.budget)):
@@ -65,6 +67,8 @@ class LoopOptions:
             raise UsageError("--rounds × --step must equal --budget; give two of the three")
         if self.patience < 1:
             raise UsageError(f"--patience {self.patience}: must be at least 1")
+        if self.rejudge and self.step is not None:
+            raise UsageError("--rejudge removes the whole --budget in every round; --step does not apply")
         validate_score_options(self.method, self.influence_measure, self.curvature, self.damping)
         self.boundary_options().validate()
         if self.boundary == "refit" and self.budget is None and not (self.step and self.rounds):
@@ -86,6 +90,13 @@ def plan_rounds(options: LoopOptions, estimated_budget: float | None = None) -> 
     """Rounds, step and budget from any two of them (or one plus the estimate, or the estimate alone)."""
     rounds, step, budget = options.rounds, options.step, options.budget
     source = "--budget" if budget is not None else None
+    if options.rejudge:  # every round removes the whole budget, judged afresh over every row
+        if budget is None:
+            if estimated_budget is None:
+                raise ValueError("the budget must be estimated first")
+            budget, source = estimated_budget, "estimated"
+        return {"rounds": int(rounds or DEFAULT_REJUDGE_ROUNDS), "step": float(budget), "budget": float(budget),
+                "budget_source": source, "rejudge": True}
     if budget is None and step is not None and rounds is not None:
         budget, source = step * rounds, "--rounds × --step"
     if budget is None:
@@ -220,6 +231,12 @@ def post_train(
     without it, the last round does. Without a budget, the share to remove is estimated from the
     first round's scores (see irank.estimate).
 
+    With `loop.rejudge`, round r instead ranks every row of `manifest` under round r−1's model (the input
+    checkpoint in round 1; with `--layer auto` the layer is chosen again for each round's model), removes the
+    top `budget` share and refines that model on the rest. A model refined without the suspects unlearns
+    the labels the input memorized, so its ranking is better than the input's; and a row removed wrongly
+    in one round is kept in the next. The last round's removal is the answer (DIR/removed.csv).
+
     Run again with the same arguments, it resumes after the last finished round; with `overwrite` it
     discards an earlier run in `out_dir` and starts afresh.
 
@@ -232,6 +249,9 @@ def post_train(
     with all_or_none():
         loop.validate()
         train_options.validate()
+        if loop.rejudge and loop.boundary == "refit" and train_options.scope == "refit":
+            raise UsageError("--rejudge with --boundary refit needs --scope full or head: a probe refit on the input's "
+                             "unchanged features would rank every row the same in every round")
     if writes_here():
         return _post_train(checkpoint, manifest, Path(out_dir), loop, train_options, val, model_options or ModelOptions(),
                            run_options or RunOptions(), reporter or Reporter(), on_round, overwrite)
@@ -299,7 +319,10 @@ def _post_train(checkpoint: str, manifest: str, out: Path, loop: LoopOptions, tr
         # A probe refit from scratch on an unchanged backbone needs nothing from the previous round's model.
         from_input = loop.boundary == "refit" and train_options.scope == "refit"
         current_model = str(out / previous["folder"] / "model.safetensors") if previous and not from_input else str(checkpoint)
-        current_manifest = str(out / previous["folder"] / "kept.csv") if previous else str(manifest)
+        # --rejudge: every input row is ranked again under the last round's model
+        current_manifest = str(out / previous["folder"] / "kept.csv") if previous and not loop.rejudge else str(manifest)
+        # A refined network is a new one: --rejudge chooses its layer again each round
+        layer = (state["layer"] or HEAD_INPUT) if "layer" in state and not loop.rejudge else None
         folder = f"round-{number:02d}"
         building = out / f".{folder}.tmp"
         with all_or_none():
@@ -309,7 +332,7 @@ def _post_train(checkpoint: str, manifest: str, out: Path, loop: LoopOptions, tr
             started = time.perf_counter()
             table = score(current_model, current_manifest, output=str(building / "scores.csv"), method=loop.method,
                           influence_measure=loop.influence_measure, curvature=loop.curvature, damping=loop.damping,
-                          boundary=loop.boundary_options((state["layer"] or HEAD_INPUT) if "layer" in state else None, val),
+                          boundary=loop.boundary_options(layer, val),
                           model_options=round_options,
                           run_options=run, reporter=reporter)
             state.setdefault("method", table.sidecar["method"])  # for the summary: what --method auto ranked by
@@ -317,6 +340,7 @@ def _post_train(checkpoint: str, manifest: str, out: Path, loop: LoopOptions, tr
                 chosen = table.sidecar["parameters"]["layer"]
                 state["layer"] = None if chosen == HEAD_INPUT else chosen
                 state["layer_choice"] = {k: table.sidecar["parameters"].get(k) for k in ("layer", "layer_choice", "layers")}
+            table_layer = table.sidecar["parameters"].get("layer") if loop.boundary == "refit" else None
             table = table.table
             scored = time.perf_counter()
             if state["plan"] is None:
@@ -348,6 +372,7 @@ def _post_train(checkpoint: str, manifest: str, out: Path, loop: LoopOptions, tr
                 "removed": pruned.summary["removed_rows"],
                 "kept": pruned.summary["kept_rows"],
                 "removed_total": original_rows - pruned.summary["kept_rows"],
+                **({"layer": table_layer} if table_layer is not None else {}),
                 "removed_per_class": pruned.summary["removed_per_class"],
                 "seconds": {"score": scored - started, "prune": pruned_at - scored, "refine": finished_at - pruned_at},
             }
@@ -364,7 +389,7 @@ def _post_train(checkpoint: str, manifest: str, out: Path, loop: LoopOptions, tr
         with all_or_none():
             if is_main():  # a private folder of another torchrun process needs no summary
                 write_json_atomic(out / "summary.json", state)
-                _collect_removed(out, state["rounds"])
+                _collect_removed(out, state["rounds"][-1:] if loop.rejudge else state["rounds"])
         if on_round:
             on_round(record)
     if val:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -108,4 +109,44 @@ def test_post_train_on_a_refit_boundary_cuts_the_model_at_the_chosen_layer(cli, 
 def test_post_train_on_a_refit_boundary_needs_a_budget(cli, tiny_data, tiny_model, tmp_path):
     code, _, err = cli("post-train", tiny_model, tiny_data["train"], "--out-dir", tmp_path / "p", "--boundary", "refit")
     assert code == 3 and "--budget" in err
+    assert not (tmp_path / "p" / "summary.json").exists()
+
+
+def test_rejudge_ranks_every_row_each_round_under_the_last_model(tiny_data, tiny_model, tmp_path, monkeypatch):
+    from irank import posttrain
+    from irank.loading import RunOptions
+    from irank.refine import TrainOptions
+
+    started_from = []
+    real_refine = posttrain.refine
+
+    def recording_refine(checkpoint, *args, **kwargs):
+        started_from.append(checkpoint)
+        return real_refine(checkpoint, *args, **kwargs)
+
+    monkeypatch.setattr(posttrain, "refine", recording_refine)
+    out = tmp_path / "post"
+    result = posttrain.post_train(tiny_model, tiny_data["train"], out_dir=str(out),
+                                  loop=LoopOptions(budget=0.1, rejudge=True, boundary="refit", layer="auto"),
+                                  train_options=TrainOptions(scope="head", epochs=1), run_options=RunOptions(device="cpu"))
+    rounds = result.summary["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2, 3]  # the default for --rejudge
+    assert all(r["scored_rows"] == 240 and r["removed"] == 24 and r["kept"] == 216 for r in rounds)
+    assert all(r["layer"] in result.summary["layer_choice"]["layers"] for r in rounds)
+    scored_by = [json.loads((out / f"round-0{n}" / "scores.csv.json").read_text())["inputs"]["checkpoint"]["path"]
+                 for n in (1, 2, 3)]
+    assert scored_by[0] == tiny_model and [Path(p).parent.name for p in scored_by[1:]] == ["round-01", "round-02"]
+    assert started_from == scored_by  # each round refines the model that ranked it
+    removed = pd.read_csv(out / "removed.csv")  # the last round's answer, not the rounds' sum
+    assert removed["round"].tolist() == [3] * 24
+    assert sorted(removed["id"]) == sorted(pd.read_csv(out / "round-03" / "removed.csv")["id"])
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--rejudge", "--step", "0.05", "--rounds", "2"], "--step does not apply"),
+    (["--rejudge", "--boundary", "refit", "--scope", "refit", "--budget", "0.1"], "--scope full or head"),
+])
+def test_rejudge_refuses_what_it_cannot_do(cli, tiny_data, tiny_model, tmp_path, extra, message):
+    code, _, err = cli("post-train", tiny_model, tiny_data["train"], "--out-dir", tmp_path / "p", *extra)
+    assert code == 3 and message in err
     assert not (tmp_path / "p" / "summary.json").exists()

@@ -1,6 +1,7 @@
 """Post-train benchmark on CIFAR-10 subsets with label noise (not run by CI).
 
     python tests/bench/posttrain_cifar.py SETTING [--variants head-refit,probe-refit,head-full,probe-full] [--rounds 8]
+    python tests/bench/posttrain_cifar.py SETTING --variants probeloss-rejudge   # post-train --rejudge, unlearning recipe
 
 SETTING is a base checkpoint name from tests/bench/train_bases.sh (ce-sym40, ce-sym20, ce-asym40,
 ce-sym0, gce-sym40; with EXTRA=1 also ce-sym60, ce-asym20, gce-sym20, ce-sym40-es, ce-sym40-aug).
@@ -11,6 +12,7 @@ that JSON, so an interrupted run continues where it stopped.
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import json
 import time
 from pathlib import Path
@@ -163,6 +165,10 @@ def main() -> None:
     parser.add_argument("--l2", type=float, default=1e-3)
     parser.add_argument("--full-epochs", type=int, default=2)
     parser.add_argument("--estimate-budget", action="store_true", help="let post-train estimate the budget")
+    parser.add_argument("--references", default="all,random,lossrank,oracle",
+                        help="the same-recipe refines to run: all (nothing removed), random, lossrank, oracle")
+    parser.add_argument("--rejudge-rounds", type=int, default=3)
+    parser.add_argument("--rejudge-epochs", type=int, default=10)
     args = parser.parse_args()
     checkpoint = str(ROOT / "bench-out" / "base" / f"{args.setting}.safetensors")
     noise = args.setting.split("-")[1]
@@ -184,12 +190,17 @@ def main() -> None:
     for variant in args.variants.split(","):
         boundary, scope = variant.split("-")  # e.g. probe-refit: score on an auto-layer probe, refine by refit
         method = "loss" if boundary == "probeloss" else "influence"  # probeloss: the probe's own loss
+        rejudge = scope == "rejudge"  # probeloss-rejudge: post-train --rejudge with the unlearning recipe
+        unlearning = TrainOptions(scope="full", epochs=args.rejudge_epochs, lr=0.1, augment="crop-flip")
         if scope == "refit":
             options = TrainOptions(scope="refit", l2=args.l2)
+        elif rejudge:
+            options = unlearning
         else:
             options = TrainOptions(scope=scope, epochs=args.full_epochs, lr=0.01)
         tag = variant + ("-estimated" if args.estimate_budget else "")
-        loop = LoopOptions(rounds=args.rounds, budget=None if args.estimate_budget else budget,
+        loop = LoopOptions(rounds=args.rejudge_rounds if rejudge else args.rounds, rejudge=rejudge,
+                           budget=None if args.estimate_budget else budget,
                            boundary="refit" if boundary.startswith("probe") else "head", method=method,
                            layer="auto" if boundary.startswith("probe") else None, probe_l2=args.probe_l2)
 
@@ -201,7 +212,15 @@ def main() -> None:
             record = {"test_accuracy": test_accuracy(result.final_model), "seconds": seconds,
                       "removed": int(result.summary["rounds"][-1]["removed_total"]), "plan": result.summary["plan"],
                       "layer": result.summary.get("layer")}
-            if corrupted.any():
+            if corrupted.any() and rejudge:  # the answer is the last round's ranking of every row
+                ids = pd.read_csv(manifest)["path"].tolist()
+                rounds = result.summary["rounds"]
+                record["per_round"] = [
+                    {"layer": r.get("layer"), **detection(pd.read_csv(post_dir / r["folder"] / "scores.csv")
+                                                          .set_index("id")["score"].reindex(ids).to_numpy(), corrupted)}
+                    for r in rounds]
+                record["gradual"] = {k: record["per_round"][-1][k] for k in ("auroc", "precision_at_k")}
+            elif corrupted.any():
                 record["gradual"] = detection(gradual_order(post_dir, manifest), corrupted)
             return record
 
@@ -210,20 +229,22 @@ def main() -> None:
         if scope == "refit":
             layer = post.get("layer")
             reference = TrainOptions(scope="refit", l2=args.probe_l2 if layer else args.l2, layer=layer)
+        elif rejudge:
+            reference = replace(unlearning, epochs=args.rejudge_epochs * args.rejudge_rounds)
         else:
             reference = TrainOptions(scope=scope, epochs=args.full_epochs * args.rounds, lr=0.01)
         name = variant if scope == "refit" and post.get("layer") else scope
-        stage(results, results_path, f"refine_all_{name}",
-              lambda: test_accuracy(refine_on_subset(checkpoint, manifest, np.ones(len(corrupted), bool), out, f"all-{name}", reference)))
+        wanted = set(args.references.split(","))
+        keeps = {"all": np.ones(len(corrupted), bool)}
         if corrupted.any():
-            stage(results, results_path, f"random_{name}",
-                  lambda: test_accuracy(refine_on_subset(checkpoint, manifest, random_keep, out, f"random-{name}", reference)))
             loss_order = pd.read_csv(out / "scores.csv").sort_values("loss", ascending=False, kind="stable")["id"]
-            loss_keep = ~pd.read_csv(manifest)["path"].isin(set(loss_order[: int(corrupted.sum())])).to_numpy()
-            stage(results, results_path, f"lossrank_{name}",
-                  lambda: test_accuracy(refine_on_subset(checkpoint, manifest, loss_keep, out, f"lossrank-{name}", reference)))
-            stage(results, results_path, f"oracle_{name}",
-                  lambda: test_accuracy(refine_on_subset(checkpoint, manifest, ~corrupted, out, f"oracle-{name}", reference)))
+            keeps.update(random=random_keep, oracle=~corrupted,
+                         lossrank=~pd.read_csv(manifest)["path"].isin(set(loss_order[: int(corrupted.sum())])).to_numpy())
+        for kind in ("all", "random", "lossrank", "oracle"):
+            if kind in keeps and kind in args.references.split(","):
+                stage(results, results_path, f"{'refine_all' if kind == 'all' else kind}_{name}",
+                      lambda kind=kind: test_accuracy(refine_on_subset(checkpoint, manifest, keeps[kind], out,
+                                                                       f"{kind}-{name}", reference)))
     print(json.dumps(results, indent=2, sort_keys=True))
 
 
