@@ -483,7 +483,7 @@ def post_train(
 ) -> None:
     """Post-train: remove the samples ranked first (the most suspect) gradually, refining the model after each round.
 
-    Round by round: score the kept samples under the current model, remove the top --step share (of the original size), refine on the rest. With --rejudge, every round ranks all the input rows under the last round's model instead, removes the top --budget of them and refines on the rest; the last round's removal is the answer. Writes DIR/round-NN/{scores.csv,kept.csv,removed.csv,model.safetensors}, DIR/final.safetensors (the best round with --val, else the last), DIR/removed.csv (every removed row with its round and rank) and DIR/summary.json. Run the same command again to resume after the last finished round.
+    Round by round: score the kept samples under the current model, remove the top --step share (of the original size), refine on the rest. With --rejudge, every round ranks all the input rows under the last round's model instead, removes the top --budget of them and refines on the rest; the final round's removal is the answer. Writes DIR/round-NN/{scores.csv,kept.csv,removed.csv,model.safetensors}, DIR/final.safetensors (the best round with --val, else the last), DIR/removed.csv (every removed row with its round and rank; with --rejudge, the final round's removal) and DIR/summary.json. Run the same command again to resume after the last finished round.
 
     Example: irank post-train model.safetensors train.csv --out-dir post --budget 0.3 --rounds 6 --val val.csv
     """

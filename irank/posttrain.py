@@ -235,7 +235,8 @@ def post_train(
     checkpoint in round 1; with `--layer auto` the layer is chosen again for each round's model), removes the
     top `budget` share and refines that model on the rest. A model refined without the suspects unlearns
     the labels the input memorized, so its ranking is better than the input's; and a row removed wrongly
-    in one round is kept in the next. The last round's removal is the answer (DIR/removed.csv).
+    in one round is kept in the next. The removal of the final round (the last, or the best on `val`) is the answer
+    (DIR/removed.csv).
 
     Run again with the same arguments, it resumes after the last finished round; with `overwrite` it
     discards an earlier run in `out_dir` and starts afresh.
@@ -402,6 +403,8 @@ def _post_train(checkpoint: str, manifest: str, out: Path, loop: LoopOptions, tr
         if is_main():
             with atomic_path(final) as tmp:
                 shutil.copyfile(out / best["folder"] / "model.safetensors", tmp)
+            if loop.rejudge:  # the answer goes with the final model: the removal it was refined without
+                _collect_removed(out, [best])
             write_json_atomic(out / "summary.json", state)
     if val and best["val_accuracy"] < state["input_val_accuracy"]:
         reporter.warn(f"no round beat the input checkpoint on --val ({state['input_val_accuracy']:.4f}); "

@@ -150,3 +150,29 @@ def test_rejudge_refuses_what_it_cannot_do(cli, tiny_data, tiny_model, tmp_path,
     code, _, err = cli("post-train", tiny_model, tiny_data["train"], "--out-dir", tmp_path / "p", *extra)
     assert code == 3 and message in err
     assert not (tmp_path / "p" / "summary.json").exists()
+
+
+def test_rejudge_with_val_answers_with_the_final_rounds_removal(tiny_data, tiny_model, tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from irank import posttrain
+    from irank.loading import RunOptions
+    from irank.refine import TrainOptions
+
+    real_refine, calls = posttrain.refine, []
+
+    def refine_whose_first_round_validates_best(*args, **kwargs):
+        result = real_refine(*args, **kwargs)
+        calls.append(1)
+        accuracy = 0.9 if len(calls) == 1 else 0.5
+        return replace(result, history=[{**record, "val_accuracy": accuracy} for record in result.history])
+
+    monkeypatch.setattr(posttrain, "refine", refine_whose_first_round_validates_best)
+    out = tmp_path / "post"
+    result = posttrain.post_train(tiny_model, tiny_data["train"], out_dir=str(out), val=tiny_data["test"],
+                                  loop=LoopOptions(rounds=2, budget=0.1, rejudge=True, patience=2),
+                                  train_options=TrainOptions(scope="head", epochs=1), run_options=RunOptions(device="cpu"))
+    assert result.summary["final_round"] == 1 and len(result.summary["rounds"]) == 2
+    removed = pd.read_csv(out / "removed.csv")
+    assert removed["round"].tolist() == [1] * 24
+    assert sorted(removed["id"]) == sorted(pd.read_csv(out / "round-01" / "removed.csv")["id"])
