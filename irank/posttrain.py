@@ -235,8 +235,8 @@ def post_train(
     checkpoint in round 1; with `--layer auto` the layer is chosen again for each round's model), removes the
     top `budget` share and refines that model on the rest. A model refined without the suspects unlearns
     the labels the input memorized, so its ranking is better than the input's; and a row removed wrongly
-    in one round is kept in the next. The removal of the final round (the last, or the best on `val`) is the answer
-    (DIR/removed.csv).
+    in one round is kept in the next. The removal of the final round (the last, or the best on `val`) is
+    the answer (DIR/removed.csv).
 
     Run again with the same arguments, it resumes after the last finished round; with `overwrite` it
     discards an earlier run in `out_dir` and starts afresh.

@@ -94,11 +94,12 @@ def _score_block(chunk: pd.DataFrame, path: str, start: int) -> pd.DataFrame:
     return chunk
 
 
-def _score_blocks(path: str, columns: tuple[str, ...] | None) -> Iterator[tuple[int, pd.DataFrame]]:
+def _score_blocks(path: str, columns: tuple[str, ...] | None) -> Iterator[pd.DataFrame]:
+    """The scores table's blocks, each checked and converted by `_score_block` (row numbers the table's)."""
     start = 0
     for chunk in iter_table(table_input(path, "scores"), table_format(path), what="scores", name=str(path),
                             columns=columns):
-        yield start, _score_block(chunk, path, start)
+        yield _score_block(chunk, path, start)
         start += len(chunk)
 
 
@@ -108,7 +109,7 @@ def read_scores(path: str) -> pd.DataFrame:
     Read and converted a block of rows at a time: the numbers are parsed from each block's text before the
     next block is read, and the labels of all rows share one string per class."""
     parts = []
-    for _, chunk in _score_blocks(path, None):
+    for chunk in _score_blocks(path, None):
         codes, labels = pd.factorize(chunk["label"])
         chunk["label"] = np.asarray(labels, dtype=object)[codes] if len(codes) else chunk["label"]
         parts.append(chunk)
@@ -140,7 +141,7 @@ def read_score_columns(path: str) -> ScoreColumns:
     ids, labels = TextColumnBuilder(), CodedColumnBuilder()
     numbers: dict[str, list[np.ndarray]] = {"rank": [], "class_rank": [], "score": []}
     hashes = []
-    for _, chunk in _score_blocks(path, SCORE_COLUMNS):
+    for chunk in _score_blocks(path, SCORE_COLUMNS):
         block_ids = chunk["id"].tolist()
         ids.add(block_ids)
         hashes.append(text_hashes(block_ids))
