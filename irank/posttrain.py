@@ -90,19 +90,15 @@ def plan_rounds(options: LoopOptions, estimated_budget: float | None = None) -> 
     """Rounds, step and budget from any two of them (or one plus the estimate, or the estimate alone)."""
     rounds, step, budget = options.rounds, options.step, options.budget
     source = "--budget" if budget is not None else None
-    if options.rejudge:  # every round removes the whole budget, judged afresh over every row
-        if budget is None:
-            if estimated_budget is None:
-                raise ValueError("the budget must be estimated first")
-            budget, source = estimated_budget, "estimated"
-        return {"rounds": int(rounds or DEFAULT_REJUDGE_ROUNDS), "step": float(budget), "budget": float(budget),
-                "budget_source": source, "rejudge": True}
     if budget is None and step is not None and rounds is not None:
         budget, source = step * rounds, "--rounds × --step"
     if budget is None:
         if estimated_budget is None:
             raise ValueError("the budget must be estimated first")
         budget, source = estimated_budget, "estimated"
+    if options.rejudge:  # every round removes the whole budget, judged afresh over every row (--step is refused)
+        return {"rounds": int(rounds or DEFAULT_REJUDGE_ROUNDS), "step": float(budget), "budget": float(budget),
+                "budget_source": source, "rejudge": True}
     if step is None:
         rounds = rounds or DEFAULT_ROUNDS
         step = budget / rounds
@@ -403,7 +399,7 @@ def _post_train(checkpoint: str, manifest: str, out: Path, loop: LoopOptions, tr
         if is_main():
             with atomic_path(final) as tmp:
                 shutil.copyfile(out / best["folder"] / "model.safetensors", tmp)
-            if loop.rejudge:  # the answer goes with the final model: the removal it was refined without
+            if loop.rejudge and best is not state["rounds"][-1]:  # --val chose an earlier round: its removal
                 _collect_removed(out, [best])
             write_json_atomic(out / "summary.json", state)
     if val and best["val_accuracy"] < state["input_val_accuracy"]:

@@ -19,6 +19,9 @@ def test_plan_rounds_from_any_two_or_the_estimate():
     assert plan_rounds(LoopOptions(step=0.1, budget=0.35))["rounds"] == 4
     estimated = plan_rounds(LoopOptions(), estimated_budget=0.2)
     assert estimated["budget_source"] == "estimated" and estimated["rounds"] == 5 and estimated["step"] == pytest.approx(0.04)
+    rejudged = plan_rounds(LoopOptions(rejudge=True, rounds=4), estimated_budget=0.2)  # the whole budget each round
+    assert (rejudged["rounds"], rejudged["step"], rejudged["budget_source"]) == (4, pytest.approx(0.2), "estimated")
+    assert plan_rounds(LoopOptions(rejudge=True, budget=0.3))["rounds"] == 3
 
 
 def test_post_train_writes_rounds_and_removes_flips(cli, tiny_data, tiny_model, tmp_path):
