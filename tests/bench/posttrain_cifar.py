@@ -151,6 +151,15 @@ def refine_on_subset(checkpoint: str, manifest: str, keep: np.ndarray, out: Path
     return model
 
 
+def ranking_of(model: str, manifest: str, corrupted: np.ndarray) -> dict:
+    """AUROC / precision at k of `irank score` (the default) on `model` over every row of `manifest`."""
+    output = Path(model).with_suffix(".scores.csv")
+    irank.score(model, manifest, output=str(output), run_options=RUN, overwrite=True)
+    ids = pd.read_csv(manifest)["path"].tolist()
+    layer = json.loads(Path(str(output) + ".json").read_text())["parameters"].get("layer")
+    return {"layer": layer, **detection(pd.read_csv(output).set_index("id")["score"].reindex(ids).to_numpy(), corrupted)}
+
+
 def test_accuracy(model: str) -> float:
     return irank.evaluate(model, str(DATA / "test.csv"), run_options=RUN)["accuracy"]
 
@@ -234,7 +243,6 @@ def main() -> None:
         else:
             reference = TrainOptions(scope=scope, epochs=args.full_epochs * args.rounds, lr=0.01)
         name = variant if scope == "refit" and post.get("layer") else scope
-        wanted = set(args.references.split(","))
         keeps = {"all": np.ones(len(corrupted), bool)}
         if corrupted.any():
             loss_order = pd.read_csv(out / "scores.csv").sort_values("loss", ascending=False, kind="stable")["id"]
@@ -245,6 +253,9 @@ def main() -> None:
                 stage(results, results_path, f"{'refine_all' if kind == 'all' else kind}_{name}",
                       lambda kind=kind: test_accuracy(refine_on_subset(checkpoint, manifest, keeps[kind], out,
                                                                        f"{kind}-{name}", reference)))
+                if rejudge and corrupted.any():  # how the reference model itself ranks every row
+                    stage(results, results_path, f"{kind}_{name}_ranking",
+                          lambda kind=kind: ranking_of(str(out / f"{kind}-{name}.safetensors"), manifest, corrupted))
     print(json.dumps(results, indent=2, sort_keys=True))
 
 
