@@ -23,7 +23,7 @@ from irank.boundary import block_candidates, choose_layer, refit_scores
 from irank.data import make_loader
 from irank.layers import layer_features
 from irank.loading import ModelOptions, prepare
-from posttrain_cifar import DATA, ROOT, RUN, detection, truth_mask
+from posttrain_cifar import ROOT, RUN, base_paths, detection, truth_mask
 
 BASES = ["ce-sym20", "ce-sym40", "ce-sym60", "ce-asym20", "ce-asym40", "gce-sym20", "gce-sym40", "ce-sym40-es",
          "ce-sym40-aug"]
@@ -47,8 +47,7 @@ def main() -> None:
     print("| checkpoint | chosen layer alone | two best by held-out loss | every non-memorized layer | chosen + the block before |")
     print("|---|---|---|---|---|")
     for name in names:
-        checkpoint = str(ROOT / "bench-out" / "base" / f"{name}.safetensors")
-        manifest = str(DATA / f"train-{name.split('-')[1]}.csv")
+        checkpoint, manifest = base_paths(name)
         corrupted = truth_mask(manifest)
         prepared = prepare(checkpoint, manifest, ModelOptions())
         labels = torch.from_numpy(prepared.labels)

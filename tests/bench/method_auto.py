@@ -19,7 +19,7 @@ import sys
 
 import irank
 from irank.manifest import read_manifest
-from posttrain_cifar import DATA, ROOT, RUN, detection, truth_mask
+from posttrain_cifar import ROOT, RUN, base_paths, detection, truth_mask
 
 BASES = ["ce-sym20", "ce-sym40", "ce-asym40", "gce-sym40", "ce-sym0"]
 EXTRA = ["ce-sym60", "ce-asym20", "gce-sym20", "ce-sym40-es", "ce-sym40-aug"]
@@ -32,8 +32,7 @@ def main() -> None:
     print("| checkpoint | head's fit to the given labels | layer | probe loss | probe influence | auto picks |")
     print("|---|---|---|---|---|---|")
     for name in names:
-        checkpoint = str(ROOT / "bench-out" / "base" / f"{name}.safetensors")
-        manifest = str(DATA / f"train-{name.split('-')[1]}.csv")
+        checkpoint, manifest = base_paths(name)
         corrupted = truth_mask(manifest)
         record = {}
         for method in ("auto", "loss", "influence"):

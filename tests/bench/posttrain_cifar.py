@@ -50,6 +50,18 @@ def stage(results: dict, path: Path, name: str, compute):
     return results[name]
 
 
+def base_paths(setting: str) -> tuple[str, str]:
+    """(base checkpoint, its training manifest) of a setting such as ce-sym40 or gce-sym40."""
+    return (str(ROOT / "bench-out" / "base" / f"{setting}.safetensors"),
+            str(DATA / f"train-{setting.split('-')[1]}.csv"))
+
+
+def scores_in_row_order(scores: str | Path, manifest: str) -> np.ndarray:
+    """A scores table's `score` column in the manifest's row order (ids are the manifest's paths)."""
+    ids = pd.read_csv(manifest)["path"].tolist()
+    return pd.read_csv(scores).set_index("id")["score"].reindex(ids).to_numpy()
+
+
 def truth_mask(manifest: str) -> np.ndarray:
     table = pd.read_csv(manifest)
     return (table["label"] != table["true_label"]).to_numpy()
@@ -155,9 +167,8 @@ def ranking_of(model: str, manifest: str, corrupted: np.ndarray) -> dict:
     """AUROC / precision at k of `irank score` (the default) on `model` over every row of `manifest`."""
     output = Path(model).with_suffix(".scores.csv")
     irank.score(model, manifest, output=str(output), run_options=RUN, overwrite=True)
-    ids = pd.read_csv(manifest)["path"].tolist()
     layer = json.loads(Path(str(output) + ".json").read_text())["parameters"].get("layer")
-    return {"layer": layer, **detection(pd.read_csv(output).set_index("id")["score"].reindex(ids).to_numpy(), corrupted)}
+    return {"layer": layer, **detection(scores_in_row_order(output, manifest), corrupted)}
 
 
 def test_accuracy(model: str) -> float:
@@ -179,9 +190,7 @@ def main() -> None:
     parser.add_argument("--rejudge-rounds", type=int, default=3)
     parser.add_argument("--rejudge-epochs", type=int, default=10)
     args = parser.parse_args()
-    checkpoint = str(ROOT / "bench-out" / "base" / f"{args.setting}.safetensors")
-    noise = args.setting.split("-")[1]
-    manifest = str(DATA / f"train-{noise}.csv")
+    checkpoint, manifest = base_paths(args.setting)
     out = ROOT / "bench-out" / args.setting
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.json"
@@ -222,12 +231,10 @@ def main() -> None:
                       "removed": int(result.summary["rounds"][-1]["removed_total"]), "plan": result.summary["plan"],
                       "layer": result.summary.get("layer")}
             if corrupted.any() and rejudge:  # the answer is the last round's ranking of every row
-                ids = pd.read_csv(manifest)["path"].tolist()
-                rounds = result.summary["rounds"]
                 record["per_round"] = [
-                    {"layer": r.get("layer"), **detection(pd.read_csv(post_dir / r["folder"] / "scores.csv")
-                                                          .set_index("id")["score"].reindex(ids).to_numpy(), corrupted)}
-                    for r in rounds]
+                    {"layer": r.get("layer"), **detection(scores_in_row_order(post_dir / r["folder"] / "scores.csv",
+                                                                              manifest), corrupted)}
+                    for r in result.summary["rounds"]]
                 record["gradual"] = {k: record["per_round"][-1][k] for k in ("auroc", "precision_at_k")}
             elif corrupted.any():
                 record["gradual"] = detection(gradual_order(post_dir, manifest), corrupted)

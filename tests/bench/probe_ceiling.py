@@ -15,13 +15,13 @@ import torch
 import torch.nn.functional as F
 
 from irank.linear import fit_standardized, standardize
-from posttrain_cifar import DATA, ROOT, detection, truth_mask
+from posttrain_cifar import ROOT, base_paths, detection, truth_mask
 
 
 def main() -> None:
     for name in sys.argv[1:] or ["ce-sym40", "ce-sym20", "ce-sym40-es", "ce-sym40-aug"]:
         features = torch.load(ROOT / "bench-out" / "combine-cache" / f"{name}.pt")
-        manifest = str(DATA / f"train-{name.split('-')[1]}.csv")
+        manifest = base_paths(name)[1]
         table = pd.read_csv(manifest)
         classes = sorted(table["label"].unique())
         labels = torch.tensor(pd.Categorical(table["label"], categories=classes).codes, dtype=torch.long)

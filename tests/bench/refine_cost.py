@@ -21,14 +21,13 @@ import torch.nn.functional as F
 import irank
 from irank.data import batches, make_loader
 from irank.loading import ModelOptions, prepare
-from posttrain_cifar import DATA, ROOT, RUN
+from posttrain_cifar import RUN, base_paths
 
 parser = argparse.ArgumentParser()
 parser.add_argument("setting")
 parser.add_argument("--epochs", type=int, default=2)
 args = parser.parse_args()
-checkpoint = str(ROOT / "bench-out" / "base" / f"{args.setting}.safetensors")
-manifest = str(DATA / f"train-{args.setting.split('-')[1]}.csv")
+checkpoint, manifest = base_paths(args.setting)
 options = irank.TrainOptions(scope="full", epochs=args.epochs, lr=0.01, seed=0)
 
 

@@ -16,13 +16,12 @@ import sys
 import irank
 from irank.boundary import BoundaryOptions
 from irank.manifest import read_manifest
-from posttrain_cifar import DATA, ROOT, RUN, detection, truth_mask
+from posttrain_cifar import DATA, ROOT, RUN, base_paths, detection, truth_mask
 
 settings = sys.argv[1:] or ["ce-sym20", "ce-sym40", "ce-asym40", "gce-sym40"]
 results = {}
 for setting in settings:
-    checkpoint = str(ROOT / "bench-out" / "base" / f"{setting}.safetensors")
-    manifest = str(DATA / f"train-{setting.split('-')[1]}.csv")
+    checkpoint, manifest = base_paths(setting)
     corrupted = truth_mask(manifest)
     for method in ("loss", "influence"):
         for how, val in (("held-out loss", None), ("--val", str(DATA / "val.csv"))):
