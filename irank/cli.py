@@ -76,6 +76,11 @@ class Boundary(str, Enum):
     refit = "refit"
 
 
+class RejudgeBoundary(str, Enum):
+    head = "head"
+    same = "same"
+
+
 class Scope(str, Enum):
     head = "head"
     full = "full"
@@ -86,6 +91,7 @@ class Augment(str, Enum):
     none = "none"
     flip = "flip"
     crop_flip = "crop-flip"
+    auto = "auto"
 
 
 class Device(str, Enum):
@@ -366,6 +372,20 @@ def apply_command(
         print_json({**summary, "output": output, "audit_output": audit})
 
 
+def _loop_recipe(rejudge: bool, scope, epochs, lr, augment, boundary, layer) -> tuple:
+    """post-train's defaults for what was not given: the gradual loop's (refit head, 2 epochs at 0.01), or with
+    --rejudge the unlearning recipe that ranked best on the benchmark (README, Benchmark): a probe at --layer auto
+    in round 1, then 10-epoch full fine-tunes at learning rate 0.1 with --augment auto (random crops and flips on
+    images)."""
+    if not rejudge:
+        return (scope or Scope.refit, 2 if epochs is None else epochs, 0.01 if lr is None else lr,
+                augment or Augment.none, boundary or Boundary.head, layer)
+    if boundary is None:
+        boundary, layer = Boundary.refit, layer or "auto"
+    return (scope or Scope.full, 10 if epochs is None else epochs, 0.1 if lr is None else lr, augment or Augment.auto,
+            boundary, layer)
+
+
 def _train_options(scope, epochs, lr, weight_decay, augment, seed, l2=1e-3, loss="ce", layer=None):
     from .refine import TrainOptions
 
@@ -384,7 +404,7 @@ def refine(
     epochs: Annotated[int, typer.Option(help="Passes over the manifest.")] = 5,
     lr: Annotated[float, typer.Option(help="Peak learning rate of SGD with momentum 0.9 (cosine decay).")] = 0.01,
     weight_decay: Annotated[float, typer.Option(help="L2 weight decay.")] = 5e-4,
-    augment: Annotated[Augment, typer.Option(help="Training augmentation.")] = Augment.none,
+    augment: Annotated[Augment, typer.Option(help="Training augmentation; auto: random crops and flips on images of a known size, flips on other images, none on tensor rows.")] = Augment.none,
     seed: Annotated[int, typer.Option(help="Seed for shuffling and augmentation.")] = 0,
     val: Annotated[Optional[Path], typer.Option(help="Clean labelled manifest: accuracy after every epoch, the best epoch is kept.")] = None,
     arch: ArchOpt = None, head: HeadOpt = None, classes: ClassesOpt = None, preprocess: PresetOpt = None,
@@ -420,7 +440,7 @@ def train(
     epochs: Annotated[int, typer.Option(help="Passes over the manifest.")] = 20,
     lr: Annotated[float, typer.Option(help="Peak learning rate of SGD with momentum 0.9 (cosine decay).")] = 0.05,
     weight_decay: Annotated[float, typer.Option(help="L2 weight decay.")] = 5e-4,
-    augment: Annotated[Augment, typer.Option(help="Training augmentation.")] = Augment.none,
+    augment: Annotated[Augment, typer.Option(help="Training augmentation; auto: random crops and flips on images of a known size, flips on other images, none on tensor rows.")] = Augment.none,
     seed: Annotated[int, typer.Option(help="Seed for initialization, shuffling and augmentation.")] = 0,
     val: Annotated[Optional[Path], typer.Option(help="Labelled manifest scored after every epoch; the best epoch is kept.")] = None,
     loss: Annotated[str, typer.Option(help="ce (cross-entropy) or gce (generalized cross-entropy, q=0.7: a noise-robust loss).")] = "ce",
@@ -456,12 +476,12 @@ def post_train(
     budget: Annotated[Optional[float], typer.Option(help="Total share to remove over all rounds (default: estimated from the first round's scores).")] = None,
     per_class: Annotated[bool, typer.Option("--per-class", help="Remove the same share from each class in every round.")] = False,
     min_per_class: Annotated[int, typer.Option(help="Never keep fewer than this many rows of a class.")] = 1,
-    scope: Annotated[Scope, typer.Option(help="How each round refines: refit (the head refit from scratch on frozen features, convex), head (fine-tune the head) or full (the whole network).")] = Scope.refit,
-    epochs: Annotated[int, typer.Option(help="Epochs per round (head and full scopes).")] = 2,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (head and full scopes).")] = 0.01,
+    scope: Annotated[Optional[Scope], typer.Option(help="How each round refines: refit (the head refit from scratch on frozen features, convex; the default), head (fine-tune the head) or full (the whole network; the default with --rejudge).", show_default=False)] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Epochs per round (head and full scopes). Default 2; 10 with --rejudge.", show_default=False)] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (head and full scopes). Default 0.01; 0.1 with --rejudge.", show_default=False)] = None,
     weight_decay: Annotated[float, typer.Option(help="L2 weight decay (head and full scopes).")] = 5e-4,
     l2: Annotated[float, typer.Option(help="L2 strength of the refit (scope refit).")] = 1e-3,
-    augment: Annotated[Augment, typer.Option(help="Training augmentation (full scope).")] = Augment.none,
+    augment: Annotated[Optional[Augment], typer.Option(help="Training augmentation (full scope); auto: random crops and flips on images of a known size, flips on other images, none on tensor rows. Default none; auto with --rejudge.", show_default=False)] = None,
     seed: Annotated[int, typer.Option(help="Seed for shuffling and augmentation.")] = 0,
     val: Annotated[Optional[Path], typer.Option(help="Clean labelled manifest: stop when its accuracy stops improving and keep the best round; with --boundary refit --layer auto, round 1 also chooses the layer by the probes' accuracy on it.")] = None,
     patience: Annotated[int, typer.Option(help="With --val: rounds without improvement before stopping.")] = 1,
@@ -469,10 +489,11 @@ def post_train(
     influence_measure: Annotated[Optional[Measure], typer.Option(help="The influence measure (default self-influence); giving it with --method auto ranks by influence on a refit probe too.", show_default=False)] = None,
     curvature: Annotated[Curvature, typer.Option(help="Head curvature: exact, kfac or auto.")] = Curvature.auto,
     damping: Annotated[float, typer.Option(help="Damping relative to the mean eigenvalue of the curvature.")] = 0.01,
-    boundary: Annotated[Boundary, typer.Option(help="head: score on the current model's head; refit: on an L2 probe refit each round at --layer.")] = Boundary.head,
+    boundary: Annotated[Optional[Boundary], typer.Option(help="head: score on the current model's head (the default); refit: on an L2 probe refit each round at --layer (the default with --rejudge, at --layer auto).", show_default=False)] = None,
     layer: Annotated[Optional[str], typer.Option(help="With --boundary refit: the probe's layer, or auto (chosen in round 1). With --scope refit the refined model is the network cut there plus the probe.")] = None,
     probe_l2: Annotated[float, typer.Option(help="With --boundary refit: the scoring probe's L2 strength.")] = 0.1,
-    rejudge: Annotated[bool, typer.Option("--rejudge", help="Rank EVERY input row again each round under the last round's model (its layer chosen anew with --layer auto), remove the top --budget of them and refine that model on the rest: a row removed once comes back when the refined model no longer suspects it. Default 3 rounds. Strongest with --boundary refit --layer auto --scope full --augment crop-flip --lr 0.1 --epochs 10 (README, Benchmark).")] = False,
+    rejudge: Annotated[bool, typer.Option("--rejudge", help="Rank EVERY input row again each round under the last round's model (rounds 2 on: its own head, see --rejudge-boundary), remove the top --budget of them and refine that model on the rest: a row removed once comes back when the refined model no longer suspects it. Default 3 rounds. Needs --budget. Its defaults are the recipe that ranked best on the benchmark: --boundary refit --layer auto for round 1, --scope full --augment auto --lr 0.1 --epochs 10 for the fine-tunes (README, Benchmark); any of them given explicitly wins.")] = False,
+    rejudge_boundary: Annotated[Optional[RejudgeBoundary], typer.Option(help="With --rejudge, what rounds 2 on rank on: head (default), the refined model's own head, trained without the last round's suspects (by its loss with --method auto; it ranked best on the benchmark); or same, --boundary and --method as in round 1.", show_default=False)] = None,
     arch: ArchOpt = None, head: HeadOpt = None, classes: ClassesOpt = None, preprocess: PresetOpt = None,
     image_size: ImageSizeOpt = None, resize: ResizeOpt = None, mean: MeanOpt = None, std: StdOpt = None,
     allow_outside_root: AllowOutsideOpt = False, on_bad_image: BadImageOpt = "fail",
@@ -490,6 +511,9 @@ def post_train(
     from .posttrain import LoopOptions, post_train as run_post_train
 
     reporter = RichReporter(quiet)
+    if rejudge_boundary is not None and not rejudge:
+        raise UsageError("--rejudge-boundary applies with --rejudge only")
+    scope, epochs, lr, augment, boundary, layer = _loop_recipe(rejudge, scope, epochs, lr, augment, boundary, layer)
     method_name, measure_name = method_and_measure(method, influence_measure, boundary, reporter)
     table = Table(title="post-train rounds")
     for column in ("round", "removed", "kept", "val accuracy", "seconds"):
@@ -506,7 +530,8 @@ def post_train(
         loop=LoopOptions(rounds=rounds, step=step, budget=budget, per_class=per_class, min_per_class=min_per_class,
                          patience=patience, method=method_name, influence_measure=measure_name,
                          curvature=curvature.value, damping=damping, boundary=boundary.value, layer=layer,
-                         probe_l2=probe_l2, rejudge=rejudge),
+                         probe_l2=probe_l2, rejudge=rejudge,
+                         rejudge_boundary=(rejudge_boundary or RejudgeBoundary.head).value),
         train_options=_train_options(scope, epochs, lr, weight_decay, augment, seed, l2),
         val=str(val) if val else None,
         model_options=model_options(arch, head, classes, preprocess, image_size, resize, mean, std, allow_outside_root, on_bad_image),

@@ -24,7 +24,7 @@ PRESETS = {
     "cifar10": {"resize": None, "image_size": 32, "mean": (0.4914, 0.4822, 0.4465), "std": (0.2470, 0.2435, 0.2616)},
     "none": {"resize": None, "image_size": None, "mean": (0.0,), "std": (1.0,)},
 }
-AUGMENTS = ("none", "flip", "crop-flip")
+AUGMENTS = ("none", "flip", "crop-flip", "auto")  # auto: see resolve_augment
 # An image whose header claims more pixels than this is refused before it is decoded (a decompression
 # bomb would otherwise take all memory). PIL's own default; IRANK_MAX_IMAGE_PIXELS sets another.
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
@@ -242,6 +242,15 @@ class ShardLoader:
             yield images, rows - self.first_row, error
 
 
+def resolve_augment(augment: str, paths: "Sequence[Path] | TensorRows", preprocess: Preprocess) -> str:
+    """`auto`: random crops and flips on images of a known size, flips on other images, none on tensor rows."""
+    if augment != "auto":
+        return augment
+    if isinstance(paths, TensorRows):
+        return "none"
+    return "crop-flip" if preprocess.image_size else "flip"
+
+
 def make_loader(
     paths: Sequence[Path] | TensorRows,
     preprocess: Preprocess,
@@ -260,6 +269,7 @@ def make_loader(
     num_workers = resolve_workers(num_workers, paths)
     if augment not in AUGMENTS:
         raise UsageError(f"--augment {augment}: choose from {', '.join(AUGMENTS)}")
+    augment = resolve_augment(augment, paths, preprocess)
     if isinstance(paths, TensorRows):
         if augment != "none":
             raise UsageError(f"--augment {augment}: augmentation is for images; tensor rows are read as stored")

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from .checkpoint import save_checkpoint
-from .data import AUGMENTS, ShardedShuffle, batches, make_loader, make_shard_loader
+from .data import AUGMENTS, ShardedShuffle, batches, make_loader, make_shard_loader, resolve_augment
 from .distributed import (active, all_or_none, all_reduce_sum, broadcast_, ddp_device_ids, each_all_or_none,
                           local_rows, rank, shard_of, world_size, writes_here)
 from .errors import UsageError
@@ -195,14 +195,14 @@ def train_epochs(prepared: Prepared, options: TrainOptions, run: RunOptions, dev
     model, head = place.place_model(prepared.model), prepared.head
     labels = torch.from_numpy(prepared.labels)
     head_only = options.scope == "head"
-    cached = head_only and options.augment == "none"
+    paths = prepared.manifest.resolved_paths()
+    cached = head_only and resolve_augment(options.augment, paths, prepared.preprocess) == "none"
     for parameter in model.parameters():
         parameter.requires_grad_(not head_only)
     for parameter in head.parameters():
         parameter.requires_grad_(True)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(trainable, lr=options.lr, momentum=options.momentum, weight_decay=options.weight_decay)
-    paths = prepared.manifest.resolved_paths()
     forward = model
     if cached:
         with all_or_none():

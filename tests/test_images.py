@@ -58,3 +58,12 @@ def test_the_pixel_limit_is_configurable(cli, tiny_data, tiny_model, tmp_path, m
     manifest = manifest_copy(tiny_data, tmp_path)
     out = tmp_path / "s.csv"
     assert_clean_failure(cli("score", tiny_model, manifest, "-o", out), "row 1", "refused", output=out)
+
+
+def test_augment_auto_crops_and_flips_images_of_a_known_size_and_only_flips_others():
+    from irank.data import Preprocess, resolve_augment
+
+    images = [Path("a.png")]
+    assert resolve_augment("auto", images, Preprocess(image_size=32)) == "crop-flip"
+    assert resolve_augment("auto", images, Preprocess()) == "flip"  # a random crop needs the size
+    assert resolve_augment("none", images, Preprocess(image_size=32)) == "none"

@@ -115,7 +115,8 @@ def test_post_train_on_a_refit_boundary_needs_a_budget(cli, tiny_data, tiny_mode
     assert not (tmp_path / "p" / "summary.json").exists()
 
 
-def test_rejudge_ranks_every_row_each_round_under_the_last_model(tiny_data, tiny_model, tmp_path, monkeypatch):
+@pytest.mark.parametrize("later", ["head", "same"])
+def test_rejudge_ranks_every_row_each_round_under_the_last_model(tiny_data, tiny_model, tmp_path, monkeypatch, later):
     from irank import posttrain
     from irank.loading import RunOptions
     from irank.refine import TrainOptions
@@ -130,14 +131,21 @@ def test_rejudge_ranks_every_row_each_round_under_the_last_model(tiny_data, tiny
     monkeypatch.setattr(posttrain, "refine", recording_refine)
     out = tmp_path / "post"
     result = posttrain.post_train(tiny_model, tiny_data["train"], out_dir=str(out),
-                                  loop=LoopOptions(budget=0.1, rejudge=True, boundary="refit", layer="auto"),
+                                  loop=LoopOptions(budget=0.1, rejudge=True, boundary="refit", layer="auto",
+                                                   rejudge_boundary=later),
                                   train_options=TrainOptions(scope="head", epochs=1), run_options=RunOptions(device="cpu"))
     rounds = result.summary["rounds"]
     assert [r["round"] for r in rounds] == [1, 2, 3]  # the default for --rejudge
     assert all(r["scored_rows"] == 240 and r["removed"] == 24 and r["kept"] == 216 for r in rounds)
-    assert all(r["layer"] in result.summary["layer_choice"]["layers"] for r in rounds)
-    scored_by = [json.loads((out / f"round-0{n}" / "scores.csv.json").read_text())["inputs"]["checkpoint"]["path"]
-                 for n in (1, 2, 3)]
+    sidecars = [json.loads((out / f"round-0{n}" / "scores.csv.json").read_text()) for n in (1, 2, 3)]
+    # round 1 on a probe of the input; then the refined model's own head (default), or a probe chosen afresh
+    kinds = ["refit", "head", "head"] if later == "head" else ["refit"] * 3
+    assert [r["boundary"] for r in rounds] == [s["parameters"]["boundary"] for s in sidecars] == kinds
+    # --method auto: the probe's loss on a probe, the refined head's own loss on it
+    assert [r["method"] for r in rounds] == [s["method"] for s in sidecars] == ["loss"] * 3
+    assert all(("layer" in r) == (kind == "refit") for r, kind in zip(rounds, kinds))
+    assert all(r["layer"] in result.summary["layer_choice"]["layers"] for r in rounds if "layer" in r)
+    scored_by = [sidecar["inputs"]["checkpoint"]["path"] for sidecar in sidecars]
     assert scored_by[0] == tiny_model and [Path(p).parent.name for p in scored_by[1:]] == ["round-01", "round-02"]
     assert started_from == scored_by  # each round refines the model that ranked it
     removed = pd.read_csv(out / "removed.csv")  # the last round's answer, not the rounds' sum
@@ -148,11 +156,31 @@ def test_rejudge_ranks_every_row_each_round_under_the_last_model(tiny_data, tiny
 @pytest.mark.parametrize("extra, message", [
     (["--rejudge", "--step", "0.05", "--rounds", "2"], "--step does not apply"),
     (["--rejudge", "--boundary", "refit", "--scope", "refit", "--budget", "0.1"], "--scope full or head"),
+    (["--rejudge-boundary", "same", "--budget", "0.1"], "--rejudge-boundary applies with --rejudge only"),
+    (["--rejudge"], "--rejudge needs --budget"),
 ])
 def test_rejudge_refuses_what_it_cannot_do(cli, tiny_data, tiny_model, tmp_path, extra, message):
     code, _, err = cli("post-train", tiny_model, tiny_data["train"], "--out-dir", tmp_path / "p", *extra)
     assert code == 3 and message in err
     assert not (tmp_path / "p" / "summary.json").exists()
+
+
+def test_rejudge_defaults_to_the_unlearning_recipe_and_given_flags_win(cli, tiny_data, tiny_model, tmp_path):
+    out = tmp_path / "post"
+    code, _, err = cli("post-train", tiny_model, tiny_data["train"], "--out-dir", out, "--rejudge", "--budget", "0.1",
+                       "--rounds", "1", "--epochs", "1", "--device", "cpu", "-q")
+    assert code == 0, err
+    config = json.loads((out / "summary.json").read_text())["config"]
+    assert (config["loop"]["boundary"], config["loop"]["layer"]) == ("refit", "auto")
+    train = config["train"]
+    assert (train["scope"], train["lr"], train["augment"], train["epochs"]) == ("full", 0.1, "auto", 1)
+    code, _, err = cli("post-train", tiny_model, tiny_data["train"], "--out-dir", tmp_path / "plain", "--budget", "0.1",
+                       "--rounds", "1", "--device", "cpu", "-q")  # without --rejudge: the gradual loop's defaults
+    assert code == 0, err
+    config = json.loads((tmp_path / "plain" / "summary.json").read_text())["config"]
+    assert (config["loop"]["boundary"], config["loop"]["layer"]) == ("head", None)
+    assert (config["train"]["scope"], config["train"]["lr"], config["train"]["augment"], config["train"]["epochs"]) == (
+        "refit", 0.01, "none", 2)
 
 
 def test_rejudge_with_val_answers_with_the_final_rounds_removal(tiny_data, tiny_model, tmp_path, monkeypatch):

@@ -456,3 +456,13 @@ def test_ids_spelled_alike_by_different_rows_are_duplicates():
     assert ids[0] == ids[1] == "d.npy[z][4]"
     assert ids.first_duplicate() == (0, 1)
     assert TensorRowIds(["d.npy", "d.npy"], ["z", ""], np.array([4, 4])).first_duplicate() is None
+
+
+def test_rejudge_on_tensor_rows_fine_tunes_without_image_augmentation(cli, embeddings, mlp_model, tmp_path):
+    out_dir = tmp_path / "post"
+    code, _, err = cli("post-train", mlp_model, embeddings["train"], "--out-dir", out_dir, "--budget", "0.15",
+                       "--rejudge", "--rounds", "2", "--epochs", "1", "--device", "cpu", "--quiet")
+    assert code == 0, err
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary["config"]["train"]["augment"] == "auto" and summary["config"]["train"]["scope"] == "full"
+    assert [r["boundary"] for r in summary["rounds"]] == ["refit", "head"]

@@ -185,10 +185,14 @@ def main() -> None:
     parser.add_argument("--l2", type=float, default=1e-3)
     parser.add_argument("--full-epochs", type=int, default=2)
     parser.add_argument("--estimate-budget", action="store_true", help="let post-train estimate the budget")
+    parser.add_argument("--budget", type=float, help="the budget to give post-train (default: the true noise rate); "
+                        "on a clean setting (ce-sym0) what a user who guesses a noise rate would give")
     parser.add_argument("--references", default="all,random,lossrank,oracle",
                         help="the same-recipe refines to run: all (nothing removed), random, lossrank, oracle")
     parser.add_argument("--rejudge-rounds", type=int, default=3)
     parser.add_argument("--rejudge-epochs", type=int, default=10)
+    parser.add_argument("--rejudge-boundary", default="head", choices=["head", "same"],
+                        help="post-train --rejudge-boundary; results of 'same' are tagged -same")
     args = parser.parse_args()
     checkpoint, manifest = base_paths(args.setting)
     out = ROOT / "bench-out" / args.setting
@@ -200,7 +204,7 @@ def main() -> None:
     stage(results, results_path, "base_test_accuracy", lambda: test_accuracy(checkpoint))
     stage(results, results_path, "base_train_fit", lambda: irank.evaluate(checkpoint, manifest, run_options=RUN)["accuracy"])
     stage(results, results_path, "one_shot", lambda: one_shot(checkpoint, manifest, corrupted, out))
-    budget = corrupted.mean() if corrupted.any() else None
+    budget = args.budget if args.budget is not None else (corrupted.mean() if corrupted.any() else None)
     rng = np.random.default_rng(0)
     random_keep = np.ones(len(corrupted), dtype=bool)
     if corrupted.any():
@@ -216,8 +220,10 @@ def main() -> None:
             options = unlearning
         else:
             options = TrainOptions(scope=scope, epochs=args.full_epochs, lr=0.01)
-        tag = variant + ("-estimated" if args.estimate_budget else "")
+        tag = variant + ("-estimated" if args.estimate_budget else f"-budget{args.budget:g}" if args.budget is not None else "")
+        tag += "-same" if rejudge and args.rejudge_boundary == "same" else ""
         loop = LoopOptions(rounds=args.rejudge_rounds if rejudge else args.rounds, rejudge=rejudge,
+                           rejudge_boundary=args.rejudge_boundary,
                            budget=None if args.estimate_budget else budget,
                            boundary="refit" if boundary.startswith("probe") else "head", method=method,
                            layer="auto" if boundary.startswith("probe") else None, probe_l2=args.probe_l2)
@@ -232,7 +238,7 @@ def main() -> None:
                       "layer": result.summary.get("layer")}
             if corrupted.any() and rejudge:  # the answer is the last round's ranking of every row
                 record["per_round"] = [
-                    {"layer": r.get("layer"), **detection(scores_in_row_order(post_dir / r["folder"] / "scores.csv",
+                    {"boundary": r.get("boundary"), "layer": r.get("layer"), **detection(scores_in_row_order(post_dir / r["folder"] / "scores.csv",
                                                                               manifest), corrupted)}
                     for r in result.summary["rounds"]]
                 record["gradual"] = {k: record["per_round"][-1][k] for k in ("auroc", "precision_at_k")}
