@@ -372,18 +372,18 @@ def apply_command(
         print_json({**summary, "output": output, "audit_output": audit})
 
 
-def _loop_recipe(rejudge: bool, scope, epochs, lr, augment, boundary, layer) -> tuple:
+def _loop_recipe(rejudge: bool, scope, epochs, lr, augment, loss, boundary, layer) -> tuple:
     """post-train's defaults for what was not given: the gradual loop's (refit head, 2 epochs at 0.01), or with
     --rejudge the unlearning recipe that ranked best on the benchmark (README, Benchmark): a probe at --layer auto
     in round 1, then 10-epoch full fine-tunes at learning rate 0.1 with --augment auto (random crops and flips on
-    images)."""
+    images) and the noise-robust GCE loss."""
     if not rejudge:
         return (scope or Scope.refit, 2 if epochs is None else epochs, 0.01 if lr is None else lr,
-                augment or Augment.none, boundary or Boundary.head, layer)
+                augment or Augment.none, loss or "ce", boundary or Boundary.head, layer)
     if boundary is None:
         boundary, layer = Boundary.refit, layer or "auto"
     return (scope or Scope.full, 10 if epochs is None else epochs, 0.1 if lr is None else lr, augment or Augment.auto,
-            boundary, layer)
+            loss or "gce", boundary, layer)
 
 
 def _train_options(scope, epochs, lr, weight_decay, augment, seed, l2=1e-3, loss="ce", layer=None):
@@ -406,6 +406,7 @@ def refine(
     weight_decay: Annotated[float, typer.Option(help="L2 weight decay.")] = 5e-4,
     augment: Annotated[Augment, typer.Option(help="Training augmentation; auto: random crops and flips on images of a known size, flips on other images, none on tensor rows.")] = Augment.none,
     seed: Annotated[int, typer.Option(help="Seed for shuffling and augmentation.")] = 0,
+    loss: Annotated[str, typer.Option(help="Training loss (head and full scopes): ce (cross-entropy) or gce (generalized cross-entropy, q=0.7: a noise-robust loss).")] = "ce",
     val: Annotated[Optional[Path], typer.Option(help="Clean labelled manifest: accuracy after every epoch, the best epoch is kept.")] = None,
     arch: ArchOpt = None, head: HeadOpt = None, classes: ClassesOpt = None, preprocess: PresetOpt = None,
     image_size: ImageSizeOpt = None, resize: ResizeOpt = None, mean: MeanOpt = None, std: StdOpt = None,
@@ -422,7 +423,7 @@ def refine(
 
     reporter = RichReporter(quiet)
     result = run_refine(
-        str(checkpoint), str(manifest), output=output, train_options=_train_options(scope, epochs, lr, weight_decay, augment, seed, l2, layer=layer),
+        str(checkpoint), str(manifest), output=output, train_options=_train_options(scope, epochs, lr, weight_decay, augment, seed, l2, loss=loss, layer=layer),
         val=str(val) if val else None, model_options=model_options(arch, head, classes, preprocess, image_size, resize, mean, std, allow_outside_root, on_bad_image),
         run_options=run_options(device, batch_size, num_workers, channels_last, precision), reporter=reporter,
         overwrite=overwrite, resume=resume,
@@ -483,6 +484,7 @@ def post_train(
     l2: Annotated[float, typer.Option(help="L2 strength of the refit (scope refit).")] = 1e-3,
     augment: Annotated[Optional[Augment], typer.Option(help="Training augmentation (full scope); auto: random crops and flips on images of a known size, flips on other images, none on tensor rows. Default none; auto with --rejudge.", show_default=False)] = None,
     seed: Annotated[int, typer.Option(help="Seed for shuffling and augmentation.")] = 0,
+    loss: Annotated[Optional[str], typer.Option(help="Training loss of the fine-tunes (head and full scopes): ce (cross-entropy) or gce (generalized cross-entropy, q=0.7: a noise-robust loss). Default ce; gce with --rejudge.", show_default=False)] = None,
     val: Annotated[Optional[Path], typer.Option(help="Clean labelled manifest: stop when its accuracy stops improving and keep the best round; with --boundary refit --layer auto, round 1 also chooses the layer by the probes' accuracy on it.")] = None,
     patience: Annotated[int, typer.Option(help="With --val: rounds without improvement before stopping.")] = 1,
     method: Annotated[Method, typer.Option(help="Score used to rank each round; auto (default): influence on the head, the probe's loss on a refit probe.")] = Method.auto,
@@ -492,7 +494,7 @@ def post_train(
     boundary: Annotated[Optional[Boundary], typer.Option(help="head: score on the current model's head (the default); refit: on an L2 probe refit each round at --layer (the default with --rejudge, at --layer auto).", show_default=False)] = None,
     layer: Annotated[Optional[str], typer.Option(help="With --boundary refit: the probe's layer, or auto (chosen in round 1). With --scope refit the refined model is the network cut there plus the probe.")] = None,
     probe_l2: Annotated[float, typer.Option(help="With --boundary refit: the scoring probe's L2 strength.")] = 0.1,
-    rejudge: Annotated[bool, typer.Option("--rejudge", help="Rank EVERY input row again each round under the last round's model (rounds 2 on: its own head, see --rejudge-boundary), remove the top --budget of them and refine that model on the rest: a row removed once comes back when the refined model no longer suspects it. Default 3 rounds. Needs --budget. Its defaults are the recipe that ranked best on the benchmark: --boundary refit --layer auto for round 1, --scope full --augment auto --lr 0.1 --epochs 10 for the fine-tunes (README, Benchmark); any of them given explicitly wins.")] = False,
+    rejudge: Annotated[bool, typer.Option("--rejudge", help="Rank EVERY input row again each round under the last round's model (rounds 2 on: its own head, see --rejudge-boundary), remove the top --budget of them and refine that model on the rest: a row removed once comes back when the refined model no longer suspects it. The answer: every row ranked once more under the final model. Default 3 rounds. Needs --budget. Its defaults are the recipe that ranked best on the benchmark: --boundary refit --layer auto for round 1, --scope full --augment auto --lr 0.1 --epochs 10 --loss gce for the fine-tunes (README, Benchmark); any of them given explicitly wins.")] = False,
     rejudge_boundary: Annotated[Optional[RejudgeBoundary], typer.Option(help="With --rejudge, what rounds 2 on rank on: head (default), the refined model's own head, trained without the last round's suspects (by its loss with --method auto; it ranked best on the benchmark); or same, --boundary and --method as in round 1.", show_default=False)] = None,
     arch: ArchOpt = None, head: HeadOpt = None, classes: ClassesOpt = None, preprocess: PresetOpt = None,
     image_size: ImageSizeOpt = None, resize: ResizeOpt = None, mean: MeanOpt = None, std: StdOpt = None,
@@ -504,16 +506,18 @@ def post_train(
 ) -> None:
     """Post-train: remove the samples ranked first (the most suspect) gradually, refining the model after each round.
 
-    Round by round: score the kept samples under the current model, remove the top --step share (of the original size), refine on the rest. With --rejudge, every round ranks all the input rows under the last round's model instead, removes the top --budget of them and refines on the rest; the final round's removal is the answer. Writes DIR/round-NN/{scores.csv,kept.csv,removed.csv,model.safetensors}, DIR/final.safetensors (the best round with --val, else the last), DIR/removed.csv (every removed row with its round and rank; with --rejudge, the final round's removal) and DIR/summary.json. Run the same command again to resume after the last finished round.
+    Round by round: score the kept samples under the current model, remove the top --step share (of the original size), refine on the rest. With --rejudge, every round ranks all the input rows under the last round's model instead, removes the top --budget of them and refines on the rest; then every row is ranked once more under the final model and its top --budget is the answer (DIR/scores.csv, DIR/kept.csv, DIR/removed.csv). Writes DIR/round-NN/{scores.csv,kept.csv,removed.csv,model.safetensors}, DIR/final.safetensors (the best round with --val, else the last), DIR/removed.csv (every removed row with its round and rank; with --rejudge, the final judgement's removal) and DIR/summary.json. Run the same command again to resume after the last finished round.
 
     Example: irank post-train model.safetensors train.csv --out-dir post --budget 0.3 --rounds 6 --val val.csv
+
+    Example: irank post-train model.safetensors train.csv --out-dir post --budget 0.3 --rejudge
     """
     from .posttrain import LoopOptions, post_train as run_post_train
 
     reporter = RichReporter(quiet)
     if rejudge_boundary is not None and not rejudge:
         raise UsageError("--rejudge-boundary applies with --rejudge only")
-    scope, epochs, lr, augment, boundary, layer = _loop_recipe(rejudge, scope, epochs, lr, augment, boundary, layer)
+    scope, epochs, lr, augment, loss, boundary, layer = _loop_recipe(rejudge, scope, epochs, lr, augment, loss, boundary, layer)
     method_name, measure_name = method_and_measure(method, influence_measure, boundary, reporter)
     table = Table(title="post-train rounds")
     for column in ("round", "removed", "kept", "val accuracy", "seconds"):
@@ -532,7 +536,7 @@ def post_train(
                          curvature=curvature.value, damping=damping, boundary=boundary.value, layer=layer,
                          probe_l2=probe_l2, rejudge=rejudge,
                          rejudge_boundary=(rejudge_boundary or RejudgeBoundary.head).value),
-        train_options=_train_options(scope, epochs, lr, weight_decay, augment, seed, l2),
+        train_options=_train_options(scope, epochs, lr, weight_decay, augment, seed, l2, loss=loss),
         val=str(val) if val else None,
         model_options=model_options(arch, head, classes, preprocess, image_size, resize, mean, std, allow_outside_root, on_bad_image),
         run_options=run_options(device, batch_size, num_workers, channels_last, precision, memory_budget),

@@ -141,7 +141,13 @@ def _removal_count(step: float, original_rows: int) -> int:
     return max(1, int(round(step * original_rows)))
 
 
-OWN_FILES = ("summary.json", "final.safetensors", "removed.csv")
+def _removal(loop: LoopOptions, count: int, scored_rows: int) -> dict:
+    """prune's arguments to remove `count` of `scored_rows` rows: a count, or with --per-class the same share of each class."""
+    return {"count": count} if not loop.per_class else {"fraction": min(0.99, count / scored_rows)}
+
+
+OWN_FILES = ("summary.json", "final.safetensors", "removed.csv", "scores.csv", "scores.csv.json", "kept.csv",
+             "kept.csv.json")  # the last four: --rejudge's final judgement
 
 
 def _own_entries(out_dir: Path) -> list[Path]:
@@ -257,8 +263,9 @@ def post_train(
     round's suspects (`loop.rejudge_boundary` "same": on `loop.boundary` again, a `--layer auto` chosen
     afresh for each round's model). A model refined without the suspects unlearns the labels the input
     memorized, so its ranking is better than the input's; and a row removed wrongly in one round is kept
-    in the next. The removal of the final round (the last, or the best on `val`) is the answer
-    (DIR/removed.csv).
+    in the next. The answer is a final judgement: every row ranked once more under final.safetensors (the
+    last round's model, or the best on `val`), on the boundary a further round would use, and the top
+    `budget` of them removed (DIR/scores.csv, DIR/kept.csv, DIR/removed.csv).
 
     Run again with the same arguments, it resumes after the last finished round; with `overwrite` it
     discards an earlier run in `out_dir` and starts afresh.
@@ -301,6 +308,32 @@ def _share_last_round(out: Path, state: dict) -> None:
             (out / folder).mkdir(parents=True, exist_ok=True)
             write_table(rebase_paths(kept, Path(source), out / folder / "kept.csv"), out / folder / "kept.csv")
             (out / folder / "model.safetensors").write_bytes(model_bytes)
+
+
+def _judge(out: Path, manifest: str, loop: LoopOptions, state: dict, original_rows: int, model_options: ModelOptions,
+           run: RunOptions, reporter: Reporter) -> dict:
+    """--rejudge's answer: every input row ranked once more under final.safetensors, the best model (on ce-sym40
+    its ranking beat the last round's, made under the model before it), and the top budget of them removed:
+    DIR/scores.csv, DIR/kept.csv and DIR/removed.csv."""
+    started = time.perf_counter()
+    number = len(state["rounds"]) + 1  # it ranks as a further round would
+    table = score(str(out / "final.safetensors"), manifest, output=str(out / "scores.csv"),
+                  method=loop.round_method(number), influence_measure=loop.influence_measure, curvature=loop.curvature,
+                  damping=loop.damping, boundary=loop.round_boundary(number), model_options=model_options,
+                  run_options=run, reporter=reporter, overwrite=True)
+    count = _removal_count(state["plan"]["step"], original_rows)
+    with all_or_none():
+        pruned = prune(str(out / "scores.csv"), manifest, output=str(out / "kept.csv"),
+                       removed_output=str(out / "removed.csv"), per_class=loop.per_class,
+                       min_per_class=loop.min_per_class, overwrite=True, **_removal(loop, count, len(table.table)))
+    parameters = table.sidecar["parameters"]
+    reporter.info(f"final judgement under final.safetensors (round {state['final_round']}): "
+                  f"removed {pruned.summary['removed_rows']}, kept {pruned.summary['kept_rows']}")
+    return {"model": "final.safetensors", "round": state["final_round"], "boundary": parameters["boundary"],
+            **({"layer": parameters["layer"]} if parameters["boundary"] == "refit" else {}),
+            "method": table.sidecar["method"], "removed": pruned.summary["removed_rows"],
+            "kept": pruned.summary["kept_rows"], "removed_per_class": pruned.summary["removed_per_class"],
+            "seconds": time.perf_counter() - started}
 
 
 def _post_train(checkpoint: str, manifest: str, out: Path, loop: LoopOptions, train_options: TrainOptions,
@@ -376,11 +409,10 @@ def _post_train(checkpoint: str, manifest: str, out: Path, loop: LoopOptions, tr
                     reporter.info(f"budget: remove {estimate['share']:.1%} in all, estimated as the {estimate['reason']}")
             plan = state["plan"]
             count = _removal_count(plan["step"], original_rows)
-            prune_kwargs = {"count": count} if not loop.per_class else {"fraction": min(0.99, count / len(table))}
             with all_or_none():  # every process prunes its own copy of the same table alike
                 pruned = prune(str(building / "scores.csv"), current_manifest, output=str(building / "kept.csv"),
                                removed_output=str(building / "removed.csv"), per_class=loop.per_class,
-                               min_per_class=loop.min_per_class, **prune_kwargs)
+                               min_per_class=loop.min_per_class, **_removal(loop, count, len(table)))
             pruned_at = time.perf_counter()
             round_training = train_options
             if from_input and state.get("layer"):
@@ -429,9 +461,12 @@ def _post_train(checkpoint: str, manifest: str, out: Path, loop: LoopOptions, tr
         if is_main():
             with atomic_path(final) as tmp:
                 shutil.copyfile(out / best["folder"] / "model.safetensors", tmp)
-            if loop.rejudge and best is not state["rounds"][-1]:  # --val chose an earlier round: its removal
-                _collect_removed(out, [best])
             write_json_atomic(out / "summary.json", state)
+    if loop.rejudge and "judgement" not in state:
+        state["judgement"] = _judge(out, manifest, loop, state, original_rows, round_options, run, reporter)
+        with all_or_none():
+            if is_main():
+                write_json_atomic(out / "summary.json", state)
     if val and best["val_accuracy"] < state["input_val_accuracy"]:
         reporter.warn(f"no round beat the input checkpoint on --val ({state['input_val_accuracy']:.4f}); "
                       f"final.safetensors is the best round ({best['val_accuracy']:.4f})")

@@ -232,6 +232,13 @@ def test_train_with_generalized_cross_entropy(cli, tiny_data, tmp_path):
     assert code == 3 and "--loss mse" in err
 
 
+def test_refine_with_generalized_cross_entropy(cli, tiny_data, tiny_model, tmp_path):
+    out = tmp_path / "refined.safetensors"
+    code, _, err = cli("refine", tiny_model, tiny_data["train"], "-o", out, "--epochs", "1", "--loss", "gce", "-q")
+    assert code == 0, err
+    assert read_checkpoint(str(out)).metadata["refined"]["options"]["loss"] == "gce"
+
+
 def test_gce_loss_matches_its_formula():
     import torch
 

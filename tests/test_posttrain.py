@@ -148,9 +148,21 @@ def test_rejudge_ranks_every_row_each_round_under_the_last_model(tiny_data, tiny
     scored_by = [sidecar["inputs"]["checkpoint"]["path"] for sidecar in sidecars]
     assert scored_by[0] == tiny_model and [Path(p).parent.name for p in scored_by[1:]] == ["round-01", "round-02"]
     assert started_from == scored_by  # each round refines the model that ranked it
-    removed = pd.read_csv(out / "removed.csv")  # the last round's answer, not the rounds' sum
-    assert removed["round"].tolist() == [3] * 24
-    assert sorted(removed["id"]) == sorted(pd.read_csv(out / "round-03" / "removed.csv")["id"])
+    # the answer: every row judged once more under the final model, as a 4th round would, its top 24 removed
+    judged = json.loads((out / "scores.csv.json").read_text())
+    assert Path(judged["inputs"]["checkpoint"]["path"]) == out / "final.safetensors"
+    assert judged["parameters"]["boundary"] == kinds[-1] == result.summary["judgement"]["boundary"]
+    assert result.summary["judgement"]["removed"] == 24 and result.summary["judgement"]["round"] == 3
+    assert_top_rows_removed(out)
+
+
+def assert_top_rows_removed(out: Path, count: int = 24) -> None:
+    """DIR/removed.csv is the top `count` of DIR/scores.csv, and DIR/kept.csv the rest of the 240 rows."""
+    scores = pd.read_csv(out / "scores.csv")
+    assert len(scores) == 240
+    removed = pd.read_csv(out / "removed.csv")
+    assert sorted(removed["id"]) == sorted(scores.nsmallest(count, "rank")["id"])
+    assert len(pd.read_csv(out / "kept.csv")) == 240 - count
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -173,17 +185,17 @@ def test_rejudge_defaults_to_the_unlearning_recipe_and_given_flags_win(cli, tiny
     config = json.loads((out / "summary.json").read_text())["config"]
     assert (config["loop"]["boundary"], config["loop"]["layer"]) == ("refit", "auto")
     train = config["train"]
-    assert (train["scope"], train["lr"], train["augment"], train["epochs"]) == ("full", 0.1, "auto", 1)
+    assert (train["scope"], train["lr"], train["augment"], train["loss"], train["epochs"]) == ("full", 0.1, "auto", "gce", 1)
     code, _, err = cli("post-train", tiny_model, tiny_data["train"], "--out-dir", tmp_path / "plain", "--budget", "0.1",
                        "--rounds", "1", "--device", "cpu", "-q")  # without --rejudge: the gradual loop's defaults
     assert code == 0, err
     config = json.loads((tmp_path / "plain" / "summary.json").read_text())["config"]
     assert (config["loop"]["boundary"], config["loop"]["layer"]) == ("head", None)
-    assert (config["train"]["scope"], config["train"]["lr"], config["train"]["augment"], config["train"]["epochs"]) == (
-        "refit", 0.01, "none", 2)
+    assert (config["train"]["scope"], config["train"]["lr"], config["train"]["augment"], config["train"]["loss"],
+            config["train"]["epochs"]) == ("refit", 0.01, "none", "ce", 2)
 
 
-def test_rejudge_with_val_answers_with_the_final_rounds_removal(tiny_data, tiny_model, tmp_path, monkeypatch):
+def test_rejudge_with_val_judges_under_the_round_val_chose(tiny_data, tiny_model, tmp_path, monkeypatch):
     from dataclasses import replace
 
     from irank import posttrain
@@ -204,6 +216,37 @@ def test_rejudge_with_val_answers_with_the_final_rounds_removal(tiny_data, tiny_
                                   loop=LoopOptions(rounds=2, budget=0.1, rejudge=True, patience=2),
                                   train_options=TrainOptions(scope="head", epochs=1), run_options=RunOptions(device="cpu"))
     assert result.summary["final_round"] == 1 and len(result.summary["rounds"]) == 2
-    removed = pd.read_csv(out / "removed.csv")
-    assert removed["round"].tolist() == [1] * 24
-    assert sorted(removed["id"]) == sorted(pd.read_csv(out / "round-01" / "removed.csv")["id"])
+    assert (out / "final.safetensors").read_bytes() == (out / "round-01" / "model.safetensors").read_bytes()
+    assert result.summary["judgement"]["round"] == 1
+    assert_top_rows_removed(out)
+
+
+def test_rejudge_interrupted_in_its_judgement_resumes_without_refining_again(tiny_data, tiny_model, tmp_path, monkeypatch):
+    from irank import posttrain
+    from irank.loading import RunOptions
+    from irank.refine import TrainOptions
+
+    real_refine, real_prune, refined = posttrain.refine, posttrain.prune, []
+
+    def counting_refine(*args, **kwargs):
+        refined.append(1)
+        return real_refine(*args, **kwargs)
+
+    def prune_interrupted_in_the_judgement(scores, *args, **kwargs):
+        if Path(scores).parent == out:
+            raise KeyboardInterrupt
+        return real_prune(scores, *args, **kwargs)
+
+    monkeypatch.setattr(posttrain, "refine", counting_refine)
+    monkeypatch.setattr(posttrain, "prune", prune_interrupted_in_the_judgement)
+    out = tmp_path / "post"
+    run = dict(out_dir=str(out), loop=LoopOptions(rounds=2, budget=0.1, rejudge=True),
+               train_options=TrainOptions(scope="head", epochs=1), run_options=RunOptions(device="cpu"))
+    with pytest.raises(KeyboardInterrupt):
+        posttrain.post_train(tiny_model, tiny_data["train"], **run)
+    assert "judgement" not in json.loads((out / "summary.json").read_text()) and len(refined) == 2
+    monkeypatch.setattr(posttrain, "prune", real_prune)
+    result = posttrain.post_train(tiny_model, tiny_data["train"], **run)
+    assert len(refined) == 2 and result.summary["judgement"]["removed"] == 24
+    assert json.loads((out / "summary.json").read_text())["judgement"] == result.summary["judgement"]
+    assert_top_rows_removed(out)

@@ -193,6 +193,8 @@ def main() -> None:
     parser.add_argument("--rejudge-epochs", type=int, default=10)
     parser.add_argument("--rejudge-boundary", default="head", choices=["head", "same"],
                         help="post-train --rejudge-boundary; results of 'same' are tagged -same")
+    parser.add_argument("--rejudge-loss", default="ce", choices=["ce", "gce"],
+                        help="the fine-tunes' training loss; results of gce are tagged -gce")
     args = parser.parse_args()
     checkpoint, manifest = base_paths(args.setting)
     out = ROOT / "bench-out" / args.setting
@@ -213,7 +215,7 @@ def main() -> None:
         boundary, scope = variant.split("-")  # e.g. probe-refit: score on an auto-layer probe, refine by refit
         method = "loss" if boundary == "probeloss" else "influence"  # probeloss: the probe's own loss
         rejudge = scope == "rejudge"  # probeloss-rejudge: post-train --rejudge with the unlearning recipe
-        unlearning = TrainOptions(scope="full", epochs=args.rejudge_epochs, lr=0.1, augment="crop-flip")
+        unlearning = TrainOptions(scope="full", epochs=args.rejudge_epochs, lr=0.1, augment="crop-flip", loss=args.rejudge_loss)
         if scope == "refit":
             options = TrainOptions(scope="refit", l2=args.l2)
         elif rejudge:
@@ -222,6 +224,7 @@ def main() -> None:
             options = TrainOptions(scope=scope, epochs=args.full_epochs, lr=0.01)
         tag = variant + ("-estimated" if args.estimate_budget else f"-budget{args.budget:g}" if args.budget is not None else "")
         tag += "-same" if rejudge and args.rejudge_boundary == "same" else ""
+        tag += "-gce" if rejudge and args.rejudge_loss == "gce" else ""
         loop = LoopOptions(rounds=args.rejudge_rounds if rejudge else args.rounds, rejudge=rejudge,
                            rejudge_boundary=args.rejudge_boundary,
                            budget=None if args.estimate_budget else budget,
@@ -236,12 +239,12 @@ def main() -> None:
             record = {"test_accuracy": test_accuracy(result.final_model), "seconds": seconds,
                       "removed": int(result.summary["rounds"][-1]["removed_total"]), "plan": result.summary["plan"],
                       "layer": result.summary.get("layer")}
-            if corrupted.any() and rejudge:  # the answer is the last round's ranking of every row
+            if corrupted.any() and rejudge:  # each round's ranking of every row, and the answer: the final judgement's
                 record["per_round"] = [
                     {"boundary": r.get("boundary"), "layer": r.get("layer"), **detection(scores_in_row_order(post_dir / r["folder"] / "scores.csv",
                                                                               manifest), corrupted)}
                     for r in result.summary["rounds"]]
-                record["gradual"] = {k: record["per_round"][-1][k] for k in ("auroc", "precision_at_k")}
+                record["gradual"] = detection(scores_in_row_order(post_dir / "scores.csv", manifest), corrupted)
             elif corrupted.any():
                 record["gradual"] = detection(gradual_order(post_dir, manifest), corrupted)
             return record
