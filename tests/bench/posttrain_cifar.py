@@ -259,6 +259,7 @@ def main() -> None:
         else:
             reference = TrainOptions(scope=scope, epochs=args.full_epochs * args.rounds, lr=0.01)
         name = variant if scope == "refit" and post.get("layer") else scope
+        name += "-gce" if rejudge and args.rejudge_loss == "gce" else ""
         keeps = {"all": np.ones(len(corrupted), bool)}
         if corrupted.any():
             loss_order = pd.read_csv(out / "scores.csv").sort_values("loss", ascending=False, kind="stable")["id"]
