@@ -56,7 +56,9 @@ class LoopOptions:
     boundary: str = "head"  # head, or refit: an L2 probe refit each round at `layer`
     layer: str | None = None  # with boundary refit: a module name, "auto" (chosen in round 1), or the head's input
     probe_l2: float = 0.1
-    rejudge: bool = False  # every round ranks every input row under the last round's model; see post_train
+    # Every round ranks every input row under the last round's model; see post_train. The command line's --rejudge
+    # also changes the defaults of the boundary and the training (cli._loop_recipe); from Python, pass them.
+    rejudge: bool = False
     # With rejudge, the boundary of rounds 2 on: "head", the refined model's own head (trained without the last
     # round's suspects, so it could not bend around them), or "same" (`boundary` again, as in round 1)
     rejudge_boundary: str = "head"
