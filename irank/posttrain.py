@@ -293,12 +293,20 @@ def post_train(
     return replace(result, final_model=str(Path(out_dir) / "final.safetensors"))
 
 
-def _share_last_round(out: Path, state: dict) -> None:
+def _share_rounds(out: Path, state: dict) -> None:
     """Under torchrun, when resuming: rank 0's last finished round (kept manifest and model) into every
-    other process's private folder, where the next round reads them."""
+    other process's private folder, where the next round reads them; and once the rounds are done, the
+    final round's too (--val may have chosen an earlier one), which --rejudge's judgement reads."""
     if not active() or not state["rounds"]:
         return
-    folder = state["rounds"][-1]["folder"]
+    folders = {state["rounds"][-1]["folder"]}
+    if "final_round" in state:
+        folders |= {r["folder"] for r in state["rounds"] if r["round"] == state["final_round"]}
+    for folder in sorted(folders):
+        _share_round(out, folder)
+
+
+def _share_round(out: Path, folder: str) -> None:
     payload = None
     with all_or_none():  # no collective inside: a process that fails here must reach the agreement
         if is_main():
@@ -360,7 +368,7 @@ def _post_train(checkpoint: str, manifest: str, out: Path, loop: LoopOptions, tr
             if val:
                 check_inside_root(read_manifest(val))
     state = broadcast_object(state)  # under torchrun: rank 0's run, resumed or fresh, for every process
-    _share_last_round(out, state)
+    _share_rounds(out, state)
     # Each round reads the manifests irank wrote from the checked one, in round folders beside it.
     round_options = replace(model_options, allow_outside_root=True)
     eval_kwargs = {"model_options": model_options, "run_options": run}
@@ -460,9 +468,9 @@ def _post_train(checkpoint: str, manifest: str, out: Path, loop: LoopOptions, tr
     state["final_round"] = best["round"]
     final = out / "final.safetensors"
     with all_or_none():
+        with atomic_path(final) as tmp:  # every process, into its own folder: the judgement reads it
+            shutil.copyfile(out / best["folder"] / "model.safetensors", tmp)
         if is_main():
-            with atomic_path(final) as tmp:
-                shutil.copyfile(out / best["folder"] / "model.safetensors", tmp)
             write_json_atomic(out / "summary.json", state)
     if loop.rejudge and "judgement" not in state:
         state["judgement"] = _judge(out, manifest, loop, state, original_rows, round_options, run, reporter)

@@ -144,6 +144,30 @@ def test_post_train_takes_the_same_decisions_as_one_process(tiny_data, tiny_mode
     assert not list(private.glob("irank-post-train-*"))  # the other process's private folder is gone
 
 
+def test_post_train_rejudge_judges_like_one_process(tiny_data, tiny_model, tmp_path):
+    """--rejudge's rounds and its final judgement, which every process runs on its own final.safetensors."""
+    from irank.refine import TrainOptions
+
+    single, sharded = tmp_path / "single", tmp_path / "sharded"
+    irank.post_train(tiny_model, tiny_data["train"], out_dir=str(single),
+                     loop=irank.LoopOptions(rounds=2, budget=0.1, rejudge=True, boundary="head"),
+                     train_options=TrainOptions(scope="refit", epochs=10, lr=0.1, augment="auto", loss="gce"),
+                     run_options=irank.RunOptions(device="cpu", batch_size=64))
+    private = tmp_path / "tmp"
+    private.mkdir()
+    result = torchrun("post-train", tiny_model, tiny_data["train"], "--out-dir", sharded, "--rejudge", "--rounds", 2,
+                      "--budget", 0.1, "--boundary", "head", "--scope", "refit", "--device", "cpu", "--batch-size", 64,
+                      temporary_folder=private)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in sharded.iterdir()) == sorted(p.name for p in single.iterdir())
+    for name in ("removed.csv", "round-02/removed.csv"):
+        assert pd.read_csv(sharded / name)["id"].tolist() == pd.read_csv(single / name)["id"].tolist()
+    assert_same_scores(pd.read_csv(single / "scores.csv"), pd.read_csv(sharded / "scores.csv"))
+    judged = json.loads((sharded / "summary.json").read_text())["judgement"]
+    assert (judged["removed"], judged["boundary"], judged["method"]) == (24, "head", "loss")
+    assert not list(private.glob("irank-post-train-*"))
+
+
 SHARDED_MATH = '''
 import sys
 import torch
