@@ -2,6 +2,8 @@
 
     python tests/bench/posttrain_cifar.py SETTING [--variants head-refit,probe-refit,head-full,probe-full] [--rounds 8]
     python tests/bench/posttrain_cifar.py SETTING --variants probeloss-rejudge   # post-train --rejudge, unlearning recipe
+    python tests/bench/posttrain_cifar.py SETTING --variants probeloss-rejudge --rejudge-loss gce --references all
+        # with GCE fine-tunes, and the same fine-tune on every row ranked by a probe and by its own head
 
 SETTING is a base checkpoint name from tests/bench/train_bases.sh (ce-sym40, ce-sym20, ce-asym40,
 ce-sym0, gce-sym40; with EXTRA=1 also ce-sym60, ce-asym20, gce-sym20, ce-sym40-es, ce-sym40-aug).
@@ -22,6 +24,7 @@ import pandas as pd
 import torch
 
 import irank
+from irank.boundary import BoundaryOptions
 from irank.data import batches, make_loader
 from irank.features import forward_pass
 from irank.linear import fit_softmax_regression
@@ -163,10 +166,12 @@ def refine_on_subset(checkpoint: str, manifest: str, keep: np.ndarray, out: Path
     return model
 
 
-def ranking_of(model: str, manifest: str, corrupted: np.ndarray) -> dict:
-    """AUROC / precision at k of `irank score` (the default) on `model` over every row of `manifest`."""
-    output = Path(model).with_suffix(".scores.csv")
-    irank.score(model, manifest, output=str(output), run_options=RUN, overwrite=True)
+def ranking_of(model: str, manifest: str, corrupted: np.ndarray, head: bool = False) -> dict:
+    """AUROC / precision at k of `irank score` on `model` over every row of `manifest`: the default, or with
+    `head` `--boundary head --method loss` (the model's own head, by its loss)."""
+    output = Path(model).with_suffix(".head-scores.csv" if head else ".scores.csv")
+    options = {"boundary": BoundaryOptions(kind="head", layer=None), "method": "loss"} if head else {}
+    irank.score(model, manifest, output=str(output), run_options=RUN, overwrite=True, **options)
     layer = json.loads(Path(str(output) + ".json").read_text())["parameters"].get("layer")
     return {"layer": layer, **detection(scores_in_row_order(output, manifest), corrupted)}
 
@@ -270,9 +275,12 @@ def main() -> None:
                 stage(results, results_path, f"{'refine_all' if kind == 'all' else kind}_{name}",
                       lambda kind=kind: test_accuracy(refine_on_subset(checkpoint, manifest, keeps[kind], out,
                                                                        f"{kind}-{name}", reference)))
-                if rejudge and corrupted.any():  # how the reference model itself ranks every row
+                if rejudge and corrupted.any():  # how the reference model itself ranks every row: probe, own head
                     stage(results, results_path, f"{kind}_{name}_ranking",
                           lambda kind=kind: ranking_of(str(out / f"{kind}-{name}.safetensors"), manifest, corrupted))
+                    stage(results, results_path, f"{kind}_{name}_head_ranking",
+                          lambda kind=kind: ranking_of(str(out / f"{kind}-{name}.safetensors"), manifest, corrupted,
+                                                       head=True))
     print(json.dumps(results, indent=2, sort_keys=True))
 
 
