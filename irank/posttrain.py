@@ -143,9 +143,6 @@ def _removal_count(step: float, original_rows: int) -> int:
     return max(1, int(round(step * original_rows)))
 
 
-def _removal(loop: LoopOptions, count: int, scored_rows: int) -> dict:
-    """prune's arguments to remove `count` of `scored_rows` rows: a count, or with --per-class the same share of each class."""
-    return {"count": count} if not loop.per_class else {"fraction": min(0.99, count / scored_rows)}
 
 
 OWN_FILES = ("summary.json", "final.safetensors", "removed.csv", "scores.csv", "scores.csv.json", "kept.csv",
@@ -320,6 +317,32 @@ def _share_round(out: Path, folder: str) -> None:
             (out / folder / "model.safetensors").write_bytes(model_bytes)
 
 
+def _score_round(loop: LoopOptions, number: int, model: str, manifest: str, output: Path, model_options: ModelOptions,
+                 run: RunOptions, reporter: Reporter, layer: str | None = None, val: str | None = None,
+                 overwrite: bool = False):
+    """Round `number`'s ranking of `manifest` under `model`, on that round's boundary and method, into `output`."""
+    return score(model, manifest, output=str(output), method=loop.round_method(number),
+                 influence_measure=loop.influence_measure, curvature=loop.curvature, damping=loop.damping,
+                 boundary=loop.round_boundary(number, layer, val), model_options=model_options, run_options=run,
+                 reporter=reporter, overwrite=overwrite)
+
+
+def _prune_round(loop: LoopOptions, scores: Path, manifest: str, folder: Path, count: int, scored_rows: int):
+    """Remove `count` of the `scored_rows` rows ranked first in `scores` from `manifest`: kept.csv and removed.csv in
+    `folder` (under torchrun every process prunes its own copy of the same table alike)."""
+    removal = {"count": count} if not loop.per_class else {"fraction": min(0.99, count / scored_rows)}
+    with all_or_none():
+        return prune(str(scores), manifest, output=str(folder / "kept.csv"), removed_output=str(folder / "removed.csv"),
+                     per_class=loop.per_class, min_per_class=loop.min_per_class, overwrite=True, **removal)
+
+
+def _ranked_by(sidecar: dict) -> dict:
+    """What a round's scores table ranked by, for its record: boundary, layer (on a refit probe) and method."""
+    parameters = sidecar["parameters"]
+    layer = {"layer": parameters["layer"]} if parameters["boundary"] == "refit" else {}
+    return {"boundary": parameters["boundary"], **layer, "method": sidecar["method"]}
+
+
 def _judge(out: Path, manifest: str, loop: LoopOptions, state: dict, original_rows: int, model_options: ModelOptions,
            run: RunOptions, reporter: Reporter) -> dict:
     """--rejudge's answer: every input row ranked once more under final.safetensors, the best model (on ce-sym40
@@ -327,23 +350,15 @@ def _judge(out: Path, manifest: str, loop: LoopOptions, state: dict, original_ro
     DIR/scores.csv, DIR/kept.csv and DIR/removed.csv."""
     started = time.perf_counter()
     number = len(state["rounds"]) + 1  # it ranks as a further round would
-    table = score(str(out / "final.safetensors"), manifest, output=str(out / "scores.csv"),
-                  method=loop.round_method(number), influence_measure=loop.influence_measure, curvature=loop.curvature,
-                  damping=loop.damping, boundary=loop.round_boundary(number), model_options=model_options,
-                  run_options=run, reporter=reporter, overwrite=True)
-    count = _removal_count(state["plan"]["step"], original_rows)
-    with all_or_none():
-        pruned = prune(str(out / "scores.csv"), manifest, output=str(out / "kept.csv"),
-                       removed_output=str(out / "removed.csv"), per_class=loop.per_class,
-                       min_per_class=loop.min_per_class, overwrite=True, **_removal(loop, count, len(table.table)))
-    parameters = table.sidecar["parameters"]
+    table = _score_round(loop, number, str(out / "final.safetensors"), manifest, out / "scores.csv", model_options, run,
+                         reporter, overwrite=True)
+    pruned = _prune_round(loop, out / "scores.csv", manifest, out, _removal_count(state["plan"]["step"], original_rows),
+                          len(table.table))
     reporter.info(f"final judgement under final.safetensors (round {state['final_round']}): "
                   f"removed {pruned.summary['removed_rows']}, kept {pruned.summary['kept_rows']}")
-    return {"model": "final.safetensors", "round": state["final_round"], "boundary": parameters["boundary"],
-            **({"layer": parameters["layer"]} if parameters["boundary"] == "refit" else {}),
-            "method": table.sidecar["method"], "removed": pruned.summary["removed_rows"],
-            "kept": pruned.summary["kept_rows"], "removed_per_class": pruned.summary["removed_per_class"],
-            "seconds": time.perf_counter() - started}
+    return {"model": "final.safetensors", "round": state["final_round"], **_ranked_by(table.sidecar),
+            "removed": pruned.summary["removed_rows"], "kept": pruned.summary["kept_rows"],
+            "removed_per_class": pruned.summary["removed_per_class"], "seconds": time.perf_counter() - started}
 
 
 def _post_train(checkpoint: str, manifest: str, out: Path, loop: LoopOptions, train_options: TrainOptions,
@@ -396,19 +411,14 @@ def _post_train(checkpoint: str, manifest: str, out: Path, loop: LoopOptions, tr
                 shutil.rmtree(out / folder)
         with _round_folder(building):
             started = time.perf_counter()
-            table = score(current_model, current_manifest, output=str(building / "scores.csv"), method=loop.round_method(number),
-                          influence_measure=loop.influence_measure, curvature=loop.curvature, damping=loop.damping,
-                          boundary=loop.round_boundary(number, layer, val),
-                          model_options=round_options,
-                          run_options=run, reporter=reporter)
+            table = _score_round(loop, number, current_model, current_manifest, building / "scores.csv", round_options,
+                                 run, reporter, layer, val)
             state.setdefault("method", table.sidecar["method"])  # for the summary: what --method auto ranked by
             if loop.boundary == "refit" and "layer" not in state:
                 chosen = table.sidecar["parameters"]["layer"]
                 state["layer"] = None if chosen == HEAD_INPUT else chosen
                 state["layer_choice"] = {k: table.sidecar["parameters"].get(k) for k in ("layer", "layer_choice", "layers")}
-            round_kind = table.sidecar["parameters"]["boundary"]
-            table_layer = table.sidecar["parameters"].get("layer") if round_kind == "refit" else None
-            round_method = table.sidecar["method"]
+            ranked_by = _ranked_by(table.sidecar)
             table = table.table
             scored = time.perf_counter()
             if state["plan"] is None:
@@ -419,10 +429,7 @@ def _post_train(checkpoint: str, manifest: str, out: Path, loop: LoopOptions, tr
                     reporter.info(f"budget: remove {estimate['share']:.1%} in all, estimated as the {estimate['reason']}")
             plan = state["plan"]
             count = _removal_count(plan["step"], original_rows)
-            with all_or_none():  # every process prunes its own copy of the same table alike
-                pruned = prune(str(building / "scores.csv"), current_manifest, output=str(building / "kept.csv"),
-                               removed_output=str(building / "removed.csv"), per_class=loop.per_class,
-                               min_per_class=loop.min_per_class, **_removal(loop, count, len(table)))
+            pruned = _prune_round(loop, building / "scores.csv", current_manifest, building, count, len(table))
             pruned_at = time.perf_counter()
             round_training = train_options
             if from_input and state.get("layer"):
@@ -439,9 +446,7 @@ def _post_train(checkpoint: str, manifest: str, out: Path, loop: LoopOptions, tr
                 "removed": pruned.summary["removed_rows"],
                 "kept": pruned.summary["kept_rows"],
                 "removed_total": original_rows - pruned.summary["kept_rows"],
-                "boundary": round_kind,
-                **({"layer": table_layer} if table_layer is not None else {}),
-                "method": round_method,
+                **ranked_by,
                 "removed_per_class": pruned.summary["removed_per_class"],
                 "seconds": {"score": scored - started, "prune": pruned_at - scored, "refine": finished_at - pruned_at},
             }
