@@ -81,6 +81,12 @@ class RejudgeBoundary(str, Enum):
     same = "same"
 
 
+class Strategy(str, Enum):
+    unlearn = "unlearn"
+    rejudge = "rejudge"
+    gradual = "gradual"
+
+
 class Scope(str, Enum):
     head = "head"
     full = "full"
@@ -372,18 +378,16 @@ def apply_command(
         print_json({**summary, "output": output, "audit_output": audit})
 
 
-def _loop_recipe(rejudge: bool, scope, epochs, lr, augment, loss, boundary, layer) -> tuple:
-    """post-train's defaults for what was not given: the gradual loop's (refit head, 2 epochs at 0.01), or with
-    --rejudge the unlearning recipe that ranked best on the benchmark (README, Benchmark): a probe at --layer auto
-    in round 1, then 10-epoch full fine-tunes at learning rate 0.1 with --augment auto (random crops and flips on
-    images) and the noise-robust GCE loss."""
-    if not rejudge:
-        return (scope or Scope.refit, 2 if epochs is None else epochs, 0.01 if lr is None else lr,
-                augment or Augment.none, loss or "ce", boundary or Boundary.head, layer)
+def _loop_recipe(strategy: str, scope, epochs, lr, augment, loss, boundary, layer) -> tuple:
+    """post-train's defaults for what was not given: the strategy's recipe (posttrain.RECIPES), the one that ranked
+    best on the benchmark for it (README, Benchmark). A boundary given explicitly takes no layer from the recipe."""
+    from .posttrain import RECIPES
+
+    recipe = RECIPES[strategy]
     if boundary is None:
-        boundary, layer = Boundary.refit, layer or "auto"
-    return (scope or Scope.full, 10 if epochs is None else epochs, 0.1 if lr is None else lr, augment or Augment.auto,
-            loss or "gce", boundary, layer)
+        boundary, layer = Boundary(recipe.boundary), layer or recipe.layer
+    return (scope or Scope(recipe.scope), recipe.epochs if epochs is None else epochs, recipe.lr if lr is None else lr,
+            augment or Augment(recipe.augment), loss or recipe.loss, boundary, layer)
 
 
 def _train_options(scope, epochs, lr, weight_decay, augment, seed, l2=1e-3, loss="ce", layer=None):
@@ -471,30 +475,31 @@ def train(
 def post_train(
     checkpoint: Annotated[Path, typer.Argument(help="The trained model to post-train.")],
     manifest: Annotated[Path, typer.Argument(help="Its (noisy) training manifest.")],
-    out_dir: Annotated[Path, typer.Option("--out-dir", help="Folder for round-NN/, final.safetensors, removed.csv and summary.json; run the same command again to resume, or pass --overwrite to start afresh.")],
-    rounds: Annotated[Optional[int], typer.Option(help=f"Number of rounds (default {5} when only a budget is known).")] = None,
-    step: Annotated[Optional[float], typer.Option(help="Share of the ORIGINAL size removed per round.")] = None,
-    budget: Annotated[Optional[float], typer.Option(help="Total share to remove over all rounds (default: estimated from the first round's scores).")] = None,
+    out_dir: Annotated[Path, typer.Option("--out-dir", help="Folder for final.safetensors, scores.csv, kept.csv, removed.csv, summary.json (and round-NN/ of gradual and rejudge); run the same command again to resume, or pass --overwrite to start afresh.")],
+    strategy: Annotated[Optional[Strategy], typer.Option(help="unlearn (the default): fine-tune the whole network once on every row with the noise-robust GCE loss, then rank every row by the fine-tuned model's own loss; it ranked and generalized best on the benchmark (README, Benchmark). rejudge: rounds of rank every row, remove the top --budget, fine-tune on the rest (= --rejudge). gradual: the paper's loop, removing --step per round (the default when --rounds or --step is given).", show_default=False)] = None,
+    rounds: Annotated[Optional[int], typer.Option(help=f"gradual and rejudge: number of rounds (gradual: default {5} when only a budget is known; rejudge: 3).")] = None,
+    step: Annotated[Optional[float], typer.Option(help="gradual: share of the ORIGINAL size removed per round.")] = None,
+    budget: Annotated[Optional[float], typer.Option(help="Share of the rows to remove (gradual: over all rounds). Default: estimated as the share whose label the model disagrees with (unlearn: the fine-tuned model; gradual: the input); rejudge needs it.")] = None,
     per_class: Annotated[bool, typer.Option("--per-class", help="Remove the same share from each class in every round.")] = False,
     min_per_class: Annotated[int, typer.Option(help="Never keep fewer than this many rows of a class.")] = 1,
-    scope: Annotated[Optional[Scope], typer.Option(help="How each round refines: refit (the head refit from scratch on frozen features, convex; the default), head (fine-tune the head) or full (the whole network; the default with --rejudge).", show_default=False)] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Epochs per round (head and full scopes). Default 2; 10 with --rejudge.", show_default=False)] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (head and full scopes). Default 0.01; 0.1 with --rejudge.", show_default=False)] = None,
+    scope: Annotated[Optional[Scope], typer.Option(help="How the model is refined: full (the whole network; the default of unlearn and rejudge), head (fine-tune the head) or refit (the head refit from scratch on frozen features, convex; the default of gradual).", show_default=False)] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Epochs of each fine-tune (head and full scopes). Default: unlearn 30, rejudge 10 per round, gradual 2 per round.", show_default=False)] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (head and full scopes). Default 0.1; gradual 0.01.", show_default=False)] = None,
     weight_decay: Annotated[float, typer.Option(help="L2 weight decay (head and full scopes).")] = 5e-4,
     l2: Annotated[float, typer.Option(help="L2 strength of the refit (scope refit).")] = 1e-3,
-    augment: Annotated[Optional[Augment], typer.Option(help="Training augmentation (full scope); auto: random crops and flips on images of a known size, flips on other images, none on tensor rows. Default none; auto with --rejudge.", show_default=False)] = None,
+    augment: Annotated[Optional[Augment], typer.Option(help="Training augmentation (full scope); auto: random crops and flips on images of a known size, flips on other images, none on tensor rows. Default auto; gradual none.", show_default=False)] = None,
     seed: Annotated[int, typer.Option(help="Seed for shuffling and augmentation.")] = 0,
-    loss: Annotated[Optional[str], typer.Option(help="Training loss of the fine-tunes (head and full scopes): ce (cross-entropy) or gce (generalized cross-entropy, q=0.7: a noise-robust loss). Default ce; gce with --rejudge.", show_default=False)] = None,
-    val: Annotated[Optional[Path], typer.Option(help="Clean labelled manifest: stop when its accuracy stops improving and keep the best round; with --boundary refit --layer auto, round 1 also chooses the layer by the probes' accuracy on it.")] = None,
+    loss: Annotated[Optional[str], typer.Option(help="Training loss of the fine-tunes (head and full scopes): ce (cross-entropy) or gce (generalized cross-entropy, q=0.7: a noise-robust loss). Default gce; gradual ce.", show_default=False)] = None,
+    val: Annotated[Optional[Path], typer.Option(help="Clean labelled manifest: unlearn keeps the fine-tune's best epoch on it; gradual and rejudge stop when its accuracy stops improving and keep the best round (with --boundary refit --layer auto, round 1 also chooses the layer by the probes' accuracy on it).")] = None,
     patience: Annotated[int, typer.Option(help="With --val: rounds without improvement before stopping.")] = 1,
-    method: Annotated[Method, typer.Option(help="Score used to rank each round; auto (default): influence on the head, the probe's loss on a refit probe.")] = Method.auto,
+    method: Annotated[Method, typer.Option(help="Score used to rank; auto (default): the loss on a fine-tuned model's own head (unlearn; rejudge's rounds 2 on) and on a refit probe, influence on the input's head (gradual).")] = Method.auto,
     influence_measure: Annotated[Optional[Measure], typer.Option(help="The influence measure (default self-influence); giving it with --method auto ranks by influence on a refit probe too.", show_default=False)] = None,
     curvature: Annotated[Curvature, typer.Option(help="Head curvature: exact, kfac or auto.")] = Curvature.auto,
     damping: Annotated[float, typer.Option(help="Damping relative to the mean eigenvalue of the curvature.")] = 0.01,
-    boundary: Annotated[Optional[Boundary], typer.Option(help="head: score on the current model's head (the default); refit: on an L2 probe refit each round at --layer (the default with --rejudge, at --layer auto).", show_default=False)] = None,
+    boundary: Annotated[Optional[Boundary], typer.Option(help="head: rank on the model's own head (the default of unlearn and gradual); refit: on an L2 probe refit at --layer (the default of rejudge's round 1, at --layer auto).", show_default=False)] = None,
     layer: Annotated[Optional[str], typer.Option(help="With --boundary refit: the probe's layer, or auto (chosen in round 1). With --scope refit the refined model is the network cut there plus the probe.")] = None,
     probe_l2: Annotated[float, typer.Option(help="With --boundary refit: the scoring probe's L2 strength.")] = 0.1,
-    rejudge: Annotated[bool, typer.Option("--rejudge", help="Rank EVERY input row again each round under the last round's model (rounds 2 on: its own head, see --rejudge-boundary), remove the top --budget of them and refine that model on the rest: a row removed once comes back when the refined model no longer suspects it. The answer: every row ranked once more under the final model. Default 3 rounds. Needs --budget. Its defaults are the recipe that ranked best on the benchmark: --boundary refit --layer auto for round 1, --scope full --augment auto --lr 0.1 --epochs 10 --loss gce for the fine-tunes (README, Benchmark); any of them given explicitly wins.")] = False,
+    rejudge: Annotated[bool, typer.Option("--rejudge", help="= --strategy rejudge. Rank EVERY input row again each round under the last round's model (rounds 2 on: its own head, see --rejudge-boundary), remove the top --budget of them and refine that model on the rest: a row removed once comes back when the refined model no longer suspects it. The answer: every row ranked once more under the final model. Default 3 rounds. Needs --budget. Its defaults are the recipe that ranked best on the benchmark: --boundary refit --layer auto for round 1, --scope full --augment auto --lr 0.1 --epochs 10 --loss gce for the fine-tunes (README, Benchmark); any of them given explicitly wins.")] = False,
     rejudge_boundary: Annotated[Optional[RejudgeBoundary], typer.Option(help="With --rejudge, what rounds 2 on rank on: head (default), the refined model's own head, trained without the last round's suspects (by its loss with --method auto; it ranked best on the benchmark); or same, --boundary and --method as in round 1.", show_default=False)] = None,
     arch: ArchOpt = None, head: HeadOpt = None, classes: ClassesOpt = None, preprocess: PresetOpt = None,
     image_size: ImageSizeOpt = None, resize: ResizeOpt = None, mean: MeanOpt = None, std: StdOpt = None,
@@ -504,20 +509,30 @@ def post_train(
     memory_budget: MemoryBudgetOpt = DEFAULT_MEMORY_BUDGET,
     quiet: QuietOpt = False, json_out: JsonOpt = False, overwrite: OverwriteOpt = False,
 ) -> None:
-    """Post-train: remove the samples ranked first (the most suspect) gradually, refining the model after each round.
+    """Post-train: refine a model trained on noisy labels, rank every row under the refined model, remove the top.
 
-    Round by round: score the kept samples under the current model, remove the top --step share (of the original size), refine on the rest. With --rejudge, every round ranks all the input rows under the last round's model instead, removes the top --budget of them and refines on the rest; then every row is ranked once more under the final model and its top --budget is the answer (DIR/scores.csv, DIR/kept.csv, DIR/removed.csv). Writes DIR/round-NN/{scores.csv,kept.csv,removed.csv,model.safetensors}, DIR/final.safetensors (the best round with --val, else the last), DIR/removed.csv (every removed row with its round and rank; with --rejudge, the final judgement's removal) and DIR/summary.json. Run the same command again to resume after the last finished round.
+    Default (--strategy unlearn): fine-tune the whole network once on every row for 30 epochs with the noise-robust GCE loss, random crops and flips and learning rate 0.1, which unlearns the labels it memorized; then rank every row by the fine-tuned model's own loss and remove the top --budget (without one: the share whose label the fine-tuned model disagrees with). On the CIFAR-10 benchmark this ranked best and gave the best model (README, Benchmark). Writes DIR/final.safetensors (the fine-tuned model), DIR/scores.csv (every row ranked), DIR/kept.csv, DIR/removed.csv and DIR/summary.json. The same command run again resumes after the fine-tune's last finished epoch.
 
-    Example: irank post-train model.safetensors train.csv --out-dir post --budget 0.3 --rounds 6 --val val.csv
+    --rejudge: rounds that each rank every input row under the last round's model, remove the top --budget and refine on the rest; then every row is ranked once more under the final model and its top --budget is the answer (the same DIR files, and DIR/round-NN/). --strategy gradual (the default when --rounds or --step is given), the paper's loop: round by round, score the kept samples under the current model, remove the top --step share (of the original size), refine on the rest; DIR/removed.csv holds every removed row with its round and rank, DIR/final.safetensors the best round with --val, else the last. Both resume after the last finished round.
+
+    Example: irank post-train model.safetensors train.csv --out-dir post
 
     Example: irank post-train model.safetensors train.csv --out-dir post --budget 0.3 --rejudge
+
+    Example: irank post-train model.safetensors train.csv --out-dir post --budget 0.3 --rounds 6 --val val.csv
     """
-    from .posttrain import LoopOptions, post_train as run_post_train
+    from .posttrain import LoopOptions, post_train as run_post_train, resolve_strategy
 
     reporter = RichReporter(quiet)
-    if rejudge_boundary is not None and not rejudge:
+    if rejudge and strategy not in (None, Strategy.rejudge):
+        raise UsageError(f"--rejudge is --strategy rejudge; it cannot go with --strategy {strategy.value}")
+    chosen = resolve_strategy("rejudge" if rejudge else strategy.value if strategy else None, rounds, step)
+    if strategy is None and not rejudge:
+        reporter.info(f"strategy: {chosen}" + (" (--rounds or --step given)" if chosen == "gradual" else
+                                               " (the default; --strategy gradual is the paper's loop)"))
+    if rejudge_boundary is not None and chosen != "rejudge":
         raise UsageError("--rejudge-boundary applies with --rejudge only")
-    scope, epochs, lr, augment, loss, boundary, layer = _loop_recipe(rejudge, scope, epochs, lr, augment, loss, boundary, layer)
+    scope, epochs, lr, augment, loss, boundary, layer = _loop_recipe(chosen, scope, epochs, lr, augment, loss, boundary, layer)
     method_name, measure_name = method_and_measure(method, influence_measure, boundary, reporter)
     table = Table(title="post-train rounds")
     for column in ("round", "removed", "kept", "val accuracy", "seconds"):
@@ -534,7 +549,7 @@ def post_train(
         loop=LoopOptions(rounds=rounds, step=step, budget=budget, per_class=per_class, min_per_class=min_per_class,
                          patience=patience, method=method_name, influence_measure=measure_name,
                          curvature=curvature.value, damping=damping, boundary=boundary.value, layer=layer,
-                         probe_l2=probe_l2, rejudge=rejudge,
+                         probe_l2=probe_l2, strategy=chosen,
                          rejudge_boundary=(rejudge_boundary or RejudgeBoundary.head).value),
         train_options=_train_options(scope, epochs, lr, weight_decay, augment, seed, l2, loss=loss),
         val=str(val) if val else None,
@@ -545,6 +560,13 @@ def post_train(
     summary = result.summary
     if json_out:
         print_json(summary)
+        return
+    if chosen == "unlearn":
+        judgement = summary["judgement"]
+        reporter.info(f"final model: {result.final_model} (fine-tuned on every row); ranked every row by its "
+                      f"{judgement['method']} into {out_dir / 'scores.csv'}; removed {judgement['removed']} "
+                      f"({judgement['budget']:.1%}, {summary['plan']['budget_source']}) into {out_dir / 'removed.csv'}, "
+                      f"kept {judgement['kept']} in {out_dir / 'kept.csv'}")
         return
     if not quiet and reporter.speaks:
         Console(stderr=True).print(table)

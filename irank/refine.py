@@ -322,7 +322,7 @@ def sum_gradients(parameters: list[torch.Tensor], loss: torch.Tensor) -> torch.T
 
 def _fit_and_save(checkpoint: str | None, manifest: str, output: str, options: TrainOptions, val: str | None,
                   model_options: ModelOptions, run: RunOptions, reporter: Reporter, provenance_key: str,
-                  overwrite: bool = False, resume: bool = False) -> RefineResult:
+                  overwrite: bool = False, resume: bool | str = False) -> RefineResult:
     with all_or_none():  # under torchrun: every process stops here if any check failed, before any work
         options.validate()
         if not str(output).endswith(".safetensors"):
@@ -346,8 +346,11 @@ def _fit_and_save(checkpoint: str | None, manifest: str, output: str, options: T
               "precision": device.precision, "channels_last": device.channels_last}
     state = None
     if not active():  # under torchrun no state is saved: --resume is refused there
-        state = Resume(resume_path(output), sha256_bytes(json.dumps(inputs, sort_keys=True).encode()), resume)
-        if not resume and state.path.exists():
+        state = Resume(resume_path(output), sha256_bytes(json.dumps(inputs, sort_keys=True).encode()), bool(resume))
+        if resume == "auto" and state.path.exists() and not state.matches():
+            reporter.info(f"{state.path} holds a run with other inputs or options (a --batch-size, say); starting afresh")
+            state.resume = False
+        elif not resume and state.path.exists():
             reporter.info(f"{state.path} holds an interrupted run; starting afresh (pass --resume to continue it)")
     result = train_epochs(prepared, options, run, device, reporter, validation, state)
     provenance = {
@@ -379,13 +382,14 @@ def refine(
     run_options: RunOptions | None = None,
     reporter: Reporter | None = None,
     overwrite: bool = False,
-    resume: bool = False,
+    resume: bool | str = False,
 ) -> RefineResult:
     """Fine-tune `checkpoint` on `manifest` (the head only, or the whole network) and write `output`.
 
     With `val`, accuracy on that manifest is measured after every epoch and the best epoch is kept.
     The state after every epoch is saved to `output + '.resume'`; with `resume` an interrupted run
-    continues from it and ends with the weights an uninterrupted run would have written.
+    continues from it and ends with the weights an uninterrupted run would have written (`resume="auto"`:
+    a state saved with other inputs or options is discarded instead of refused).
     """
     return _fit_and_save(checkpoint, manifest, output, train_options or TrainOptions(), val,
                          model_options or ModelOptions(), run_options or RunOptions(), reporter or Reporter(), "refined",

@@ -47,16 +47,26 @@ class Resume:
             return None
         try:
             tensors = load_file(str(self.path))
-            with open(self.path, "rb") as handle:
-                header_size = int.from_bytes(handle.read(8), "little")
-                metadata = json.loads(handle.read(header_size)).get("__metadata__", {})
-            info = json.loads(metadata[INFO_KEY])
+            info = self._info()
         except (OSError, ValueError, KeyError, SafetensorError) as exc:
             raise UsageError(f"--resume: cannot read {self.path} ({exc}); delete it to start afresh") from None
         if info.get("fingerprint") != self.fingerprint:
             raise UsageError(f"--resume: {self.path} was saved by a run with other inputs or options; "
                              "repeat the original command, or drop --resume to start afresh")
         return TrainingState(tensors, info)
+
+    def _info(self) -> dict:
+        with open(self.path, "rb") as handle:
+            header_size = int.from_bytes(handle.read(8), "little")
+            metadata = json.loads(handle.read(header_size)).get("__metadata__", {})
+        return json.loads(metadata[INFO_KEY])
+
+    def matches(self) -> bool:
+        """Whether the file exists, can be read and was saved by a run with the same inputs and options."""
+        try:
+            return self._info().get("fingerprint") == self.fingerprint
+        except (OSError, ValueError, KeyError, AttributeError):
+            return False
 
     def save(self, state: TrainingState) -> None:
         info = {**state.info, "fingerprint": self.fingerprint}

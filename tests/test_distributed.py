@@ -150,7 +150,7 @@ def test_post_train_rejudge_judges_like_one_process(tiny_data, tiny_model, tmp_p
 
     single, sharded = tmp_path / "single", tmp_path / "sharded"
     irank.post_train(tiny_model, tiny_data["train"], out_dir=str(single),
-                     loop=irank.LoopOptions(rounds=2, budget=0.1, rejudge=True, boundary="head"),
+                     loop=irank.LoopOptions(rounds=2, budget=0.1, strategy="rejudge", boundary="head"),
                      train_options=TrainOptions(scope="refit", epochs=10, lr=0.1, augment="auto", loss="gce"),
                      run_options=irank.RunOptions(device="cpu", batch_size=64))
     private = tmp_path / "tmp"
@@ -162,6 +162,29 @@ def test_post_train_rejudge_judges_like_one_process(tiny_data, tiny_model, tmp_p
     assert sorted(p.name for p in sharded.iterdir()) == sorted(p.name for p in single.iterdir())
     for name in ("removed.csv", "round-02/removed.csv"):
         assert pd.read_csv(sharded / name)["id"].tolist() == pd.read_csv(single / name)["id"].tolist()
+    assert_same_scores(pd.read_csv(single / "scores.csv"), pd.read_csv(sharded / "scores.csv"))
+    judged = json.loads((sharded / "summary.json").read_text())["judgement"]
+    assert (judged["removed"], judged["boundary"], judged["method"]) == (24, "head", "loss")
+    assert not list(private.glob("irank-post-train-*"))
+
+
+
+def test_post_train_unlearn_judges_like_one_process(tiny_data, tiny_model, tmp_path):
+    """The default strategy: one fine-tune (split over the processes), then every row judged under it."""
+    from irank.refine import TrainOptions
+
+    single, sharded = tmp_path / "single", tmp_path / "sharded"
+    irank.post_train(tiny_model, tiny_data["train"], out_dir=str(single), loop=irank.LoopOptions(budget=0.1),
+                     train_options=TrainOptions(scope="head", epochs=2, lr=0.1, augment="none", loss="gce"),
+                     run_options=irank.RunOptions(device="cpu", batch_size=64))
+    private = tmp_path / "tmp"
+    private.mkdir()
+    result = torchrun("post-train", tiny_model, tiny_data["train"], "--out-dir", sharded, "--budget", 0.1,
+                      "--scope", "head", "--epochs", 2, "--augment", "none", "--device", "cpu", "--batch-size", 64,
+                      temporary_folder=private)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in sharded.iterdir()) == sorted(p.name for p in single.iterdir())
+    assert pd.read_csv(sharded / "removed.csv")["id"].tolist() == pd.read_csv(single / "removed.csv")["id"].tolist()
     assert_same_scores(pd.read_csv(single / "scores.csv"), pd.read_csv(sharded / "scores.csv"))
     judged = json.loads((sharded / "summary.json").read_text())["judgement"]
     assert (judged["removed"], judged["boundary"], judged["method"]) == (24, "head", "loss")

@@ -1,4 +1,5 @@
-"""The gradual loop: rounds on disk, removal bookkeeping, budget planning, resume."""
+"""post-train: unlearn (the default), the gradual loop and --rejudge; rounds on disk, removal bookkeeping, budget
+planning, resume."""
 
 from __future__ import annotations
 
@@ -19,9 +20,9 @@ def test_plan_rounds_from_any_two_or_the_estimate():
     assert plan_rounds(LoopOptions(step=0.1, budget=0.35))["rounds"] == 4
     estimated = plan_rounds(LoopOptions(), estimated_budget=0.2)
     assert estimated["budget_source"] == "estimated" and estimated["rounds"] == 5 and estimated["step"] == pytest.approx(0.04)
-    rejudged = plan_rounds(LoopOptions(rejudge=True, rounds=4), estimated_budget=0.2)  # the whole budget each round
+    rejudged = plan_rounds(LoopOptions(strategy="rejudge", rounds=4), estimated_budget=0.2)  # the whole budget each round
     assert (rejudged["rounds"], rejudged["step"], rejudged["budget_source"]) == (4, pytest.approx(0.2), "estimated")
-    assert plan_rounds(LoopOptions(rejudge=True, budget=0.3))["rounds"] == 3
+    assert plan_rounds(LoopOptions(strategy="rejudge", budget=0.3))["rounds"] == 3
 
 
 def test_post_train_writes_rounds_and_removes_flips(cli, tiny_data, tiny_model, tmp_path):
@@ -131,7 +132,7 @@ def test_rejudge_ranks_every_row_each_round_under_the_last_model(tiny_data, tiny
     monkeypatch.setattr(posttrain, "refine", recording_refine)
     out = tmp_path / "post"
     result = posttrain.post_train(tiny_model, tiny_data["train"], out_dir=str(out),
-                                  loop=LoopOptions(budget=0.1, rejudge=True, boundary="refit", layer="auto",
+                                  loop=LoopOptions(budget=0.1, strategy="rejudge", boundary="refit", layer="auto",
                                                    rejudge_boundary=later),
                                   train_options=TrainOptions(scope="head", epochs=1), run_options=RunOptions(device="cpu"))
     rounds = result.summary["rounds"]
@@ -170,6 +171,10 @@ def assert_top_rows_removed(out: Path, count: int = 24) -> None:
     (["--rejudge", "--boundary", "refit", "--scope", "refit", "--budget", "0.1"], "--scope full or head"),
     (["--rejudge-boundary", "same", "--budget", "0.1"], "--rejudge-boundary applies with --rejudge only"),
     (["--rejudge"], "--rejudge needs --budget"),
+    (["--strategy", "unlearn", "--rounds", "2"], "--rounds applies to --strategy gradual or rejudge"),
+    (["--strategy", "unlearn", "--step", "0.1"], "--step applies to --strategy gradual or rejudge"),
+    (["--rejudge", "--strategy", "gradual", "--budget", "0.1"], "--rejudge is --strategy rejudge"),
+    (["--boundary", "refit"], "--boundary refit needs --budget:"),
 ])
 def test_rejudge_refuses_what_it_cannot_do(cli, tiny_data, tiny_model, tmp_path, extra, message):
     code, _, err = cli("post-train", tiny_model, tiny_data["train"], "--out-dir", tmp_path / "p", *extra)
@@ -190,7 +195,7 @@ def test_rejudge_defaults_to_the_unlearning_recipe_and_given_flags_win(cli, tiny
                        "--rounds", "1", "--device", "cpu", "-q")  # without --rejudge: the gradual loop's defaults
     assert code == 0, err
     config = json.loads((tmp_path / "plain" / "summary.json").read_text())["config"]
-    assert (config["loop"]["boundary"], config["loop"]["layer"]) == ("head", None)
+    assert (config["loop"]["boundary"], config["loop"]["layer"], config["loop"]["strategy"]) == ("head", None, "gradual")
     assert (config["train"]["scope"], config["train"]["lr"], config["train"]["augment"], config["train"]["loss"],
             config["train"]["epochs"]) == ("refit", 0.01, "none", "ce", 2)
 
@@ -213,7 +218,7 @@ def test_rejudge_with_val_judges_under_the_round_val_chose(tiny_data, tiny_model
     monkeypatch.setattr(posttrain, "refine", refine_whose_first_round_validates_best)
     out = tmp_path / "post"
     result = posttrain.post_train(tiny_model, tiny_data["train"], out_dir=str(out), val=tiny_data["test"],
-                                  loop=LoopOptions(rounds=2, budget=0.1, rejudge=True, patience=2),
+                                  loop=LoopOptions(rounds=2, budget=0.1, strategy="rejudge", boundary="head", patience=2),
                                   train_options=TrainOptions(scope="head", epochs=1), run_options=RunOptions(device="cpu"))
     assert result.summary["final_round"] == 1 and len(result.summary["rounds"]) == 2
     assert (out / "final.safetensors").read_bytes() == (out / "round-01" / "model.safetensors").read_bytes()
@@ -240,7 +245,7 @@ def test_rejudge_interrupted_in_its_judgement_resumes_without_refining_again(tin
     monkeypatch.setattr(posttrain, "refine", counting_refine)
     monkeypatch.setattr(posttrain, "prune", prune_interrupted_in_the_judgement)
     out = tmp_path / "post"
-    run = dict(out_dir=str(out), loop=LoopOptions(rounds=2, budget=0.1, rejudge=True),
+    run = dict(out_dir=str(out), loop=LoopOptions(rounds=2, budget=0.1, strategy="rejudge", boundary="head"),
                train_options=TrainOptions(scope="head", epochs=1), run_options=RunOptions(device="cpu"))
     with pytest.raises(KeyboardInterrupt):
         posttrain.post_train(tiny_model, tiny_data["train"], **run)
@@ -250,3 +255,156 @@ def test_rejudge_interrupted_in_its_judgement_resumes_without_refining_again(tin
     assert len(refined) == 2 and result.summary["judgement"]["removed"] == 24
     assert json.loads((out / "summary.json").read_text())["judgement"] == result.summary["judgement"]
     assert_top_rows_removed(out)
+
+
+UNLEARN_FILES = ["final.safetensors", "kept.csv", "kept.csv.json", "removed.csv", "scores.csv", "scores.csv.json",
+                 "summary.json"]
+
+
+def test_post_train_defaults_to_unlearn_and_ranks_every_row_under_the_fine_tuned_model(cli, tiny_data, tiny_model, tmp_path):
+    out = tmp_path / "post"
+    code, text, err = cli("post-train", tiny_model, tiny_data["train"], "--out-dir", out, "--epochs", "3",
+                          "--device", "cpu", "--json", "-q")
+    assert code == 0, err
+    summary = json.loads(text)
+    assert summary["strategy"] == summary["config"]["loop"]["strategy"] == "unlearn" and "rounds" not in summary
+    assert sorted(p.name for p in out.iterdir()) == UNLEARN_FILES
+    train = summary["config"]["train"]
+    assert (train["scope"], train["lr"], train["augment"], train["loss"], train["epochs"]) == ("full", 0.1, "auto", "gce", 3)
+    refined = read_checkpoint(str(out / "final.safetensors")).metadata["refined"]  # one fine-tune of the input, every row
+    assert refined["from"]["path"] == tiny_model and refined["manifest"]["rows"] == 240
+    assert [r["epoch"] for r in refined["history"]] == [1, 2, 3]
+    sidecar = json.loads((out / "scores.csv.json").read_text())
+    assert Path(sidecar["inputs"]["checkpoint"]["path"]) == out / "final.safetensors"
+    assert (sidecar["parameters"]["boundary"], sidecar["method"]) == ("head", "loss")  # --method auto: its own loss
+    # no budget: the share of rows whose label the fine-tuned model does not predict
+    scores = pd.read_csv(out / "scores.csv")
+    share = float((scores["label"] != scores["predicted"]).mean())
+    judgement = summary["judgement"]
+    assert judgement["budget"] == pytest.approx(share) and summary["plan"]["budget_source"] == "estimated"
+    assert judgement["removed"] == round(share * 240) > 0
+    assert_top_rows_removed(out, judgement["removed"])
+    top = scores.nsmallest(24, "rank")
+    assert (top["label"] != top["true_label"]).sum() >= 12  # 24 flips among 240: random ranks would catch 2 or 3
+
+
+def test_unlearn_with_a_budget_and_val(cli, tiny_data, tiny_model, tmp_path):
+    out = tmp_path / "post"
+    code, text, err = cli("post-train", tiny_model, tiny_data["train"], "--out-dir", out, "--budget", "0.1",
+                          "--epochs", "2", "--val", tiny_data["test"], "--device", "cpu", "--json", "-q")
+    assert code == 0, err
+    summary = json.loads(text)
+    assert summary["judgement"]["removed"] == 24 and summary["plan"] == {"budget": 0.1, "budget_source": "--budget"}
+    assert_top_rows_removed(out)
+    history = read_checkpoint(str(out / "final.safetensors")).metadata["refined"]["history"]
+    assert summary["unlearned"]["val_accuracy"] == max(r["val_accuracy"] for r in history)
+    assert 0 < summary["input_val_accuracy"] <= 1
+
+
+def test_unlearn_warns_when_the_fine_tune_validates_below_the_input(tiny_data, tiny_model, tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from irank import posttrain
+    from irank.loading import RunOptions
+    from irank.progress import Reporter
+    from irank.refine import TrainOptions
+
+    real_refine, warnings = posttrain.refine, []
+
+    def refine_that_validates_at_zero(*args, **kwargs):
+        result = real_refine(*args, **kwargs)
+        return replace(result, history=[{**record, "val_accuracy": 0.0} for record in result.history])
+
+    class Recording(Reporter):
+        def warn(self, message: str) -> None:
+            warnings.append(message)
+
+    monkeypatch.setattr(posttrain, "refine", refine_that_validates_at_zero)
+    posttrain.post_train(tiny_model, tiny_data["train"], out_dir=str(tmp_path / "post"), val=tiny_data["test"],
+                         loop=LoopOptions(budget=0.1), train_options=TrainOptions(scope="head", epochs=1),
+                         run_options=RunOptions(device="cpu"), reporter=Recording())
+    assert len(warnings) == 1 and "did not beat the input checkpoint" in warnings[0]
+
+
+def test_unlearn_interrupted_in_its_fine_tune_resumes_from_the_last_epoch(tiny_data, tiny_model, tmp_path, monkeypatch):
+    from irank import posttrain
+    from irank.loading import RunOptions
+    from irank.refine import TrainOptions
+    from irank.resume import Resume
+
+    run = dict(loop=LoopOptions(budget=0.1), train_options=TrainOptions(scope="full", epochs=3, lr=0.1, loss="gce"),
+               run_options=RunOptions(device="cpu", batch_size=64))
+    posttrain.post_train(tiny_model, tiny_data["train"], out_dir=str(tmp_path / "whole"), **run)
+    real_save, epochs_done = Resume.save, []
+
+    def save_then_stop_after_two(self, state):
+        real_save(self, state)
+        epochs_done.append(state.info["epoch"])
+        if len(epochs_done) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Resume, "save", save_then_stop_after_two)
+    out = tmp_path / "post"
+    with pytest.raises(KeyboardInterrupt):
+        posttrain.post_train(tiny_model, tiny_data["train"], out_dir=str(out), **run)
+    assert sorted(p.name for p in out.iterdir()) == ["final.safetensors.resume", "summary.json"]
+    result = posttrain.post_train(tiny_model, tiny_data["train"], out_dir=str(out), **run)
+    assert epochs_done == [1, 2, 3]  # the resumed run trained the third epoch only
+    assert sorted(p.name for p in out.iterdir()) == UNLEARN_FILES
+    resumed = read_checkpoint(str(out / "final.safetensors")).state_dict
+    whole = read_checkpoint(str(tmp_path / "whole" / "final.safetensors")).state_dict
+    assert all(torch.equal(resumed[k], whole[k]) for k in whole)
+    assert result.summary["judgement"]["removed"] == 24
+    assert (out / "removed.csv").read_bytes() == (tmp_path / "whole" / "removed.csv").read_bytes()
+
+
+def test_unlearn_interrupted_in_its_judgement_resumes_without_fine_tuning_again(tiny_data, tiny_model, tmp_path, monkeypatch):
+    from irank import posttrain
+    from irank.loading import RunOptions
+    from irank.refine import TrainOptions
+
+    real_refine, real_prune, refined = posttrain.refine, posttrain.prune, []
+
+    def counting_refine(*args, **kwargs):
+        refined.append(1)
+        return real_refine(*args, **kwargs)
+
+    def interrupted_prune(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(posttrain, "refine", counting_refine)
+    monkeypatch.setattr(posttrain, "prune", interrupted_prune)
+    out = tmp_path / "post"
+    run = dict(out_dir=str(out), loop=LoopOptions(budget=0.1), train_options=TrainOptions(scope="head", epochs=1),
+               run_options=RunOptions(device="cpu"))
+    with pytest.raises(KeyboardInterrupt):
+        posttrain.post_train(tiny_model, tiny_data["train"], **run)
+    assert "unlearned" in json.loads((out / "summary.json").read_text()) and len(refined) == 1
+    monkeypatch.setattr(posttrain, "prune", real_prune)
+    result = posttrain.post_train(tiny_model, tiny_data["train"], **run)
+    assert len(refined) == 1 and result.summary["judgement"]["removed"] == 24
+    assert_top_rows_removed(out)
+
+
+def test_unlearn_resumed_with_another_batch_size_starts_its_fine_tune_afresh(tiny_data, tiny_model, tmp_path, monkeypatch):
+    from irank import posttrain
+    from irank.loading import RunOptions
+    from irank.refine import TrainOptions
+    from irank.resume import Resume
+
+    real_save, epochs_done = Resume.save, []
+
+    def save_then_stop_after_the_first(self, state):
+        real_save(self, state)
+        epochs_done.append(state.info["epoch"])
+        if len(epochs_done) == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Resume, "save", save_then_stop_after_the_first)
+    out = tmp_path / "post"
+    run = dict(out_dir=str(out), loop=LoopOptions(budget=0.1), train_options=TrainOptions(scope="full", epochs=2))
+    with pytest.raises(KeyboardInterrupt):
+        posttrain.post_train(tiny_model, tiny_data["train"], run_options=RunOptions(device="cpu", batch_size=64), **run)
+    result = posttrain.post_train(tiny_model, tiny_data["train"], run_options=RunOptions(device="cpu", batch_size=32), **run)
+    assert epochs_done == [1, 1, 2]  # the state saved with batches of 64 does not continue a run with 32
+    assert result.summary["judgement"]["removed"] == 24 and not (out / "final.safetensors.resume").exists()

@@ -4,6 +4,7 @@
     python tests/bench/posttrain_cifar.py SETTING --variants probeloss-rejudge   # post-train --rejudge, unlearning recipe
     python tests/bench/posttrain_cifar.py SETTING --variants probeloss-rejudge --rejudge-loss gce --references all
         # with GCE fine-tunes, and the same fine-tune on every row ranked by a probe and by its own head
+    python tests/bench/posttrain_cifar.py SETTING --variants unlearn   # post-train's default, budget estimated
 
 SETTING is a base checkpoint name from tests/bench/train_bases.sh (ce-sym40, ce-sym20, ce-asym40,
 ce-sym0, gce-sym40; with EXTRA=1 also ce-sym60, ce-asym20, gce-sym20, ce-sym40-es, ce-sym40-aug).
@@ -30,7 +31,7 @@ from irank.features import forward_pass
 from irank.linear import fit_softmax_regression
 from irank.loading import ModelOptions, RunOptions, prepare
 from irank.metrics import auroc, precision_at_k
-from irank.posttrain import LoopOptions, post_train
+from irank.posttrain import RECIPES, LoopOptions, post_train
 from irank.refine import TrainOptions
 from irank.scoring import method_scores
 
@@ -176,6 +177,24 @@ def ranking_of(model: str, manifest: str, corrupted: np.ndarray, head: bool = Fa
     return {"layer": layer, **detection(scores_in_row_order(output, manifest), corrupted)}
 
 
+def run_unlearn(checkpoint: str, manifest: str, out: Path, corrupted: np.ndarray, budget: float | None) -> dict:
+    """`irank post-train` with its defaults (strategy unlearn; the budget estimated unless given): its ranking of
+    every row, the removal's precision and recall, and the fine-tuned model's test accuracy."""
+    post_dir = out / ("post-unlearn" + (f"-budget{budget:g}" if budget is not None else ""))
+    started = time.perf_counter()
+    result = post_train(checkpoint, manifest, out_dir=str(post_dir), loop=LoopOptions(budget=budget), run_options=RUN)
+    seconds = time.perf_counter() - started
+    judgement = result.summary["judgement"]
+    record = {"test_accuracy": test_accuracy(result.final_model), "seconds": seconds, "removed": judgement["removed"],
+              "budget": judgement["budget"], "recipe": str(RECIPES["unlearn"])}
+    if corrupted.any():
+        record["gradual"] = detection(scores_in_row_order(post_dir / "scores.csv", manifest), corrupted)
+        removed = pd.read_csv(manifest)["path"].isin(set(pd.read_csv(post_dir / "removed.csv")["id"])).to_numpy()
+        record["removed_precision"] = float(corrupted[removed].mean())
+        record["removed_recall"] = float(removed[corrupted].mean())
+    return record
+
+
 def test_accuracy(model: str) -> float:
     return irank.evaluate(model, str(DATA / "test.csv"), run_options=RUN)["accuracy"]
 
@@ -217,6 +236,10 @@ def main() -> None:
     if corrupted.any():
         random_keep[rng.choice(len(corrupted), size=int(corrupted.sum()), replace=False)] = False
     for variant in args.variants.split(","):
+        if variant == "unlearn":
+            stage(results, results_path, "post_unlearn" + (f"-budget{args.budget:g}" if args.budget is not None else ""),
+                  lambda: run_unlearn(checkpoint, manifest, out, corrupted, args.budget))
+            continue
         boundary, scope = variant.split("-")  # e.g. probe-refit: score on an auto-layer probe, refine by refit
         method = "loss" if boundary == "probeloss" else "influence"  # probeloss: the probe's own loss
         rejudge = scope == "rejudge"  # probeloss-rejudge: post-train --rejudge with the unlearning recipe
@@ -230,7 +253,8 @@ def main() -> None:
         tag = variant + ("-estimated" if args.estimate_budget else f"-budget{args.budget:g}" if args.budget is not None else "")
         tag += "-same" if rejudge and args.rejudge_boundary == "same" else ""
         tag += "-gce" if rejudge and args.rejudge_loss == "gce" else ""
-        loop = LoopOptions(rounds=args.rejudge_rounds if rejudge else args.rounds, rejudge=rejudge,
+        loop = LoopOptions(rounds=args.rejudge_rounds if rejudge else args.rounds,
+                           strategy="rejudge" if rejudge else "gradual",
                            rejudge_boundary=args.rejudge_boundary,
                            budget=None if args.estimate_budget else budget,
                            boundary="refit" if boundary.startswith("probe") else "head", method=method,
