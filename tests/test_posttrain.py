@@ -326,24 +326,32 @@ def test_unlearn_warns_when_the_fine_tune_validates_below_the_input(tiny_data, t
     assert len(warnings) == 1 and "did not beat the input checkpoint" in warnings[0]
 
 
+def stop_after_saving(monkeypatch, saves: int) -> list[int]:
+    """Make training stop (Ctrl-C) right after its `saves`-th resume state is saved; returns the list of the epochs
+    saved, which grows as training goes on."""
+    from irank.resume import Resume
+
+    real_save, epochs_done = Resume.save, []
+
+    def save_then_maybe_stop(self, state):
+        real_save(self, state)
+        epochs_done.append(state.info["epoch"])
+        if len(epochs_done) == saves:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Resume, "save", save_then_maybe_stop)
+    return epochs_done
+
+
 def test_unlearn_interrupted_in_its_fine_tune_resumes_from_the_last_epoch(tiny_data, tiny_model, tmp_path, monkeypatch):
     from irank import posttrain
     from irank.loading import RunOptions
     from irank.refine import TrainOptions
-    from irank.resume import Resume
 
     run = dict(loop=LoopOptions(budget=0.1), train_options=TrainOptions(scope="full", epochs=3, lr=0.1, loss="gce"),
                run_options=RunOptions(device="cpu", batch_size=64))
     posttrain.post_train(tiny_model, tiny_data["train"], out_dir=str(tmp_path / "whole"), **run)
-    real_save, epochs_done = Resume.save, []
-
-    def save_then_stop_after_two(self, state):
-        real_save(self, state)
-        epochs_done.append(state.info["epoch"])
-        if len(epochs_done) == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(Resume, "save", save_then_stop_after_two)
+    epochs_done = stop_after_saving(monkeypatch, 2)
     out = tmp_path / "post"
     with pytest.raises(KeyboardInterrupt):
         posttrain.post_train(tiny_model, tiny_data["train"], out_dir=str(out), **run)
@@ -390,17 +398,8 @@ def test_unlearn_resumed_with_another_batch_size_starts_its_fine_tune_afresh(tin
     from irank import posttrain
     from irank.loading import RunOptions
     from irank.refine import TrainOptions
-    from irank.resume import Resume
 
-    real_save, epochs_done = Resume.save, []
-
-    def save_then_stop_after_the_first(self, state):
-        real_save(self, state)
-        epochs_done.append(state.info["epoch"])
-        if len(epochs_done) == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(Resume, "save", save_then_stop_after_the_first)
+    epochs_done = stop_after_saving(monkeypatch, 1)
     out = tmp_path / "post"
     run = dict(out_dir=str(out), loop=LoopOptions(budget=0.1), train_options=TrainOptions(scope="full", epochs=2))
     with pytest.raises(KeyboardInterrupt):
