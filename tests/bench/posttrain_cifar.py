@@ -5,6 +5,7 @@
     python tests/bench/posttrain_cifar.py SETTING --variants probeloss-rejudge --rejudge-loss gce --references all
         # with GCE fine-tunes, and the same fine-tune on every row ranked by a probe and by its own head
     python tests/bench/posttrain_cifar.py SETTING --variants unlearn   # post-train's default, budget estimated
+    python tests/bench/posttrain_cifar.py SETTING --variants unlearn --unlearn-epochs 10   # the same, shorter
 
 SETTING is a base checkpoint name from tests/bench/train_bases.sh (ce-sym40, ce-sym20, ce-asym40,
 ce-sym0, gce-sym40; with EXTRA=1 also ce-sym60, ce-asym20, gce-sym20, ce-sym40-es, ce-sym40-aug).
@@ -15,7 +16,7 @@ that JSON, so an interrupted run continues where it stopped.
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
+from dataclasses import asdict, replace
 import json
 import time
 from pathlib import Path
@@ -177,16 +178,20 @@ def ranking_of(model: str, manifest: str, corrupted: np.ndarray, head: bool = Fa
     return {"layer": layer, **detection(scores_in_row_order(output, manifest), corrupted)}
 
 
-def run_unlearn(checkpoint: str, manifest: str, out: Path, corrupted: np.ndarray, budget: float | None) -> dict:
-    """`irank post-train` with its defaults (strategy unlearn; the budget estimated unless given): its ranking of
-    every row, the removal's precision and recall, and the fine-tuned model's test accuracy."""
-    post_dir = out / ("post-unlearn" + (f"-budget{budget:g}" if budget is not None else ""))
+def run_unlearn(checkpoint: str, manifest: str, post_dir: Path, corrupted: np.ndarray, budget: float | None,
+                epochs: int | None = None) -> dict:
+    """`irank post-train` with its defaults (strategy unlearn; the budget estimated unless given; `epochs`, when
+    given, replaces the default's): its ranking of every row, the removal's precision and recall, and the fine-tuned
+    model's test accuracy."""
+    training = RECIPES["unlearn"].train_options()
+    training.epochs = epochs or training.epochs
     started = time.perf_counter()
-    result = post_train(checkpoint, manifest, out_dir=str(post_dir), loop=LoopOptions(budget=budget), run_options=RUN)
+    result = post_train(checkpoint, manifest, out_dir=str(post_dir), loop=LoopOptions(budget=budget),
+                        train_options=training, run_options=RUN)
     seconds = time.perf_counter() - started
     judgement = result.summary["judgement"]
     record = {"test_accuracy": test_accuracy(result.final_model), "seconds": seconds, "removed": judgement["removed"],
-              "budget": judgement["budget"], "recipe": str(RECIPES["unlearn"])}
+              "budget": judgement["budget"], "train_options": asdict(training)}
     if corrupted.any():
         record["gradual"] = detection(scores_in_row_order(post_dir / "scores.csv", manifest), corrupted)
         removed = pd.read_csv(manifest)["path"].isin(set(pd.read_csv(post_dir / "removed.csv")["id"])).to_numpy()
@@ -213,6 +218,8 @@ def main() -> None:
                         "on a clean setting (ce-sym0) what a user who guesses a noise rate would give")
     parser.add_argument("--references", default="all,random,lossrank,oracle",
                         help="the same-recipe refines to run: all (nothing removed), random, lossrank, oracle")
+    parser.add_argument("--unlearn-epochs", type=int, help="--variants unlearn with another --epochs than the default's "
+                        "(results tagged -eN)")
     parser.add_argument("--rejudge-rounds", type=int, default=3)
     parser.add_argument("--rejudge-epochs", type=int, default=10)
     parser.add_argument("--rejudge-boundary", default="head", choices=["head", "same"],
@@ -237,8 +244,10 @@ def main() -> None:
         random_keep[rng.choice(len(corrupted), size=int(corrupted.sum()), replace=False)] = False
     for variant in args.variants.split(","):
         if variant == "unlearn":
-            stage(results, results_path, "post_unlearn" + (f"-budget{args.budget:g}" if args.budget is not None else ""),
-                  lambda: run_unlearn(checkpoint, manifest, out, corrupted, args.budget))
+            tag = "unlearn" + (f"-e{args.unlearn_epochs}" if args.unlearn_epochs else "") + (
+                f"-budget{args.budget:g}" if args.budget is not None else "")
+            stage(results, results_path, f"post_{tag}",
+                  lambda: run_unlearn(checkpoint, manifest, out / f"post-{tag}", corrupted, args.budget, args.unlearn_epochs))
             continue
         boundary, scope = variant.split("-")  # e.g. probe-refit: score on an auto-layer probe, refine by refit
         method = "loss" if boundary == "probeloss" else "influence"  # probeloss: the probe's own loss

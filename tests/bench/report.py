@@ -1,6 +1,8 @@
 """Markdown tables from bench-out/<setting>/results.json (written by posttrain_cifar.py).
 
     python tests/bench/report.py ce-sym40 ce-sym20 ...
+    python tests/bench/report.py --default ce-sym40 ce-sym20 ...   # post-train's default (unlearn), one row a setting
+    python tests/bench/report.py --epochs ce-sym40                 # the default with other --epochs (--unlearn-epochs)
 """
 
 from __future__ import annotations
@@ -35,7 +37,10 @@ def report(setting: str) -> str:
               f"| input checkpoint | {fmt(results['base_test_accuracy'])} | |"]
     base = results["base_test_accuracy"]
     for key, value in results.items():
-        if key.startswith("post_") and not key.endswith("_seconds"):
+        if key.startswith("post_unlearn") and not key.endswith("_seconds"):
+            lines.append(f"| post-train's default, unlearn (removed {value['removed']}, {value['seconds']:.0f} s) | "
+                         f"{fmt(value['test_accuracy'])} | |")
+        elif key.startswith("post_") and not key.endswith("_seconds"):
             variant = key[5:]
             scope = variant.split("-")[1]
             name = variant.split("-estimated")[0] if scope == "refit" and value.get("layer") else scope
@@ -54,5 +59,47 @@ def report(setting: str) -> str:
     return "\n".join(lines)
 
 
+def default_row(setting: str) -> str:
+    """One row of the default's table: the input (test accuracy, the default `score`'s ranking as method_auto.py
+    measured it), then post-train's default (its ranking, its removal with the estimated budget, its model's test
+    accuracy, its time)."""
+    from posttrain_cifar import base_paths, truth_mask
+
+    results = json.loads((ROOT / "bench-out" / setting / "results.json").read_text())
+    unlearn = results["post_unlearn"]
+    corrupted = truth_mask(base_paths(setting)[1])
+    if corrupted.any():  # the default score's ranking: from tests/bench/method_auto.py
+        before = json.loads((ROOT / "bench-out" / "method-auto.json").read_text())[setting]["auto"]
+        ranks = (f"{fmt(before['auroc'])} / {fmt(before['precision_at_k'])} | "
+                 f"**{fmt(unlearn['gradual']['auroc'])} / {fmt(unlearn['gradual']['precision_at_k'])}**")
+        removal = (f"{unlearn['removed']:,} ({unlearn['budget']:.1%}): precision {fmt(unlearn['removed_precision'])}, "
+                   f"recall {fmt(unlearn['removed_recall'])}")
+    else:
+        ranks, removal = "— | —", f"{unlearn['removed']:,} ({unlearn['budget']:.1%}), every one clean"
+    return (f"| `{setting}` | {int(corrupted.sum()):,} | {ranks} | {removal} | {fmt(results['base_test_accuracy'])} → "
+            f"**{fmt(unlearn['test_accuracy'])}** | {unlearn['seconds'] / 60:.1f} |")
+
+
+def epochs_table(setting: str) -> str:
+    """post-train's default on `setting` against the same with other --epochs: ranking, test accuracy, time."""
+    results = json.loads((ROOT / "bench-out" / setting / "results.json").read_text())
+    runs = {30: results["post_unlearn"]}
+    runs.update({int(key.split("-e")[1]): value for key, value in results.items()
+                 if key.startswith("post_unlearn-e") and not key.endswith("_seconds")})
+    lines = ["| `--epochs` | AUROC / precision at k | test accuracy | minutes |", "|---|---|---|---|"]
+    for epochs, run in sorted(runs.items()):
+        lines.append(f"| {epochs}{' (default)' if epochs == 30 else ''} | {fmt(run['gradual']['auroc'])} / "
+                     f"{fmt(run['gradual']['precision_at_k'])} | {fmt(run['test_accuracy'])} | {run['seconds'] / 60:.1f} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    print("\n\n".join(report(setting) for setting in sys.argv[1:]))
+    if sys.argv[1] == "--epochs":
+        print("\n\n".join(epochs_table(setting) for setting in sys.argv[2:]))
+    elif sys.argv[1] == "--default":
+        print("| base | wrong labels | default `score` on the input: AUROC / precision at k | `post-train` (unlearn): "
+              "AUROC / precision at k | removed, estimated budget | test accuracy, input → post-train | minutes |")
+        print("|---|---|---|---|---|---|---|")
+        print("\n".join(default_row(setting) for setting in sys.argv[2:]))
+    else:
+        print("\n\n".join(report(setting) for setting in sys.argv[1:]))
