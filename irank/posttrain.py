@@ -542,6 +542,7 @@ def _post_train(checkpoint: str, manifest: str, out: Path, loop: LoopOptions, tr
     state, original_rows = _start(out, checkpoint, manifest, val,
                                   _run_config(checkpoint, manifest, val, loop, train_options, model_options),
                                   model_options, overwrite)
+    state["strategy"] = loop.strategy
     _share_rounds(out, state)
     # Each round reads the manifests irank wrote from the checked one, in round folders beside it.
     round_options = replace(model_options, allow_outside_root=True)
