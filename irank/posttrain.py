@@ -382,14 +382,13 @@ def _share_round(out: Path, folder: str) -> None:
     payload = None
     with all_or_none():  # no collective inside: a process that fails here must reach the agreement
         if is_main():
-            payload = (str((out / folder).resolve()), read_table(out / folder / "kept.csv"),
-                       (out / folder / "model.safetensors").read_bytes())
-    source, kept, model_bytes = broadcast_object(payload)
+            payload = (str((out / folder).resolve()), read_table(out / folder / "kept.csv"))
+    source, kept = broadcast_object(payload)
     with all_or_none():
         if not is_main():
             (out / folder).mkdir(parents=True, exist_ok=True)
             write_table(rebase_paths(kept, Path(source), out / folder / "kept.csv"), out / folder / "kept.csv")
-            (out / folder / "model.safetensors").write_bytes(model_bytes)
+    _share_file(out, f"{folder}/model.safetensors")
 
 
 def _score_round(loop: LoopOptions, number: int, model: str, manifest: str, output: Path, model_options: ModelOptions,
@@ -463,7 +462,7 @@ def _start(out: Path, checkpoint: str, manifest: str, val: str | None, config: d
     with all_or_none():
         out.mkdir(parents=True, exist_ok=True)
         _check_inputs_outside_run(out, {"checkpoint": checkpoint, "manifest": manifest, "--val": val})
-        state = _load_state(out, config, overwrite) or {"irank_version": __version__, "config": config, "rounds": [], "plan": None}
+        state = _load_state(out, config, overwrite) or {"irank_version": __version__, "config": config}
         original = read_manifest(manifest)
         if not model_options.allow_outside_root:
             check_inside_root(original)
@@ -487,7 +486,6 @@ def _unlearn(checkpoint: str, manifest: str, out: Path, loop: LoopOptions, train
     state, original_rows = _start(out, checkpoint, manifest, val,
                                   _run_config(checkpoint, manifest, val, loop, train_options, model_options),
                                   model_options, overwrite)
-    state.pop("rounds", None)
     state["strategy"] = "unlearn"
     final = out / "final.safetensors"
     if val and "input_val_accuracy" not in state:
@@ -522,7 +520,8 @@ def _unlearn(checkpoint: str, manifest: str, out: Path, loop: LoopOptions, train
 
 
 def _share_file(out: Path, name: str) -> None:
-    """Under torchrun, when resuming: rank 0's `out/name` into every other process's private folder."""
+    """Under torchrun, when resuming: rank 0's `out/name` into every other process's private folder (whose
+    folders for it exist)."""
     payload = None
     with all_or_none():
         if is_main():
@@ -543,6 +542,8 @@ def _post_train(checkpoint: str, manifest: str, out: Path, loop: LoopOptions, tr
                                   _run_config(checkpoint, manifest, val, loop, train_options, model_options),
                                   model_options, overwrite)
     state["strategy"] = loop.strategy
+    state.setdefault("rounds", [])
+    state.setdefault("plan", None)
     _share_rounds(out, state)
     # Each round reads the manifests irank wrote from the checked one, in round folders beside it.
     round_options = replace(model_options, allow_outside_root=True)

@@ -191,6 +191,49 @@ def test_post_train_unlearn_judges_like_one_process(tiny_data, tiny_model, tmp_p
     assert not list(private.glob("irank-post-train-*"))
 
 
+
+def interrupt_after(out: Path, keep_rounds: int | None = None) -> None:
+    """Make `out` look like a post-train run stopped early: after `keep_rounds` rounds, or (None) an unlearn run
+    stopped after its fine-tune, before its judgement."""
+    state = json.loads((out / "summary.json").read_text())
+    state.pop("finished")
+    if keep_rounds is None:
+        for key in ("judgement", "plan"):
+            state.pop(key)
+        for name in ("scores.csv", "scores.csv.json", "kept.csv", "kept.csv.json", "removed.csv"):
+            (out / name).unlink()
+    else:
+        import shutil
+
+        for record in state["rounds"][keep_rounds:]:
+            shutil.rmtree(out / record["folder"])
+        state["rounds"] = state["rounds"][:keep_rounds]
+        state.pop("final_round")
+        (out / "final.safetensors").unlink()
+    (out / "summary.json").write_text(json.dumps(state))
+
+
+@pytest.mark.parametrize("arguments, keep_rounds", [
+    (["--rounds", 2, "--step", 0.05], 1),
+    (["--budget", 0.1, "--scope", "head", "--epochs", 1, "--augment", "none"], None),
+])
+def test_post_train_resumed_under_torchrun_shares_rank_0s_files(tiny_data, tiny_model, tmp_path, arguments, keep_rounds):
+    """A resumed run: the other process's private folder is new, so rank 0 sends it the last round's kept rows and
+    model (gradual), or the fine-tuned model (unlearn), and the run ends as an uninterrupted one."""
+    out, private = tmp_path / "post", tmp_path / "tmp"
+    private.mkdir()
+    command = ["post-train", tiny_model, tiny_data["train"], "--out-dir", out, *arguments, "--device", "cpu",
+               "--batch-size", 64]
+    assert (result := torchrun(*command, temporary_folder=private)).returncode == 0, result.stderr
+    removed = pd.read_csv(out / "removed.csv")
+    interrupt_after(out, keep_rounds)
+    result = torchrun(*command, temporary_folder=private)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((out / "summary.json").read_text())["finished"]
+    pd.testing.assert_frame_equal(pd.read_csv(out / "removed.csv"), removed)
+    assert not list(private.glob("irank-post-train-*"))
+
+
 SHARDED_MATH = '''
 import sys
 import torch
