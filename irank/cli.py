@@ -491,7 +491,7 @@ def post_train(
     seed: Annotated[int, typer.Option(help="Seed for shuffling and augmentation.")] = 0,
     loss: Annotated[Optional[str], typer.Option(help="Training loss of the fine-tunes (head and full scopes): ce (cross-entropy) or gce (generalized cross-entropy, q=0.7: a noise-robust loss). Default gce; gradual ce.", show_default=False)] = None,
     val: Annotated[Optional[Path], typer.Option(help="Clean labelled manifest: unlearn keeps the fine-tune's best epoch on it; gradual and rejudge stop when its accuracy stops improving and keep the best round (with --boundary refit --layer auto, round 1 also chooses the layer by the probes' accuracy on it).")] = None,
-    patience: Annotated[int, typer.Option(help="With --val: rounds without improvement before stopping.")] = 1,
+    patience: Annotated[Optional[int], typer.Option(help="gradual and rejudge, with --val: rounds without improvement before stopping (default 1).", show_default=False)] = None,
     method: Annotated[Method, typer.Option(help="Score used to rank; auto (default): the loss on a fine-tuned model's own head (unlearn; rejudge's rounds 2 on) and on a refit probe, influence on the input's head (gradual).")] = Method.auto,
     influence_measure: Annotated[Optional[Measure], typer.Option(help="The influence measure (default self-influence); giving it with --method auto ranks by influence on a refit probe too.", show_default=False)] = None,
     curvature: Annotated[Curvature, typer.Option(help="Head curvature: exact, kfac or auto.")] = Curvature.auto,
@@ -532,6 +532,9 @@ def post_train(
                                                " (the default; --strategy gradual is the paper's loop)"))
     if rejudge_boundary is not None and chosen != "rejudge":
         raise UsageError("--rejudge-boundary applies with --rejudge only")
+    if patience is not None and chosen == "unlearn":
+        raise UsageError("--patience applies to --strategy gradual or rejudge; unlearn has no rounds (with --val its "
+                         "fine-tune keeps its best epoch)")
     scope, epochs, lr, augment, loss, boundary, layer = _loop_recipe(chosen, scope, epochs, lr, augment, loss, boundary, layer)
     method_name, measure_name = method_and_measure(method, influence_measure, boundary, reporter)
     table = Table(title="post-train rounds")
@@ -547,7 +550,7 @@ def post_train(
     result = run_post_train(
         str(checkpoint), str(manifest), out_dir=str(out_dir),
         loop=LoopOptions(rounds=rounds, step=step, budget=budget, per_class=per_class, min_per_class=min_per_class,
-                         patience=patience, method=method_name, influence_measure=measure_name,
+                         patience=1 if patience is None else patience, method=method_name, influence_measure=measure_name,
                          curvature=curvature.value, damping=damping, boundary=boundary.value, layer=layer,
                          probe_l2=probe_l2, strategy=chosen,
                          rejudge_boundary=(rejudge_boundary or RejudgeBoundary.head).value),

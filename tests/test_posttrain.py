@@ -175,6 +175,7 @@ def assert_top_rows_removed(out: Path, count: int = 24) -> None:
     (["--strategy", "unlearn", "--step", "0.1"], "--step applies to --strategy gradual or rejudge"),
     (["--rejudge", "--strategy", "gradual", "--budget", "0.1"], "--rejudge is --strategy rejudge"),
     (["--boundary", "refit"], "--boundary refit needs --budget:"),
+    (["--val", "val.csv", "--patience", "2"], "--patience applies to --strategy gradual or rejudge"),
 ])
 def test_rejudge_refuses_what_it_cannot_do(cli, tiny_data, tiny_model, tmp_path, extra, message):
     code, _, err = cli("post-train", tiny_model, tiny_data["train"], "--out-dir", tmp_path / "p", *extra)
