@@ -478,15 +478,11 @@ def _save_state(out: Path, state: dict) -> None:
 
 
 def _unlearn(checkpoint: str, manifest: str, out: Path, loop: LoopOptions, train_options: TrainOptions,
-             val: str | None, model_options: ModelOptions, run: RunOptions, reporter: Reporter,
-             overwrite: bool) -> PostTrainResult:
+             val: str | None, model_options: ModelOptions, run: RunOptions, reporter: Reporter, state: dict,
+             original_rows: int) -> PostTrainResult:
     """Strategy unlearn (see post_train): one fine-tune on every row into DIR/final.safetensors, then the judgement.
     The fine-tune saves its state after every epoch (DIR/final.safetensors.resume; not under torchrun), so the
     same command run again continues it."""
-    state, original_rows = _start(out, checkpoint, manifest, val,
-                                  _run_config(checkpoint, manifest, val, loop, train_options, model_options),
-                                  model_options, overwrite)
-    state["strategy"] = "unlearn"
     final = out / "final.safetensors"
     if val and "input_val_accuracy" not in state:
         state["input_val_accuracy"] = evaluate(checkpoint, val, model_options=model_options, run_options=run)["accuracy"]
@@ -536,12 +532,13 @@ def _share_file(out: Path, name: str) -> None:
 def _post_train(checkpoint: str, manifest: str, out: Path, loop: LoopOptions, train_options: TrainOptions,
                 val: str | None, model_options: ModelOptions, run: RunOptions, reporter: Reporter,
                 on_round: Callable[[dict], None] | None, overwrite: bool) -> PostTrainResult:
-    if loop.unlearn:
-        return _unlearn(checkpoint, manifest, out, loop, train_options, val, model_options, run, reporter, overwrite)
     state, original_rows = _start(out, checkpoint, manifest, val,
                                   _run_config(checkpoint, manifest, val, loop, train_options, model_options),
                                   model_options, overwrite)
     state["strategy"] = loop.strategy
+    if loop.unlearn:
+        return _unlearn(checkpoint, manifest, out, loop, train_options, val, model_options, run, reporter, state,
+                        original_rows)
     state.setdefault("rounds", [])
     state.setdefault("plan", None)
     _share_rounds(out, state)
