@@ -221,7 +221,7 @@ def apply_review(
     }
     result = ApplyResult(samples, keep, new_labels, audit, summary)
     if output is not None:
-        rebase = path_rebaser(samples.paths_at(np.flatnonzero(keep)), samples.root, output)
+        rebase = path_rebaser(samples.paths_at(keep), samples.root, output)
         write_blocks(result.fixed_blocks(rebase), output, quoting=blocks_quoting(result.fixed_blocks, samples, keep))
         if not is_stdio(output):
             write_json_atomic(output + ".json", summary)

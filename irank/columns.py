@@ -183,7 +183,11 @@ def text_hashes(values: list[str]) -> np.ndarray:
 
 def equal_runs(ordered: np.ndarray) -> list[tuple[int, int]]:
     """[start, end) of every run of two or more equal neighbours in a sorted array."""
-    same = np.flatnonzero(ordered[1:] == ordered[:-1])
+    return runs_of(np.flatnonzero(ordered[1:] == ordered[:-1]))
+
+
+def runs_of(same: np.ndarray) -> list[tuple[int, int]]:
+    """[start, end) of every run of equal neighbours, given the ascending places i where item i equals item i + 1."""
     if len(same) == 0:
         return []
     breaks = np.flatnonzero(np.diff(same) != 1)

@@ -254,7 +254,7 @@ def prune(
     }
     result = PruneResult(samples, keep, removed, summary)
     if output is not None:
-        rebase = path_rebaser(samples.paths_at(np.flatnonzero(keep)), samples.root, output)
+        rebase = path_rebaser(samples.paths_at(keep), samples.root, output)
         write_blocks(result.kept_blocks(rebase), output, quoting=blocks_quoting(result.kept_blocks, samples, keep))
         if not is_stdio(output):
             write_json_atomic(output + ".json", summary)

@@ -109,18 +109,44 @@ def test_fuzz_the_manifest_reader(data, fmt):
 
 
 @FAST
-@given(st.lists(st.tuples(st.integers(-3, 3), st.integers(0, 2)), min_size=1, max_size=60), st.randoms())
-def test_rank_order_breaks_ties_by_id_and_class_ranks_follow_it(rows, random):
+@given(st.lists(st.tuples(st.integers(-3, 3), st.integers(0, 2)), min_size=1, max_size=60), st.randoms(),
+       st.integers(1, 8), st.data())
+def test_rank_order_breaks_ties_by_id_and_class_ranks_follow_it(rows, random, block_rows, data):
     """Against the plain definition: sort by (score descending, id); a row's class rank is its place
-    among its class's rows in that order."""
+    among its class's rows in that order. Ties are looked for `block_rows` ranks at a time (runs of ties
+    cross the blocks' edges), and class ranks a block of the table at a time."""
     scores = np.array([float(score) for score, _ in rows])  # few distinct values: many ties
     labels = np.array([label for _, label in rows])
     ids = [f"id-{i}" for i in range(len(rows))]
     random.shuffle(ids)
-    order = rank_order(scores, ids)
+    order = rank_order(scores, ids, block_rows=block_rows)
     assert order.tolist() == np.lexsort((np.asarray(ids, dtype=str), -scores)).tolist()
     expected = [sum(1 for j in order[: place + 1] if labels[j] == labels[order[place]]) for place in range(len(order))]
     assert class_ranks_in_order(labels[order]).tolist() == expected
+    split = data.draw(st.integers(0, len(rows)))
+    ahead = np.bincount(labels[order[:split]], minlength=3)
+    assert class_ranks_in_order(labels[order[split:]], ahead).tolist() == expected[split:]
+
+
+@FAST
+@given(st.lists(st.tuples(st.integers(-3, 3), st.integers(0, 2)), min_size=1, max_size=40), st.data())
+def test_a_block_of_the_table_asked_for_out_of_turn_has_the_class_ranks_of_the_whole(rows, data):
+    """RankedScores counts the classes ranked above a block from the blocks before it; a block asked for out
+    of turn (or twice) counts them afresh."""
+    scores = np.array([float(score) for score, _ in rows])
+    labels = np.array([label for _, label in rows])
+    paths = [f"img/{i}.png" for i in range(len(rows))]
+    table = pd.DataFrame({"path": paths, "label": [f"c{label}" for label in labels]})
+    logits = torch.from_numpy(np.random.default_rng(len(rows)).normal(size=(len(rows), 3)))
+    ranked = RankedScores(table, ids=paths, paths=paths, labels=labels, classes=["c0", "c1", "c2"],
+                          predictions=prediction_columns(logits, torch.from_numpy(labels)), scores=scores)
+    whole = ranked.frame()
+    predicted = ranked.predictions.numpy()[ranked.order]
+    for _ in range(3):
+        start = data.draw(st.integers(0, len(rows) - 1))
+        end = data.draw(st.integers(start + 1, len(rows)))
+        block = ranked.block(start, end, pd.DataFrame(index=pd.RangeIndex(end - start)), predicted[start:end])
+        assert block["class_rank"].tolist() == whole["class_rank"].tolist()[start:end]
 
 
 @FAST

@@ -337,6 +337,24 @@ def test_a_subset_reads_back_only_its_rows_in_its_order(tmp_path, monkeypatch):
     assert smaller.table["note"].tolist() == ["n0", "n5"] and not smaller.carriage_return
 
 
+def test_the_paths_prune_and_apply_check_for_rebasing_are_the_kept_rows_paths(tmp_path, monkeypatch):
+    """`paths_at(keep)` is what path_rebaser looks at: the kept rows' paths in order, read a block at a time;
+    of tensor rows' coded files, each file the kept rows use, once."""
+    monkeypatch.setattr(manifest_module, "CHUNK_ROWS", 3)
+    write_table(pd.DataFrame({"path": [f"{i}.png" for i in range(8)], "label": "c0"}), tmp_path / "images.csv")
+    images = read_manifest(tmp_path / "images.csv")
+    keep = np.array([True, False, True, True, False, False, True, True])
+    assert list(images.paths_at(keep)) == ["0.png", "2.png", "3.png", "6.png", "7.png"]
+    for name in ("a", "b", "c"):
+        np.save(tmp_path / f"{name}.npy", np.zeros((3, 2), dtype=np.float32))
+    write_table(pd.DataFrame({"path": ["a.npy", "b.npy", "a.npy", "c.npy", "b.npy", "a.npy"], "index": [0, 0, 1, 0, 1, 2],
+                              "label": "c0"}), tmp_path / "rows.csv")
+    rows = read_manifest(tmp_path / "rows.csv")
+    assert isinstance(rows.paths, CodedColumn)
+    assert list(rows.paths_at(np.array([True, False, True, False, True, True]))) == ["a.npy", "b.npy"]
+    assert list(rows.paths_at(np.zeros(6, dtype=bool))) == []
+
+
 def test_a_manifest_from_a_pipe_can_be_read_again(tmp_path):
     """A named pipe gives its rows once: they are kept in a temporary file for the second read."""
     import os
