@@ -70,13 +70,17 @@ def forward_pass(
     return ForwardOutputs(head_inputs=head_inputs, logits=logits)
 
 
-def check_finite(head_inputs: torch.Tensor, logits: torch.Tensor, first_row: int = 0,
-                 row_order: "list[int] | None" = None) -> None:
-    """Refuse NaN or infinite outputs, naming manifest rows: `first_row` + i, or row_order[i]."""
-    bad = torch.zeros(len(logits), dtype=torch.bool)
+def check_finite(head_inputs: torch.Tensor, logits: torch.Tensor | None, first_row: int = 0,
+                 row_order: "list[int] | range | None" = None) -> None:
+    """Refuse NaN or infinite outputs (`logits` None: of the features alone), naming manifest rows:
+    `first_row` + i, or row_order[i]."""
+    bad = torch.zeros(len(head_inputs), dtype=torch.bool)
     # isfinite makes float temporaries: a chunk of rows at a time
-    for start, end in spans(len(logits), chunk_size(head_inputs.shape[1] + logits.shape[1])):
-        bad[start:end] = ~torch.isfinite(logits[start:end]).all(dim=1) | ~torch.isfinite(head_inputs[start:end]).all(dim=1)
+    width = head_inputs.shape[1] + (logits.shape[1] if logits is not None else 0)
+    for start, end in spans(len(head_inputs), chunk_size(width)):
+        bad[start:end] = ~torch.isfinite(head_inputs[start:end]).all(dim=1)
+        if logits is not None:
+            bad[start:end] |= ~torch.isfinite(logits[start:end]).all(dim=1)
     if bad.any():
         where = torch.nonzero(bad).flatten().tolist()
         rows = [row_order[i] + 1 for i in where] if row_order is not None else [i + 1 + first_row for i in where]

@@ -76,7 +76,7 @@ def layer_features(
     num_rows: int,
     device: "torch.device | Placement",
     reporter: Reporter | None = None,
-    row_order: "np.ndarray | list[int] | None" = None,
+    row_order: "np.ndarray | list[int] | range | None" = None,
     first_row: int = 0,
     out: torch.Tensor | None = None,
     budget: MemoryBudget | None = None,
@@ -84,7 +84,8 @@ def layer_features(
     """Pooled features of each named layer for every row of the loader (float32, CPU), in one pass.
 
     Given one name (a str), returns its tensor; given a list, a dict name → tensor. Row i of the
-    result is manifest row i, or, with `row_order` (the manifest rows the loader covers), row_order[i].
+    result is manifest row i, or, with `row_order` (the manifest rows the loader covers), row_order[i]; a
+    `range` of rows (this process's block) is read without a table of each row's position.
     `first_row`: the manifest row of the loader's row 0, for messages (a process's shard under torchrun).
     `out` (one layer only): a tensor to fill in place of a new one; rows the loader does not cover keep
     their values. `budget`: where new per-sample arrays go (default: memory). `device`: a device, or a
@@ -95,8 +96,10 @@ def layer_features(
     single = isinstance(layer_names, str)
     names = [layer_names] if single else list(layer_names)
     layers = {name: get_layer(model, name) for name in names}
-    position = None
-    if row_order is not None:
+    position, offset = None, 0
+    if isinstance(row_order, range):  # contiguous rows (this process's block): no table of positions
+        num_rows, offset = len(row_order), row_order.start
+    elif row_order is not None:
         order = torch.as_tensor(np.asarray(row_order, dtype=np.int64))
         num_rows = len(order)
         position = torch.full((int(order.max()) + 1,), -1, dtype=torch.long)
@@ -106,14 +109,14 @@ def layer_features(
     features: dict[str, torch.Tensor] = {}
     with torch.inference_mode(), place.autocast(), reporter.task(f"features at {', '.join(names)}", len(loader)) as advance:
         for images, rows in batches(loader):
-            where = rows if position is None else position[rows]
+            where = rows - offset if position is None else position[rows]
             for name, pooled in run_until(model, layers, place.inputs(images)).items():
                 if name not in features:
                     features[name] = out if out is not None else budget.array(num_rows, pooled.shape[1])
                 features[name].index_copy_(0, where, pooled.float().cpu())  # much faster than [rows] = on CPU
             advance(1)
     for tensor in features.values():
-        check_finite(tensor, torch.zeros(num_rows, 1), first_row, row_order)
+        check_finite(tensor, None, first_row, row_order)
     return features[names[0]] if single else features
 
 

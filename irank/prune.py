@@ -13,8 +13,9 @@ from .columns import (CodedColumn, CodedColumnBuilder, TextColumn, TextColumnBui
                       text_hashes)
 from .errors import ManifestError, UsageError
 from .files import check_outputs_clear_of_inputs, check_overwrite, is_stdio, sha256_file, write_json_atomic
-from .manifest import (Manifest, blocks_quoting, iter_table, path_rebaser, read_manifest, rebase_paths, table_input,
-                       table_format, write_blocks, write_table)
+from .manifest import (Manifest, blocks_quoting, iter_table, path_rebaser, read_manifest, table_input, table_format,
+                       write_blocks)
+from .reorder import in_output_order
 
 SCORE_COLUMNS = ("id", "label", "rank", "class_rank", "score")
 
@@ -157,16 +158,27 @@ def read_score_columns(path: str) -> ScoreColumns:
     return columns
 
 
-class PruneResult:
-    """What `prune` decided. `kept` (the manifest's table without the removed rows, in its order) is read from
-    the manifest's file when asked: `prune` itself writes it a block of rows at a time."""
+REMOVED_BLOCK_ROWS = 65_536  # removed rows put into rank order (through temporary files) and written at a time
 
-    def __init__(self, samples: Manifest, keep: np.ndarray, removed: pd.DataFrame, summary: dict):
-        self.samples, self.keep, self.removed, self.summary = samples, keep, removed, summary
+
+class PruneResult:
+    """What `prune` decided. `kept` (the manifest's table without the removed rows, in its order) and `removed`
+    (the removed rows in rank order, with their rank, class_rank and score) are read from the manifest's file
+    when asked: `prune` itself writes them a block of rows at a time."""
+
+    def __init__(self, samples: Manifest, keep: np.ndarray, removed_rows: np.ndarray,
+                 removed_numbers: dict[str, np.ndarray], summary: dict):
+        self.samples, self.keep, self.summary = samples, keep, summary
+        self.removed_rows = removed_rows  # the removed rows' manifest rows, in rank order
+        self.removed_numbers = removed_numbers  # their rank, class_rank and score, in the same order
 
     @property
     def kept(self) -> pd.DataFrame:
         return self.samples.table[self.keep]
+
+    @property
+    def removed(self) -> pd.DataFrame:
+        return pd.concat(list(self.removed_blocks()), ignore_index=True)
 
     def kept_blocks(self, rebase=None):
         """The kept rows a block of the manifest at a time (the first block carries the header even when empty)."""
@@ -174,11 +186,34 @@ class PruneResult:
             block = chunk[self.keep[start:start + len(chunk)]]
             yield block if rebase is None else rebase(block)
 
+    def removed_blocks(self, rebase=None):
+        """The removed rows in rank order, their rank, class_rank and score appended (as rank_irank, ... where
+        the manifest has such a column), REMOVED_BLOCK_ROWS at a time, the manifest read once (the first
+        block carries the header even when no row is removed)."""
+        by_row = np.argsort(self.removed_rows, kind="stable")
+        rows = self.removed_rows[by_row]
+        header = []
 
-def rows_of(samples: Manifest, mask: np.ndarray) -> pd.DataFrame:
-    """The manifest's rows where `mask` holds, in manifest order, read a block at a time."""
-    parts = [chunk[mask[start:start + len(chunk)]] for start, chunk in samples.chunks()]
-    return pd.concat(parts, ignore_index=True)
+        def pieces():  # (each removed row's place in rank order, its manifest columns), a block of the manifest at a time
+            for start, chunk in self.samples.chunks():
+                if not header:
+                    header.append(chunk.iloc[:0])
+                low, high = np.searchsorted(rows, [start, start + len(chunk)])
+                yield by_row[low:high], (chunk.iloc[rows[low:high] - start],)
+
+        first = 0
+        for (block,) in in_output_order(pieces(), len(rows), REMOVED_BLOCK_ROWS):
+            yield self._numbered(block, first, rebase)
+            first += len(block)
+        if first == 0:
+            yield self._numbered(header[0] if header else pd.DataFrame(), 0, rebase)
+
+    def _numbered(self, block: pd.DataFrame, first: int, rebase) -> pd.DataFrame:
+        block = block.reset_index(drop=True)
+        for column in ("rank", "class_rank", "score"):
+            name = column if column not in block.columns else f"{column}_irank"
+            block[name] = self.removed_numbers[column][first:first + len(block)]
+        return block if rebase is None else rebase(block)
 
 
 def prune(
@@ -226,11 +261,6 @@ def prune(
     removed_rows = manifest_row[removed_at]
     keep = np.ones(len(samples), dtype=bool)
     keep[removed_rows] = False
-    # the removed rows in manifest order, then in rank order (a share of the manifest; the kept rows are streamed)
-    removed = rows_of(samples, ~keep).iloc[np.searchsorted(np.sort(removed_rows), removed_rows)].reset_index(drop=True)
-    for column in ("rank", "class_rank", "score"):
-        name = column if column not in removed.columns else f"{column}_irank"
-        removed[name] = getattr(score_table, column)[removed_at]
     removed_codes = np.bincount(score_table.labels.codes[removed_at], minlength=len(score_table.labels.values))
     per_class_removed = sorted((label, int(number)) for label, number in zip(score_table.labels.values, removed_codes)
                                if number)
@@ -252,12 +282,16 @@ def prune(
             "manifest": {"path": manifest, "sha256": sha256_file(manifest)},
         },
     }
-    result = PruneResult(samples, keep, removed, summary)
+    result = PruneResult(samples, keep, removed_rows,
+                         {column: getattr(score_table, column)[removed_at] for column in ("rank", "class_rank", "score")},
+                         summary)
     if output is not None:
         rebase = path_rebaser(samples.paths_at(keep), samples.root, output)
         write_blocks(result.kept_blocks(rebase), output, quoting=blocks_quoting(result.kept_blocks, samples, keep))
         if not is_stdio(output):
             write_json_atomic(output + ".json", summary)
     if removed_output is not None:
-        write_table(rebase_paths(removed, samples.root, removed_output), removed_output)
+        rebase = path_rebaser(samples.paths_at(~keep), samples.root, removed_output)
+        write_blocks(result.removed_blocks(rebase), removed_output,
+                     quoting=blocks_quoting(result.removed_blocks, samples, ~keep))
     return result

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import csv
-import os
-import pickle
-import tempfile
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -17,6 +14,7 @@ import torch.nn.functional as F
 from .columns import runs_of, values_at
 from .influence import chunk_size, spans
 from .manifest import csv_quoting
+from .reorder import in_output_order
 from .rowstore import DiskRows, MemoryBudget
 from .tensors import TensorRowIds
 
@@ -234,39 +232,19 @@ class RankedScores:
             yield self.frame()
 
     def _spilled_blocks(self, rows: int, chunk_rows: int | None):
-        """Blocks of the table sorted into rank order through temporary files: one file per range of `rows`
-        ranks, filled while the manifest is read once, then read one at a time."""
-        rank_of_row = np.empty(len(self), dtype=np.int64)
-        rank_of_row[self.order] = np.arange(len(self))
-        with tempfile.TemporaryDirectory(prefix="irank-ranked-") as folder:
+        """Blocks of the table sorted into rank order through temporary files (`reorder.in_output_order`): one
+        file per range of `rows` ranks, filled while the manifest is read once, then read one at a time."""
+        def pieces():  # each row's rank, its predictions and its manifest columns, a block of the manifest at a time
+            rank_of_row = np.empty(len(self), dtype=np.int32 if len(self) < 2**31 else np.int64)
+            rank_of_row[self.order] = np.arange(len(self))
             for start, extra, count in self._user_chunks(chunk_rows):
-                ranks = rank_of_row[start:start + count]
-                predicted = self.predictions[start:start + count].numpy()
-                buckets = ranks // rows
-                for bucket in np.unique(buckets).tolist():
-                    mask = buckets == bucket
-                    piece = (ranks[mask], predicted[mask], None if extra is None else extra[mask])
-                    with open(os.path.join(folder, str(bucket)), "ab") as handle:
-                        pickle.dump(piece, handle, protocol=pickle.HIGHEST_PROTOCOL)
-            del rank_of_row
-            for bucket, start in enumerate(range(0, len(self), rows)):
-                path = os.path.join(folder, str(bucket))
-                pieces = []
-                with open(path, "rb") as handle:
-                    while True:
-                        try:
-                            pieces.append(pickle.load(handle))
-                        except EOFError:
-                            break
-                os.remove(path)
-                into_rank_order = np.argsort(np.concatenate([piece[0] for piece in pieces]), kind="stable")
-                predicted = np.concatenate([piece[1] for piece in pieces])[into_rank_order]
-                end = min(start + rows, len(self))
-                if self.extra_columns:
-                    extra = pd.concat([piece[2] for piece in pieces]).iloc[into_rank_order]
-                else:
-                    extra = pd.DataFrame(index=pd.RangeIndex(end - start))
-                yield self.block(start, end, extra, predicted)
+                yield rank_of_row[start:start + count], (self.predictions[start:start + count].numpy(), extra)
+
+        for number, (predicted, extra) in enumerate(in_output_order(pieces(), len(self), rows)):
+            start = number * rows
+            end = min(start + rows, len(self))
+            yield self.block(start, end, pd.DataFrame(index=pd.RangeIndex(end - start)) if extra is None else extra,
+                             predicted)
 
     def csv_quoting(self) -> int:
         """`manifest.csv_quoting` of the whole table, from its string columns (a number holds no carriage return)."""

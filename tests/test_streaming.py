@@ -242,30 +242,45 @@ def test_a_manifest_that_changes_before_the_output_is_refused(tmp_path):
 @pytest.mark.parametrize("elsewhere", [False, True])
 @pytest.mark.parametrize("fmt", ["csv", "jsonl"])
 def test_prune_streams_the_bytes_of_a_whole_write(tmp_path, monkeypatch, carriage_in, elsewhere, fmt):
-    """prune writes the kept rows a block of the manifest at a time: the file is the one writing the kept
-    table whole gives (quoting decided on the kept rows, paths rebased into another folder)."""
+    """prune writes the kept rows a block of the manifest at a time, and the removed rows a block of ranks at a
+    time sorted through temporary files: each file is the one writing that table whole gives (quoting decided
+    on its rows, paths rebased into another folder)."""
+    import importlib
+
+    prune_module = importlib.import_module("irank.prune")  # `irank.prune` is also the function
     from irank.manifest import rebase_paths, write_table
     from irank.prune import prune
 
     rows = 11
+    ranks = np.random.default_rng(3).permutation(rows) + 1  # rank order is not manifest order
     table = pd.DataFrame({"path": [f"img/{i}.png" for i in range(rows)], "label": [f"c{i % 3}" for i in range(rows)],
-                          "note": [f"n,{i}" for i in range(rows)]})
-    scores = pd.DataFrame({"id": table["path"], "label": table["label"], "rank": range(1, rows + 1),
-                           "class_rank": [i // 3 + 1 for i in range(rows)], "score": np.linspace(1, 0, rows)})
+                          "note": [f"n,{i}" for i in range(rows)], "score": [f"s{i}" for i in range(rows)]})
+    scores = pd.DataFrame({"id": table["path"], "label": table["label"], "rank": ranks,
+                           "class_rank": (ranks + 2) // 3, "score": 1 - ranks / rows})
     if carriage_in != "none":
-        table.loc[0 if carriage_in == "removed" else rows - 1, "note"] = "two\rlines"  # rank 1 is removed
+        table.loc[int(np.flatnonzero(ranks == (1 if carriage_in == "removed" else rows))[0]), "note"] = "two\rlines"
     write_table(table, tmp_path / "m.csv")  # every field quoted where a value holds "\r"
     scores.to_csv(tmp_path / "s.csv", index=False)
     folder = tmp_path / ("out" if elsewhere else "")
     folder.mkdir(exist_ok=True)
     monkeypatch.setattr(manifest_module, "CHUNK_ROWS", 3)
-    result = prune(str(tmp_path / "s.csv"), str(tmp_path / "m.csv"), output=str(folder / f"kept.{fmt}"), count=4)
+    monkeypatch.setattr(prune_module, "REMOVED_BLOCK_ROWS", 2)
+    result = prune(str(tmp_path / "s.csv"), str(tmp_path / "m.csv"), output=str(folder / f"kept.{fmt}"), count=5,
+                   removed_output=str(folder / f"removed.{fmt}"))
     write_table(rebase_paths(result.kept, tmp_path, folder / f"whole.{fmt}"), folder / f"whole.{fmt}")
     assert (folder / f"kept.{fmt}").read_bytes() == (folder / f"whole.{fmt}").read_bytes()
     first_line = (folder / f"kept.{fmt}").read_text().splitlines()[0].replace('"', "")
     added_id = first_line.startswith("id,") if fmt == "csv" else first_line.startswith("{id:")
-    assert len(result.kept) == rows - 4 and added_id == elsewhere
-    assert result.removed["rank"].tolist() == [1, 2, 3, 4]
+    assert len(result.kept) == rows - 5 and added_id == elsewhere
+    # the removed rows, built whole from the inputs: rows ranked 1-5 in rank order, irank's numbers appended
+    at = np.argsort(ranks)[:5]
+    removed = pd.read_csv(tmp_path / "m.csv", dtype=str, keep_default_na=False).iloc[at].reset_index(drop=True)
+    removed = removed.assign(rank=ranks[at], class_rank=(ranks[at] + 2) // 3, score_irank=1 - ranks[at] / rows)
+    write_table(rebase_paths(removed, tmp_path, folder / f"whole-removed.{fmt}"), folder / f"whole-removed.{fmt}")
+    assert (folder / f"removed.{fmt}").read_bytes() == (folder / f"whole-removed.{fmt}").read_bytes()
+    assert result.removed["rank"].tolist() == [1, 2, 3, 4, 5]
+    assert result.removed.drop(columns=["rank", "class_rank", "score_irank"]).equals(
+        pd.read_csv(tmp_path / "m.csv", dtype=str, keep_default_na=False).iloc[at].reset_index(drop=True))
 
 
 @pytest.mark.parametrize("carriage_in", ["kept", "removed", "relabeled away", "none"])

@@ -10,6 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.numpy import save_file
 
 from irank import synthetic
@@ -203,6 +205,25 @@ def test_dataset_reads_the_indexed_rows_in_any_order(tmp_path):
     copy = pickle.loads(pickle.dumps(dataset))  # what a DataLoader worker gets: no open files, reopened there
     assert copy._readers == {} and dataset._readers
     np.testing.assert_allclose(copy[5][0].numpy(), values[indices[5]], rtol=1e-6)
+
+
+@pytest.mark.parametrize("block_rows", [1, 2, 5, 65_536])
+def test_rows_are_grouped_by_file_and_key_in_order_of_first_appearance(tmp_path, monkeypatch, block_rows):
+    """Each row's source (file, key), numbered in the order the sources first appear, whatever the blocks."""
+    import irank.tensors as tensors_module
+
+    monkeypatch.setattr(tensors_module, "BUILD_ROWS", block_rows)
+    np.save(tmp_path / "a.npy", np.zeros((4, 2), np.float32))
+    save_file({"x": np.zeros((4, 2), np.float32), "y": np.zeros((4, 2), np.float32)}, str(tmp_path / "b.safetensors"))
+    files = ["b.safetensors", "a.npy", "b.safetensors", "a.npy", "b.safetensors", "b.safetensors", "a.npy"]
+    keys = ["y", "", "x", "", "y", "x", ""]
+    pd.DataFrame({"path": files, "key": keys, "index": [0, 1, 2, 3, 1, 1, 2], "label": "c"}).to_csv(tmp_path / "m.csv",
+                                                                                                   index=False)
+    rows = read_manifest(tmp_path / "m.csv").resolved_paths()
+    assert [(source.written, source.key, source.first_row) for source in rows.sources] == [
+        ("b.safetensors", "y", 0), ("a.npy", None, 1), ("b.safetensors", "x", 2)]
+    assert rows.source_of_row.tolist() == [0, 1, 2, 1, 0, 2, 1]
+    assert rows.index_of_row.tolist() == [0, 1, 2, 3, 1, 1, 2]
 
 
 def test_worker_processes_read_tensor_rows(cli, embeddings, mlp_model):
@@ -456,6 +477,46 @@ def test_ids_spelled_alike_by_different_rows_are_duplicates():
     assert ids[0] == ids[1] == "d.npy[z][4]"
     assert ids.first_duplicate() == (0, 1)
     assert TensorRowIds(["d.npy", "d.npy"], ["z", ""], np.array([4, 4])).first_duplicate() is None
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["e.npy", "f.npy"]), st.sampled_from(["", "x", "y"]), st.integers(0, 4)),
+                min_size=1, max_size=30), st.booleans())
+def test_the_first_repeated_made_id_is_the_plain_definitions(rows, huge):
+    """(earlier row, row) of the first row whose made id an earlier row has: as a dict of ids finds it, through
+    one number a row, or through the triples when the indices leave no room for one number."""
+    from irank.columns import CodedColumn
+    from irank.tensors import TensorRowIds
+
+    paths, keys, indices = zip(*rows)
+    indices = np.array(indices, dtype=np.int64) + (2**61 if huge else 0)
+    ids = TensorRowIds(CodedColumn.of(paths), CodedColumn.of(keys), indices)
+    first: dict[str, int] = {}
+    expected = None
+    for row, sample_id in enumerate(ids):
+        if sample_id in first:
+            expected = (first[sample_id], row)
+            break
+        first[sample_id] = row
+    assert ids.first_duplicate() == expected
+
+
+def test_non_finite_features_outside_the_layer_choice_sample_name_their_manifest_rows(cli, embeddings, mlp_model,
+                                                                                    tmp_path):
+    """--layer auto reads the rows outside its sample afterwards, as a contiguous block: a NaN there is refused,
+    naming the manifest row."""
+    from irank.boundary import choice_sample
+
+    sample = set(choice_sample(400, limit=10).tolist())
+    bad = [row for row in range(400) if row not in sample][5:7]
+    values = embeddings["values"].copy()
+    table = pd.read_csv(embeddings["train"])
+    values[table.loc[bad, "index"]] = np.nan
+    np.save(tmp_path / "train.npy", values)
+    table.to_csv(tmp_path / "train.csv", index=False)
+    out = tmp_path / "s.csv"
+    assert_clean_failure(cli("score", mlp_model, tmp_path / "train.csv", "-o", out, "--choice-rows", "10"),
+                         "NaN or infinite", f"rows {bad[0] + 1}, {bad[1] + 1})", output=out)
 
 
 def test_rejudge_on_tensor_rows_fine_tunes_without_image_augmentation(cli, embeddings, mlp_model, tmp_path):
