@@ -181,11 +181,6 @@ def text_hashes(values: list[str]) -> np.ndarray:
     return pd.util.hash_array(np.asarray(values, dtype=object), categorize=False) if len(values) else np.zeros(0, dtype=np.uint64)
 
 
-def equal_runs(ordered: np.ndarray) -> list[tuple[int, int]]:
-    """[start, end) of every run of two or more equal neighbours in a sorted array."""
-    return runs_of(np.flatnonzero(ordered[1:] == ordered[:-1]))
-
-
 def runs_of(same: np.ndarray) -> list[tuple[int, int]]:
     """[start, end) of every run of equal neighbours, given the ascending places i where item i equals item i + 1."""
     if len(same) == 0:
@@ -202,11 +197,21 @@ def first_duplicate(values: Sequence[str], hashes: np.ndarray) -> tuple[int, int
     Only the rows that share a 64-bit hash (`text_hashes` of `values`) are compared as strings, so no set
     of a million strings is built; a collision of two different strings is told apart there.
     """
-    order = np.argsort(hashes, kind="stable")  # within one hash, rows stay ascending
+    ordered = np.sort(hashes)  # one copy of the hashes: an argsort and its gather took two
+    repeated = np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
+    del ordered
+    if len(repeated) == 0:
+        return None
+    rows_of_hash: dict[int, list[int]] = {}  # the rows of each repeated hash, ascending, found a block at a time
+    for start in range(0, len(hashes), ITER_ROWS):
+        block = hashes[start:start + ITER_ROWS]
+        at = np.minimum(np.searchsorted(repeated, block), len(repeated) - 1)
+        for row in (np.flatnonzero(repeated[at] == block) + start).tolist():
+            rows_of_hash.setdefault(int(hashes[row]), []).append(row)
     best: tuple[int, int] | None = None
-    for start, end in equal_runs(hashes[order]):
+    for rows in rows_of_hash.values():
         first_row: dict[str, int] = {}
-        for row in order[start:end].tolist():
+        for row in rows:
             if best is not None and row >= best[1]:
                 break
             text = values[row]
@@ -232,8 +237,8 @@ def find_rows(column: Sequence[str], wanted: Sequence[str], block_rows: int = IT
     hashes = np.concatenate([hash_of(values_at(column, np.arange(start, min(start + block_rows, count))))
                              for start in range(0, count, block_rows)])
     order = np.argsort(hashes, kind="stable")
-    ordered = hashes[order]
-    del hashes
+    hashes.sort()  # in place: the values of hashes[order], without a second array of them
+    ordered = hashes
     for start in range(0, len(wanted), block_rows):
         texts = values_at(wanted, np.arange(start, min(start + block_rows, len(wanted))))
         wanted_hashes = hash_of(texts)

@@ -55,8 +55,10 @@ def naive_first_duplicate(values):
 
 @FAST
 @given(st.lists(st.sampled_from(["a", "b", "c", "d", "ab", "é", ""]) | st.text(max_size=3), max_size=40),
-       st.sampled_from(["real", "all collide", "half collide"]))
-def test_the_duplicate_check_is_the_plain_definition_even_when_hashes_collide(values, hashes):
+       st.sampled_from(["real", "all collide", "half collide"]), st.sampled_from([1, 3, columns.ITER_ROWS]))
+def test_the_duplicate_check_is_the_plain_definition_even_when_hashes_collide(monkeypatch, values, hashes, block_rows):
+    """Whatever the hashes, and the blocks of rows in which the rows of repeated hashes are looked for."""
+    monkeypatch.setattr(columns, "ITER_ROWS", block_rows)
     hashed = {"real": text_hashes(values),
               "all collide": np.zeros(len(values), dtype=np.uint64),
               "half collide": text_hashes(values) % np.uint64(2)}[hashes]
