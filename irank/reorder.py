@@ -17,9 +17,6 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 import pandas as pd
 
-Item = "np.ndarray | pd.DataFrame | None"
-
-
 def _take(item, mask_or_order):
     if item is None:
         return None
