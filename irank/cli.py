@@ -153,7 +153,7 @@ PrecisionOpt = Annotated[Precision, typer.Option(
 WorkersOpt = Annotated[str, typer.Option(
     help="DataLoader worker processes for decoding images or reading tensor rows: a number (0: in the main process), "
     "or auto: for images the usable CPUs (split among torchrun's processes on a node), at most 8, none on a single "
-    "CPU; for tensor rows none (memory-mapped reads are faster in-process).", metavar="N|auto", rich_help_panel=RUN)]
+    "CPU; for tensor rows none (reading rows from a file is faster in-process).", metavar="N|auto", rich_help_panel=RUN)]
 MemoryBudgetOpt = Annotated[str, typer.Option(
     help="Per-sample arrays (a layer's features, head inputs, logits) kept in memory up to this size, e.g. 512MiB or "
     "4GB; past it they go to a temporary file (under $TMPDIR) read a block at a time, so memory stays flat in "

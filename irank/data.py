@@ -170,7 +170,7 @@ def auto_workers() -> int:
 
 def resolve_workers(num_workers: int | None, paths) -> int:
     """`num_workers` as given, or for None (auto) `auto_workers()` on images and 0 on tensor rows, which are
-    read from memory-mapped files faster than a worker process can hand them over."""
+    read from their files faster than a worker process can hand them over."""
     if num_workers is None:
         return 0 if isinstance(paths, TensorRows) else auto_workers()
     if num_workers < 0:

@@ -4,9 +4,9 @@ A row's `path` names the file and its `index` column the row in it (the first ax
 file holding several tensors also needs a `key` column naming one. Text, audio and tabular inputs, or
 precomputed embeddings for an MLP head, then run through every command the way images do.
 
-`.npy` files are memory-mapped (`np.load(mmap_mode="r")`) and `.safetensors` files opened once per
-file and process (DataLoader workers included); a batch is read with one indexing call per file, so a
-million rows of one file cost no per-file work per row. Values come out as float32, as stored (no
+Each file is opened once per process (DataLoader workers included) and a batch's rows of it are read
+with positioned reads, one per run of consecutive rows (`rowfile.RowFile`; nothing is memory-mapped
+but a Fortran-ordered `.npy`), so a million rows of one file cost no per-file work per row. Values come out as float32, as stored (no
 image preprocessing applies).
 """
 
@@ -26,13 +26,11 @@ from torch.utils.data import Dataset
 
 from .columns import StringSequence, codes_and_values, distinct, values_at
 from .errors import ImageError, ManifestError
+from .rowfile import RowFile, layout_of
 
 TENSOR_SUFFIXES = (".npy", ".safetensors")
 SAFETENSORS_NUMERIC = {"BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64", "F16", "BF16", "F32", "F64",
                        "F8_E4M3", "F8_E5M2"}
-# A sorted batch whose indices span at most this many times its size is read as one slice of a
-# .safetensors tensor (one read); a sparser one row by row.
-SLICE_SPAN_FACTOR = 4
 
 
 def tensor_row_mask(paths: Sequence[str]) -> np.ndarray:
@@ -317,9 +315,10 @@ def inspect_source(source: TensorSource) -> SourceLayout:
     return SourceLayout(length=int(shape[0]), row_shape=shape[1:] or (1,), dtype=dtype_name)
 
 
-def inspect_rows(rows: TensorRows) -> tuple[list[SourceLayout | None], np.ndarray, list[str]]:
-    """Every source's layout (None where unreadable), and for every row a problem code (-1: none)
-    indexing into the list of reasons. No tensor data is read, only headers."""
+def inspect_rows(rows: TensorRows) -> tuple[list[SourceLayout | None], np.ndarray, np.ndarray, list[str]]:
+    """Every source's layout (None where unreadable); the rows that cannot be read, ascending; for each of
+    them an index into the list of reasons; that list. No tensor data is read, only headers, and rows are
+    looked at a block at a time (a problem code for every row took 8 bytes a row, and the checks as many again)."""
     layouts: list[SourceLayout | None] = []
     reasons: list[str] = []
     source_problem = np.full(len(rows.sources), -1, dtype=np.int64)
@@ -330,34 +329,38 @@ def inspect_rows(rows: TensorRows) -> tuple[list[SourceLayout | None], np.ndarra
             layouts.append(None)
             source_problem[number] = len(reasons)
             reasons.append(str(exc))
-    problem = source_problem[rows.source_of_row]
     lengths = np.array([layout.length if layout else np.iinfo(np.int64).max for layout in layouts], dtype=np.int64)
-    out_of_range = (problem < 0) & (rows.index_of_row >= lengths[rows.source_of_row])
-    if out_of_range.any():
-        for row in np.flatnonzero(out_of_range):
+    bad_rows, bad_reasons = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.int64)]
+    for start in range(0, len(rows), BUILD_ROWS):
+        source = rows.source_of_row[start:start + BUILD_ROWS]
+        index = rows.index_of_row[start:start + BUILD_ROWS]
+        problem = source_problem[source]
+        for row in np.flatnonzero((problem < 0) & (index >= lengths[source])).tolist():
             problem[row] = len(reasons)
-            length = lengths[rows.source_of_row[row]]
-            reasons.append(f"index {rows.index_of_row[row]} is out of range ({length} rows, 0 to {length - 1})")
-    return layouts, problem, reasons
+            length = lengths[source[row]]
+            reasons.append(f"index {index[row]} is out of range ({length} rows, 0 to {length - 1})")
+        flagged = np.flatnonzero(problem >= 0)
+        bad_rows.append(flagged + start)
+        bad_reasons.append(problem[flagged])
+    return layouts, np.concatenate(bad_rows), np.concatenate(bad_reasons), reasons
 
 
 def bad_tensor_rows(rows: TensorRows) -> list[dict]:
     """Rows that cannot be read, as {row (1-based), path, reason}, like `find_bad_images`."""
-    _, problem, reasons = inspect_rows(rows)
-    return [{"row": int(row) + 1, "path": str(rows[int(row)]), "reason": f"{rows.where(int(row))}: {reasons[problem[row]]}"}
-            for row in np.flatnonzero(problem >= 0)]
+    _, bad, why, reasons = inspect_rows(rows)
+    return [{"row": row + 1, "path": str(rows[row]), "reason": f"{rows.where(row)}: {reasons[code]}"}
+            for row, code in zip(bad.tolist(), why.tolist())]
 
 
 def check_tensor_rows(rows: TensorRows) -> tuple[int, ...]:
     """The shape every row shares; ImageError naming file and row for the first unreadable row, or
     ManifestError when rows differ in shape."""
-    layouts, problem, reasons = inspect_rows(rows)
-    bad = np.flatnonzero(problem >= 0)
+    layouts, bad, why, reasons = inspect_rows(rows)
     if len(bad):
-        row = int(bad[0])
-        raise ImageError(f"{rows.where(row)}: {reasons[problem[row]]}")
+        raise ImageError(f"{rows.where(int(bad[0]))}: {reasons[why[0]]}")
     used = np.zeros(len(rows.sources), dtype=bool)
-    used[rows.source_of_row] = True
+    for start in range(0, len(rows), BUILD_ROWS):
+        used[rows.source_of_row[start:start + BUILD_ROWS]] = True
     first = None
     for number in np.flatnonzero(used):
         source, layout = rows.sources[number], layouts[number]
@@ -384,7 +387,7 @@ class TensorDataset(Dataset):
         self.tensor_rows = tensor_rows
         self.row_shape = tuple(row_shape)
         self.rows = None if rows is None else np.asarray(rows, dtype=np.int64)
-        self._readers: dict = {}  # per process: file (and key) → open memmap or safetensors slice
+        self._readers: dict = {}  # per process: file (and key) → its RowFile (or memmap)
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -397,32 +400,23 @@ class TensorDataset(Dataset):
     def __getitem__(self, item: int):
         return self.__getitems__([item])[0]
 
-    def _reader(self, source: TensorSource):
+    def _reader(self, source: TensorSource) -> "RowFile | np.ndarray":
+        """The open file of a source: a `RowFile` (positioned reads), or for a .npy that cannot be read row by
+        row from its bytes (Fortran order, a newer header) a memory map."""
         cache_key = (source.file, source.key)
         if cache_key not in self._readers:
-            if source.file.name.lower().endswith(".npy"):
-                self._readers[cache_key] = open_npy(source.file)
-            else:
-                from safetensors import safe_open
-
-                handle = safe_open(str(source.file), framework="pt")
-                key = source.key or next(iter(handle.keys()))
-                self._readers[cache_key] = (handle, handle.get_slice(key))
+            layout = layout_of(source.file, source.key)
+            self._readers[cache_key] = open_npy(source.file) if layout is None else RowFile(source.file, layout)
         return self._readers[cache_key]
 
     def _read(self, source: TensorSource, indices: np.ndarray) -> torch.Tensor:
         reader = self._reader(source)
-        if isinstance(reader, np.ndarray):
-            block = np.asarray(reader[indices], dtype=np.float32)  # fancy indexing copies: the pages can go
-            release_pages(reader)
-            return torch.from_numpy(np.ascontiguousarray(block)).reshape(len(indices), *self.row_shape)
-        _, tensor_slice = reader
-        low, high = int(indices.min()), int(indices.max())
-        if high - low + 1 <= SLICE_SPAN_FACTOR * len(indices):
-            block = tensor_slice[low:high + 1][torch.from_numpy(indices - low)]
+        if isinstance(reader, RowFile):
+            block = reader.read(indices)
         else:
-            block = torch.stack([tensor_slice[int(index)] for index in indices])
-        return block.to(torch.float32).reshape(len(indices), *self.row_shape)
+            block = torch.from_numpy(np.asarray(reader[indices], dtype=np.float32))  # fancy indexing copies
+            release_pages(reader)
+        return block.reshape(len(indices), *self.row_shape)
 
     def __getitems__(self, items):
         rows = np.asarray(items, dtype=np.int64) if self.rows is None else self.rows[np.asarray(items, dtype=np.int64)]
