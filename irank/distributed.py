@@ -140,6 +140,10 @@ class Shard:
         """Per-row `values` of every process, concatenated in row order, on every process."""
         return gather_rows(values, self.total)
 
+    def gather_into(self, values, out):
+        """`gather` written into `out` (every row's array: a tensor, or a `DiskRows`), a chunk of rows at a time."""
+        return gather_rows_into(values, self.total, out)
+
 
 def shard_of(total: int) -> Shard | None:
     """This process's contiguous block of `total` rows under torchrun; None with one process."""
@@ -200,6 +204,31 @@ def gather_rows(values: torch.Tensor, total: int) -> torch.Tensor:
     received = [torch.empty_like(padded) for _ in range(parts)]
     dist.all_gather(received, padded)
     return torch.cat([part[:size] for part, size in zip(received, sizes)])
+
+
+GATHER_ROWS = 65_536  # rows broadcast at a time by `gather_rows_into`
+
+
+def gather_rows_into(values, total: int, out, chunk_rows: int = GATHER_ROWS):
+    """Every process's contiguous block of `values` (a tensor, or a `DiskRows`) written into `out` (all `total`
+    rows: a tensor, or a `DiskRows`), on every process; returns `out`. Each process broadcasts its block a chunk
+    of rows at a time, so besides `out` a process holds one chunk: `gather_rows`' all_gather holds every
+    process's block twice over (at ten million rows of 8 float64 columns, 1.3 GB per process beside the result)."""
+    if not active():
+        out.index_copy_(0, torch.arange(len(values)), values[0:len(values)])
+        return out
+    me, parts = rank(), world_size()
+    for index in range(parts):
+        start, stop = block(total, index, parts)
+        for first in range(start, stop, chunk_rows):
+            last = min(first + chunk_rows, stop)
+            if index == me:
+                chunk = values[first - start:last - start].detach().cpu().to(out.dtype).contiguous()
+            else:
+                chunk = torch.empty((last - first, *out.shape[1:]), dtype=out.dtype)
+            dist.broadcast(chunk, src=index)
+            out.index_copy_(0, torch.arange(first, last), chunk)
+    return out
 
 
 def settle() -> None:

@@ -335,8 +335,8 @@ def score(
         del features
     predictions = prediction_rows(logits, local_labels, budget)
     if shard is not None:  # every process gets every row's results, in manifest order
-        scores = shard.gather(scores)
-        predictions = shard.gather(predictions[0:len(predictions)])
+        scores = shard.gather_into(scores, torch.empty(shard.total, dtype=scores.dtype))
+        predictions = shard.gather_into(predictions, budget.array(shard.total, predictions.shape[1], torch.float64))
     del logits
     ranked = RankedScores(
         prepared.manifest,

@@ -55,18 +55,19 @@ def assert_same_scores(single: pd.DataFrame, sharded: pd.DataFrame) -> None:
             assert abs(single.loc[first, "score"] - single.loc[second, "score"]) <= SCORE_TOLERANCE * scale
 
 
-@pytest.mark.parametrize("method, used", [("auto", "loss"), ("influence", "influence")])
-def test_score_equals_one_process(tiny_data, tiny_model, tmp_path, method, used):
+@pytest.mark.parametrize("method, used, budget", [("auto", "loss", "1GiB"), ("influence", "influence", "0")])
+def test_score_equals_one_process(tiny_data, tiny_model, tmp_path, method, used, budget):
     """The default refit boundary: layer choice by 3-fold held-out loss on a sample of rows that spans both
     processes' blocks (gathered), the other rows read up to the chosen layer, probe fit, and the probe's
-    loss (the default) or its influence (whose curvature is summed over the processes) on it.
+    loss (the default) or its influence (whose curvature is summed over the processes) on it; with
+    `--memory-budget 0` every per-sample array, the gathered predictions included, on disk.
     (`--boundary head` is compared in the post-train test, whose rounds score on the head.)"""
     single = irank.score(tiny_model, tiny_data["train"], run_options=irank.RunOptions(device="cpu", batch_size=32),
                          boundary=irank.BoundaryOptions(choice_rows=100), method=method)
     assert "random sample of 100 rows" in single.sidecar["parameters"]["layer_choice"]
     output = tmp_path / "scores.csv"
     result = torchrun("score", tiny_model, tiny_data["train"], "-o", output, "--device", "cpu", "--batch-size", 32,
-                      "--choice-rows", 100, "--method", method)
+                      "--choice-rows", 100, "--method", method, "--memory-budget", budget)
     assert result.returncode == 0, result.stderr
     assert_same_scores(single.table, pd.read_csv(output))
     sidecar = json.loads((tmp_path / "scores.csv.json").read_text())
@@ -239,8 +240,9 @@ import sys
 import torch
 import torch.distributed as dist
 from irank import influence
-from irank.distributed import gather_objects, shard_of
+from irank.distributed import gather_objects, gather_rows_into, shard_of
 from irank.linear import fit_softmax_regression, standardizer
+from irank.rowstore import DiskRows
 
 rank = int(sys.argv[1])
 dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=rank, world_size=2)
@@ -273,6 +275,11 @@ parts = gather_objects({"rows": features[mine]} if rank == 1 else {})  # uneven:
 same("gather objects", features[mine.start if rank == 1 else 50:], parts[1]["rows"], tolerance=0)
 assert parts[0] == {} and len(parts) == 2
 same("gather", logits, shard.gather(logits[mine]), tolerance=0)
+local = DiskRows(shard.local, classes, dtype=torch.float64).index_copy_(0, torch.arange(shard.local), logits[mine])
+for values in (logits[mine], local):
+    for out in (torch.full((rows, classes), float("nan"), dtype=torch.float64), DiskRows(rows, classes, dtype=torch.float64)):
+        got = gather_rows_into(values, rows, out, chunk_rows=7)  # several chunks from each process, a short one last
+        same("gather into", logits, got[0:rows], tolerance=0)
 dist.barrier()
 dist.destroy_process_group()
 sys.stdout.flush()
