@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import mmap
 import os
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from .errors import ImageError, ManifestError
 from .rowfile import RowFile, layout_of
 
 TENSOR_SUFFIXES = (".npy", ".safetensors")
+OPEN_FILES = 64  # tensor files a process keeps open at once; the least recently read is closed first
 SAFETENSORS_NUMERIC = {"BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64", "F16", "BF16", "F32", "F64",
                        "F8_E4M3", "F8_E5M2"}
 
@@ -387,11 +389,12 @@ class TensorDataset(Dataset):
         self.tensor_rows = tensor_rows
         self.row_shape = tuple(row_shape)
         self.rows = None if rows is None else np.asarray(rows, dtype=np.int64)
-        self._readers: dict = {}  # per process: file (and key) → its RowFile (or memmap)
+        # per process: file (and key) → its RowFile (or memmap), the most recently read last
+        self._readers: OrderedDict = OrderedDict()
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_readers"] = {}  # each DataLoader worker opens its own files
+        state["_readers"] = OrderedDict()  # each DataLoader worker opens its own files
         return state
 
     def __len__(self) -> int:
@@ -402,19 +405,26 @@ class TensorDataset(Dataset):
 
     def _reader(self, source: TensorSource) -> "RowFile | np.ndarray":
         """The open file of a source: a `RowFile` (positioned reads), or for a .npy that cannot be read row by
-        row from its bytes (Fortran order, a newer header) a memory map."""
+        row from its bytes (Fortran order, a newer header) a memory map. At most OPEN_FILES stay open: a
+        manifest of one file per sample would otherwise run out of file descriptors (1,024 by default)."""
         cache_key = (source.file, source.key)
-        if cache_key not in self._readers:
+        reader = self._readers.pop(cache_key, None)
+        if reader is None:
             layout = layout_of(source.file, source.key)
-            self._readers[cache_key] = open_npy(source.file) if layout is None else RowFile(source.file, layout)
-        return self._readers[cache_key]
+            reader = open_npy(source.file) if layout is None else RowFile(source.file, layout)
+            while len(self._readers) >= OPEN_FILES:
+                _, oldest = self._readers.popitem(last=False)
+                if isinstance(oldest, RowFile):
+                    oldest.close()  # a memory map closes when it is dropped
+        self._readers[cache_key] = reader
+        return reader
 
     def _read(self, source: TensorSource, indices: np.ndarray) -> torch.Tensor:
         reader = self._reader(source)
         if isinstance(reader, RowFile):
             block = reader.read(indices)
         else:
-            block = torch.from_numpy(np.asarray(reader[indices], dtype=np.float32))  # fancy indexing copies
+            block = torch.from_numpy(np.ascontiguousarray(reader[indices], dtype=np.float32))  # fancy indexing copies
             release_pages(reader)
         return block.reshape(len(indices), *self.row_shape)
 

@@ -100,3 +100,51 @@ def test_reading_rows_maps_nothing_of_the_file(tmp_path, name):
     read = dataset.__getitems__(list(range(0, 1000, 7)))
     assert np.array_equal(np.stack([tensor.numpy() for tensor, _, _ in read]), values[::7])
     assert str(file) not in mapped_files()
+
+
+def test_at_most_open_files_stay_open(tmp_path, monkeypatch):
+    import irank.tensors
+
+    monkeypatch.setattr(irank.tensors, "OPEN_FILES", 3)
+    names = [f"f{number}.npy" for number in range(10)]
+    for number, name in enumerate(names):
+        np.save(tmp_path / name, np.full((2, 3), number, dtype=np.float32) + np.arange(2, dtype=np.float32)[:, None])
+    paths = [name for name in names for _ in range(2)]
+    rows = TensorRows.build("m.csv", tmp_path, paths, None, np.tile(np.arange(2), 10))
+    dataset = TensorDataset(rows, (3,))
+    opened = []
+    for items in ([0, 5, 19], [2, 4, 6, 8], [1, 18, 3], list(range(20))):
+        read = dataset.__getitems__(items)
+        assert [float(tensor[0]) for tensor, _, _ in read] == [item // 2 + item % 2 for item in items]
+        assert len(dataset._readers) <= 3
+        opened += [reader for reader in dataset._readers.values() if reader not in opened]
+    assert all(reader.handle is None for reader in opened if reader not in dataset._readers.values())
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="needs Linux's /proc")
+def test_a_manifest_of_more_files_than_descriptors_scores(tmp_path):
+    """One .npy per sample, 300 of them, under a limit of 200 open files (the common default is 1,024)."""
+    import resource
+    import subprocess
+    import sys
+
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    for number in range(300):
+        np.save(tmp_path / f"s{number:03d}.npy", rng.normal(size=(1, 4)).astype(np.float32) + 3 * (number % 2))
+    pd.DataFrame({"path": [f"s{number:03d}.npy" for number in range(300)], "index": 0,
+                  "label": [f"c{number % 2}" for number in range(300)]}).to_csv(tmp_path / "m.csv", index=False)
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (200, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+    def irank(*args):
+        return subprocess.run([sys.executable, "-m", "irank", *map(str, args), "-q"], capture_output=True, text=True,
+                              preexec_fn=limited, timeout=300)
+
+    trained = irank("train", "mlp-4-8", tmp_path / "m.csv", "-o", tmp_path / "model.safetensors", "--epochs", "1")
+    assert trained.returncode == 0, trained.stderr
+    scored = irank("score", tmp_path / "model.safetensors", tmp_path / "m.csv", "-o", tmp_path / "s.csv")
+    assert scored.returncode == 0, scored.stderr
+    assert len(pd.read_csv(tmp_path / "s.csv")) == 300
