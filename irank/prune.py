@@ -13,8 +13,8 @@ from .columns import (CodedColumn, CodedColumnBuilder, TextColumn, TextColumnBui
                       text_hashes)
 from .errors import ManifestError, UsageError
 from .files import check_outputs_clear_of_inputs, check_overwrite, is_stdio, sha256_file, write_json_atomic
-from .manifest import (Manifest, blocks_quoting, iter_table, path_rebaser, read_manifest, table_input, table_format,
-                       write_blocks)
+from .manifest import (Manifest, TableSource, blocks_quoting, iter_table, path_rebaser, read_manifest, table_input,
+                       table_format, write_blocks)
 from .reorder import in_output_order
 
 SCORE_COLUMNS = ("id", "label", "rank", "class_rank", "score")
@@ -95,31 +95,33 @@ def _score_block(chunk: pd.DataFrame, path: str, start: int) -> pd.DataFrame:
     return chunk
 
 
-def _score_blocks(path: str, columns: tuple[str, ...] | None) -> Iterator[pd.DataFrame]:
-    """The scores table's blocks, each checked and converted by `_score_block` (row numbers the table's)."""
+def _score_blocks(path: str, columns: tuple[str, ...] | None,
+                  source: TableSource | None = None) -> Iterator[pd.DataFrame]:
+    """The scores table's blocks, each checked and converted by `_score_block` (row numbers the table's);
+    read from `source` when given (a table read twice: stdin is kept in a temporary file)."""
     start = 0
-    for chunk in iter_table(table_input(path, "scores"), table_format(path), what="scores", name=str(path),
-                            columns=columns):
+    chunks = source.chunks(columns) if source is not None else \
+        iter_table(table_input(path, "scores"), table_format(path), what="scores", name=str(path), columns=columns)
+    for chunk in chunks:
         yield _score_block(chunk, path, start)
         start += len(chunk)
 
 
-def read_scores(path: str) -> pd.DataFrame:
-    """A scores table, checked, every column (`review` shows them all).
-
-    Read and converted a block of rows at a time: the numbers are parsed from each block's text before the
-    next block is read, and the labels of all rows share one string per class."""
-    parts = []
-    for chunk in _score_blocks(path, None):
-        codes, labels = pd.factorize(chunk["label"])
-        chunk["label"] = np.asarray(labels, dtype=object)[codes] if len(codes) else chunk["label"]
-        parts.append(chunk)
-    table = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0].reset_index(drop=True)
-    del parts
-    duplicated = table["id"].duplicated()
-    if duplicated.any():
-        raise ManifestError(f"scores {path}: id {table['id'][duplicated].iloc[0]!r} appears twice")
-    return table
+def flagged_rows(path: str, source: TableSource, mask: np.ndarray) -> tuple[pd.DataFrame, set[str]]:
+    """The rows of a scores table where `mask` is true, every column, in the file's order (`review` shows them
+    all), read a block at a time so that only they are kept; and every name in its `predicted` column."""
+    parts, predicted = [], set()
+    start = 0
+    for chunk in _score_blocks(path, None, source):
+        if start + len(chunk) > len(mask):
+            raise ManifestError(f"scores {path}: changed while irank read it (more than {len(mask)} rows now)")
+        if "predicted" in chunk.columns:
+            predicted.update(chunk["predicted"].astype(str).unique().tolist())
+        parts.append(chunk[mask[start:start + len(chunk)]])
+        start += len(chunk)
+    if start != len(mask):
+        raise ManifestError(f"scores {path}: changed while irank read it ({start} rows now, {len(mask)} before)")
+    return pd.concat(parts, ignore_index=True), predicted
 
 
 @dataclass
@@ -137,12 +139,13 @@ class ScoreColumns:
         return len(self.rank)
 
 
-def read_score_columns(path: str) -> ScoreColumns:
-    """`prune`'s columns of a scores table, checked as `read_scores` checks them, a block of rows at a time."""
+def read_score_columns(path: str, source: TableSource | None = None) -> ScoreColumns:
+    """`prune`'s columns of a scores table, a block of rows at a time (from `source` when given): each block
+    checked by `_score_block`, then the ids for repeats."""
     ids, labels = TextColumnBuilder(), CodedColumnBuilder()
     numbers: dict[str, list[np.ndarray]] = {"rank": [], "class_rank": [], "score": []}
     hashes = []
-    for chunk in _score_blocks(path, SCORE_COLUMNS):
+    for chunk in _score_blocks(path, SCORE_COLUMNS, source):
         block_ids = chunk["id"].tolist()
         ids.add(block_ids)
         hashes.append(text_hashes(block_ids))

@@ -26,8 +26,8 @@ import pandas as pd
 from ._version import __version__
 from .errors import ManifestError, UsageError
 from .files import is_stdio, sha256_file
-from .manifest import read_table
-from .prune import read_scores, removal_mask
+from .manifest import TableSource, read_table
+from .prune import ScoreColumns, flagged_rows, read_score_columns, removal_mask
 from .review_html import render_page, tensor_placeholder
 from .tensors import is_tensor_path
 
@@ -56,17 +56,22 @@ def validate_selection(top: int | None, fraction: float | None) -> None:
         raise UsageError(f"--fraction {fraction}: must be greater than 0 and at most 1")
 
 
-def flagged_mask(table: pd.DataFrame, *, top: int | None = None, fraction: float | None = None, per_class: bool = False) -> np.ndarray:
+def flagged_mask(columns: ScoreColumns, *, top: int | None = None, fraction: float | None = None,
+                 per_class: bool = False) -> np.ndarray:
     """The rows to hand to annotators: the first `top` in the rank (per class with per_class) or a fraction of them."""
     validate_selection(top, fraction)
     if top is None and fraction is None:
         top = DEFAULT_TOP
     if fraction == 1:
-        return np.ones(len(table), dtype=bool)
-    return removal_mask(
-        table["score"].to_numpy(np.float64), table["rank"].to_numpy(np.int64), table["class_rank"].to_numpy(np.int64),
-        table["label"].to_numpy(), count=top, fraction=fraction, per_class=per_class, min_per_class=0,
-    )
+        return np.ones(len(columns), dtype=bool)
+    return removal_mask(columns.score, columns.rank, columns.class_rank, columns.labels.codes, count=top,
+                        fraction=fraction, per_class=per_class, min_per_class=0)
+
+
+def rows_per_class(columns: ScoreColumns) -> pd.Series:
+    """How many scored rows each label has (indexed by the label)."""
+    counts = np.bincount(columns.labels.codes, minlength=len(columns.labels.values))
+    return pd.Series(counts, index=pd.Index(list(columns.labels.values), name="label"), dtype=np.int64)
 
 
 def read_scores_sidecar(scores: str) -> dict:
@@ -248,13 +253,10 @@ def building_folder(output: Path):
         raise
 
 
-def class_list(table: pd.DataFrame, sidecar: dict) -> tuple[list[str], str]:
+def class_list(labels: list[str], predicted: set[str], sidecar: dict) -> tuple[list[str], str]:
     if sidecar.get("classes"):
         return [str(name) for name in sidecar["classes"]], "the scores' sidecar"
-    names = set(table["label"].astype(str))
-    if "predicted" in table.columns:
-        names |= set(table["predicted"].astype(str))
-    return sorted(names), "the labels and predictions in the scores"
+    return sorted(set(labels) | predicted), "the labels and predictions in the scores"
 
 
 def review(
@@ -284,18 +286,22 @@ def review(
     manifest_path = sidecar.get("inputs", {}).get("manifest", {}).get("path")
     check_review_dir(out_dir, {"scores": scores, "scores' sidecar": None if is_stdio(scores) else scores + ".json",
                                "scored manifest": manifest_path}, overwrite)
-    table = read_scores(scores)
-    if "predicted" not in table.columns or "predicted_prob" not in table.columns:
+    # Two passes over the scores, so that at ten million rows only the rank, score and label of every row are
+    # held, and the flagged rows whole (every column of every row took about 680 bytes a row in pandas).
+    source = TableSource(scores, "scores")
+    columns = read_score_columns(scores, source)
+    mask = flagged_mask(columns, top=top, fraction=fraction, per_class=per_class)
+    flagged, predicted = flagged_rows(scores, source, mask)
+    if "predicted" not in flagged.columns or "predicted_prob" not in flagged.columns:
         raise ManifestError(f"scores {scores}: missing column predicted or predicted_prob; is this the output of irank score?")
     for column in ("predicted_prob", "label_prob", "candidate_2_prob", "candidate_3_prob"):
-        if column in table.columns:
-            table[column] = pd.to_numeric(table[column], errors="coerce")
+        if column in flagged.columns:
+            flagged[column] = pd.to_numeric(flagged[column], errors="coerce")
     root, root_reason = image_root(scores, sidecar, image_root_dir)
     ls_root = Path(label_studio_root).resolve() if label_studio_root else root
-    classes, class_source = class_list(table, sidecar)
+    classes, class_source = class_list(list(columns.labels.values), predicted, sidecar)
 
-    mask = flagged_mask(table, top=top, fraction=fraction, per_class=per_class)
-    flagged = table[mask].sort_values("rank", kind="mergesort").reset_index(drop=True)
+    flagged = flagged.sort_values("rank", kind="mergesort").reset_index(drop=True)
     paths = [resolve_image(str(p), root) for p in flagged["path"]]
     is_tensor_row = [is_tensor_path(p) for p in flagged["path"].astype(str)]
     thumbnails = [tensor_placeholder(row) if tensor_row else thumbnail_data_uri(p)
@@ -309,7 +315,7 @@ def review(
         "parameters": {"top": top if fraction is None else None, "fraction": fraction, "per_class": per_class},
         "classes": classes,
         "class_source": class_source,
-        "scored_rows": len(table),
+        "scored_rows": len(columns),
         "flagged_rows": len(flagged),
         "flagged_per_class": {str(k): int(v) for k, v in flagged["label"].value_counts().sort_index().items()},
         "cut_score": cut_score,
@@ -324,7 +330,8 @@ def review(
             "manifest": {"path": manifest_path} if manifest_path else None,
         },
     }
-    page = render_page(flagged, table, thumbnails, mask=mask, classes=classes, summary=summary)
+    page = render_page(flagged, rows_per_class(columns), columns.score, thumbnails, mask=mask, classes=classes,
+                       summary=summary)
     reviewed = review_table(flagged)
     with building_folder(out_dir) as folder:
         (folder / "index.html").write_text(page, encoding="utf-8")

@@ -170,11 +170,13 @@ def card_html(row: pd.Series, thumbnail: str | None) -> str:
     )
 
 
-def per_class_counts(table: pd.DataFrame, mask: np.ndarray) -> pd.DataFrame:
-    labels = table["label"].astype(str)
-    counts = pd.DataFrame({"samples": labels.value_counts(), "flagged": labels[mask].value_counts()}).fillna(0).astype(int)
-    disagree = labels[mask] != table["predicted"].astype(str)[mask]
-    counts["suggested_other"] = labels[mask][disagree].value_counts().reindex(counts.index).fillna(0).astype(int)
+def per_class_counts(samples: pd.Series, flagged: pd.DataFrame) -> pd.DataFrame:
+    """Per class: `samples` (every scored row's count, indexed by label), the flagged rows, and those of them the
+    model predicts another class for."""
+    labels = flagged["label"].astype(str)
+    counts = pd.DataFrame({"samples": samples, "flagged": labels.value_counts()}).fillna(0).astype(int)
+    disagree = labels != flagged["predicted"].astype(str)
+    counts["suggested_other"] = labels[disagree].value_counts().reindex(counts.index).fillna(0).astype(int)
     return counts.sort_index()
 
 
@@ -263,10 +265,11 @@ def options_html(values: list[str]) -> str:
     return "".join(f'<option value="{escape(value)}">{escape(value)}</option>' for value in values)
 
 
-def render_page(flagged: pd.DataFrame, table: pd.DataFrame, thumbnails: list[str | None], *, mask: np.ndarray,
-                classes: list[str], summary: dict) -> str:
-    """The whole page as one string; `table` is every scored row, `mask` marks the flagged ones."""
-    counts = per_class_counts(table, mask)
+def render_page(flagged: pd.DataFrame, samples: pd.Series, scores: np.ndarray, thumbnails: list[str | None], *,
+                mask: np.ndarray, classes: list[str], summary: dict) -> str:
+    """The whole page as one string; `samples`: every scored row's count per label, `scores`: every scored row's
+    score, `mask` marks the flagged ones."""
+    counts = per_class_counts(samples, flagged)
     parameters = summary["parameters"]
     if parameters["fraction"] is not None:
         rule = f"the first {parameters['fraction']:.0%} in the rank"
@@ -293,7 +296,7 @@ Write your decision for each in <code>review.csv</code> (<code>keep</code>, <cod
 {f'<strong>{missing} images were not found</strong> under {escape(summary["image_root"])}.' if missing else ''}</p>
 <section class="summary">
 <div class="panel"><h2>Flagged per class</h2>{bar_chart_svg(counts)}</div>
-<div class="panel"><h2>Influence scores: all samples, flagged in red</h2>{histogram_svg(table["score"].to_numpy(), mask, summary["cut_score"], cut_label)}</div>
+<div class="panel"><h2>Influence scores: all samples, flagged in red</h2>{histogram_svg(scores, mask, summary["cut_score"], cut_label)}</div>
 <div class="panel"><h2>Per class</h2>{class_table_html(counts)}</div>
 </section>
 <section class="controls">

@@ -118,31 +118,74 @@ def test_duplicate_ids_in_different_blocks_are_found(tmp_path, monkeypatch):
     (9, "score", "", "row 9: score"),
 ])
 def test_score_table_errors_in_a_later_block(tmp_path, monkeypatch, row, column, value, message):
-    from irank.prune import read_score_columns, read_scores
+    from irank.manifest import TableSource
+    from irank.prune import flagged_rows, read_score_columns
 
     monkeypatch.setattr(manifest_module, "CHUNK_ROWS", 3)
     scores = pd.DataFrame({"id": [f"s{i}" for i in range(10)], "label": "a", "rank": range(1, 11),
                            "class_rank": range(1, 11), "score": np.linspace(1, 0, 10)}).astype(str)
     scores.loc[row - 1, column] = value
     scores.to_csv(tmp_path / "s.csv", index=False)
-    for reader in (read_score_columns, read_scores):
+    path = str(tmp_path / "s.csv")
+    with pytest.raises(ManifestError, match=message):
+        read_score_columns(path)
+    if column != "id":  # review's second pass parses every block as the first did (ids were checked there)
         with pytest.raises(ManifestError, match=message):
-            reader(str(tmp_path / "s.csv"))
+            flagged_rows(path, TableSource(path, "scores"), np.ones(10, dtype=bool))
 
 
-def test_score_columns_hold_what_the_table_holds(tmp_path, monkeypatch):
-    from irank.prune import read_score_columns, read_scores
+def test_score_columns_and_flagged_rows_hold_what_the_table_holds(tmp_path, monkeypatch):
+    from irank.manifest import TableSource
+    from irank.prune import flagged_rows, read_score_columns
 
     monkeypatch.setattr(manifest_module, "CHUNK_ROWS", 4)
     generator = np.random.default_rng(3)
     scores = pd.DataFrame({"id": [f"x/{i}.png" for i in generator.permutation(11)],
                            "label": generator.choice(["cat", "dog", "é"], 11), "rank": generator.permutation(11) + 1,
                            "class_rank": generator.integers(1, 5, 11), "score": generator.normal(size=11)})
+    scores["predicted"] = generator.choice(["cat", "dog", "bird"], 11)
     scores.to_csv(tmp_path / "s.csv", index=False)
-    columns, table = read_score_columns(str(tmp_path / "s.csv")), read_scores(str(tmp_path / "s.csv"))
+    table = pd.read_csv(tmp_path / "s.csv")
+    path = str(tmp_path / "s.csv")
+    columns = read_score_columns(path)
     assert list(columns.ids) == table["id"].tolist() and list(columns.labels) == table["label"].tolist()
     for name in ("rank", "class_rank", "score"):
         assert getattr(columns, name).tolist() == table[name].tolist()
+    mask = generator.random(11) < 0.5
+    flagged, predicted = flagged_rows(path, TableSource(path, "scores"), mask)
+    assert flagged["id"].tolist() == table["id"][mask].tolist()
+    assert flagged["score"].tolist() == table["score"][mask].tolist() and predicted == set(table["predicted"])
+
+
+@pytest.mark.parametrize("selection", [{"top": 5}, {"fraction": 0.5, "per_class": True}, {"fraction": 1.0}])
+def test_review_read_in_blocks_writes_what_one_block_writes(tmp_path, monkeypatch, selection):
+    """review reads the scores twice, a block at a time (the second time from a copy of stdin): the pack is
+    the same as when every row is one block."""
+    import io
+    import sys
+
+    from irank.review import review
+
+    generator = np.random.default_rng(5)
+    rows = 23
+    labels = generator.choice(["cat", "dog", "é,x"], rows)
+    scores = pd.DataFrame({"id": [f"s{i}" for i in range(rows)], "path": [f"img/{i}.png" for i in range(rows)],
+                           "label": labels, "predicted": generator.choice(["cat", "dog", "bird"], rows),
+                           "label_prob": generator.random(rows), "predicted_prob": generator.random(rows),
+                           "score": np.sort(generator.normal(size=rows))[::-1], "rank": np.arange(1, rows + 1),
+                           "mine": generator.integers(0, 9, rows)})
+    scores["class_rank"] = scores.groupby("label").cumcount() + 1
+    scores.to_csv(tmp_path / "scores.csv", index=False)
+    whole = review(str(tmp_path / "scores.csv"), output=str(tmp_path / "whole"), **selection)
+    monkeypatch.setattr(manifest_module, "CHUNK_ROWS", 4)
+    blocks = review(str(tmp_path / "scores.csv"), output=str(tmp_path / "blocks"), **selection)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO((tmp_path / "scores.csv").read_bytes())))
+    piped = review("-", output=str(tmp_path / "piped"), image_root_dir=str(tmp_path), **selection)
+    assert whole.summary["flagged_rows"] == blocks.summary["flagged_rows"] == piped.summary["flagged_rows"] > 0
+    for name in ("index.html", "review.csv", "label-studio.json", "review.json"):
+        assert (tmp_path / "blocks" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+    for name in ("index.html", "review.csv", "label-studio.json"):
+        assert (tmp_path / "piped" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
 
 
 def ranked_inputs(rows: int, seed: int):
