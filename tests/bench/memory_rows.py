@@ -1,4 +1,4 @@
-"""Peak memory (RSS) of `score`, `prune` and `apply` at 10k, 100k and 1M rows (not run by CI).
+"""Peak memory (RSS) of `score`, `prune`, `review` and `apply` at 10k, 100k and 1M rows (not run by CI).
 
     python tests/bench/memory_rows.py [--rows 10000,100000,1000000] [--dim 32] [--kind tensors|images]
 
@@ -155,6 +155,7 @@ def main() -> None:
                                               "--batch-size", batch, "--memory-budget", "0")),
             ("prune", irank("prune", str(folder / "scores.csv"), manifest, "--fraction", "0.2",
                             "-o", str(folder / "kept.csv"), "--removed", str(folder / "removed.csv"))),
+            ("review --top 100", irank("review", str(folder / "scores.csv"), "-o", str(folder / "review"))),
         ]:
             row[name] = peak_rss(command, sample_tree=images)
         subprocess.run([sys.executable, "-c", "import sys, pandas as pd; reviewed = pd.read_csv(sys.argv[1], "
