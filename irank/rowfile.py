@@ -47,20 +47,35 @@ class RowLayout:
         return int(np.prod(self.row_shape, dtype=np.int64)) * itemsize
 
 
-def npy_layout(file: Path) -> RowLayout | None:
-    """The rows of a C-ordered .npy array (None for Fortran order or a header np.load alone reads)."""
+def npy_header(file: Path) -> tuple[tuple[int, ...], bool, np.dtype, int] | None:
+    """(shape, Fortran order, dtype, where the data starts) of a .npy file, None for a header version read only
+    by np.load; ValueError, saying why, when it is not a .npy file or its header cannot be read."""
     with open(file, "rb") as handle:
-        version = np.lib.format.read_magic(handle)
+        try:
+            version = np.lib.format.read_magic(handle)
+        except ValueError:
+            raise ValueError("not a .npy file (it does not start with NumPy's header)") from None
         readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
         if version not in readers:
             return None
-        shape, fortran_order, dtype = readers[version](handle)
-        offset = handle.tell()
+        try:
+            shape, fortran_order, dtype = readers[version](handle)
+        except ValueError as exc:
+            raise ValueError(f"not a readable .npy file ({str(exc).splitlines()[0] if str(exc) else 'bad header'})") from None
+        return tuple(shape), bool(fortran_order), np.dtype(dtype), handle.tell()
+
+
+def npy_layout(file: Path) -> RowLayout | None:
+    """The rows of a C-ordered .npy array (None for Fortran order or a header np.load alone reads)."""
+    header = npy_header(file)
+    if header is None:
+        return None
+    shape, fortran_order, dtype, offset = header
     if fortran_order and len(shape) > 1:
         return None
     if len(shape) == 0:
         raise ValueError("holds a single number; expected one row per sample along the first axis")
-    return RowLayout(offset, int(shape[0]), tuple(int(size) for size in shape[1:]), np.dtype(dtype))
+    return RowLayout(offset, int(shape[0]), tuple(int(size) for size in shape[1:]), dtype)
 
 
 def safetensors_layout(file: Path, key: str | None) -> RowLayout:

@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 
 from .columns import StringSequence, codes_and_values, distinct, values_at
 from .errors import ImageError, ManifestError
-from .rowfile import RowFile, layout_of
+from .rowfile import RowFile, layout_of, npy_header
 
 TENSOR_SUFFIXES = (".npy", ".safetensors")
 OPEN_FILES = 64  # tensor files a process keeps open at once; the least recently read is closed first
@@ -255,18 +255,8 @@ def is_numeric(dtype: np.dtype) -> bool:
 def npy_header_dtype(file: Path) -> np.dtype | None:
     """The dtype a .npy header declares (None for a header version read only by np.load); ValueError
     when the file does not start with NumPy's magic bytes."""
-    with open(file, "rb") as handle:
-        try:
-            version = np.lib.format.read_magic(handle)
-        except ValueError:
-            raise ValueError("not a .npy file (it does not start with NumPy's header)") from None
-        readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
-        if version not in readers:
-            return None
-        try:
-            return readers[version](handle)[2]
-        except ValueError as exc:
-            raise ValueError(f"not a readable .npy file ({str(exc).splitlines()[0] if str(exc) else 'bad header'})") from None
+    header = npy_header(file)
+    return None if header is None else header[2]
 
 
 def inspect_source(source: TensorSource) -> SourceLayout:
