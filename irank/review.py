@@ -286,8 +286,9 @@ def review(
     manifest_path = sidecar.get("inputs", {}).get("manifest", {}).get("path")
     check_review_dir(out_dir, {"scores": scores, "scores' sidecar": None if is_stdio(scores) else scores + ".json",
                                "scored manifest": manifest_path}, overwrite)
-    # Two passes over the scores, so that at ten million rows only the rank, score and label of every row are
-    # held, and the flagged rows whole (every column of every row took about 680 bytes a row in pandas).
+    # Two passes over the scores, so that only the id, label, rank, class rank and score of every row are held
+    # (compactly, as prune holds them), and the flagged rows whole (every column of every row in pandas took
+    # about 680 bytes a row).
     source = TableSource(scores, "scores")
     columns = read_score_columns(scores, source)
     mask = flagged_mask(columns, top=top, fraction=fraction, per_class=per_class)
