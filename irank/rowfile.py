@@ -113,8 +113,19 @@ def layout_of(file: Path, key: str | None) -> RowLayout | None:
     return npy_layout(file) if file.name.lower().endswith(".npy") else safetensors_layout(file, key)
 
 
+def move_all(call, handle: int, buffer: memoryview, offset: int, ended: str) -> None:
+    """`os.preadv` or `os.pwritev` of the whole `buffer` at `offset`, again while the system moves less per call;
+    OSError `ended` (with how far it got) when a call moves nothing."""
+    done = 0
+    while done < len(buffer):
+        moved = call(handle, [buffer[done:]], offset + done)
+        if moved <= 0:
+            raise OSError(f"{ended} ({done} of {len(buffer)} bytes)")
+        done += moved
+
+
 def runs(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(first, end) positions in sorted distinct `rows` of each run of consecutive row numbers."""
+    """(first, end) positions in `rows` of each run of consecutive row numbers (rows[i + 1] == rows[i] + 1)."""
     if len(rows) == 0:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
     firsts = np.flatnonzero(np.diff(rows, prepend=rows[0] - 2) != 1)
@@ -148,18 +159,12 @@ class RowFile:
         buffer = np.empty(len(rows) * width, dtype=np.uint8)
         view = memoryview(buffer)
         for first, end in zip(*(part.tolist() for part in runs(rows))):
-            self._read_exactly(view[first * width:end * width], layout.offset + int(rows[first]) * width)
+            move_all(os.preadv, self.handle, view[first * width:end * width], layout.offset + int(rows[first]) * width,
+                     f"{self.file}: the file ends before the rows its header lists")
         values = self._decode(buffer, len(rows))
         if len(rows) != len(indices) or not np.array_equal(rows, indices):
             values = values[torch.from_numpy(inverse.reshape(-1))]
         return values
-
-    def _read_exactly(self, target: memoryview, offset: int) -> None:
-        while len(target):
-            got = os.preadv(self.handle, [target], offset)
-            if got == 0:
-                raise OSError(f"{self.file}: the file ends before the rows its header lists")
-            target, offset = target[got:], offset + got
 
     def _decode(self, buffer: np.ndarray, count: int) -> torch.Tensor:
         shape = (count, *self.layout.row_shape)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .errors import UsageError
+from .rowfile import move_all, runs
 
 DEFAULT_MEMORY_BUDGET = "1GiB"
 UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
@@ -38,6 +39,9 @@ def parse_size(text: str, flag: str = "--memory-budget") -> int:
 
 
 NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+ENDED_EARLY = "the temporary file of per-sample values ended early"
 
 
 class DiskRows:
@@ -68,7 +72,8 @@ class DiskRows:
             raise TypeError("DiskRows reads contiguous row slices only")
         block = np.empty((max(0, stop - start), self.shape[1]), dtype=self._numpy_dtype)
         if block.size:
-            self._transfer(os.preadv, memoryview(block.reshape(-1)).cast("B"), start * self._row_bytes)
+            move_all(os.preadv, self._file.fileno(), memoryview(block.reshape(-1)).cast("B"), start * self._row_bytes,
+                     ENDED_EARLY)
         return torch.from_numpy(block)
 
     def index_copy_(self, dim: int, index: torch.Tensor, values: torch.Tensor) -> "DiskRows":
@@ -81,19 +86,10 @@ class DiskRows:
         if rows.min() < 0 or rows.max() >= len(self):
             raise IndexError(f"row {int(rows.max() if rows.max() >= len(self) else rows.min())} outside 0..{len(self) - 1}")
         data = np.ascontiguousarray(values.detach().cpu().numpy(), dtype=self._numpy_dtype).reshape(len(rows), -1)
-        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
-        for first, last in zip(np.concatenate([[0], breaks]).tolist(), np.concatenate([breaks, [len(rows)]]).tolist()):
-            self._transfer(os.pwritev, memoryview(data[first:last].reshape(-1)).cast("B"), int(rows[first]) * self._row_bytes)
+        for first, last in zip(*(part.tolist() for part in runs(rows))):
+            move_all(os.pwritev, self._file.fileno(), memoryview(data[first:last].reshape(-1)).cast("B"),
+                     int(rows[first]) * self._row_bytes, ENDED_EARLY)
         return self
-
-    def _transfer(self, call, buffer: memoryview, offset: int) -> None:
-        """preadv/pwritev until the whole buffer moved (the system may move less per call)."""
-        done = 0
-        while done < len(buffer):
-            moved = call(self._file.fileno(), [buffer[done:]], offset + done)
-            if moved <= 0:
-                raise OSError(f"the temporary file of per-sample values ended early ({done} of {len(buffer)} bytes)")
-            done += moved
 
 
 class MemoryBudget:
