@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .columns import CodedColumn, CodedColumnBuilder, TextColumnBuilder, codes_and_values, distinct, first_duplicate, text_hashes
+from .columns import (CodedColumn, CodedColumnBuilder, TextColumnBuilder, codes_and_values, distinct, first_duplicate,
+                      smallest_index_type, text_hashes)
 from .errors import ManifestError
 from .files import atomic_path, is_stdio
 from .tensors import TensorRowIds, TensorRows, parse_indices, tensor_row_ids, tensor_row_mask
@@ -208,7 +209,7 @@ class Manifest:
     labels: Sequence[str]  # CodedColumn; "" for every row when labels were not required and are missing
     columns: list[str]  # the user's columns, in order
     table_source: TableSource | None = field(default=None, repr=False, compare=False)
-    tensor_index: np.ndarray | None = None  # tensor rows: the `index` column as int64; None for images
+    tensor_index: np.ndarray | None = None  # tensor rows: the `index` column (int32 where it fits); None for images
     tensor_keys: Sequence[str] | None = None  # tensor rows with a `key` column: its values ("" = the only tensor)
     carriage_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # rows with a "\r" in a value
     kept_rows: np.ndarray | None = None  # after `subset`: the rows of the table on disk, in order
@@ -403,7 +404,7 @@ class ManifestReader:
                     f"manifest {name}: rows point into tensor files (row 1: {self.first_path!r}) but there is no "
                     "'index' column naming the row in the file"
                 )
-            self.indices.append(parse_indices(column_as_text(chunk, "index"), name, first_row=start))
+            self.indices.append(smallest_index_type(parse_indices(column_as_text(chunk, "index"), name, first_row=start)))
             if "key" in chunk.columns:
                 self.keys.add(column_as_text(chunk, "key"))
         self.carriage_rows.append(start + carriage_return_rows(chunk))

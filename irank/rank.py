@@ -94,12 +94,17 @@ def rank_order(scores: np.ndarray, ids: list[str], block_rows: int = BLOCK_ROWS)
     """Row indices from the highest score to the lowest; ties break by id so the order is deterministic.
 
     Only the rows that tie are compared by id: an array of every id as fixed-width text would cost
-    4 bytes × the longest id × rows. Ties are found a block of ranks at a time, and the ascending order is
-    returned reversed (a view), so besides the order no array of every row is made (ten million rows:
-    no 80 MB negated or sorted copy of the scores).
+    4 bytes × the longest id × rows. Ties are found a block of ranks at a time, and the order is int32 (where
+    the rows fit), descending, filled a block at a time from numpy's int64 ascending argsort, so besides the
+    order no array of every row is kept (ten million rows: no 80 MB negated or sorted copy of the scores).
     """
     scores = np.asarray(scores, dtype=np.float64)
-    order = np.argsort(scores, kind="stable")[::-1]  # ties end up in id order below, whatever their order here
+    ascending = np.argsort(scores, kind="stable")  # ties end up in id order below, whatever their order here
+    order = np.empty(len(scores), dtype=np.int32 if len(scores) < 2**31 else np.int64)
+    for start in range(0, len(order), block_rows):  # order[i] = ascending[-1 - i]
+        end = min(start + block_rows, len(order))
+        order[start:end] = ascending[len(order) - end:len(order) - start][::-1]
+    del ascending
     same = [np.zeros(0, dtype=np.int64)]
     for start in range(0, len(order) - 1, block_rows):
         ordered = scores[order[start:start + block_rows + 1]]
@@ -236,7 +241,8 @@ class RankedScores:
         file per range of `rows` ranks, filled while the manifest is read once, then read one at a time."""
         def pieces():  # each row's rank, its predictions and its manifest columns, a block of the manifest at a time
             rank_of_row = np.empty(len(self), dtype=np.int32 if len(self) < 2**31 else np.int64)
-            rank_of_row[self.order] = np.arange(len(self))
+            for start in range(0, len(self), rows):  # a block at a time: no int64 arange of every rank
+                rank_of_row[self.order[start:start + rows]] = np.arange(start, min(start + rows, len(self)))
             for start, extra, count in self._user_chunks(chunk_rows):
                 yield rank_of_row[start:start + count], (self.predictions[start:start + count].numpy(), extra)
 

@@ -12,6 +12,7 @@ from . import influence
 from ._version import __version__
 from .boundary import (HEAD_INPUT, BoundaryOptions, LayerChoice, block_candidates, choice_sample, choose_layer,
                        choose_layer_by_accuracy, refit_scores)
+from .columns import compact_codes
 from .data import make_loader, make_shard_loader
 from .distributed import Shard, all_or_none, broadcast_object, gather_objects, local_rows, shard_of, writes_here
 from .errors import UsageError
@@ -337,7 +338,10 @@ def score(
     if shard is not None:  # every process gets every row's results, in manifest order
         scores = shard.gather_into(scores, torch.empty(shard.total, dtype=scores.dtype))
         predictions = shard.gather_into(predictions, budget.array(shard.total, predictions.shape[1], torch.float64))
-    del logits
+    del logits, labels, local_labels
+    # the math is done: from here on the labels are class numbers of the smallest type (a byte a row for up to
+    # 256 classes), where the math's int64 took eight
+    prepared.labels = compact_codes(prepared.labels, len(prepared.classes))
     ranked = RankedScores(
         prepared.manifest,
         ids=prepared.manifest.ids,

@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from .columns import StringSequence, codes_and_values, distinct, values_at
+from .columns import StringSequence, code_type, codes_and_values, distinct, values_at
 from .errors import ImageError, ManifestError
 from .rowfile import RowFile, layout_of, npy_header
 
@@ -205,11 +205,14 @@ class TensorRows(Sequence):
         unique_pairs = np.array(sorted(first_of_pair), dtype=np.int64)
         first_rows = np.array([first_of_pair[pair] for pair in unique_pairs.tolist()], dtype=np.int64)
         order = np.argsort(first_rows, kind="stable")  # sources in order of first appearance
-        rank = np.empty(len(order), dtype=np.int32)
+        rank = np.empty(len(order), dtype=np.int64)
         rank[order] = np.arange(len(order))
-        source_of_row = np.empty(len(path_codes), dtype=np.int32)
-        for start in range(0, len(path_codes), BUILD_ROWS):
-            source_of_row[start:start + BUILD_ROWS] = rank[np.searchsorted(unique_pairs, pairs_of(start, start + BUILD_ROWS))]
+        if key_codes is None and np.array_equal(unique_pairs[order], np.arange(len(order))):
+            source_of_row = path_codes  # the file codes are already the sources' numbers: share them, a byte a row
+        else:
+            source_of_row = np.empty(len(path_codes), dtype=code_type(len(order)))
+            for start in range(0, len(path_codes), BUILD_ROWS):
+                source_of_row[start:start + BUILD_ROWS] = rank[np.searchsorted(unique_pairs, pairs_of(start, start + BUILD_ROWS))]
         sources = []
         for position in order:
             pair, first = int(unique_pairs[position]), int(first_rows[position])
@@ -217,7 +220,7 @@ class TensorRows(Sequence):
             key = str(key_values[pair % len(key_values)]) or None
             file = Path(written) if os.path.isabs(written) else root / written
             sources.append(TensorSource(written, file, key, first))
-        return cls(manifest, sources, source_of_row, np.asarray(indices, dtype=np.int64))
+        return cls(manifest, sources, source_of_row, np.asarray(indices))  # the manifest's array, not a copy
 
     def __len__(self) -> int:
         return len(self.index_of_row)
@@ -429,7 +432,7 @@ class TensorDataset(Dataset):
             members = np.flatnonzero(source_of_row == number) if len(numbers) > 1 else np.arange(len(rows))
             source = self.tensor_rows.sources[int(number)]
             try:
-                block = self._read(source, index_of_row[members])
+                block = self._read(source, index_of_row[members].astype(np.int64))
             except (OSError, ValueError, RuntimeError, IndexError) as exc:  # the file changed since it was checked
                 first = int(rows[members[0]])
                 message = f"{self.tensor_rows.where(first)}: cannot read ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"

@@ -38,6 +38,17 @@ def test_text_and_coded_columns_hold_the_strings_they_were_given(values, data):
     assert sorted(CodedColumn.of(values).take(rows).values) == sorted(set(values[i] for i in rows))
 
 
+@pytest.mark.parametrize("count, dtype", [(1, np.uint8), (256, np.uint8), (257, np.uint16), (65_536, np.uint16),
+                                          (65_537, np.int32)])
+def test_codes_are_of_the_smallest_type_that_holds_them(count, dtype):
+    values = [f"v{i}" for i in range(count)] + ["v0", f"v{count - 1}"]
+    column = CodedColumn.of(values)
+    assert column.codes.dtype == dtype and column[count] == "v0" and column[-1] == f"v{count - 1}"
+    assert column[count - 1] == f"v{count - 1}" and len(column) == count + 2
+    taken = column.take([count + 1, 0])
+    assert list(taken) == [f"v{count - 1}", "v0"] and taken.codes.dtype == np.uint8
+
+
 def test_columns_iterate_across_their_decoding_blocks(monkeypatch):
     monkeypatch.setattr(columns, "ITER_ROWS", 3)
     values = [f"é{i}" for i in range(10)]

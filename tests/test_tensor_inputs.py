@@ -226,6 +226,30 @@ def test_rows_are_grouped_by_file_and_key_in_order_of_first_appearance(tmp_path,
     assert rows.index_of_row.tolist() == [0, 1, 2, 3, 1, 1, 2]
 
 
+def test_rows_without_keys_share_the_file_codes_and_a_subset_still_finds_its_files(tmp_path):
+    """Without keys a row's source number is its path's code (first appearance order both): the array is
+    shared, a byte a row. A subset recodes its paths in another order and gets a mapping of its own."""
+    for name in ("a", "b", "c"):
+        np.save(tmp_path / f"{name}.npy", np.zeros((4, 2), np.float32))
+    files = ["b.npy", "a.npy", "b.npy", "c.npy", "a.npy"]
+    pd.DataFrame({"path": files, "index": [0, 1, 2, 3, 2], "label": "c"}).to_csv(tmp_path / "m.csv", index=False)
+    manifest = read_manifest(tmp_path / "m.csv")
+    assert manifest.tensor_index.dtype == np.int32 and manifest.paths.codes.dtype == np.uint8
+    rows = manifest.resolved_paths()
+    assert rows.source_of_row is manifest.paths.codes and rows.index_of_row is manifest.tensor_index
+    assert [path.name for path in rows] == files
+    subset = manifest.subset([3, 4, 0])  # codes renumbered by value: c, a, b → 2, 0, 1
+    assert [path.name for path in subset.resolved_paths()] == ["c.npy", "a.npy", "b.npy"]
+    assert subset.resolved_paths().index_of_row.tolist() == [3, 2, 0]
+
+
+def test_an_index_past_int32_is_kept_whole():
+    from irank.columns import smallest_index_type
+
+    assert smallest_index_type(np.array([0, 2**31 - 1])).dtype == np.int32
+    assert smallest_index_type(np.array([0, 2**31])).tolist() == [0, 2**31]
+
+
 def test_worker_processes_read_tensor_rows(cli, embeddings, mlp_model):
     results = []
     for workers in ("0", "2"):
