@@ -104,9 +104,9 @@ def compact_codes(codes: np.ndarray, count: int) -> np.ndarray:
     return codes if codes.dtype == dtype else codes.astype(dtype)
 
 
-def smallest_index_type(values: np.ndarray) -> np.ndarray:
-    """Whole numbers ≥ 0 as int32 where they fit (half of int64's bytes), else as they are."""
-    if values.dtype != np.int32 and (len(values) == 0 or int(values.max()) < 2**31):
+def int32_if_fits(values: np.ndarray) -> np.ndarray:
+    """Whole numbers as int32 where they all fit (half of int64's bytes), else as they are."""
+    if values.dtype != np.int32 and (len(values) == 0 or (int(values.min()) >= -2**31 and int(values.max()) < 2**31)):
         return values.astype(np.int32)
     return values
 
@@ -156,7 +156,8 @@ class CodedColumnBuilder:
     def add(self, values: list[str]) -> None:
         codes, distinct = pd.factorize(pd.Series(values, dtype=object), sort=False)
         mapping = np.fromiter((self._code(value) for value in distinct), dtype=np.int64, count=len(distinct))
-        self.codes.append(mapping[codes].astype(np.int32) if len(codes) else np.zeros(0, dtype=np.int32))
+        # each block in the smallest type for the values so far: `build` copies them into the final type
+        self.codes.append(compact_codes(mapping[codes], len(self.values)) if len(codes) else np.zeros(0, dtype=np.uint8))
 
     def _code(self, value: str) -> int:
         if value not in self.position:
@@ -220,7 +221,8 @@ def first_duplicate(values: Sequence[str], hashes: np.ndarray) -> tuple[int, int
     """(earlier row, row), 0-based, of the first row whose string an earlier row has, or None.
 
     Only the rows that share a 64-bit hash (`text_hashes` of `values`) are compared as strings, so no set
-    of a million strings is built; a collision of two different strings is told apart there.
+    of a million strings is built; a collision of two different strings is told apart there. Their strings
+    are asked for once, with `values_at` (`values` may be an object that reads them again from a file).
     """
     ordered = np.sort(hashes)  # one copy of the hashes: an argsort and its gather took two
     repeated = np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
@@ -233,13 +235,15 @@ def first_duplicate(values: Sequence[str], hashes: np.ndarray) -> tuple[int, int
         at = np.minimum(np.searchsorted(repeated, block), len(repeated) - 1)
         for row in (np.flatnonzero(repeated[at] == block) + start).tolist():
             rows_of_hash.setdefault(int(hashes[row]), []).append(row)
+    candidates = np.array(sorted(row for rows in rows_of_hash.values() for row in rows), dtype=np.int64)
+    text_of = dict(zip(candidates.tolist(), values_at(values, candidates)))
     best: tuple[int, int] | None = None
     for rows in rows_of_hash.values():
         first_row: dict[str, int] = {}
         for row in rows:
             if best is not None and row >= best[1]:
                 break
-            text = values[row]
+            text = text_of[row]
             if text in first_row:
                 best = (first_row[text], row)
                 break
@@ -247,26 +251,33 @@ def first_duplicate(values: Sequence[str], hashes: np.ndarray) -> tuple[int, int
     return best
 
 
-def find_rows(column: Sequence[str], wanted: Sequence[str], block_rows: int = ITER_ROWS,
-              hash_of=None) -> np.ndarray:
-    """For each string of `wanted`, the row of `column` that holds it (-1 where none does); `column` holds
-    each string once. Matched by 64-bit hash (a sorted array of the column's hashes: 16 bytes a row, where
-    an index of its strings took ~100) and checked string by string; where two strings share a hash, the
-    rows of that hash are compared one by one. `wanted` is read a block of `block_rows` at a time (a
-    TextColumn of a million ids is never a list of them). `hash_of`: text_hashes (tests pass a weaker one)."""
-    hash_of = hash_of or text_hashes
-    count = len(column)
-    rows = np.full(len(wanted), -1, dtype=np.int64)
-    if count == 0 or len(wanted) == 0:
-        return rows
-    hashes = np.concatenate([hash_of(values_at(column, np.arange(start, min(start + block_rows, count))))
-                             for start in range(0, count, block_rows)])
-    order = np.argsort(hashes, kind="stable")
-    hashes.sort()  # in place: the values of hashes[order], without a second array of them
-    ordered = hashes
-    for start in range(0, len(wanted), block_rows):
-        texts = values_at(wanted, np.arange(start, min(start + block_rows, len(wanted))))
-        wanted_hashes = hash_of(texts)
+class TextIndex:
+    """The row of each string of a column that holds each string once, found by 64-bit hash: the column's
+    hashes sorted and the rows in that order (12 bytes a row, where a dict of its strings took ~100), each
+    match then checked string by string; where two strings share a hash, the rows of that hash are compared
+    one by one. `hash_of`: text_hashes (tests pass a weaker one)."""
+
+    def __init__(self, column: Sequence[str], block_rows: int = ITER_ROWS, hash_of=None):
+        self.column, self.hash_of = column, hash_of or text_hashes
+        count = len(column)
+        hashes = np.empty(count, dtype=np.uint64)
+        for start in range(0, count, block_rows):  # a TextColumn of a million ids is never a list of them
+            hashes[start:start + block_rows] = self.hash_of(values_at(column, np.arange(start, min(start + block_rows, count))))
+        order = np.argsort(hashes)  # rows of one hash in any order: each is compared below
+        self.order = order.astype(np.int32) if count < 2**31 else order
+        del order
+        hashes.sort()  # in place: the values of hashes[order], without a second array of them
+        self.ordered = hashes
+
+    def __len__(self) -> int:
+        return len(self.column)
+
+    def rows_of(self, texts: list[str]) -> np.ndarray:
+        """The column's row of each of `texts` (int64; -1 where it holds none)."""
+        count, ordered, order, column = len(self.column), self.ordered, self.order, self.column
+        if count == 0 or len(texts) == 0:
+            return np.full(len(texts), -1, dtype=np.int64)
+        wanted_hashes = self.hash_of(texts)
         at = np.minimum(np.searchsorted(ordered, wanted_hashes), count - 1)
         block = np.where(ordered[at] == wanted_hashes, order[at], -1).astype(np.int64)
         found = np.flatnonzero(block >= 0)
@@ -279,5 +290,16 @@ def find_rows(column: Sequence[str], wanted: Sequence[str], block_rows: int = IT
                         block[place] = order[first]
                         break
                     first += 1
-        rows[start:start + len(texts)] = block
+        return block
+
+
+def find_rows(column: Sequence[str], wanted: Sequence[str], block_rows: int = ITER_ROWS,
+              hash_of=None) -> np.ndarray:
+    """For each string of `wanted`, the row of `column` that holds it (-1 where none does); `column` holds
+    each string once (see `TextIndex`). `wanted` is read a block of `block_rows` at a time."""
+    index = TextIndex(column, block_rows, hash_of)
+    rows = np.full(len(wanted), -1, dtype=np.int64)
+    for start in range(0, len(wanted), block_rows):
+        texts = values_at(wanted, np.arange(start, min(start + block_rows, len(wanted))))
+        rows[start:start + len(texts)] = index.rows_of(texts)
     return rows

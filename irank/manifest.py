@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from .columns import (CodedColumn, CodedColumnBuilder, TextColumnBuilder, codes_and_values, distinct, first_duplicate,
-                      smallest_index_type, text_hashes)
+                      int32_if_fits, text_hashes)
 from .errors import ManifestError
 from .files import atomic_path, is_stdio
 from .tensors import TensorRowIds, TensorRows, parse_indices, tensor_row_ids, tensor_row_mask
@@ -404,7 +404,7 @@ class ManifestReader:
                     f"manifest {name}: rows point into tensor files (row 1: {self.first_path!r}) but there is no "
                     "'index' column naming the row in the file"
                 )
-            self.indices.append(smallest_index_type(parse_indices(column_as_text(chunk, "index"), name, first_row=start)))
+            self.indices.append(int32_if_fits(parse_indices(column_as_text(chunk, "index"), name, first_row=start)))
             if "key" in chunk.columns:
                 self.keys.add(column_as_text(chunk, "key"))
         self.carriage_rows.append(start + carriage_return_rows(chunk))

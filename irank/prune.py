@@ -9,8 +9,7 @@ import numpy as np
 import pandas as pd
 
 from ._version import __version__
-from .columns import (CodedColumn, CodedColumnBuilder, TextColumn, TextColumnBuilder, find_rows, first_duplicate,
-                      text_hashes)
+from .columns import CodedColumn, CodedColumnBuilder, TextIndex, first_duplicate, int32_if_fits, text_hashes
 from .errors import ManifestError, UsageError
 from .files import check_outputs_clear_of_inputs, check_overwrite, is_stdio, sha256_file, write_json_atomic
 from .manifest import (Manifest, TableSource, blocks_quoting, iter_table, path_rebaser, read_manifest, table_input,
@@ -126,39 +125,97 @@ def flagged_rows(path: str, source: TableSource, mask: np.ndarray) -> tuple[pd.D
 
 @dataclass
 class ScoreColumns:
-    """The five columns of a scores table that `prune` reads, held compactly: ids as one text column (no
-    Python string per row), labels as codes, the numbers as arrays."""
+    """The columns of a scores table that `prune` and `review` read, held compactly: labels as codes, the
+    numbers as arrays (rank and class rank int32 where they fit). The ids are checked for repeats as they are
+    read and not kept; given a manifest's `TextIndex`, each row's manifest row is kept instead."""
 
-    ids: TextColumn
     labels: CodedColumn
     rank: np.ndarray
     class_rank: np.ndarray
     score: np.ndarray
+    manifest_rows: np.ndarray | None = None  # with an index: each row's manifest row (int32 where it fits), -1: none
+    unknown: int = 0  # with an index: rows whose id the manifest does not hold
+    first_unknown: str | None = None  # the first of those ids
 
     def __len__(self) -> int:
         return len(self.rank)
 
 
-def read_score_columns(path: str, source: TableSource | None = None) -> ScoreColumns:
-    """`prune`'s columns of a scores table, a block of rows at a time (from `source` when given): each block
-    checked by `_score_block`, then the ids for repeats."""
-    ids, labels = TextColumnBuilder(), CodedColumnBuilder()
-    numbers: dict[str, list[np.ndarray]] = {"rank": [], "class_rank": [], "score": []}
+class ScoreIds:
+    """The ids of given rows of a scores table, read again from its file (`first_duplicate` asks for the few
+    rows whose ids share a hash): the table's ids are never all held."""
+
+    def __init__(self, path: str, source: TableSource):
+        self.path, self.source = path, source
+
+    def values_at(self, rows: np.ndarray) -> list[str]:
+        wanted = np.asarray(rows, dtype=np.int64)
+        order = np.argsort(wanted, kind="stable")
+        texts: list[str | None] = [None] * len(wanted)
+        start = 0
+        for chunk in self.source.chunks(("id",)):
+            low, high = np.searchsorted(wanted[order], [start, start + len(chunk)])
+            block_ids = chunk["id"].astype(str).to_numpy()
+            for place in order[low:high].tolist():
+                texts[place] = block_ids[wanted[place] - start]
+            start += len(chunk)
+        if any(text is None for text in texts):
+            raise ManifestError(f"scores {self.path}: changed while irank read it ({start} rows now)")
+        return texts
+
+
+def read_score_columns(path: str, source: TableSource | None = None, index: TextIndex | None = None) -> ScoreColumns:
+    """`prune`'s and `review`'s columns of a scores table, a block of rows at a time (from `source` when given,
+    else from `path`, stdin kept in a temporary file), each block checked by `_score_block`; then the ids for
+    repeats. With `index` (the manifest's ids) each id's manifest row is looked up as it is read, and a repeat
+    is a manifest row met twice; without, ids are compared by hash, and the ids that share one read again."""
+    source = source or TableSource(path, "scores")
+    labels = CodedColumnBuilder()
+    numbers: dict[str, list[np.ndarray]] = {"rank": [], "class_rank": [], "score": [], "manifest_rows": []}
     hashes = []
+    seen = None if index is None else np.zeros(len(index), dtype=bool)
+    repeated: str | None = None
+    unknown, first_unknown = 0, None
     for chunk in _score_blocks(path, SCORE_COLUMNS, source):
         block_ids = chunk["id"].tolist()
-        ids.add(block_ids)
-        hashes.append(text_hashes(block_ids))
+        if index is None:
+            hashes.append(text_hashes(block_ids))
+        else:
+            rows = index.rows_of(block_ids)
+            missing = np.flatnonzero(rows < 0)
+            if len(missing) and first_unknown is None:
+                first_unknown = block_ids[int(missing[0])]
+            unknown += len(missing)
+            known = np.flatnonzero(rows >= 0)
+            if repeated is None:
+                # a manifest row met before, or twice in this block: its id repeats (the manifest's ids are distinct)
+                again = seen[rows[known]]
+                _, first_places = np.unique(rows[known], return_index=True)
+                again[np.setdiff1d(np.arange(len(known)), first_places)] = True
+                if again.any():
+                    repeated = block_ids[int(known[np.argmax(again)])]
+            seen[rows[known]] = True
+            numbers["manifest_rows"].append(int32_if_fits(rows))
         labels.add(chunk["label"].tolist())
-        numbers["rank"].append(chunk["rank"].to_numpy(np.int64))
-        numbers["class_rank"].append(chunk["class_rank"].to_numpy(np.int64))
+        numbers["rank"].append(int32_if_fits(chunk["rank"].to_numpy(np.int64)))
+        numbers["class_rank"].append(int32_if_fits(chunk["class_rank"].to_numpy(np.int64)))
         numbers["score"].append(chunk["score"].to_numpy(np.float64))
-    columns = ScoreColumns(ids.build(), labels.build(), *(np.concatenate(numbers[name])
-                                                          for name in ("rank", "class_rank", "score")))
-    pair = first_duplicate(columns.ids, np.concatenate(hashes))
-    if pair is not None:
-        raise ManifestError(f"scores {path}: id {columns.ids[pair[1]]!r} appears twice")
-    return columns
+    if index is None:
+        hashes = np.concatenate(hashes) if hashes else np.zeros(0, dtype=np.uint64)
+        pair = first_duplicate(ScoreIds(path, source), hashes)
+        del hashes
+        repeated = None if pair is None else ScoreIds(path, source).values_at(np.array([pair[1]]))[0]
+    if repeated is not None:
+        raise ManifestError(f"scores {path}: id {repeated!r} appears twice")
+
+    def joined(name: str, dtype) -> np.ndarray:
+        parts, numbers[name] = numbers[name], []
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+
+    return ScoreColumns(labels.build(), joined("rank", np.int32), joined("class_rank", np.int32),
+                        joined("score", np.float64),
+                        manifest_rows=None if index is None else joined("manifest_rows", np.int32),
+                        unknown=unknown, first_unknown=first_unknown)
 
 
 REMOVED_BLOCK_ROWS = 65_536  # removed rows put into rank order (through temporary files) and written at a time
@@ -248,14 +305,14 @@ def prune(
     check_overwrite(outputs, overwrite)
     if is_stdio(output) and is_stdio(removed_output):
         raise UsageError("-o and --removed cannot both go to stdout")
-    score_table = read_score_columns(scores)
     samples = read_manifest(manifest, require_label=False)
-    # each scored id's manifest row, by hash: an index of a million ids held their million strings
-    manifest_row = find_rows(samples.ids, score_table.ids)
-    unknown = np.flatnonzero(manifest_row < 0)
-    if len(unknown):
-        raise ManifestError(f"scores {scores}: id {score_table.ids[int(unknown[0])]!r} is not in manifest {manifest} "
-                            f"({len(unknown)} such ids)")
+    # each scored id's manifest row, by hash, looked up as the scores are read: neither the manifest's ids
+    # nor the table's are held as strings
+    score_table = read_score_columns(scores, index=TextIndex(samples.ids))
+    if score_table.unknown:
+        raise ManifestError(f"scores {scores}: id {score_table.first_unknown!r} is not in manifest {manifest} "
+                            f"({score_table.unknown} such ids)")
+    manifest_row = score_table.manifest_rows
     remove = removal_mask(score_table.score, score_table.rank, score_table.class_rank, score_table.labels.codes,
                           fraction=fraction, count=count, min_score=min_score, per_class=per_class,
                           min_per_class=min_per_class)

@@ -145,6 +145,37 @@ def test_score_table_errors_in_a_later_block(tmp_path, monkeypatch, row, column,
             flagged_rows(path, TableSource(path, "scores"), np.ones(10, dtype=bool))
 
 
+def columns_module_index(values):
+    return columns.TextIndex(TextColumn.of(values))
+
+
+@pytest.mark.parametrize("weak_hash", [False, True])
+@pytest.mark.parametrize("repeat_at, with_index", [(None, False), (9, False), (2, False), (9, True), (5, True)])
+def test_a_repeated_score_id_is_found_in_any_block_with_or_without_a_manifest(tmp_path, monkeypatch, repeat_at,
+                                                                               with_index, weak_hash):
+    """Without a manifest the ids are compared by hash and the rows that share one read again from the file;
+    with one, a repeat is a manifest row met twice. A hash shared by different ids is no repeat."""
+    import sys
+
+    from irank.prune import read_score_columns
+
+    prune_module = sys.modules["irank.prune"]  # `irank.prune` as an attribute is the function
+    monkeypatch.setattr(manifest_module, "CHUNK_ROWS", 3)
+    if weak_hash:  # every id collides with every other of its length
+        monkeypatch.setattr(prune_module, "text_hashes", lambda values: np.array([len(v) for v in values], np.uint64))
+    ids = [f"s{i}" for i in range(10)]
+    if repeat_at is not None:
+        ids[repeat_at] = ids[repeat_at - 2]
+    pd.DataFrame({"id": ids, "label": "a", "rank": range(1, 11), "class_rank": range(1, 11),
+                  "score": np.linspace(1, 0, 10)}).to_csv(tmp_path / "s.csv", index=False)
+    index = columns_module_index([f"s{i}" for i in range(10)]) if with_index else None
+    if repeat_at is None:
+        assert len(read_score_columns(str(tmp_path / "s.csv"), index=index)) == 10
+        return
+    with pytest.raises(ManifestError, match=f"id 's{repeat_at - 2}' appears twice"):
+        read_score_columns(str(tmp_path / "s.csv"), index=index)
+
+
 def test_score_columns_and_flagged_rows_hold_what_the_table_holds(tmp_path, monkeypatch):
     from irank.manifest import TableSource
     from irank.prune import flagged_rows, read_score_columns
@@ -159,9 +190,18 @@ def test_score_columns_and_flagged_rows_hold_what_the_table_holds(tmp_path, monk
     table = pd.read_csv(tmp_path / "s.csv")
     path = str(tmp_path / "s.csv")
     columns = read_score_columns(path)
-    assert list(columns.ids) == table["id"].tolist() and list(columns.labels) == table["label"].tolist()
+    assert list(columns.labels) == table["label"].tolist() and columns.manifest_rows is None
     for name in ("rank", "class_rank", "score"):
         assert getattr(columns, name).tolist() == table[name].tolist()
+    held = [f"x/{i}.png" for i in range(12)][::-1]  # a manifest's ids, in another order, and one more
+    indexed = read_score_columns(path, index=columns_module_index(held))
+    assert indexed.manifest_rows.tolist() == [held.index(sample_id) for sample_id in table["id"]]
+    assert indexed.unknown == 0 and indexed.rank.tolist() == columns.rank.tolist()
+    assert indexed.rank.dtype == np.int32 and indexed.manifest_rows.dtype == np.int32
+    fewer = read_score_columns(path, index=columns_module_index(held[2:]))  # x/11 and x/10 are not held
+    missing = [sample_id for sample_id in table["id"] if sample_id not in held[2:]]
+    assert fewer.unknown == len(missing) and fewer.first_unknown == missing[0]
+    assert (fewer.manifest_rows < 0).sum() == len(missing)
     mask = generator.random(11) < 0.5
     flagged, predicted = flagged_rows(path, TableSource(path, "scores"), mask)
     assert flagged["id"].tolist() == table["id"][mask].tolist()

@@ -244,10 +244,10 @@ def test_rows_without_keys_share_the_file_codes_and_a_subset_still_finds_its_fil
 
 
 def test_an_index_past_int32_is_kept_whole():
-    from irank.columns import smallest_index_type
+    from irank.columns import int32_if_fits
 
-    assert smallest_index_type(np.array([0, 2**31 - 1])).dtype == np.int32
-    assert smallest_index_type(np.array([0, 2**31])).tolist() == [0, 2**31]
+    assert int32_if_fits(np.array([0, 2**31 - 1])).dtype == np.int32
+    assert int32_if_fits(np.array([0, 2**31])).tolist() == [0, 2**31]
 
 
 def test_worker_processes_read_tensor_rows(cli, embeddings, mlp_model):
