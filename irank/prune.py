@@ -166,10 +166,12 @@ class ScoreIds:
 
 def read_score_columns(path: str, source: TableSource | None = None, index: TextIndex | None = None) -> ScoreColumns:
     """`prune`'s and `review`'s columns of a scores table, a block of rows at a time (from `source` when given,
-    else from `path`, stdin kept in a temporary file), each block checked by `_score_block`; then the ids for
+    else from `path`: read once with an `index`, else stdin kept in a temporary file), each block checked by
+    `_score_block`; then the ids for
     repeats. With `index` (the manifest's ids) each id's manifest row is looked up as it is read, and a repeat
     is a manifest row met twice; without, ids are compared by hash, and the ids that share one read again."""
-    source = source or TableSource(path, "scores")
+    if source is None and index is None:  # the ids may be read again: stdin is kept in a temporary file
+        source = TableSource(path, "scores")
     labels = CodedColumnBuilder()
     numbers: dict[str, list[np.ndarray]] = {"rank": [], "class_rank": [], "score": [], "manifest_rows": []}
     hashes = []

@@ -239,6 +239,31 @@ def test_review_read_in_blocks_writes_what_one_block_writes(tmp_path, monkeypatc
         assert (tmp_path / "piped" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
 
 
+def test_prune_reads_scores_from_stdin_once_without_a_copy(tmp_path, monkeypatch):
+    """prune looks the ids up as it reads them: scores piped in are read once, never kept in a temporary file."""
+    import io
+    import sys
+
+    from irank.prune import prune
+
+    prune_module = sys.modules["irank.prune"]
+    monkeypatch.setattr(manifest_module, "CHUNK_ROWS", 4)
+    rows = 13
+    write_table(pd.DataFrame({"path": [f"{i}.png" for i in range(rows)], "label": "a"}), tmp_path / "m.csv")
+    pd.DataFrame({"id": [f"{i}.png" for i in range(rows)][::-1], "label": "a", "rank": range(1, rows + 1),
+                  "class_rank": range(1, rows + 1), "score": np.linspace(1, 0, rows)}).to_csv(tmp_path / "s.csv",
+                                                                                            index=False)
+    from_file = prune(str(tmp_path / "s.csv"), str(tmp_path / "m.csv"), count=3)
+
+    def no_copy(*args, **kwargs):
+        raise AssertionError("the scores were kept in a temporary file")
+
+    monkeypatch.setattr(prune_module, "TableSource", no_copy)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO((tmp_path / "s.csv").read_bytes())))
+    piped = prune("-", str(tmp_path / "m.csv"), count=3)
+    assert piped.keep.tolist() == from_file.keep.tolist() and not piped.keep[-3:].any() and piped.keep[:-3].all()
+
+
 def ranked_inputs(rows: int, seed: int):
     generator = np.random.default_rng(seed)
     labels = generator.integers(0, 4, rows)
