@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -164,12 +164,14 @@ class ScoreIds:
         return texts
 
 
-def read_score_columns(path: str, source: TableSource | None = None, index: TextIndex | None = None) -> ScoreColumns:
+def read_score_columns(path: str, source: TableSource | None = None,
+                       manifest_ids: Sequence[str] | None = None) -> ScoreColumns:
     """`prune`'s and `review`'s columns of a scores table, a block of rows at a time (from `source` when given,
-    else from `path`: read once with an `index`, else stdin kept in a temporary file), each block checked by
-    `_score_block`; then the ids for
-    repeats. With `index` (the manifest's ids) each id's manifest row is looked up as it is read, and a repeat
-    is a manifest row met twice; without, ids are compared by hash, and the ids that share one read again."""
+    else from `path`: read once with `manifest_ids`, else stdin kept in a temporary file), each block checked
+    by `_score_block`; then the ids for repeats. With `manifest_ids` each id's manifest row is looked up as it
+    is read, in a `TextIndex` of them (dropped before the columns are joined), and a repeat is a manifest row
+    met twice; without, ids are compared by hash, and the ids that share one read again."""
+    index = None if manifest_ids is None else TextIndex(manifest_ids)
     if source is None and index is None:  # the ids may be read again: stdin is kept in a temporary file
         source = TableSource(path, "scores")
     labels = CodedColumnBuilder()
@@ -202,7 +204,9 @@ def read_score_columns(path: str, source: TableSource | None = None, index: Text
         numbers["rank"].append(int32_if_fits(chunk["rank"].to_numpy(np.int64)))
         numbers["class_rank"].append(int32_if_fits(chunk["class_rank"].to_numpy(np.int64)))
         numbers["score"].append(chunk["score"].to_numpy(np.float64))
-    if index is None:
+    has_index = index is not None
+    del index  # 12 bytes a row, not needed to join the columns below
+    if not has_index:
         hashes = np.concatenate(hashes) if hashes else np.zeros(0, dtype=np.uint64)
         pair = first_duplicate(ScoreIds(path, source), hashes)
         del hashes
@@ -216,7 +220,7 @@ def read_score_columns(path: str, source: TableSource | None = None, index: Text
 
     return ScoreColumns(labels.build(), joined("rank", np.int32), joined("class_rank", np.int32),
                         joined("score", np.float64),
-                        manifest_rows=None if index is None else joined("manifest_rows", np.int32),
+                        manifest_rows=joined("manifest_rows", np.int32) if has_index else None,
                         unknown=unknown, first_unknown=first_unknown)
 
 
@@ -310,7 +314,7 @@ def prune(
     samples = read_manifest(manifest, require_label=False)
     # each scored id's manifest row, by hash, looked up as the scores are read: neither the manifest's ids
     # nor the table's are held as strings
-    score_table = read_score_columns(scores, index=TextIndex(samples.ids))
+    score_table = read_score_columns(scores, manifest_ids=samples.ids)
     if score_table.unknown:
         raise ManifestError(f"scores {scores}: id {score_table.first_unknown!r} is not in manifest {manifest} "
                             f"({score_table.unknown} such ids)")

@@ -145,10 +145,6 @@ def test_score_table_errors_in_a_later_block(tmp_path, monkeypatch, row, column,
             flagged_rows(path, TableSource(path, "scores"), np.ones(10, dtype=bool))
 
 
-def columns_module_index(values):
-    return columns.TextIndex(TextColumn.of(values))
-
-
 @pytest.mark.parametrize("weak_hash", [False, True])
 @pytest.mark.parametrize("repeat_at, with_index", [(None, False), (9, False), (2, False), (9, True), (5, True)])
 def test_a_repeated_score_id_is_found_in_any_block_with_or_without_a_manifest(tmp_path, monkeypatch, repeat_at,
@@ -168,12 +164,12 @@ def test_a_repeated_score_id_is_found_in_any_block_with_or_without_a_manifest(tm
         ids[repeat_at] = ids[repeat_at - 2]
     pd.DataFrame({"id": ids, "label": "a", "rank": range(1, 11), "class_rank": range(1, 11),
                   "score": np.linspace(1, 0, 10)}).to_csv(tmp_path / "s.csv", index=False)
-    index = columns_module_index([f"s{i}" for i in range(10)]) if with_index else None
+    index = TextColumn.of([f"s{i}" for i in range(10)]) if with_index else None
     if repeat_at is None:
-        assert len(read_score_columns(str(tmp_path / "s.csv"), index=index)) == 10
+        assert len(read_score_columns(str(tmp_path / "s.csv"), manifest_ids=index)) == 10
         return
     with pytest.raises(ManifestError, match=f"id 's{repeat_at - 2}' appears twice"):
-        read_score_columns(str(tmp_path / "s.csv"), index=index)
+        read_score_columns(str(tmp_path / "s.csv"), manifest_ids=index)
 
 
 def test_score_columns_and_flagged_rows_hold_what_the_table_holds(tmp_path, monkeypatch):
@@ -194,11 +190,11 @@ def test_score_columns_and_flagged_rows_hold_what_the_table_holds(tmp_path, monk
     for name in ("rank", "class_rank", "score"):
         assert getattr(columns, name).tolist() == table[name].tolist()
     held = [f"x/{i}.png" for i in range(12)][::-1]  # a manifest's ids, in another order, and one more
-    indexed = read_score_columns(path, index=columns_module_index(held))
+    indexed = read_score_columns(path, manifest_ids=TextColumn.of(held))
     assert indexed.manifest_rows.tolist() == [held.index(sample_id) for sample_id in table["id"]]
     assert indexed.unknown == 0 and indexed.rank.tolist() == columns.rank.tolist()
     assert indexed.rank.dtype == np.int32 and indexed.manifest_rows.dtype == np.int32
-    fewer = read_score_columns(path, index=columns_module_index(held[2:]))  # x/11 and x/10 are not held
+    fewer = read_score_columns(path, manifest_ids=TextColumn.of(held[2:]))  # x/11 and x/10 are not held
     missing = [sample_id for sample_id in table["id"] if sample_id not in held[2:]]
     assert fewer.unknown == len(missing) and fewer.first_unknown == missing[0]
     assert (fewer.manifest_rows < 0).sum() == len(missing)
