@@ -292,14 +292,3 @@ class TextIndex:
                     first += 1
         return block
 
-
-def find_rows(column: Sequence[str], wanted: Sequence[str], block_rows: int = ITER_ROWS,
-              hash_of=None) -> np.ndarray:
-    """For each string of `wanted`, the row of `column` that holds it (-1 where none does); `column` holds
-    each string once (see `TextIndex`). `wanted` is read a block of `block_rows` at a time."""
-    index = TextIndex(column, block_rows, hash_of)
-    rows = np.full(len(wanted), -1, dtype=np.int64)
-    for start in range(0, len(wanted), block_rows):
-        texts = values_at(wanted, np.arange(start, min(start + block_rows, len(wanted))))
-        rows[start:start + len(texts)] = index.rows_of(texts)
-    return rows

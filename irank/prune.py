@@ -147,6 +147,7 @@ class ScoreIds:
 
     def __init__(self, path: str, source: TableSource):
         self.path, self.source = path, source
+        self.read: dict[int, str] = {}  # every id read so far, by row
 
     def values_at(self, rows: np.ndarray) -> list[str]:
         wanted = np.asarray(rows, dtype=np.int64)
@@ -161,6 +162,7 @@ class ScoreIds:
             start += len(chunk)
         if any(text is None for text in texts):
             raise ManifestError(f"scores {self.path}: changed while irank read it ({start} rows now)")
+        self.read.update(zip(wanted.tolist(), texts))
         return texts
 
 
@@ -208,9 +210,10 @@ def read_score_columns(path: str, source: TableSource | None = None,
     del index  # 12 bytes a row, not needed to join the columns below
     if not has_index:
         hashes = np.concatenate(hashes) if hashes else np.zeros(0, dtype=np.uint64)
-        pair = first_duplicate(ScoreIds(path, source), hashes)
+        ids = ScoreIds(path, source)
+        pair = first_duplicate(ids, hashes)
         del hashes
-        repeated = None if pair is None else ScoreIds(path, source).values_at(np.array([pair[1]]))[0]
+        repeated = None if pair is None else ids.read[pair[1]]
     if repeated is not None:
         raise ManifestError(f"scores {path}: id {repeated!r} appears twice")
 

@@ -512,7 +512,7 @@ def test_a_manifest_from_a_pipe_can_be_read_again(tmp_path):
 @given(st.lists(st.text(max_size=3), unique=True, max_size=30), st.lists(st.text(max_size=3), max_size=30),
        st.sampled_from(["real", "all collide", "half collide"]), st.integers(1, 7))
 def test_ids_are_found_by_hash_as_by_a_dict(held, wanted, hashes, block_rows):
-    from irank.columns import find_rows
+    from irank.columns import TextIndex
 
     wanted = wanted + held[::2]
     weak = {"real": None,
@@ -520,5 +520,7 @@ def test_ids_are_found_by_hash_as_by_a_dict(held, wanted, hashes, block_rows):
             "half collide": lambda values: text_hashes(values) % np.uint64(2)}[hashes]
     position = {text: row for row, text in enumerate(held)}
     expected = [position.get(text, -1) for text in wanted]
-    assert find_rows(TextColumn.of(held), wanted, block_rows, weak).tolist() == expected
-    assert find_rows(TextColumn.of(held), TextColumn.of(wanted), block_rows, weak).tolist() == expected
+    index = TextIndex(TextColumn.of(held), block_rows, weak)  # the column's hashes made `block_rows` at a time
+    assert index.rows_of(wanted).tolist() == expected
+    found = [index.rows_of(wanted[start:start + block_rows]).tolist() for start in range(0, len(wanted), block_rows)]
+    assert sum(found, []) == expected
