@@ -12,7 +12,7 @@ from torch import nn
 from . import influence
 from .distributed import Shard
 from .errors import UsageError
-from .linear import fit_standardized, fit_with_scaling, standardizer
+from .linear import fit_device, fit_standardized, fit_with_scaling, standardizer
 from .probe import heldout_probe_loss, probe_logits, probe_scores
 from .progress import Reporter
 from .rowstore import MemoryBudget
@@ -87,19 +87,25 @@ def choice_sample(num_rows: int, *, limit: int | None = None, seed: int = 0) -> 
     return torch.randperm(num_rows, generator=generator)[:limit].sort().values
 
 
-def layer_probe(values: torch.Tensor, labels: torch.Tensor, num_classes: int, *, l2: float):
+def layer_probe(values: torch.Tensor, labels: torch.Tensor, num_classes: int, *, l2: float,
+                device: torch.device | None = None):
     """The layer choice's probe on one layer's features: standardized, in float32 (the choice compares
-    losses that differ in the first decimal, and it is 3× faster), fitted on the given labels.
-    Returns ((mean, scale), the standardized features, (weight, bias), agreement with the given labels)."""
+    losses that differ in the first decimal, and it is 3× faster), fitted on the given labels, on `device`
+    where `linear.fit_device` allows (a CUDA device), else on the CPU.
+    Returns ((mean, scale), the standardized features (on the fit's device), (weight, bias) (on the CPU),
+    agreement with the given labels)."""
     mean, scale = standardizer(values)
     standardized = ((values.double() - mean) / scale).float()
-    weight, bias = fit_standardized(standardized, labels, num_classes, l2=l2)
-    agreement = float(((standardized @ weight.T + bias).argmax(1) == labels).double().mean())
-    return (mean, scale), standardized, (weight, bias), agreement
+    where = fit_device(standardized, device)
+    standardized, fit_labels = standardized.to(where), labels.to(where)
+    weight, bias = fit_standardized(standardized, fit_labels, num_classes, l2=l2)
+    agreement = float(((standardized @ weight.T + bias).argmax(1) == fit_labels).double().mean())
+    return (mean, scale), standardized, (weight.cpu(), bias.cpu()), agreement
 
 
 def choose_layer(features: dict[str, torch.Tensor], labels: torch.Tensor, num_classes: int, *, l2: float,
-                 reporter: Reporter | None = None, max_rows: int | None = None) -> LayerChoice:
+                 reporter: Reporter | None = None, max_rows: int | None = None,
+                 device: torch.device | None = None) -> LayerChoice:
     """The deepest structure that did not memorize the given labels.
 
     A layer whose probe reproduces the given labels (in-sample agreement ≥ 0.99) has memorized them,
@@ -108,6 +114,7 @@ def choose_layer(features: dict[str, torch.Tensor], labels: torch.Tensor, num_cl
     down). Among the other layers the lowest 3-fold held-out probe loss on the given labels wins (a
     memorized layer's held-out loss is then not computed); if every layer memorized, the lowest
     held-out loss overall. Past `max_rows` (default CHOICE_ROWS) rows, all of this runs on a seeded random sample of rows.
+    `device`: where the probes may be fitted (`layer_probe`).
     """
     reporter = reporter or Reporter()
     rows = choice_sample(len(labels), limit=max_rows)
@@ -118,7 +125,7 @@ def choose_layer(features: dict[str, torch.Tensor], labels: torch.Tensor, num_cl
     fits = {}
     for name, values in features.items():
         _, standardized, (weight, bias), agreement = layer_probe(values if rows is None else values[rows], labels,
-                                                                 num_classes, l2=l2)
+                                                                 num_classes, l2=l2, device=device)
         fits[name] = (standardized, (weight, bias))
         figures[name] = {"dims": int(values.shape[1]), "agreement": agreement,
                          "memorized": agreement >= MEMORIZED_AGREEMENT, "heldout_loss": None}
@@ -143,7 +150,8 @@ def choose_layer(features: dict[str, torch.Tensor], labels: torch.Tensor, num_cl
 
 def choose_layer_by_accuracy(features: dict[str, torch.Tensor], labels: torch.Tensor,
                              val_features: dict[str, torch.Tensor], val_labels: torch.Tensor, num_classes: int, *,
-                             l2: float, reporter: Reporter | None = None) -> LayerChoice:
+                             l2: float, reporter: Reporter | None = None,
+                             device: torch.device | None = None) -> LayerChoice:
     """Among the layers whose probe did not memorize the given labels (as in `choose_layer`), the one whose
     probe, fitted on the given (noisy) labels, is most accurate on a clean labelled set.
 
@@ -157,7 +165,7 @@ def choose_layer_by_accuracy(features: dict[str, torch.Tensor], labels: torch.Te
     reporter = reporter or Reporter()
     figures: dict[str, dict] = {}
     for name, values in features.items():
-        (mean, scale), _, (weight, bias), agreement = layer_probe(values, labels, num_classes, l2=l2)
+        (mean, scale), _, (weight, bias), agreement = layer_probe(values, labels, num_classes, l2=l2, device=device)
         held = ((val_features[name].double() - mean) / scale).float()
         accuracy = float(((held @ weight.T + bias).argmax(1) == val_labels).double().mean())
         memorized = agreement >= MEMORIZED_AGREEMENT
@@ -175,20 +183,21 @@ def choose_layer_by_accuracy(features: dict[str, torch.Tensor], labels: torch.Te
 
 
 def refit_scores(features: torch.Tensor, labels: torch.Tensor, num_classes: int, *, method: str, measure: str,
-                 l2: float, shard: Shard | None = None,
-                 budget: MemoryBudget | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 l2: float, shard: Shard | None = None, budget: MemoryBudget | None = None,
+                 device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(scores, probe logits) of every sample on an L2 probe refit on `features` (this process's rows, with a
-    `shard`, on the probe fitted to every process's rows); the logits go to disk past the `budget`."""
+    `shard`, on the probe fitted to every process's rows); the logits go to disk past the `budget`. `device`:
+    where the probe's fit may run (`linear.fit_device`)."""
     if method == "influence":
         scores, logits, _ = probe_scores(features, labels, num_classes, l2=l2, measure=measure, shard=shard,
-                                         budget=budget)
+                                         budget=budget, device=device)
         return scores, logits
     probe_measure = {"loss": "loss", "margin": "margin"}.get(method)
     if probe_measure:
         scores, logits, _ = probe_scores(features, labels, num_classes, l2=l2, measure=probe_measure, shard=shard,
-                                         budget=budget)
+                                         budget=budget, device=device)
         return scores, logits
-    weight, bias, (mean, scale) = fit_with_scaling(features, labels, num_classes, l2=l2, shard=shard)
+    weight, bias, (mean, scale) = fit_with_scaling(features, labels, num_classes, l2=l2, shard=shard, device=device)
     logits = probe_logits(features, weight, bias, budget)
 
     def read(start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:  # a chunk, standardized as the fit saw it

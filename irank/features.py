@@ -14,6 +14,7 @@ from .influence import chunk_size, spans
 from .placement import Placement
 from .progress import Reporter
 from .rowstore import DiskRows, MemoryBudget
+from .transfer import HostRows
 
 
 @dataclass
@@ -56,13 +57,12 @@ def forward_pass(
     place.place_model(model).eval()
     handle = head.register_forward_hook(hook)
     try:
-        with torch.inference_mode(), place.autocast(), reporter.task(description, len(loader)) as advance:
+        with torch.inference_mode(), place.autocast(), reporter.task(description, len(loader)) as advance, \
+                HostRows(place.device) as host:
             for images, rows in batches(loader):
                 model(place.inputs(images))
-                # index_copy_, not `head_inputs[rows] = ...`: on CPU it is many times faster (measured 40×),
-                # which a million rows notice.
-                head_inputs.index_copy_(0, rows, captured["inputs"].reshape(len(rows), -1).float().cpu())
-                logits.index_copy_(0, rows, captured["logits"].reshape(len(rows), -1).float().cpu())
+                host.put([(head_inputs, rows, captured["inputs"].reshape(len(rows), -1)),
+                          (logits, rows, captured["logits"].reshape(len(rows), -1))])
                 advance(1)
     finally:
         handle.remove()

@@ -19,6 +19,7 @@ from .features import check_finite
 from .placement import Placement
 from .progress import Reporter
 from .rowstore import MemoryBudget
+from .transfer import HostRows
 
 
 class _Stop(Exception):
@@ -107,13 +108,16 @@ def layer_features(
     place = Placement.of(device)
     place.place_model(model).eval()
     features: dict[str, torch.Tensor] = {}
-    with torch.inference_mode(), place.autocast(), reporter.task(f"features at {', '.join(names)}", len(loader)) as advance:
+    with torch.inference_mode(), place.autocast(), \
+            reporter.task(f"features at {', '.join(names)}", len(loader)) as advance, HostRows(place.device) as host:
         for images, rows in batches(loader):
             where = rows - offset if position is None else position[rows]
+            writes = []
             for name, pooled in run_until(model, layers, place.inputs(images)).items():
                 if name not in features:
                     features[name] = out if out is not None else budget.array(num_rows, pooled.shape[1])
-                features[name].index_copy_(0, where, pooled.float().cpu())  # much faster than [rows] = on CPU
+                writes.append((features[name], where, pooled))
+            host.put(writes)
             advance(1)
     for tensor in features.values():
         check_finite(tensor, None, first_row, row_order)

@@ -22,11 +22,12 @@ def standardizer(features: torch.Tensor, shard: Shard | None = None) -> tuple[to
     count = len(features)
     total = count if shard is None else shard.total
     step = chunk_size(features.shape[1])
+    device = features.device if isinstance(features, torch.Tensor) else None  # DiskRows: the CPU
     local_sum = sum((features[start:end].double().sum(0) for start, end in spans(count, step)),
-                    torch.zeros(features.shape[1], dtype=torch.float64))
+                    torch.zeros(features.shape[1], dtype=torch.float64, device=device))
     mean = (local_sum if shard is None else shard.sum(local_sum)) / total
     local_squares = sum((((features[start:end].double() - mean) ** 2).sum(0) for start, end in spans(count, step)),
-                        torch.zeros(features.shape[1], dtype=torch.float64))
+                        torch.zeros(features.shape[1], dtype=torch.float64, device=device))
     squares = local_squares if shard is None else shard.sum(local_squares)
     return mean, (squares / max(1, total - 1)).sqrt().clamp_min(1e-6)
 
@@ -42,7 +43,7 @@ def data_term(data: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bi
     """Σ_i CE(W z_i + b, y_i) and its gradients (Σ r_i z_iᵀ, Σ r_i with r = softmax − onehot), over the rows
     of `data` in chunks. With `scaling` = (mean, scale), z = (x − mean) / scale is formed chunk by chunk
     in the weights' dtype, so a fit on raw float32 features never holds a float64 copy of them."""
-    loss = torch.zeros((), dtype=weight.dtype)
+    loss = torch.zeros((), dtype=weight.dtype, device=weight.device)
     weight_grad, bias_grad = torch.zeros_like(weight), torch.zeros_like(bias)
     # chunks of 2^19 numbers, but at least 8,192 rows: a fit evaluates this hundreds of times
     for start, end in spans(len(data), max(8192, chunk_size(data.shape[1] + weight.shape[0], budget=1 << 19))):
@@ -54,7 +55,7 @@ def data_term(data: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bi
         log_norm = torch.logsumexp(logits, dim=1)
         loss += (log_norm - logits.gather(1, chunk_labels[:, None]).squeeze(1)).sum()
         residual = torch.exp(logits - log_norm[:, None])
-        residual[torch.arange(end - start), chunk_labels] -= 1
+        residual[torch.arange(end - start, device=residual.device), chunk_labels] -= 1
         weight_grad += residual.T @ chunk
         bias_grad += residual.sum(0)
     return loss, weight_grad, bias_grad
@@ -77,7 +78,7 @@ def fit_standardized(
     scaling: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """argmin over (W, b) of mean CE(W z + b, y) + l2/2 ‖W‖² on standardized features, in their dtype
-    (or, with `scaling`, on raw features standardized chunk by chunk, in float64).
+    (or, with `scaling`, on raw features standardized chunk by chunk, in float64), on their device.
 
     The objective is strictly convex, so `init` (e.g. the fit on a superset of the rows) only saves
     iterations. The gradient tolerance (1e-7 on the largest entry) is far below what moves a ranking.
@@ -86,11 +87,12 @@ def fit_standardized(
     """
     num_rows, dims = standardized.shape
     dtype = torch.float64 if scaling is not None else standardized.dtype
+    device = standardized.device if isinstance(standardized, torch.Tensor) else torch.device("cpu")
     if init is None:
-        weight = torch.zeros(num_classes, dims, dtype=dtype)
-        bias = torch.zeros(num_classes, dtype=dtype)
+        weight = torch.zeros(num_classes, dims, dtype=dtype, device=device)
+        bias = torch.zeros(num_classes, dtype=dtype, device=device)
     else:
-        weight, bias = (tensor.detach().clone().to(dtype) for tensor in init)
+        weight, bias = (tensor.detach().clone().to(device, dtype) for tensor in init)
     optimizer = _lbfgs(weight, bias, max_iter)
 
     def closure():
@@ -112,14 +114,16 @@ def fit_softmax_regression(
     l2: float,
     max_iter: int = 500,
     shard: Shard | None = None,
+    device: torch.device | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """argmin over (W, b) of mean CE(W x + b, y) + l2/2 ‖W‖², by L-BFGS on standardized features.
 
     Returns (weight, bias) that act on the *raw* features (the standardization is folded in). With a
     `shard` (torchrun) the rows given are this process's, the fit is over every process's rows, and
-    every process returns the same weights (see `_step_sharded`).
+    every process returns the same weights (see `_step_sharded`). `device`: where it may run (`fit_device`).
     """
-    weight, bias, _ = fit_with_scaling(features, labels, num_classes, l2=l2, max_iter=max_iter, shard=shard)
+    weight, bias, _ = fit_with_scaling(features, labels, num_classes, l2=l2, max_iter=max_iter, shard=shard,
+                                       device=device)
     return weight, bias
 
 
@@ -138,6 +142,17 @@ def fit_rows(features: torch.Tensor, scaling: tuple[torch.Tensor, torch.Tensor])
     return features, scaling
 
 
+def fit_device(rows: torch.Tensor, device: torch.device | None) -> torch.device:
+    """Where a fit on `rows` runs: on a CUDA `device` when the rows are in memory and take at most a quarter of
+    its free memory (a fit evaluates its objective over every row hundreds of times: on the GPU each
+    evaluation is a few hundred microseconds, on two CPU cores a few tens of milliseconds); else on the CPU.
+    On the GPU the float64 sums are taken in another order, so the fit agrees with the CPU's to about 1e-12."""
+    if device is None or device.type != "cuda" or not isinstance(rows, torch.Tensor):
+        return torch.device("cpu")
+    free, _ = torch.cuda.mem_get_info(device)
+    return device if rows.numel() * rows.element_size() * 4 <= free else torch.device("cpu")
+
+
 def fit_with_scaling(
     features: torch.Tensor,
     labels: torch.Tensor,
@@ -146,13 +161,21 @@ def fit_with_scaling(
     l2: float,
     max_iter: int = 500,
     shard: Shard | None = None,
+    device: torch.device | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """`fit_softmax_regression`, also returning the (mean, scale) it standardized with, for callers that
-    work in the fit's standardized coordinates (the probe's curvature) without a second pass over the rows."""
+    work in the fit's standardized coordinates (the probe's curvature) without a second pass over the rows.
+
+    `device`: where the fit runs (see `fit_device`); the results are on the CPU whatever it is."""
     scaling = standardizer(features, shard)
     rows, row_scaling = fit_rows(features, scaling)
     if shard is None:
+        where = fit_device(rows, device)
+        if where.type != "cpu":
+            rows, labels = rows.to(where), labels.to(where)
+            row_scaling = None if row_scaling is None else tuple(part.to(where) for part in row_scaling)
         weight, bias = fit_standardized(rows, labels, num_classes, l2=l2, max_iter=max_iter, scaling=row_scaling)
+        weight, bias = weight.cpu(), bias.cpu()
     else:
         weight = torch.zeros(num_classes, features.shape[1], dtype=torch.float64)
         bias = torch.zeros(num_classes, dtype=torch.float64)

@@ -37,8 +37,10 @@ def probe_scores(
     measure: str = "loss",
     shard: Shard | None = None,
     budget: MemoryBudget | None = None,
+    device: torch.device | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Fit the probe on (features, labels) and score every sample: (scores, probe logits, (weight, bias)).
+    `device`: where the fit may run (`linear.fit_device`); everything else, and what is returned, is on the CPU.
 
     `loss` and `margin` are the probe's own in-sample cross-entropy and negative margin; the influence
     measures use the probe's exact curvature (Gauss–Newton + the L2 term) on standardized features.
@@ -46,7 +48,7 @@ def probe_scores(
     """
     if measure not in PROBE_MEASURES:
         raise ValueError(f"unknown probe measure {measure!r}; choose from {', '.join(PROBE_MEASURES)}")
-    weight, bias, (mean, scale) = fit_with_scaling(features, labels, num_classes, l2=l2, shard=shard)
+    weight, bias, (mean, scale) = fit_with_scaling(features, labels, num_classes, l2=l2, shard=shard, device=device)
     logits = probe_logits(features, weight, bias, budget)
     if measure == "loss":
         scores = influence.cross_entropy(logits, labels)
@@ -76,11 +78,12 @@ def heldout_probe_loss(features: torch.Tensor, labels: torch.Tensor, num_classes
     Needs no clean labels: a layer whose features keep the class structure predicts the given labels
     of unseen samples best, even when some of those labels are wrong. The features are standardized
     once over all rows (unsupervised statistics); `init`, a fit on all of them in those coordinates,
-    starts every fold's fit closer to its optimum.
+    starts every fold's fit closer to its optimum. The fits run on the features' device.
     """
     standardized = standardize(features).to(features.dtype if features.is_floating_point() else torch.float64)
     generator = torch.Generator().manual_seed(seed)
-    fold_of = torch.randperm(len(labels), generator=generator) % folds
+    fold_of = (torch.randperm(len(labels), generator=generator) % folds).to(standardized.device)
+    labels = labels.to(standardized.device)
     total = 0.0
     for fold in range(folds):
         held = fold_of == fold

@@ -157,7 +157,7 @@ def refit_head(prepared: Prepared, options: TrainOptions, run: RunOptions, devic
         attach_probe(prepared, options.layer, head_inputs.shape[1])
     model, head = place.place_model(prepared.model), prepared.head
     labels = local_rows(torch.from_numpy(prepared.labels), shard)
-    weight, bias = fit_softmax_regression(head_inputs, labels, head.out_features, l2=options.l2, shard=shard)
+    weight, bias = fit_softmax_regression(head_inputs, labels, head.out_features, l2=options.l2, shard=shard, device=device)
     with torch.no_grad():
         head.weight.copy_(weight.to(head.weight))
         if head.bias is not None:
@@ -244,7 +244,9 @@ def train_epochs(prepared: Prepared, options: TrainOptions, run: RunOptions, dev
         start_epoch = saved.info["epoch"] + 1
         reporter.info(f"resuming from {resume.path}: {saved.info['epoch']} of {options.epochs} epochs done")
     for epoch in range(start_epoch, options.epochs + 1):
-        running, seen = 0.0, 0
+        # the loss is summed on the device and read once an epoch: reading it every step would make the host
+        # wait for the GPU before it queues the next step
+        running, seen = torch.zeros((), dtype=torch.float64, device=device), 0
         if head_only:
             model.eval()  # a frozen backbone keeps its batch-norm statistics
         else:
@@ -275,10 +277,11 @@ def train_epochs(prepared: Prepared, options: TrainOptions, run: RunOptions, dev
                     loss = sum_gradients(trainable, loss)
                 scaler.step(optimizer)
                 scaler.update()
-                running += float(loss.detach()) * len(rows)
+                running += loss.detach().double() * len(rows)
                 seen += len(rows)
                 step += 1
                 advance(1)
+        running = float(running)
         if shard is not None and not cached:
             running, seen = (float(total) for total in all_reduce_sum(torch.tensor([running, float(seen)], dtype=torch.float64)))
             for buffer in model.buffers():  # batch-norm statistics: rank 0's, as DistributedDataParallel uses

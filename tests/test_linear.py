@@ -1,3 +1,4 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -37,3 +38,33 @@ def test_a_fit_on_a_standardized_copy_equals_the_chunked_fit_bit_for_bit(monkeyp
     chunked = linear.fit_with_scaling(features, labels, 3, l2=0.1)
     for a, b in zip(copied[:2], chunked[:2]):
         assert torch.equal(a, b)
+
+
+def test_a_fit_runs_on_the_cpu_without_a_cuda_device_or_for_rows_on_disk(tmp_path):
+    from irank.linear import fit_device
+    from irank.rowstore import DiskRows
+
+    rows = torch.randn(8, 3)
+    assert fit_device(rows, None).type == "cpu"
+    assert fit_device(rows, torch.device("cpu")).type == "cpu"
+    assert fit_device(DiskRows(8, 3, str(tmp_path)), torch.device("cuda")).type == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("chunked", [False, True])
+def test_a_fit_on_the_gpu_agrees_with_the_cpu_fit(monkeypatch, chunked):
+    """The float64 fit on a CUDA device reaches the same optimum; only the order of its sums differs."""
+    from irank import linear
+
+    if chunked:  # raw float32 rows standardized chunk by chunk on every evaluation
+        monkeypatch.setattr(linear, "PRESTANDARDIZE_BYTES", 0)
+    generator = torch.Generator().manual_seed(2)
+    features = torch.randn(3000, 40, generator=generator) * 3 + 1
+    labels = (features[:, :4] @ torch.randn(4, 5, generator=generator)).argmax(1)
+    labels[:300] = torch.randint(0, 5, (300,), generator=generator)
+    cpu = linear.fit_with_scaling(features, labels, 5, l2=0.1)
+    gpu = linear.fit_with_scaling(features, labels, 5, l2=0.1, device=torch.device("cuda"))
+    assert gpu[0].device.type == "cpu" and gpu[0].dtype == torch.float64
+    print("largest weight difference", float((gpu[0] - cpu[0]).abs().max()), "bias", float((gpu[1] - cpu[1]).abs().max()))
+    torch.testing.assert_close(gpu[0], cpu[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(gpu[1], cpu[1], rtol=0, atol=1e-5)

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from irank.boundary import BoundaryOptions
@@ -140,6 +141,28 @@ def test_auto_layer_skips_a_layer_that_memorized_the_given_labels():
     assert heldout_probe_loss(memorized, labels, classes, l2=0.1) < choice.figures["middle"]["heldout_loss"]
     assert choice.figures["deep"]["heldout_loss"] is None
     assert choice.layer == "middle"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_layer_choice_fitted_on_the_gpu_is_the_cpu_choice():
+    from irank.boundary import choose_layer, choose_layer_by_accuracy
+
+    torch.manual_seed(0)
+    n, classes = 400, 4
+    truth, labels = noisy_labels(n, classes, flip_every=5)
+    features = {"deep": torch.nn.functional.one_hot(labels, classes).float() * 5 + 0.1 * torch.randn(n, classes),
+                "middle": torch.nn.functional.one_hot(truth, classes).float() * 2 + torch.randn(n, classes),
+                "early": torch.randn(n, 6)}
+    cpu = choose_layer(features, labels, classes, l2=0.1)
+    gpu = choose_layer(features, labels, classes, l2=0.1, device=torch.device("cuda"))
+    assert gpu.layer == cpu.layer == "middle"
+    for name in features:
+        assert gpu.figures[name]["agreement"] == pytest.approx(cpu.figures[name]["agreement"], abs=0.01)
+        if cpu.figures[name]["heldout_loss"] is not None:
+            assert gpu.figures[name]["heldout_loss"] == pytest.approx(cpu.figures[name]["heldout_loss"], rel=1e-3)
+    val = {name: values[:100] for name, values in features.items()}
+    by_accuracy = choose_layer_by_accuracy(features, labels, val, truth[:100], classes, l2=0.1, device=torch.device("cuda"))
+    assert by_accuracy.layer == choose_layer_by_accuracy(features, labels, val, truth[:100], classes, l2=0.1).layer
 
 
 def test_layer_choice_runs_on_a_fixed_size_sample_of_a_large_data_set():

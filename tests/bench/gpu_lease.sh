@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine: the CUDA tests, then tests/bench/gpu_cost.py (not run by CI).
+# The machine has its own python3 with torch; irank runs from this checkout (PYTHONPATH). CIFAR-10's archives
+# travel in bench-data/archives (copied from ../shared/data/cifar10), the small-cnn base in bench-out/base:
+#   run(command="bash tests/bench/gpu_lease.sh", carry=["bench-data/archives", "bench-out/base"])
+# Everything it prints goes to $OUT/log too; gpu_cost.py writes $OUT/gpu_cost.json as it goes.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-bench-out}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+shared=../shared/data/cifar10
+if [ ! -f $shared/train.tar.gz ]; then mkdir -p $shared && cp bench-data/archives/*.tar.gz $shared/; fi
+{
+  nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,driver_version --format=csv
+  python3 -c 'import torch, torchvision; print("torch", torch.__version__, "torchvision", torchvision.__version__)'
+  nproc
+  timeout 150 python3 -m pytest -q -s -p no:cacheprovider -k "cuda or gpu" tests/test_transfer.py tests/test_linear.py tests/test_probe.py
+  timeout "${BENCH_TIMEOUT:-420}" python3 tests/bench/gpu_cost.py --json "$OUT/gpu_cost.json" ${BENCH_ARGS:-}
+} 2>&1 | tee "$OUT/log"
