@@ -157,7 +157,7 @@ def refit_head(prepared: Prepared, options: TrainOptions, run: RunOptions, devic
         attach_probe(prepared, options.layer, head_inputs.shape[1])
     model, head = place.place_model(prepared.model), prepared.head
     labels = local_rows(torch.from_numpy(prepared.labels), shard)
-    weight, bias = fit_softmax_regression(head_inputs, labels, head.out_features, l2=options.l2, shard=shard, device=device)
+    weight, bias = fit_softmax_regression(head_inputs, labels, head.out_features, l2=options.l2, shard=shard)
     with torch.no_grad():
         head.weight.copy_(weight.to(head.weight))
         if head.bias is not None:

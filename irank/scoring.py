@@ -174,21 +174,18 @@ def read_val(prepared: Prepared, val: str, model_options: ModelOptions, run: Run
 
 def choose_on_sample(sample_rows: np.ndarray, candidates: dict[str, torch.Tensor], labels: torch.Tensor,
                      num_classes: int, l2: float, reporter: Reporter, shard: Shard | None = None,
-                     held_out: tuple[dict[str, torch.Tensor], torch.Tensor] | None = None,
-                     device: torch.device | None = None) -> LayerChoice:
+                     held_out: tuple[dict[str, torch.Tensor], torch.Tensor] | None = None) -> LayerChoice:
     """The layer, chosen on the sample's rows (gathered from every process under torchrun): by the held-out
-    loss on the given labels, or, with `held_out` (--val's features and labels), by accuracy there. `device`:
-    where the probes may be fitted."""
+    loss on the given labels, or, with `held_out` (--val's features and labels), by accuracy there."""
     if shard is not None:  # blocks are contiguous and the sample is sorted: rank order is row order
         parts = [part for part in gather_objects(candidates) if part]
         candidates = {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
     sample_labels = labels[torch.from_numpy(sample_rows)]
     if held_out is not None:
-        choice = choose_layer_by_accuracy(candidates, sample_labels, *held_out, num_classes, l2=l2, reporter=reporter,
-                                          device=device)
+        choice = choose_layer_by_accuracy(candidates, sample_labels, *held_out, num_classes, l2=l2, reporter=reporter)
     else:
         choice = choose_layer(candidates, sample_labels, num_classes, l2=l2, reporter=reporter,
-                              max_rows=len(sample_rows), device=device)
+                              max_rows=len(sample_rows))
     if len(sample_rows) < len(labels):
         choice.how += f" (on a random sample of {len(sample_rows):,} rows)"
     if shard is not None:
@@ -312,7 +309,7 @@ def score(
     if boundary.kind == "refit" and layer == "auto":
         # the gather lies between two agreement blocks: no collective inside one
         choice = choose_on_sample(sample_rows, candidates, labels, len(prepared.classes), boundary.l2, reporter, shard,
-                                  held_out, device=run_options.placement(prepared.model).device)
+                                  held_out)
         del held_out
         with all_or_none():
             features = read_rest(prepared, choice.layer, sample_rows, candidates, run_options, reporter, shard, budget)
@@ -334,8 +331,7 @@ def score(
         del outputs
     else:
         scores, logits = refit_scores(features, local_labels, len(prepared.classes), method=method,
-                                      measure=influence_measure, l2=boundary.l2, shard=shard, budget=budget,
-                                      device=run_options.placement(prepared.model).device)
+                                      measure=influence_measure, l2=boundary.l2, shard=shard, budget=budget)
         details = {**refit_details(choice, boundary, method, influence_measure), **method_details(requested, method_how)}
         del features
     predictions = prediction_rows(logits, local_labels, budget)

@@ -19,6 +19,9 @@ file as soon as it is measured, and a section that would start after `--deadline
 - agree: `score` (head and default) of small-cnn on the 10,000-image subset on the CPU, on the GPU in full
   precision, and on the GPU in bf16: detection of the wrong labels (AUROC, precision at k) and agreement with
   the CPU's scores.
+- fits: the refit boundary's probe fits (the final fit, the layer choice), which `score` runs on the CPU, on
+  the CPU and on the GPU (`device=` of `irank.linear.fit_with_scaling` and `irank.boundary.choose_layer`),
+  on Gaussian features of the benchmark's shapes: whether moving them to the GPU pays.
 - torchrun: `torchrun --nproc-per-node 1 -m irank score` and `refine --scope full` on the GPU (nccl), with the
   table compared to the one-process run's.
 
@@ -250,6 +253,49 @@ def torchrun_check(checkpoint: str, manifest: str, folder: Path) -> dict:
     return out
 
 
+def probe_fits() -> dict:
+    """The refit boundary's fits, which `score` runs on the CPU, timed on the CPU and on the CUDA device on
+    features of the benchmark's shapes (Gaussian classes, 40% of labels flipped): the final float64 fit on
+    50,000 × 512 rows, and the layer choice on 4,096 rows of small-cnn's and resnet50's candidate layers."""
+    from irank.boundary import choose_layer
+    from irank.linear import fit_with_scaling
+
+    generator = torch.Generator().manual_seed(0)
+
+    def features(rows: int, width: int, truth: torch.Tensor) -> torch.Tensor:
+        centres = torch.randn(10, width, generator=generator)
+        return centres[truth] + 2 * torch.randn(rows, width, generator=generator)
+
+    def noisy(truth: torch.Tensor) -> torch.Tensor:
+        labels = truth.clone()
+        flip = torch.rand(len(truth), generator=generator) < 0.4
+        labels[flip] = torch.randint(0, 10, (int(flip.sum()),), generator=generator)
+        return labels
+
+    out = {}
+    truth = torch.randint(0, 10, (50_000,), generator=generator)
+    rows, labels = features(50_000, 512, truth), noisy(truth)
+    fits = {}
+    for name, device in (("cpu", None), ("cuda", torch.device("cuda"))):
+        synchronize()
+        started = time.perf_counter()
+        fits[name] = fit_with_scaling(rows, labels, 10, l2=0.1, device=device)
+        out[f"final_fit_50000x512/{name}_seconds"] = time.perf_counter() - started
+    out["final_fit_50000x512/largest_weight_difference"] = float((fits["cpu"][0] - fits["cuda"][0]).abs().max())
+    for model, widths in (("small-cnn", (64, 128, 256, 512, 256)), ("resnet50", (2048, 4096, 4096, 4096, 2048))):
+        truth = torch.randint(0, 10, (4096,), generator=generator)
+        candidates = {f"layer{i}": features(4096, width, truth) for i, width in enumerate(widths)}
+        labels = noisy(truth)
+        choices = {}
+        for name, device in (("cpu", None), ("cuda", torch.device("cuda"))):
+            synchronize()
+            started = time.perf_counter()
+            choices[name] = choose_layer(candidates, labels, 10, l2=0.1, device=device)
+            out[f"choice_{model}/{name}_seconds"] = time.perf_counter() - started
+        out[f"choice_{model}/same_layer"] = choices["cpu"].layer == choices["cuda"].layer
+    return out
+
+
 def environment() -> dict:
     info = {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
             "cuda": torch.cuda.is_available(), "irank": irank.__version__}
@@ -264,7 +310,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--json", default=str(ROOT / "bench-out" / "gpu_cost.json"))
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--sections", default="small,refine,big,agree,torchrun")
+    parser.add_argument("--sections", default="small,refine,fits,big,agree,torchrun")
     parser.add_argument("--deadline", type=float, default=float("inf"), help="seconds after which no section starts")
     parser.add_argument("--small-manifest", default=None, help="instead of all 50,000 training images (a quick try)")
     parser.add_argument("--big-rows", type=int, default=10000, help="rows of the 10,000-image subset for big (a quick try: fewer)")
@@ -311,6 +357,8 @@ def main() -> None:
                                                                  folder)
                 elif section == "agree":
                     value = agreement(small_base(manifests), str(manifests["sym40"]), folder)
+                elif section == "fits":
+                    value = probe_fits()
                 elif section == "torchrun":
                     value = torchrun_check(small_base(manifests), str(manifests["sym40"]), folder)
                 else:
@@ -351,6 +399,10 @@ def summary(results: dict) -> str:
                                                              f"overlap {entry['top_k_overlap_with_cpu']:.4f}, max diff "
                                                              f"{entry['max_abs_difference_from_cpu']:.2e}"
                                                              if "spearman_with_cpu" in entry else ""))
+    value = results.get("fits")
+    if isinstance(value, dict) and "error" not in value:
+        lines.append("fits: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in value.items()
+                                          if k != "max_gpu_memory_allocated_mib"))
     value = results.get("torchrun")
     if isinstance(value, dict):
         for name in ("score", "refine"):
