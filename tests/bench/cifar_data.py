@@ -9,6 +9,7 @@ manifests with the given `label` and the clean `true_label`:
 
 from __future__ import annotations
 
+import os
 import tarfile
 from pathlib import Path
 
@@ -16,7 +17,8 @@ import numpy as np
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[2]
-SHARED = ROOT.parent / "shared" / "data" / "cifar10"
+# the archives: ../shared/data/cifar10, or where IRANK_CIFAR_ARCHIVES points (a lent GPU machine has no ../shared)
+SHARED = Path(os.environ.get("IRANK_CIFAR_ARCHIVES") or ROOT.parent / "shared" / "data" / "cifar10")
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 # Pair flips of the noisy-label literature: truck→automobile, bird→airplane, deer→horse, cat↔dog.
 PAIRS = {"truck": "automobile", "bird": "airplane", "deer": "horse", "cat": "dog", "dog": "cat"}

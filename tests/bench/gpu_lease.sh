@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine: the CUDA tests, then tests/bench/gpu_cost.py (not run by CI).
 # The machine has its own python3 with torch; irank runs from this checkout (PYTHONPATH). CIFAR-10's archives
-# travel in bench-data/archives (copied from ../shared/data/cifar10), the small-cnn base in bench-out/base:
+# travel in bench-data/archives (copy ../shared/data/cifar10/*.tar.gz there), the small-cnn base in bench-out/base
+# (tests/bench/train_bases.sh; gpu_cost.py trains it when it is missing):
 #   run(command="bash tests/bench/gpu_lease.sh", carry=["bench-data/archives", "bench-out/base"])
 # Everything it prints goes to $OUT/log too; gpu_cost.py writes $OUT/gpu_cost.json as it goes.
 set -uo pipefail
@@ -9,8 +10,7 @@ cd "$(dirname "$0")/../.."
 OUT=${OUT:-bench-out}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-shared=../shared/data/cifar10
-if [ ! -f $shared/train.tar.gz ]; then mkdir -p $shared && cp bench-data/archives/*.tar.gz $shared/; fi
+export IRANK_CIFAR_ARCHIVES=$PWD/bench-data/archives
 {
   nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,driver_version --format=csv
   python3 -c 'import torch, torchvision; print("torch", torch.__version__, "torchvision", torchvision.__version__)'
