@@ -144,9 +144,8 @@ def fit_rows(features: torch.Tensor, scaling: tuple[torch.Tensor, torch.Tensor])
 
 def fit_device(rows: torch.Tensor, device: torch.device | None) -> torch.device:
     """Where a fit on `rows` runs: on a CUDA `device` when the rows are in memory and take at most a quarter of
-    its free memory (a fit evaluates its objective over every row hundreds of times: on the GPU each
-    evaluation is a few hundred microseconds, on two CPU cores a few tens of milliseconds); else on the CPU.
-    On the GPU the float64 sums are taken in another order, so the fit agrees with the CPU's to about 1e-12."""
+    its free memory (a fit reads every row hundreds of times), else on the CPU. On the GPU the sums are taken
+    in another order, so the fit can differ from the CPU's in its last digits (the CUDA tests bound it)."""
     if device is None or device.type != "cuda" or not isinstance(rows, torch.Tensor):
         return torch.device("cpu")
     free, _ = torch.cuda.mem_get_info(device)
