@@ -3,7 +3,10 @@
 # The machine has its own python3 with torch; irank runs from this checkout (PYTHONPATH). CIFAR-10's archives
 # travel in bench-data/archives (copy ../shared/data/cifar10/*.tar.gz there), the small-cnn base in bench-out/base
 # (tests/bench/train_bases.sh; gpu_cost.py trains it when it is missing):
-#   run(command="bash tests/bench/gpu_lease.sh", carry=["bench-data/archives", "bench-out/base"])
+#   run(command="BENCH_TIMEOUT=400 BENCH_ARGS='--deadline 290' bash tests/bench/gpu_lease.sh",
+#       carry=["bench-data/archives", "bench-out/base"], timeout_s=570)
+# (a lease has 15 minutes of device time, the machine's start included: --deadline skips the sections that would
+# start late, and every finished section is already in the JSON file)
 # Everything it prints goes to $OUT/log too; gpu_cost.py writes $OUT/gpu_cost.json as it goes.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
