@@ -49,20 +49,13 @@ import torch
 
 import irank
 from irank.boundary import BoundaryOptions
-from irank.data import batches, make_loader
-from irank.loading import ModelOptions, RunOptions, prepare
-from irank.placement import Placement, resolve_device
+from irank.loading import ModelOptions, RunOptions
 from irank.progress import Reporter
-from irank.refine import training_loss
 from cifar_data import CLASSES, make_manifests
-from posttrain_cifar import DATA, ROOT, detection, scores_in_row_order, truth_mask
+from posttrain_cifar import (DATA, ROOT, detection, plain_inference_seconds, plain_training_seconds,
+                             scores_in_row_order, synchronize, truth_mask)
 
 BASE = ROOT / "bench-out" / "base"
-
-
-def synchronize() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 class PhaseReporter(Reporter):
@@ -84,23 +77,6 @@ class PhaseReporter(Reporter):
         self.events.append({"info": message[:120], "at": round(time.perf_counter() - self.origin, 3)})
 
 
-def plain_pass(checkpoint: str, manifest: str, run: RunOptions, model_options: ModelOptions, placed: bool) -> float:
-    """Seconds of a plain `model(x)` loop over `score`'s DataLoader: in the default layout and full precision, or
-    (`placed`) in the placement `score` uses."""
-    prepared = prepare(checkpoint, manifest, model_options)
-    loader = make_loader(prepared.manifest.resolved_paths(), prepared.preprocess, batch_size=run.batch_size,
-                         num_workers=run.num_workers)
-    place = run.placement(prepared.model) if placed else Placement(resolve_device(run.device))
-    model = place.place_model(prepared.model).eval()
-    synchronize()
-    started = time.perf_counter()
-    with torch.inference_mode(), place.autocast():
-        for images, _ in batches(loader):
-            model(place.inputs(images))
-    synchronize()
-    return time.perf_counter() - started
-
-
 def timed_score(checkpoint: str, manifest: str, run: RunOptions, model_options: ModelOptions, boundary: str,
                 folder: Path) -> tuple[float, dict]:
     reporter = PhaseReporter()
@@ -115,31 +91,6 @@ def timed_score(checkpoint: str, manifest: str, run: RunOptions, model_options: 
                      "placement": {k: parameters.get(k) for k in ("device", "channels_last", "precision")}}
 
 
-def plain_training(checkpoint: str, manifest: str, run: RunOptions, model_options: ModelOptions,
-                   options: irank.TrainOptions, placed: bool) -> float:
-    """Seconds of a plain training loop: the same loader (shuffled, seeded), SGD settings and epochs as refine."""
-    prepared = prepare(checkpoint, manifest, model_options)
-    loader = make_loader(prepared.manifest.resolved_paths(), prepared.preprocess, batch_size=run.batch_size,
-                         num_workers=run.num_workers, shuffle=True, seed=options.seed)
-    place = run.placement(prepared.model) if placed else Placement(resolve_device(run.device))
-    model = place.place_model(prepared.model).train()
-    labels = torch.from_numpy(prepared.labels)
-    optimizer = torch.optim.SGD(model.parameters(), lr=options.lr, momentum=options.momentum,
-                                weight_decay=options.weight_decay)
-    synchronize()
-    started = time.perf_counter()
-    for _ in range(options.epochs):
-        for images, rows in batches(loader):
-            with place.autocast():
-                logits = model(place.inputs(images))
-            loss = training_loss(logits.float(), labels[rows].to(place.device), "ce")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-    synchronize()
-    return time.perf_counter() - started
-
-
 def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
@@ -148,10 +99,10 @@ def compare_passes(checkpoint: str, manifest: str, run: RunOptions, model_option
                    folder: Path) -> dict:
     times: dict[str, list[float]] = {"plain": [], "plain_placed": [], "score_head": [], "score_refit": []}
     details = {}
-    plain_pass(checkpoint, manifest, run, model_options, placed=True)  # warm-up: cuDNN, page cache, workers
+    plain_inference_seconds(checkpoint, manifest, True, run, model_options)  # warm-up: cuDNN, page cache, workers
     for _ in range(repeats):
-        times["plain"].append(plain_pass(checkpoint, manifest, run, model_options, placed=False))
-        times["plain_placed"].append(plain_pass(checkpoint, manifest, run, model_options, placed=True))
+        times["plain"].append(plain_inference_seconds(checkpoint, manifest, False, run, model_options))
+        times["plain_placed"].append(plain_inference_seconds(checkpoint, manifest, True, run, model_options))
         for boundary in ("head", "refit"):
             seconds, details[boundary] = timed_score(checkpoint, manifest, run, model_options, boundary, folder)
             times[f"score_{boundary}"].append(seconds)
@@ -164,8 +115,8 @@ def compare_passes(checkpoint: str, manifest: str, run: RunOptions, model_option
 
 def compare_training(checkpoint: str, manifest: str, run: RunOptions, model_options: ModelOptions,
                      options: irank.TrainOptions, folder: Path) -> dict:
-    plain = plain_training(checkpoint, manifest, run, model_options, options, placed=False)
-    placed = plain_training(checkpoint, manifest, run, model_options, options, placed=True)
+    plain = plain_training_seconds(checkpoint, manifest, options, False, run, model_options)
+    placed = plain_training_seconds(checkpoint, manifest, options, True, run, model_options)
     synchronize()
     started = time.perf_counter()
     irank.refine(checkpoint, manifest, output=str(folder / "refined.safetensors"), train_options=options,

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 
 import irank
 from irank.boundary import BoundaryOptions
@@ -32,6 +33,7 @@ from irank.features import forward_pass
 from irank.linear import fit_softmax_regression
 from irank.loading import ModelOptions, RunOptions, prepare
 from irank.metrics import auroc, precision_at_k
+from irank.placement import Placement, resolve_device
 from irank.posttrain import RECIPES, LoopOptions, post_train
 from irank.refine import TrainOptions
 from irank.scoring import method_scores
@@ -77,18 +79,59 @@ def detection(scores: np.ndarray, corrupted: np.ndarray) -> dict:
     return {"auroc": auroc(scores, corrupted), "precision_at_k": precision_at_k(order, corrupted)}
 
 
-def plain_inference_seconds(checkpoint: str, manifest: str, channels_last: bool = False) -> float:
-    """A plain `model(x)` loop over the same DataLoader as `score`'s; with `channels_last`, model and batches in
-    that memory layout (the layout `score` uses for conv nets), the fairer baseline."""
-    prepared = prepare(checkpoint, manifest, ModelOptions())
-    loader = make_loader(prepared.manifest.resolved_paths(), prepared.preprocess, batch_size=RUN.batch_size, num_workers=RUN.num_workers)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    layout = torch.channels_last if channels_last else torch.contiguous_format
-    model = prepared.model.to(device, memory_format=layout).eval()
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _placement(run: RunOptions, model, placed: bool) -> Placement:
+    """`score`'s placement of `model` (channels-last for wide conv nets, bf16 autocast on CUDA), or (`placed`
+    False) the default layout in full precision on the same device."""
+    return run.placement(model) if placed else Placement(resolve_device(run.device))
+
+
+def plain_inference_seconds(checkpoint: str, manifest: str, placed: bool = False, run: RunOptions = RUN,
+                            model_options: ModelOptions | None = None) -> float:
+    """Seconds of a plain `model(x)` loop over `score`'s DataLoader: in the default layout and full precision (the
+    issue's baseline), or (`placed`) in the placement `score` uses (the fairer baseline). The device is
+    synchronized before the clock stops."""
+    prepared = prepare(checkpoint, manifest, model_options or ModelOptions())
+    loader = make_loader(prepared.manifest.resolved_paths(), prepared.preprocess, batch_size=run.batch_size,
+                         num_workers=run.num_workers)
+    place = _placement(run, prepared.model, placed)
+    model = place.place_model(prepared.model).eval()
+    synchronize()
     started = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), place.autocast():
         for images, _ in batches(loader):
-            model(images.to(device, memory_format=layout))
+            model(place.inputs(images))
+    synchronize()
+    return time.perf_counter() - started
+
+
+def plain_training_seconds(checkpoint: str, manifest: str, options: TrainOptions, placed: bool = False,
+                           run: RunOptions = RUN, model_options: ModelOptions | None = None) -> float:
+    """Seconds of a plain training loop: the loader (shuffled, seeded), SGD settings and epochs `refine` uses, in
+    the default layout and full precision or (`placed`) in `refine`'s placement."""
+    prepared = prepare(checkpoint, manifest, model_options or ModelOptions())
+    loader = make_loader(prepared.manifest.resolved_paths(), prepared.preprocess, batch_size=run.batch_size,
+                         num_workers=run.num_workers, shuffle=True, seed=options.seed)
+    place = _placement(run, prepared.model, placed)
+    model = place.place_model(prepared.model).train()
+    labels = torch.from_numpy(prepared.labels)
+    optimizer = torch.optim.SGD(model.parameters(), lr=options.lr, momentum=options.momentum,
+                                weight_decay=options.weight_decay)
+    synchronize()
+    started = time.perf_counter()
+    for _ in range(options.epochs):
+        for images, rows in batches(loader):
+            with place.autocast():
+                logits = model(place.inputs(images))
+            loss = F.cross_entropy(logits.float(), labels[rows].to(place.device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    synchronize()
     return time.perf_counter() - started
 
 

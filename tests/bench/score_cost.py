@@ -31,7 +31,7 @@ manifest = args.manifest or str(DATA / f"train-{args.setting.split('-')[1]}.csv"
 inference_times, nhwc_times, score_times = [], [], []
 for _ in range(args.repeats):
     inference_times.append(plain_inference_seconds(checkpoint, manifest))
-    nhwc_times.append(plain_inference_seconds(checkpoint, manifest, channels_last=True))
+    nhwc_times.append(plain_inference_seconds(checkpoint, manifest, placed=True))
     started = time.perf_counter()
     result = irank.score(checkpoint, manifest, run_options=RUN, boundary=BoundaryOptions(kind=args.boundary))
     score_times.append(time.perf_counter() - started)
