@@ -17,7 +17,6 @@ Parameters are ordered class-major: index c·D̃ + d, matching g = r ⊗ φ̃.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
