@@ -7,10 +7,15 @@ around a few samples the way a memorizing network does.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .distributed import Shard, broadcast_, is_main
 from .influence import chunk_size, spans
+from .lbfgs import minimize
+
+TOLERANCE_GRAD = 1e-7  # on the largest entry of the gradient: far below what moves a ranking
 
 
 def standardizer(features: torch.Tensor, shard: Shard | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,10 +66,22 @@ def data_term(data: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bi
     return loss, weight_grad, bias_grad
 
 
-def _lbfgs(weight: torch.Tensor, bias: torch.Tensor, max_iter: int) -> torch.optim.LBFGS:
-    weight.grad, bias.grad = torch.zeros_like(weight), torch.zeros_like(bias)
-    return torch.optim.LBFGS([weight, bias], lr=1, max_iter=max_iter, history_size=20,
-                             tolerance_grad=1e-7, tolerance_change=1e-12, line_search_fn="strong_wolfe")
+def _packed(weight_shape: torch.Size, point: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) as views of one flat parameter vector."""
+    size = weight_shape[0] * weight_shape[1]
+    return point[:size].view(weight_shape), point[size:]
+
+
+def _objective(weight_shape: torch.Size, num_rows: int, l2: float,
+               summed: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
+    """The flat objective mean CE + l2/2 ‖W‖² and its gradient, from `summed(weight, bias)`: the data term's
+    sums (loss, ∂/∂weight, ∂/∂bias) over the rows."""
+    def objective(point: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        weight, bias = _packed(weight_shape, point)
+        loss, weight_grad, bias_grad = summed(weight, bias)
+        gradient = torch.cat([(weight_grad / num_rows + l2 * weight).reshape(-1), bias_grad / num_rows])
+        return loss / num_rows + 0.5 * l2 * (weight * weight).sum(), gradient
+    return objective
 
 
 def fit_standardized(
@@ -89,21 +106,15 @@ def fit_standardized(
     dtype = torch.float64 if scaling is not None else standardized.dtype
     device = standardized.device if isinstance(standardized, torch.Tensor) else torch.device("cpu")
     if init is None:
-        weight = torch.zeros(num_classes, dims, dtype=dtype, device=device)
-        bias = torch.zeros(num_classes, dtype=dtype, device=device)
+        start = torch.zeros(num_classes * (dims + 1), dtype=dtype, device=device)
     else:
-        weight, bias = (tensor.detach().clone().to(device, dtype) for tensor in init)
-    optimizer = _lbfgs(weight, bias, max_iter)
-
-    def closure():
-        loss, weight_grad, bias_grad = data_term(standardized, labels, weight, bias, scaling)
-        weight.grad.copy_(weight_grad / num_rows).add_(weight, alpha=l2)
-        bias.grad.copy_(bias_grad / num_rows)
-        return loss / num_rows + 0.5 * l2 * (weight * weight).sum()
-
+        start = torch.cat([init[0].reshape(-1), init[1]]).to(device, dtype)
+    shape = torch.Size((num_classes, dims))
+    objective = _objective(shape, num_rows, l2, lambda weight, bias: data_term(standardized, labels, weight, bias,
+                                                                              scaling))
     with torch.no_grad():
-        optimizer.step(closure)
-    return weight, bias
+        point = minimize(objective, start, max_iter=max_iter, tolerance_grad=TOLERANCE_GRAD).point
+    return _packed(shape, point)
 
 
 def fit_softmax_regression(
@@ -176,9 +187,7 @@ def fit_with_scaling(
         weight, bias = fit_standardized(rows, labels, num_classes, l2=l2, max_iter=max_iter, scaling=row_scaling)
         weight, bias = weight.cpu(), bias.cpu()
     else:
-        weight = torch.zeros(num_classes, features.shape[1], dtype=torch.float64)
-        bias = torch.zeros(num_classes, dtype=torch.float64)
-        _step_sharded(_lbfgs(weight, bias, max_iter), weight, bias, rows, row_scaling, labels, l2, shard)
+        weight, bias = _fit_sharded(rows, row_scaling, labels, num_classes, l2, max_iter, shard)
     del rows
     mean, scale = scaling
     raw_weight = weight / scale
@@ -186,40 +195,40 @@ def fit_with_scaling(
     return raw_weight, raw_bias, scaling
 
 
-def _step_sharded(optimizer: torch.optim.LBFGS, weight: torch.Tensor, bias: torch.Tensor, features: torch.Tensor,
-                  scaling: tuple[torch.Tensor, torch.Tensor] | None, labels: torch.Tensor, l2: float, shard: Shard) -> None:
-    """`optimizer.step` over every process's rows: rank 0 alone runs L-BFGS. Each time it evaluates the
-    objective it sends the point to every process, and each returns its rows' share of the loss and
-    gradient (all-reduced). Only rank 0 decides, so the processes cannot fall out of step; at the end it
-    sends the final point, so every process holds the same weights."""
-    sizes = (weight.numel(), bias.numel())
+def _fit_sharded(features: torch.Tensor, scaling: tuple[torch.Tensor, torch.Tensor] | None, labels: torch.Tensor,
+                 num_classes: int, l2: float, max_iter: int, shard: Shard) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fit over every process's rows: rank 0 alone runs L-BFGS. Each time it evaluates the objective it
+    sends the point to every process, and each returns its rows' share of the loss and gradient
+    (all-reduced). Only rank 0 decides, so the processes cannot fall out of step; at the end it sends the
+    final point, so every process holds the same weights."""
+    shape = torch.Size((num_classes, features.shape[1]))
+    point = torch.zeros(num_classes * (shape[1] + 1), dtype=torch.float64)
 
     def exchange(go: bool) -> bool:
-        """Rank 0's (go, weight, bias) on every process; returns go."""
-        message = torch.cat([torch.tensor([float(go)], dtype=weight.dtype), weight.reshape(-1), bias.reshape(-1)])
+        """Rank 0's (go, point) on every process; returns go."""
+        message = torch.cat([torch.tensor([float(go)], dtype=point.dtype), point])
         broadcast_(message)
-        weight.copy_(message[1 : 1 + sizes[0]].view_as(weight))
-        bias.copy_(message[1 + sizes[0] :].view_as(bias))
+        point.copy_(message[1:])
         return bool(message[0])
 
-    def totals() -> torch.Tensor:
-        """[loss, ∂loss/∂weight, ∂loss/∂bias] of the mean over every process's rows at the current point, flattened."""
+    def summed(weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every process's rows' sums of the data term at (weight, bias)."""
         loss, weight_grad, bias_grad = data_term(features, labels, weight, bias, scaling)
-        local = torch.cat([loss.reshape(1), weight_grad.reshape(-1), bias_grad.reshape(-1)])
-        return shard.sum(local) / shard.total
+        total = shard.sum(torch.cat([loss.reshape(1), weight_grad.reshape(-1), bias_grad.reshape(-1)]))
+        return total[0], total[1 : 1 + shape.numel()].view(shape), total[1 + shape.numel():]
 
     with torch.no_grad():
         if not is_main():
             while exchange(go=False):
-                totals()
-            return
+                summed(*_packed(shape, point))
+            return _packed(shape, point)
+        local = _objective(shape, shard.total, l2, summed)
 
-        def closure():
+        def objective(candidate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            point.copy_(candidate)
             exchange(go=True)
-            summed = totals()
-            weight.grad.copy_(summed[1 : 1 + sizes[0]].view_as(weight)).add_(weight, alpha=l2)
-            bias.grad.copy_(summed[1 + sizes[0] :].view_as(bias))
-            return summed[0] + 0.5 * l2 * (weight * weight).sum()
+            return local(point)
 
-        optimizer.step(closure)
+        point.copy_(minimize(objective, point.clone(), max_iter=max_iter, tolerance_grad=TOLERANCE_GRAD).point)
         exchange(go=False)
+    return _packed(shape, point)
