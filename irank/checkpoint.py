@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .errors import CheckpointError
+from .errors import CheckpointError, UsageError
 from .files import atomic_path
 from .models import BUILTIN_ARCHS, VECTOR_ARCHS, vector_model
 
@@ -55,10 +55,7 @@ def read_checkpoint(path: str) -> Checkpoint:
                 state_dict = {key: handle.get_tensor(key) for key in handle.keys()}
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"checkpoint {path}: not a readable safetensors file ({exc})") from None
-        try:
-            metadata = json.loads(raw_meta[METADATA_KEY]) if METADATA_KEY in raw_meta else {}
-        except json.JSONDecodeError:
-            raise CheckpointError(f"checkpoint {path}: its irank metadata is not valid JSON") from None
+        metadata = parse_metadata(raw_meta.get(METADATA_KEY), path)
         return Checkpoint(str(path), _strip_prefixes(state_dict), metadata)
     if file.suffix in (".pt", ".pth", ".bin"):
         try:
@@ -80,6 +77,59 @@ def read_checkpoint(path: str) -> Checkpoint:
             raise CheckpointError(f"checkpoint {path}: expected a state dict (names → tensors)")
         return Checkpoint(str(path), _strip_prefixes(dict(loaded)), {})
     raise CheckpointError(f"checkpoint {path}: unknown format {file.suffix!r}; use .safetensors, .pt or .pth")
+
+
+# The keys of irank's metadata that later stages read, and the JSON types each must have.
+METADATA_TYPES = {"arch": str, "classes": list, "head": str, "preprocess": dict, "input_shape": list, "probe": dict}
+
+
+def parse_metadata(text: str | None, path: str) -> dict:
+    """irank's metadata of a safetensors checkpoint, checked for the types later stages rely on: the file is
+    someone else's data, so a wrong shape is a one-line error, not a traceback deep in a stage."""
+    if text is None:
+        return {}
+    try:
+        metadata = json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        raise CheckpointError(f"checkpoint {path}: its irank metadata is not valid JSON") from None
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"checkpoint {path}: its irank metadata is not a JSON object")
+    for key, kind in METADATA_TYPES.items():
+        if metadata.get(key) is not None and not isinstance(metadata[key], kind):
+            raise CheckpointError(f"checkpoint {path}: irank metadata key {key!r} is not a JSON {kind.__name__}")
+    if not all(isinstance(name, (str, int)) and not isinstance(name, bool) for name in metadata.get("classes") or []):
+        raise CheckpointError(f"checkpoint {path}: irank metadata key 'classes' must list class names")
+    probe = metadata.get("probe") or {}
+    if probe and not (isinstance(probe.get("layer"), str) and type(probe.get("in_features")) is int):
+        raise CheckpointError(f"checkpoint {path}: irank metadata key 'probe' needs a layer name and in_features")
+    return metadata
+
+
+def names_code(arch: str) -> bool:
+    """Whether an architecture name is Python code to run ('module:factory' or 'file.py:factory')."""
+    return ":" in arch
+
+
+def resolve_arch(given: str | None, checkpoint: Checkpoint | None) -> str:
+    """The architecture to build: `given` (--arch) when there is one, else the checkpoint's metadata.
+
+    A checkpoint is data, never code: its metadata may name irank's built-ins and torchvision models, and a
+    name that would import a module or run a file is refused; code runs only when the user names it.
+    """
+    if given:
+        return given
+    stored = checkpoint.metadata.get("arch") if checkpoint is not None else None
+    if checkpoint is None:
+        raise UsageError("--arch is needed to build a model")
+    if not stored:
+        raise UsageError(f"checkpoint {checkpoint.path} has no irank metadata naming its architecture: pass --arch "
+                         "(a torchvision model name such as resnet18, a built-in such as small-cnn, or module:factory)")
+    if names_code(stored):
+        raise CheckpointError(
+            f"checkpoint {checkpoint.path}: its metadata names the architecture {stored!r}, which is Python code; "
+            f"irank runs code only when you name it: pass --arch {stored} if you trust it (a checkpoint irank "
+            "wrote from your own architecture needs --arch again)")
+    return stored
 
 
 def _call_factory(factory, num_classes: int, spec: str) -> nn.Module:

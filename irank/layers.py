@@ -175,16 +175,16 @@ def list_layers(checkpoint_path: str, options, image_size: int | None = None,
                 input_shape: tuple[int, ...] | None = None) -> list[dict]:
     """Every module of a checkpoint's model with its output shape on a dummy input, and whether --layer auto tries it."""
     from .boundary import block_candidates
-    from .checkpoint import build_model, find_head, load_weights, read_checkpoint
+    from .checkpoint import build_model, find_head, load_weights, read_checkpoint, resolve_arch
     from .manifest import read_classes_file
 
     checkpoint = read_checkpoint(checkpoint_path)
     meta = checkpoint.metadata
     classes = meta.get("classes") or (read_classes_file(options.classes) if options.classes else None)
-    arch = options.arch or meta.get("arch")
-    if not arch or not classes:
-        raise UsageError(f"checkpoint {checkpoint_path} has no irank metadata: pass --arch and --classes")
-    model = build_model(arch, len(classes))
+    if not classes:
+        raise UsageError(f"checkpoint {checkpoint_path} has no class list in irank metadata: pass --classes")
+    arch = resolve_arch(options.arch, checkpoint)
+    model = with_probe(build_model(arch, len(classes)), meta, len(classes))
     load_weights(model, checkpoint, arch)
     head_name, _ = find_head(model, options.head or meta.get("head"))
     candidates = set(block_candidates(model, head_name))
@@ -199,6 +199,12 @@ def list_layers(checkpoint_path: str, options, image_size: int | None = None,
         {"name": name, "type": kind, "shape": list(shape), "pooled": pooled, "candidate": name in candidates}
         for name, kind, shape, pooled in traced
     ]
+
+
+def with_probe(model: nn.Module, metadata: dict, num_classes: int) -> nn.Module:
+    """The model a checkpoint holds: `model` itself, or cut at a layer with a probe head when refine wrote it so."""
+    probe = metadata.get("probe")
+    return ProbeModel(model, probe["layer"], probe["in_features"], num_classes) if probe else model
 
 
 class ProbeModel(nn.Module):

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ._version import __version__
-from .checkpoint import Checkpoint, build_model, find_head, load_weights, read_checkpoint
+from .checkpoint import Checkpoint, build_model, find_head, load_weights, read_checkpoint, resolve_arch
 from .data import BAD_IMAGE_POLICIES, Preprocess, find_bad_images, resolve_preprocess
 from .errors import CheckpointError, ImageError, UsageError
 from .manifest import Manifest, check_inside_root, encode_labels, read_manifest, resolve_classes
@@ -150,20 +150,12 @@ def prepare(checkpoint_path: str | None, manifest_path: str, options: ModelOptio
         manifest.labels, checkpoint_classes=meta.get("classes"), classes_file=options.classes
     )
     labels = encode_labels(manifest, classes)
-    arch = options.arch or meta.get("arch")
-    if not arch:
-        if checkpoint is None:
-            raise UsageError("--arch is needed to build a model")
-        raise UsageError(
-            f"checkpoint {checkpoint_path} has no irank metadata naming its architecture: pass --arch "
-            "(a torchvision model name such as resnet18, a built-in such as small-cnn, or module:factory)"
-        )
+    arch = resolve_arch(options.arch, checkpoint)
     model = build_model(arch, len(classes))
     check_input_fits(model, arch, manifest, input_shape)
-    if meta.get("probe"):
-        from .layers import ProbeModel
+    from .layers import with_probe
 
-        model = ProbeModel(model, meta["probe"]["layer"], meta["probe"]["in_features"], len(classes))
+    model = with_probe(model, meta, len(classes))
     if checkpoint is not None:
         load_weights(model, checkpoint, arch)
     head_name, head = find_head(model, options.head or meta.get("head"))
