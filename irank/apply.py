@@ -15,7 +15,7 @@ import pandas as pd
 
 from ._version import __version__
 from .errors import ManifestError, UsageError
-from .files import check_outputs_clear_of_inputs, check_overwrite, is_stdio, sha256_file, write_json_atomic
+from .files import check_outputs_clear_of_inputs, check_overwrite, is_stdio, output_set, sha256_file, write_json_atomic
 from .columns import distinct
 from .manifest import (Manifest, blocks_quoting, column_as_text, path_rebaser, read_classes_file, read_manifest,
                        read_table, table_format, write_blocks, write_table)
@@ -222,11 +222,12 @@ def apply_review(
         },
     }
     result = ApplyResult(samples, keep, new_labels, audit, summary)
-    if output is not None:
-        rebase = path_rebaser(samples.paths_at(keep), samples.root, output)
-        write_blocks(result.fixed_blocks(rebase), output, quoting=blocks_quoting(result.fixed_blocks, samples, keep))
-        if not is_stdio(output):
-            write_json_atomic(output + ".json", summary)
-    if audit_output is not None:
-        write_table(audit, audit_output)
+    with output_set(overwrite):  # the fixed manifest, its sidecar and the audit change together
+        if output is not None:
+            rebase = path_rebaser(samples.paths_at(keep), samples.root, output)
+            write_blocks(result.fixed_blocks(rebase), output, quoting=blocks_quoting(result.fixed_blocks, samples, keep))
+            if not is_stdio(output):
+                write_json_atomic(output + ".json", summary)
+        if audit_output is not None:
+            write_table(audit, audit_output)
     return result

@@ -4,7 +4,7 @@ probe refit on a chosen layer's features (`--boundary refit --layer NAME|auto --
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -24,28 +24,48 @@ PASS_THROUGH = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Dropout, nn.Identity, nn
 MAX_AUTO_CANDIDATES = 5
 
 
+DEFAULT_L2 = 0.1
+CHOICE_ROWS = 4096  # the default sample for choose_layer: its cost stays flat in n
+
+
 @dataclass
 class BoundaryOptions:
-    """The default, measured on the benchmark: a probe refit at the layer `auto` picks."""
+    """The default, measured on the benchmark: a probe refit at the layer `auto` picks.
+
+    `l2` and `choice_rows` left None take their defaults (DEFAULT_L2, CHOICE_ROWS) where they apply; given
+    where they do nothing (on the head; a layer given by name), `validate` refuses them.
+    """
 
     kind: str = "refit"
     layer: str | None = "auto"  # with refit: a module name, "auto", or "head-input"; ignored by head when "auto"
-    l2: float = 0.1
-    choice_rows: int = 4096  # --layer auto chooses on a seeded random sample of this many rows
+    l2: float | None = None  # the probe's L2 strength on standardized features (refit)
+    choice_rows: int | None = None  # --layer auto chooses on a seeded random sample of this many rows
     val: str | None = None  # a clean labelled manifest: --layer auto chooses by the probes' accuracy on it
 
     def validate(self) -> None:
         if self.kind not in BOUNDARIES:
             raise UsageError(f"--boundary {self.kind}: choose from {', '.join(BOUNDARIES)}")
-        if not self.l2 > 0:
+        if self.l2 is not None and not self.l2 > 0:
             raise UsageError(f"--l2 {self.l2}: must be positive")
-        if self.choice_rows < 10:
+        if self.choice_rows is not None and self.choice_rows < 10:
             raise UsageError(f"--choice-rows {self.choice_rows}: must be at least 10")
-        if self.kind == "head" and self.layer not in (None, "auto"):
-            raise UsageError("--layer needs --boundary refit (the head boundary is read at the head)")
+        if self.kind == "head":
+            for flag, value in (("--layer", None if self.layer == "auto" else self.layer), ("--l2", self.l2),
+                                ("--choice-rows", self.choice_rows)):
+                if value is not None:
+                    raise UsageError(f"{flag} needs --boundary refit (the head boundary is the checkpoint's own head)")
+        if self.choice_rows is not None and self.layer != "auto":
+            raise UsageError(f"--choice-rows samples the rows that --layer auto chooses on; --layer {self.layer} "
+                             "is given")
         if self.val is not None and (self.kind != "refit" or self.layer != "auto"):
             raise UsageError("--val chooses the layer of --boundary refit --layer auto; it has no use with "
                              f"--boundary {self.kind}" + (f" --layer {self.layer}" if self.kind == "refit" else ""))
+
+    def resolved(self) -> "BoundaryOptions":
+        """These options, validated, with the defaults filled in where left None."""
+        self.validate()
+        return replace(self, l2=DEFAULT_L2 if self.l2 is None else self.l2,
+                       choice_rows=CHOICE_ROWS if self.choice_rows is None else self.choice_rows)
 
     @property
     def probe_layer(self) -> str:
@@ -75,7 +95,6 @@ class LayerChoice:
 
 
 MEMORIZED_AGREEMENT = 0.99
-CHOICE_ROWS = BoundaryOptions.choice_rows  # the default sample for choose_layer: its cost stays flat in n
 
 
 def choice_sample(num_rows: int, *, limit: int | None = None, seed: int = 0) -> torch.Tensor | None:

@@ -3,7 +3,7 @@
 Exit codes: 0 success; 1 an internal error (a bug: please report it); 2 a command line that does not
 parse (unknown flag, missing argument); 3 bad input (a file, row or flag named in the message);
 4 the CI gate failed (`irank score --fail-over`): the outputs were written, the reason is one line on stderr;
-130 interrupted (Ctrl-C): no output was written.
+130 interrupted (Ctrl-C), 143 or 129 terminated by SIGTERM or SIGHUP: no output was written.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sys
 import traceback
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, NoReturn, Optional
 
 import typer
 from rich.console import Console
@@ -23,6 +23,7 @@ from rich.table import Table
 
 from .evaluation import evaluate as run_evaluate
 from ._version import __version__
+from .entry import EXIT_INTERRUPTED, install_signal_handlers, interrupt_message, stopped_by
 from .boundary import BoundaryOptions
 from .errors import IrankError, UsageError
 from .files import is_stdio
@@ -32,7 +33,6 @@ from .rowstore import DEFAULT_MEMORY_BUDGET, parse_size
 
 EXIT_INPUT_ERROR = 3
 EXIT_GATE_FAILED = 4
-EXIT_INTERRUPTED = 130
 
 app = typer.Typer(
     name="irank",
@@ -41,7 +41,7 @@ app = typer.Typer(
         "remove them and refine the model.\n\n"
         "Stages read and write plain files: score → prune → refine, and score → review → apply for annotators. "
         "Exit codes: 0 ok, 2 bad command line, 3 bad input (named in the message), "
-        "4 the CI gate of score --fail-over failed (outputs written), 130 interrupted, 1 internal error."
+        "4 the CI gate of score --fail-over failed (outputs written), 130 interrupted (143 SIGTERM), 1 internal error."
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -171,18 +171,6 @@ def model_options(arch, head, classes, preprocess, image_size, resize, mean, std
                         image_size=image_size, resize=resize, mean=mean, std=std)
 
 
-def method_and_measure(method: "Method", measure: "Measure | None", boundary: "Boundary", reporter) -> tuple[str, str]:
-    """(--method, --influence-measure) to run: a measure given with --method auto asks for influence, which
-    auto would not rank by on a refit probe (there it ranks by the probe's loss)."""
-    if measure is None:
-        return method.value, Measure.self_influence.value
-    if method is Method.auto and boundary is Boundary.refit:
-        reporter.info(f"--influence-measure {measure.value} given: ranking by influence (--method auto would rank by "
-                      "the probe's loss here)")
-        return "influence", measure.value
-    return method.value, measure.value
-
-
 def run_options(device, batch_size, num_workers, channels_last, precision, memory_budget=None) -> RunOptions:
     """RunOptions from the Running flags every model command shares (`--memory-budget` where it has one)."""
     budget = {} if memory_budget is None else {"memory_budget": parse_size(memory_budget)}
@@ -197,6 +185,15 @@ def parse_workers(text: str) -> int | None:
     if not text.strip().isdigit():
         raise UsageError(f"--num-workers {text}: a whole number of 0 or more, or auto")
     return int(text)
+
+
+def refuse_idle(ctx: typer.Context, idle: dict[str, str]) -> None:
+    """Refuse a flag given on the command line that does nothing in this run (parameter name → why): a flag is
+    never silently ignored."""
+    for name, why in idle.items():
+        source = ctx.get_parameter_source(name)
+        if source is not None and source.name == "COMMANDLINE":
+            raise UsageError(f"--{name.replace('_', '-')} does nothing here: {why}")
 
 
 def print_json(payload: dict) -> None:
@@ -215,13 +212,13 @@ def score(
                                                        "if left out), boundary-shift (mean squared change of all logits) "
                                                        "or parameter-shift (‖Δθ‖). Giving it with --method auto ranks by influence on a refit "
                                                        "probe too.", show_default=False)] = None,
-    curvature: Annotated[Curvature, typer.Option(help="Head curvature: exact Gauss-Newton, Kronecker-factored (kfac), "
-                                                 "or auto (exact when small).")] = Curvature.auto,
-    damping: Annotated[float, typer.Option(help="Damping, relative to the mean eigenvalue of the curvature.")] = 0.01,
+    curvature: Annotated[Optional[Curvature], typer.Option(help="With --boundary head --method influence: the head's curvature, exact Gauss-Newton, Kronecker-factored (kfac), "
+                                                 "or auto (exact when small; the default).", show_default=False)] = None,
+    damping: Annotated[Optional[float], typer.Option(help="With --boundary head --method influence: damping, relative to the mean eigenvalue of the curvature (default 0.01).", show_default=False)] = None,
     boundary: Annotated[Boundary, typer.Option(help="refit (default): an L2-regularized linear probe refit on --layer's pooled features, a boundary that cannot bend around memorized labels; head: the checkpoint's own head (--curvature and --damping apply there).")] = Boundary.refit,
     layer: Annotated[str, typer.Option(help="With --boundary refit: auto (the deepest block whose probe did not memorize the given labels; see README), head-input, or a module name from `irank layers`.")] = "auto",
-    l2: Annotated[float, typer.Option(help="With --boundary refit: the probe's L2 strength on standardized features.")] = 0.1,
-    choice_rows: Annotated[int, typer.Option(help="With --layer auto: every candidate layer is read and compared on a seeded random sample of this many rows; the other rows then run only up to the chosen layer.")] = 4096,
+    l2: Annotated[Optional[float], typer.Option(help="With --boundary refit: the probe's L2 strength on standardized features (default 0.1); with influence, also the probe's curvature damping.", show_default=False)] = None,
+    choice_rows: Annotated[Optional[int], typer.Option(help="With --layer auto: every candidate layer is read and compared on a seeded random sample of this many rows (default 4096); the other rows then run only up to the chosen layer.", show_default=False)] = None,
     val: Annotated[Optional[Path], typer.Option(help="With --layer auto: a small clean labelled manifest; the layer whose probe (fitted on the given labels) is most accurate on it is chosen, instead of by held-out loss on the given labels.")] = None,
     arch: ArchOpt = None, head: HeadOpt = None, classes: ClassesOpt = None, preprocess: PresetOpt = None,
     image_size: ImageSizeOpt = None, resize: ResizeOpt = None, mean: MeanOpt = None, std: StdOpt = None,
@@ -253,10 +250,10 @@ def score(
         raise UsageError("--json and -o - both write to stdout; pick one")
     validate_gate(fail_over, fail_score, boundary.value)
     reporter = RichReporter(quiet)
-    method_name, measure_name = method_and_measure(method, influence_measure, boundary, reporter)
     result = run_score(
-        str(checkpoint), str(manifest), output=output, method=method_name, influence_measure=measure_name,
-        curvature=curvature.value, damping=damping,
+        str(checkpoint), str(manifest), output=output, method=method.value,
+        influence_measure=influence_measure.value if influence_measure else None,
+        curvature=curvature.value if curvature else None, damping=damping,
         boundary=BoundaryOptions(kind=boundary.value, layer=layer, l2=l2, choice_rows=choice_rows,
                                  val=str(val) if val else None),
         model_options=model_options(arch, head, classes, preprocess, image_size, resize, mean, std, allow_outside_root, on_bad_image),
@@ -399,6 +396,7 @@ def _train_options(scope, epochs, lr, weight_decay, augment, seed, l2=1e-3, loss
 
 @app.command()
 def refine(
+    ctx: typer.Context,
     checkpoint: Annotated[Path, typer.Argument(help="The model to fine-tune.")],
     manifest: Annotated[Path, typer.Argument(help="The (cleaned) manifest to fine-tune on.")],
     output: Annotated[str, typer.Option("-o", "--output", help="Refined checkpoint (.safetensors, with irank metadata).")],
@@ -426,8 +424,10 @@ def refine(
     from .refine import refine as run_refine
 
     reporter = RichReporter(quiet)
+    options = _train_options(scope, epochs, lr, weight_decay, augment, seed, l2, loss=loss, layer=layer)
+    refuse_idle(ctx, options.idle())
     result = run_refine(
-        str(checkpoint), str(manifest), output=output, train_options=_train_options(scope, epochs, lr, weight_decay, augment, seed, l2, loss=loss, layer=layer),
+        str(checkpoint), str(manifest), output=output, train_options=options,
         val=str(val) if val else None, model_options=model_options(arch, head, classes, preprocess, image_size, resize, mean, std, allow_outside_root, on_bad_image),
         run_options=run_options(device, batch_size, num_workers, channels_last, precision), reporter=reporter,
         overwrite=overwrite, resume=resume,
@@ -473,6 +473,7 @@ def train(
 
 @app.command("post-train")
 def post_train(
+    ctx: typer.Context,
     checkpoint: Annotated[Path, typer.Argument(help="The trained model to post-train.")],
     manifest: Annotated[Path, typer.Argument(help="Its (noisy) training manifest.")],
     out_dir: Annotated[Path, typer.Option("--out-dir", help="Folder for final.safetensors, scores.csv, kept.csv, removed.csv, summary.json (and round-NN/ of gradual and rejudge); run the same command again to resume, or pass --overwrite to start afresh.")],
@@ -494,11 +495,11 @@ def post_train(
     patience: Annotated[Optional[int], typer.Option(help="gradual and rejudge, with --val: rounds without improvement before stopping (default 1).", show_default=False)] = None,
     method: Annotated[Method, typer.Option(help="Score used to rank; auto (default): the loss on a fine-tuned model's own head (unlearn; rejudge's rounds 2 on) and on a refit probe, influence on the input's head (gradual).")] = Method.auto,
     influence_measure: Annotated[Optional[Measure], typer.Option(help="The influence measure (default self-influence); giving it with --method auto ranks by influence on a refit probe too.", show_default=False)] = None,
-    curvature: Annotated[Curvature, typer.Option(help="Head curvature: exact, kfac or auto.")] = Curvature.auto,
-    damping: Annotated[float, typer.Option(help="Damping relative to the mean eigenvalue of the curvature.")] = 0.01,
+    curvature: Annotated[Optional[Curvature], typer.Option(help="With influence on a head: its curvature, exact, kfac or auto (the default).", show_default=False)] = None,
+    damping: Annotated[Optional[float], typer.Option(help="With influence on a head: damping relative to the mean eigenvalue of the curvature (default 0.01).", show_default=False)] = None,
     boundary: Annotated[Optional[Boundary], typer.Option(help="head: rank on the model's own head (the default of unlearn and gradual); refit: on an L2 probe refit at --layer (the default of rejudge's round 1, at --layer auto).", show_default=False)] = None,
     layer: Annotated[Optional[str], typer.Option(help="With --boundary refit: the probe's layer, or auto (chosen in round 1). With --scope refit the refined model is the network cut there plus the probe.")] = None,
-    probe_l2: Annotated[float, typer.Option(help="With --boundary refit: the scoring probe's L2 strength.")] = 0.1,
+    probe_l2: Annotated[Optional[float], typer.Option(help="With --boundary refit: the scoring probe's L2 strength (default 0.1).", show_default=False)] = None,
     rejudge: Annotated[bool, typer.Option("--rejudge", help="= --strategy rejudge. Rank EVERY input row again each round under the last round's model (rounds 2 on: its own head, see --rejudge-boundary), remove the top --budget of them and refine that model on the rest: a row removed once comes back when the refined model no longer suspects it. The answer: every row ranked once more under the final model. Default 3 rounds. Needs --budget. Its defaults are the recipe that ranked best on the benchmark: --boundary refit --layer auto for round 1, --scope full --augment auto --lr 0.1 --epochs 10 --loss gce for the fine-tunes (README, Benchmark); any of them given explicitly wins.")] = False,
     rejudge_boundary: Annotated[Optional[RejudgeBoundary], typer.Option(help="With --rejudge, what rounds 2 on rank on: head (default), the refined model's own head, trained without the last round's suspects (by its loss with --method auto; it ranked best on the benchmark); or same, --boundary and --method as in round 1.", show_default=False)] = None,
     arch: ArchOpt = None, head: HeadOpt = None, classes: ClassesOpt = None, preprocess: PresetOpt = None,
@@ -536,7 +537,9 @@ def post_train(
         raise UsageError("--patience applies to --strategy gradual or rejudge; unlearn has no rounds (with --val its "
                          "fine-tune keeps its best epoch)")
     scope, epochs, lr, augment, loss, boundary, layer = _loop_recipe(chosen, scope, epochs, lr, augment, loss, boundary, layer)
-    method_name, measure_name = method_and_measure(method, influence_measure, boundary, reporter)
+    train_options = _train_options(scope, epochs, lr, weight_decay, augment, seed, l2, loss=loss)
+    refuse_idle(ctx, {**train_options.idle(),
+                      **({"patience": "--patience counts rounds without a gain on --val"} if val is None else {})})
     table = Table(title="post-train rounds")
     for column in ("round", "removed", "kept", "val accuracy", "seconds"):
         table.add_column(column, justify="right")
@@ -550,11 +553,12 @@ def post_train(
     result = run_post_train(
         str(checkpoint), str(manifest), out_dir=str(out_dir),
         loop=LoopOptions(rounds=rounds, step=step, budget=budget, per_class=per_class, min_per_class=min_per_class,
-                         patience=1 if patience is None else patience, method=method_name, influence_measure=measure_name,
-                         curvature=curvature.value, damping=damping, boundary=boundary.value, layer=layer,
+                         patience=1 if patience is None else patience, method=method.value,
+                         influence_measure=influence_measure.value if influence_measure else None,
+                         curvature=curvature.value if curvature else None, damping=damping, boundary=boundary.value, layer=layer,
                          probe_l2=probe_l2, strategy=chosen,
                          rejudge_boundary=(rejudge_boundary or RejudgeBoundary.head).value),
-        train_options=_train_options(scope, epochs, lr, weight_decay, augment, seed, l2, loss=loss),
+        train_options=train_options,
         val=str(val) if val else None,
         model_options=model_options(arch, head, classes, preprocess, image_size, resize, mean, std, allow_outside_root, on_bad_image),
         run_options=run_options(device, batch_size, num_workers, channels_last, precision, memory_budget),
@@ -615,13 +619,14 @@ def manifest(
     quiet: QuietOpt = False, overwrite: OverwriteOpt = False,
 ) -> None:
     """Write a manifest (path, label) for an ImageFolder tree; paths are relative to the manifest's folder."""
-    from .files import check_overwrite
+    from .files import check_overwrite, output_set
     from .manifest import manifest_from_folder, table_format, write_table
 
     table_format(output)
     check_overwrite({"-o": output}, overwrite)
     table = manifest_from_folder(image_dir, output)
-    write_table(table, output)
+    with output_set(overwrite):
+        write_table(table, output)
     if not is_stdio(output):
         RichReporter(quiet).info(f"wrote {output}: {len(table)} images in {table['label'].nunique()} classes")
 
@@ -701,6 +706,7 @@ def main() -> None:
     """
     from .distributed import is_main, launched_by_torchrun, process_group
 
+    install_signal_handlers()
     try:
         with process_group():
             if is_main():
@@ -736,16 +742,23 @@ def _main(report_to=None) -> None:
     from . import distributed
 
     errors = Console(stderr=True, highlight=False) if report_to is None else Console(file=report_to, highlight=False)
+
+    def interrupted(interrupt: BaseException) -> NoReturn:
+        line, code = interrupt_message(interrupt)
+        if distributed.is_main():
+            errors.print(line, markup=False, soft_wrap=True)
+        sys.exit(code)
+
     try:
         app()
     except SystemExit as exit_:
-        # typer turns Ctrl-C into a silent exit 130; say what happened, in one line.
-        if exit_.code == EXIT_INTERRUPTED and isinstance(getattr(exit_.__context__, "__cause__", None), KeyboardInterrupt):
-            if distributed.is_main():
-                errors.print("irank: interrupted; no partial output was written", markup=False)
-        else:  # success too: every process reaches the end before any leaves the group (gloo can abort a
-            # process whose peer tore its connections down first: "terminate called without an active exception")
-            distributed.settle()
+        # typer turns Ctrl-C (and SIGTERM, raised as a KeyboardInterrupt) into a silent exit 130: say what happened
+        cause = getattr(exit_.__context__, "__cause__", None)
+        if exit_.code == EXIT_INTERRUPTED and isinstance(cause, KeyboardInterrupt):
+            interrupted(cause)
+        # success too: every process reaches the end before any leaves the group (gloo can abort a
+        # process whose peer tore its connections down first: "terminate called without an active exception")
+        distributed.settle()
         raise
     except IrankError as error:
         if distributed.reports_here(error):
@@ -758,11 +771,11 @@ def _main(report_to=None) -> None:
             errors.print(f"irank: error: {error.strerror or error}{where}", markup=False, soft_wrap=True)
         distributed.settle()
         sys.exit(EXIT_INPUT_ERROR)
-    except KeyboardInterrupt:
-        if distributed.is_main():
-            errors.print("irank: interrupted; no partial output was written", markup=False)
-        sys.exit(EXIT_INTERRUPTED)
-    except Exception:
+    except KeyboardInterrupt as interrupt:
+        interrupted(interrupt)
+    except Exception as error:
+        if stopped_by:  # a DataLoader worker killed by the same SIGTERM: the signal is the news, not the worker
+            interrupted(error)
         if not distributed.active():
             raise
         # A bug: its traceback from every process that hit it (better twice than never), then stop with the others.

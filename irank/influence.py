@@ -142,10 +142,19 @@ def exact_influence_of(read: RowReader, count: int, labels: torch.Tensor, classe
 
 
 def kfac_influence_of(read: RowReader, count: int, labels: torch.Tensor, classes: int, dims: int, *,
-                      damping: float, measure: str = "self-influence", shard: Shard | None = None) -> torch.Tensor:
-    """Influence measure of every sample read, with H ≈ (A + λ_A I) ⊗ (B + λ_B I), in closed form."""
+                      damping: float, measure: str = "self-influence", absolute_damping: bool = False,
+                      shard: Shard | None = None) -> torch.Tensor:
+    """Influence measure of every sample read, with H ≈ (A + λ_A I) ⊗ (B + λ_B I), in closed form.
+
+    `absolute_damping`: H ≈ A ⊗ B + λ I instead, λ = `damping` as given, the curvature of an objective with an
+    L2 term of that strength (a refit probe's), the same objective as `exact_influence_of` with
+    `absolute_damping`; it is inverted exactly in the factors' eigenbases (see `kfac_eigen_influence_of`).
+    """
     n = count if shard is None else shard.total
     output_factor, input_factor = kfac_factors_of(read, count, classes, dims, shard)
+    if absolute_damping:
+        return kfac_eigen_influence_of(read, count, labels, output_factor, input_factor, damping=damping,
+                                       measure=measure, total=n)
     output_inv = torch.linalg.inv(damped(output_factor, damping))
     input_inv = torch.linalg.inv(damped(input_factor, damping))
     scores = torch.empty(count, dtype=torch.float64)
@@ -164,6 +173,31 @@ def kfac_influence_of(read: RowReader, count: int, labels: torch.Tensor, classes
             scores[start:end] = (output_shift**2).sum(1) * torch.einsum(
                 "ni,ij,nj->n", input_shift, input_factor, input_shift) / n**2
     return scores
+
+
+def kfac_eigen_influence_of(read: RowReader, count: int, labels: torch.Tensor, output_factor: torch.Tensor,
+                            input_factor: torch.Tensor, *, damping: float, measure: str, total: int) -> torch.Tensor:
+    """Influence measure of every sample read, with H = A ⊗ B + λ I inverted exactly.
+
+    With A = Q_A diag(α) Q_Aᵀ and B = Q_B diag(β) Q_Bᵀ, H = (Q_A ⊗ Q_B) diag(α_a β_b + λ) (Q_A ⊗ Q_B)ᵀ, and a
+    gradient r ⊗ φ̃ has the coordinates u_a v_b there (u = Q_Aᵀ r, v = Q_Bᵀ φ̃): every measure is a sum over the
+    C × D̃ grid of 1 / (α_a β_b + λ) weights, per sample. `total`: the n of the mean loss.
+    """
+    output_values, output_vectors = torch.linalg.eigh(output_factor)
+    input_values, input_vectors = torch.linalg.eigh(input_factor)
+    inverse = 1.0 / (output_values.clamp_min(0)[:, None] * input_values.clamp_min(0)[None, :] + damping)  # (C, D̃)
+    grid = {"self-influence": inverse, "parameter-shift": inverse**2,
+            "boundary-shift": inverse**2 * input_values.clamp_min(0)[None, :]}[measure]
+    scale = {"self-influence": total, "parameter-shift": total, "boundary-shift": total**2}[measure]
+    scores = torch.empty(count, dtype=torch.float64)
+    for start, end in spans(count, chunk_size(output_factor.shape[0] + input_factor.shape[0])):
+        probs, features = read(start, end)
+        u = residuals(probs, labels[start:end]) @ output_vectors
+        v = features @ input_vectors
+        scores[start:end] = torch.einsum("na,ab,nb->n", u**2, grid, v**2)
+    if measure == "parameter-shift":
+        return scores.sqrt() / scale
+    return scores / scale
 
 
 # The same on full tensors (p and φ̃ of every row, float64): the pure-tensor API the tests pin down.
@@ -189,13 +223,14 @@ def exact_influence(probs: torch.Tensor, features: torch.Tensor, labels: torch.T
 
 
 def kfac_influence(probs: torch.Tensor, features: torch.Tensor, labels: torch.Tensor, *, damping: float,
-                   measure: str = "self-influence", shard: Shard | None = None) -> torch.Tensor:
+                   measure: str = "self-influence", absolute_damping: bool = False,
+                   shard: Shard | None = None) -> torch.Tensor:
     """Influence measure of every sample with H ≈ (A + λ_A I) ⊗ (B + λ_B I), in closed form.
 
     With a `shard` the rows given are this process's; the factors and n cover every process's rows.
     """
     return kfac_influence_of(tensor_rows(probs, features), len(probs), labels, probs.shape[1], features.shape[1],
-                             damping=damping, measure=measure, shard=shard)
+                             damping=damping, measure=measure, absolute_damping=absolute_damping, shard=shard)
 
 
 def choose_curvature(curvature: str, num_samples: int, num_classes: int, num_features: int) -> str:

@@ -27,16 +27,16 @@ import pandas as pd
 from ._version import __version__
 from .distributed import active, all_or_none, broadcast_object, is_main, local_outputs, writes_here
 from .errors import UsageError
-from .boundary import HEAD_INPUT, BoundaryOptions
+from .boundary import DEFAULT_L2, HEAD_INPUT, BoundaryOptions
 from .estimate import estimate_noise_share
 from .evaluation import evaluate
-from .files import atomic_path, sha256_file, write_json_atomic
-from .loading import ModelOptions, RunOptions
-from .manifest import check_inside_root, read_manifest, read_table, rebase_paths, write_table
+from .files import atomic_path, output_set, remove_path, sha256_file, write_json_atomic
+from .loading import ModelOptions, RunOptions, check_same_input, prepare
+from .manifest import check_inside_root, encode_labels, read_manifest, read_table, rebase_paths, write_table
 from .progress import Reporter
 from .prune import prune
 from .refine import TrainOptions, refine
-from .scoring import score, validate_score_options
+from .scoring import acting_flags, score, validate_score_options
 
 DEFAULT_ROUNDS = 5
 DEFAULT_REJUDGE_ROUNDS = 3  # with --rejudge each round is a whole fine-tune; ce-sym40 gained little after 3
@@ -89,12 +89,13 @@ class LoopOptions:
     min_per_class: int = 1
     patience: int = 1  # with --val: rounds without improvement before stopping
     method: str = "auto"  # auto: influence on the head, the probe's loss on a refit probe (see method_choice)
-    influence_measure: str = "self-influence"
-    curvature: str = "auto"
-    damping: float = 0.01
+    # influence settings (None: the default, where they act; see scoring.resolve_ranking)
+    influence_measure: str | None = None
+    curvature: str | None = None
+    damping: float | None = None
     boundary: str | None = None  # head, or refit: an L2 probe refit each round at `layer`
     layer: str | None = None  # with boundary refit: a module name, "auto" (chosen in round 1), or the head's input
-    probe_l2: float = 0.1
+    probe_l2: float | None = None  # with boundary refit: the scoring probe's L2 (None: boundary.DEFAULT_L2)
     # unlearn, rejudge or gradual (see post_train); None: gradual when rounds or step are given, else unlearn.
     # A boundary left None is the strategy's (RECIPES), and so is its layer.
     strategy: str | None = None
@@ -141,6 +142,7 @@ class LoopOptions:
             raise UsageError(f"--rejudge-boundary {self.rejudge_boundary}: choose from {', '.join(REJUDGE_BOUNDARIES)}")
         validate_score_options(self.method, self.influence_measure, self.curvature, self.damping)
         self.boundary_options().validate()
+        self._check_flags_act()
         if self.boundary == "refit" and self.budget is None and not (self.step and self.rounds):
             raise UsageError(
                 ("--rejudge needs --budget, the share to remove in each round (on --boundary head, its budget can be "
@@ -155,7 +157,7 @@ class LoopOptions:
         """Scoring boundary of a round: `layer` once round 1 has fixed it. With `val`, round 1's `--layer auto`
         chooses by the probes' accuracy on it."""
         layer = layer or self.layer or (HEAD_INPUT if self.boundary == "refit" else None)
-        return BoundaryOptions(kind=self.boundary, layer=layer, l2=self.probe_l2,
+        return BoundaryOptions(kind=self.boundary, layer=layer, l2=self.probe_l2 if self.boundary == "refit" else None,
                                val=val if self.boundary == "refit" and layer == "auto" else None)
 
     def round_boundary(self, number: int, layer: str | None = None, val: str | None = None) -> BoundaryOptions:
@@ -164,6 +166,31 @@ class LoopOptions:
         if self._on_refined_head(number):
             return BoundaryOptions(kind="head", layer=None)
         return self.boundary_options(layer, val)
+
+    def _ranked_rounds(self) -> list[int]:
+        """Round numbers whose rankings stand for all: unlearn ranks once; rejudge's rounds 2 on (and its judgement)
+        may rank otherwise than round 1; gradual's rounds all rank alike."""
+        return [1] if self.unlearn else [1, 2]
+
+    def round_flags(self, number: int) -> dict:
+        """The influence settings given that act on round `number`'s ranking, as `score`'s keywords."""
+        return acting_flags(self.round_method(number), self.round_boundary(number).kind,
+                            measure=self.influence_measure, curvature=self.curvature, damping=self.damping)
+
+    def _check_flags_act(self) -> None:
+        """A flag that acts on no round's ranking is refused, not silently ignored."""
+        acting = set().union(*(self.round_flags(number) for number in self._ranked_rounds()))
+        given = {"influence_measure": self.influence_measure, "curvature": self.curvature, "damping": self.damping}
+        for key, value in given.items():
+            if value is not None and key not in acting:
+                flag = "--" + key.replace("_", "-")
+                rankings = ", ".join(sorted({f"the {self.round_method(n)} on --boundary {self.round_boundary(n).kind}"
+                                             for n in self._ranked_rounds()}))
+                raise UsageError(f"{flag} acts on influence (curvature and damping on the head only); this post-train "
+                                 f"ranks by {rankings}")
+        if self.probe_l2 is not None and all(self.round_boundary(n).kind != "refit" for n in self._ranked_rounds()):
+            raise UsageError("--probe-l2 is the L2 of a refit probe; this post-train ranks on the head "
+                             "(pass --boundary refit to rank on a probe)")
 
     def round_method(self, number: int) -> str:
         """The method of round `number`. On a refined model's own head `auto` is its loss: measured on the round-3
@@ -221,6 +248,38 @@ def _own_entries(out_dir: Path) -> list[Path]:
     """What a post-train run writes into its folder: its summary, final model, removed.csv and round folders."""
     entries = [out_dir / name for name in OWN_FILES if (out_dir / name).exists()]
     return entries + sorted(out_dir.glob("round-[0-9][0-9]*")) + sorted(out_dir.glob(".round-*.tmp"))
+
+
+def _started(out_dir: Path) -> bool:
+    """Whether a run in `out_dir` has work to resume: a finished round, or an epoch of unlearn's fine-tune."""
+    try:
+        state = json.loads((out_dir / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        state = {}
+    finished = isinstance(state, dict) and (state.get("rounds") or "unlearned" in state)
+    return bool(finished) or (out_dir / "final.safetensors.resume").exists()
+
+
+@contextlib.contextmanager
+def _undone_unless_started(out_dir: Path) -> Iterator[None]:
+    """A run that fails before it has anything to resume leaves nothing behind: the --out-dir it created is
+    removed, and in a folder that was there before, the files it wrote (a summary.json that would refuse the
+    corrected command as 'a run with other inputs')."""
+    existed = out_dir.exists()
+    before = set(out_dir.iterdir()) if existed and out_dir.is_dir() else set()
+    try:
+        yield
+    except BaseException as error:
+        if out_dir.is_dir() and _started(out_dir):
+            if isinstance(error, KeyboardInterrupt):  # what the CLI's one line says
+                error.irank_note = f"--out-dir {out_dir} keeps what finished: run the same command again to resume"
+            raise
+        if out_dir.is_dir() and not existed:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        elif out_dir.is_dir():
+            for entry in set(out_dir.iterdir()) - before:
+                remove_path(entry)
+        raise
 
 
 def _clear_run(out_dir: Path) -> None:
@@ -357,8 +416,10 @@ def post_train(
             raise UsageError("--rejudge with --boundary refit needs --scope full or head: a probe refit on the input's "
                              "unchanged features would rank every row the same in every round")
     if writes_here():
-        return _post_train(checkpoint, manifest, Path(out_dir), loop, train_options, val, model_options or ModelOptions(),
-                           run_options or RunOptions(), reporter or Reporter(), on_round, overwrite)
+        with _undone_unless_started(Path(out_dir)):
+            return _post_train(checkpoint, manifest, Path(out_dir), loop, train_options, val,
+                               model_options or ModelOptions(), run_options or RunOptions(), reporter or Reporter(),
+                               on_round, overwrite)
     with tempfile.TemporaryDirectory(prefix="irank-post-train-") as private, local_outputs():
         result = _post_train(checkpoint, manifest, Path(private), loop, train_options, val, model_options or ModelOptions(),
                              run_options or RunOptions(), reporter or Reporter(), on_round, overwrite)
@@ -395,8 +456,7 @@ def _score_round(loop: LoopOptions, number: int, model: str, manifest: str, outp
                  run: RunOptions, reporter: Reporter, layer: str | None = None, val: str | None = None,
                  overwrite: bool = False):
     """Round `number`'s ranking of `manifest` under `model`, on that round's boundary and method, into `output`."""
-    return score(model, manifest, output=str(output), method=loop.round_method(number),
-                 influence_measure=loop.influence_measure, curvature=loop.curvature, damping=loop.damping,
+    return score(model, manifest, output=str(output), method=loop.round_method(number), **loop.round_flags(number),
                  boundary=loop.round_boundary(number, layer, val), model_options=model_options, run_options=run,
                  reporter=reporter, overwrite=overwrite)
 
@@ -417,29 +477,43 @@ def _ranked_by(sidecar: dict) -> dict:
     return {"boundary": parameters["boundary"], **layer, "method": sidecar["method"]}
 
 
+JUDGEMENT_FILES = ("scores.csv", "scores.csv.json", "kept.csv", "kept.csv.json", "removed.csv")
+
+
 def _judge(out: Path, manifest: str, loop: LoopOptions, number: int, budget: float | None, original_rows: int,
-           model_options: ModelOptions, run: RunOptions, reporter: Reporter) -> dict:
+           model_options: ModelOptions, run: RunOptions, reporter: Reporter,
+           publish_with: Callable[[dict], None]) -> dict:
     """The answer of --rejudge and unlearn: every input row ranked under final.safetensors, on the boundary a round
     `number` would use, and the top `budget` of them removed (without one, the share estimated from this ranking:
     the rows whose label the final model disagrees with): DIR/scores.csv, DIR/kept.csv and DIR/removed.csv. Under
     --rejudge the final model is the best (on ce-sym40 its ranking beat the last round's, made under the model
-    before it)."""
+    before it). `publish_with(judgement)` writes what goes out with the judgement's files (summary.json), as one set."""
     started = time.perf_counter()
-    table = _score_round(loop, number, str(out / "final.safetensors"), manifest, out / "scores.csv", model_options, run,
-                         reporter, overwrite=True)
-    estimate = None
-    if budget is None:
-        estimate = estimate_noise_share(table.table)
-        budget = estimate["share"]
-        reporter.info(f"budget: remove {budget:.1%}, estimated as the {estimate['reason']} (the fine-tuned model's)")
-    pruned = _prune_round(loop, out / "scores.csv", manifest, out, _removal_count(budget, original_rows),
-                          len(table.table))
-    reporter.info(f"final judgement under final.safetensors: removed {pruned.summary['removed_rows']}, "
-                  f"kept {pruned.summary['kept_rows']}")
-    return {"model": "final.safetensors", **_ranked_by(table.sidecar), "budget": budget,
-            **({"estimate": estimate} if estimate else {}),
-            "removed": pruned.summary["removed_rows"], "kept": pruned.summary["kept_rows"],
-            "removed_per_class": pruned.summary["removed_per_class"], "seconds": time.perf_counter() - started}
+    # built beside DIR, at its depth (relative paths stay valid), then published with summary.json as one set
+    building = out.parent / f".{out.name}.judgement.tmp"
+    remove_path(building)
+    with _round_folder(building):
+        table = _score_round(loop, number, str(out / "final.safetensors"), manifest, building / "scores.csv",
+                             model_options, run, reporter, overwrite=True)
+        estimate = None
+        if budget is None:
+            estimate = estimate_noise_share(table.table)
+            budget = estimate["share"]
+            reporter.info(f"budget: remove {budget:.1%}, estimated as the {estimate['reason']} (the fine-tuned model's)")
+        pruned = _prune_round(loop, building / "scores.csv", manifest, building, _removal_count(budget, original_rows),
+                              len(table.table))
+        reporter.info(f"final judgement under final.safetensors: removed {pruned.summary['removed_rows']}, "
+                      f"kept {pruned.summary['kept_rows']}")
+        judgement = {"model": "final.safetensors", **_ranked_by(table.sidecar), "budget": budget,
+                     **({"estimate": estimate} if estimate else {}),
+                     "removed": pruned.summary["removed_rows"], "kept": pruned.summary["kept_rows"],
+                     "removed_per_class": pruned.summary["removed_per_class"], "seconds": time.perf_counter() - started}
+        with output_set(overwrite=True) as outputs:
+            for name in JUDGEMENT_FILES:
+                outputs.add(building / name, out / name)
+            publish_with(judgement)
+    shutil.rmtree(building, ignore_errors=True)
+    return judgement
 
 
 def _run_config(checkpoint: str, manifest: str, val: str | None, loop: LoopOptions, train_options: TrainOptions,
@@ -460,15 +534,25 @@ def _start(out: Path, checkpoint: str, manifest: str, val: str | None, config: d
     """The run's state (an earlier run's to resume, or a fresh one; under torchrun rank 0's for every process) and
     the number of input rows, once the inputs are checked."""
     with all_or_none():
+        _check_inputs_outside_run(out, {"checkpoint": checkpoint, "manifest": manifest, "--val": val,
+                                        "--classes file": model_options.classes})
+        original = _check_inputs(checkpoint, manifest, val, model_options)
         out.mkdir(parents=True, exist_ok=True)
-        _check_inputs_outside_run(out, {"checkpoint": checkpoint, "manifest": manifest, "--val": val})
         state = _load_state(out, config, overwrite) or {"irank_version": __version__, "config": config}
-        original = read_manifest(manifest)
-        if not model_options.allow_outside_root:
-            check_inside_root(original)
-            if val:
-                check_inside_root(read_manifest(val))
     return broadcast_object(state), len(original)
+
+
+def _check_inputs(checkpoint: str, manifest: str, val: str | None, model_options: ModelOptions):
+    """Everything about the inputs that can be checked before --out-dir is touched: the manifests read, the
+    checkpoint builds and fits them, --val holds the same kind of rows. A run refused here leaves no trace."""
+    prepared = prepare(checkpoint, manifest, model_options)
+    if val:
+        held_out = read_manifest(val)
+        if not model_options.allow_outside_root:
+            check_inside_root(held_out)
+        check_same_input(prepared.input_shape, held_out, "--val")
+        encode_labels(held_out, prepared.classes)
+    return prepared.manifest
 
 
 def _save_state(out: Path, state: dict) -> None:
@@ -503,12 +587,15 @@ def _unlearn(checkpoint: str, manifest: str, out: Path, loop: LoopOptions, train
     elif active():
         _share_file(out, "final.safetensors")
     if "judgement" not in state:
-        state["judgement"] = _judge(out, manifest, loop, 1, loop.budget, original_rows,
-                                    replace(model_options, allow_outside_root=True), run, reporter)
-        state["plan"] = {"budget": state["judgement"]["budget"],
-                         "budget_source": "--budget" if loop.budget is not None else "estimated"}
-        state["finished"] = True
-        _save_state(out, state)
+        def finish(judgement: dict) -> None:
+            state["judgement"] = judgement
+            state["plan"] = {"budget": judgement["budget"],
+                             "budget_source": "--budget" if loop.budget is not None else "estimated"}
+            state["finished"] = True
+            _save_state(out, state)
+
+        _judge(out, manifest, loop, 1, loop.budget, original_rows, replace(model_options, allow_outside_root=True),
+               run, reporter, finish)
     if val and state["unlearned"]["val_accuracy"] < state["input_val_accuracy"]:
         reporter.warn(f"the fine-tuned model ({state['unlearned']['val_accuracy']:.4f} on --val) did not beat the "
                       f"input checkpoint ({state['input_val_accuracy']:.4f}); final.safetensors is its best epoch")
@@ -592,7 +679,8 @@ def _post_train(checkpoint: str, manifest: str, out: Path, loop: LoopOptions, tr
             round_training = train_options
             if from_input and state.get("layer"):
                 # The round's model is the scoring probe refit on what is kept: same layer, same L2.
-                round_training = replace(train_options, layer=state["layer"], l2=loop.probe_l2)
+                round_training = replace(train_options, layer=state["layer"],
+                                         l2=DEFAULT_L2 if loop.probe_l2 is None else loop.probe_l2)
             refined = refine(current_model, str(building / "kept.csv"), output=str(building / "model.safetensors"),
                              train_options=round_training, val=val, model_options=round_options, run_options=run,
                              reporter=reporter)
@@ -618,10 +706,11 @@ def _post_train(checkpoint: str, manifest: str, out: Path, loop: LoopOptions, tr
         if done_by_plan or stopped_by_val:
             state["finished"] = True
             state["stopped_because"] = "validation accuracy stopped improving" if stopped_by_val and not done_by_plan else "all planned rounds done"
-        _save_state(out, state)
-        with all_or_none():
-            if is_main():
-                _collect_removed(out, state["rounds"][-1:] if loop.rejudge else state["rounds"])
+        with output_set(overwrite=True):  # the summary and DIR/removed.csv change together
+            _save_state(out, state)
+            with all_or_none():
+                if is_main():
+                    _collect_removed(out, state["rounds"][-1:] if loop.rejudge else state["rounds"])
         if on_round:
             on_round(record)
     if val:
@@ -630,16 +719,19 @@ def _post_train(checkpoint: str, manifest: str, out: Path, loop: LoopOptions, tr
         best = state["rounds"][-1]
     state["final_round"] = best["round"]
     final = out / "final.safetensors"
-    with all_or_none():
-        with atomic_path(final) as tmp:  # every process, into its own folder: the judgement reads it
-            shutil.copyfile(out / best["folder"] / "model.safetensors", tmp)
-    _save_state(out, state)
-    if loop.rejudge and "judgement" not in state:
-        # it ranks as a further round would, the top budget of every row, as each round did
-        state["judgement"] = {"round": state["final_round"],
-                              **_judge(out, manifest, loop, len(state["rounds"]) + 1, state["plan"]["step"],
-                                       original_rows, round_options, run, reporter)}
+    with output_set(overwrite=True):  # the final model and the summary that names its round change together
+        with all_or_none():
+            with atomic_path(final) as tmp:  # every process, into its own folder: the judgement reads it
+                shutil.copyfile(out / best["folder"] / "model.safetensors", tmp)
         _save_state(out, state)
+    if loop.rejudge and "judgement" not in state:
+        def finish(judgement: dict) -> None:
+            state["judgement"] = {"round": state["final_round"], **judgement}
+            _save_state(out, state)
+
+        # it ranks as a further round would, the top budget of every row, as each round did
+        _judge(out, manifest, loop, len(state["rounds"]) + 1, state["plan"]["step"], original_rows, round_options,
+               run, reporter, finish)
     if val and best["val_accuracy"] < state["input_val_accuracy"]:
         reporter.warn(f"no round beat the input checkpoint on --val ({state['input_val_accuracy']:.4f}); "
                       f"final.safetensors is the best round ({best['val_accuracy']:.4f})")

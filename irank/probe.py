@@ -28,6 +28,11 @@ def probe_logits(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     return logits
 
 
+def probe_curvature(rows: int, num_classes: int, dims: int) -> str:
+    """How a probe's influence inverts its curvature: exact while small enough, else Kronecker-factored."""
+    return influence.choose_curvature("auto", rows, num_classes, dims)
+
+
 def probe_scores(
     features: torch.Tensor,
     labels: torch.Tensor,
@@ -61,12 +66,11 @@ def probe_scores(
 
         count, dims = len(features), features.shape[1] + 1
         rows = count if shard is None else shard.total
-        if influence.choose_curvature("auto", rows, num_classes, dims) == "exact":
-            scores = influence.exact_influence_of(read, count, labels, num_classes, dims, damping=l2, measure=measure,
-                                                  absolute_damping=True, shard=shard)
-        else:
-            scores = influence.kfac_influence_of(read, count, labels, num_classes, dims, damping=l2, measure=measure,
-                                                 shard=shard)
+        # either way the curvature of the probe's own objective: its Gauss–Newton matrix plus its L2 term
+        compute = influence.exact_influence_of if probe_curvature(rows, num_classes, dims) == "exact" else \
+            influence.kfac_influence_of
+        scores = compute(read, count, labels, num_classes, dims, damping=l2, measure=measure, absolute_damping=True,
+                         shard=shard)
     return scores, logits, (weight, bias)
 
 

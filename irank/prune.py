@@ -11,7 +11,7 @@ import pandas as pd
 from ._version import __version__
 from .columns import CodedColumn, CodedColumnBuilder, TextIndex, first_duplicate, int32_if_fits, text_hashes
 from .errors import ManifestError, UsageError
-from .files import check_outputs_clear_of_inputs, check_overwrite, is_stdio, sha256_file, write_json_atomic
+from .files import check_outputs_clear_of_inputs, check_overwrite, is_stdio, output_set, sha256_file, write_json_atomic
 from .manifest import (Manifest, TableSource, blocks_quoting, iter_table, path_rebaser, read_manifest, table_input,
                        table_format, write_blocks)
 from .reorder import in_output_order
@@ -354,13 +354,14 @@ def prune(
     result = PruneResult(samples, keep, removed_rows,
                          {column: getattr(score_table, column)[removed_at] for column in ("rank", "class_rank", "score")},
                          summary)
-    if output is not None:
-        rebase = path_rebaser(samples.paths_at(keep), samples.root, output)
-        write_blocks(result.kept_blocks(rebase), output, quoting=blocks_quoting(result.kept_blocks, samples, keep))
-        if not is_stdio(output):
-            write_json_atomic(output + ".json", summary)
-    if removed_output is not None:
-        rebase = path_rebaser(samples.paths_at(~keep), samples.root, removed_output)
-        write_blocks(result.removed_blocks(rebase), removed_output,
-                     quoting=blocks_quoting(result.removed_blocks, samples, ~keep))
+    with output_set(overwrite):  # the kept manifest, its sidecar and the removed rows change together
+        if output is not None:
+            rebase = path_rebaser(samples.paths_at(keep), samples.root, output)
+            write_blocks(result.kept_blocks(rebase), output, quoting=blocks_quoting(result.kept_blocks, samples, keep))
+            if not is_stdio(output):
+                write_json_atomic(output + ".json", summary)
+        if removed_output is not None:
+            rebase = path_rebaser(samples.paths_at(~keep), samples.root, removed_output)
+            write_blocks(result.removed_blocks(rebase), removed_output,
+                         quoting=blocks_quoting(result.removed_blocks, samples, ~keep))
     return result

@@ -19,7 +19,7 @@ from .errors import UsageError
 from .evaluation import accuracy_report
 from .features import forward_pass
 from .placement import Placement
-from .files import check_outputs_clear_of_inputs, check_overwrite, sha256_bytes, sha256_file
+from .files import check_outputs_clear_of_inputs, check_overwrite, output_set, sha256_bytes, sha256_file
 from .loading import ModelOptions, Prepared, RunOptions, check_same_input, prepare
 from .linear import fit_softmax_regression
 from .manifest import check_inside_root, encode_labels, read_manifest
@@ -71,6 +71,13 @@ class TrainOptions:
             raise UsageError(f"--l2 {self.l2}: must be positive")
         if self.layer and self.scope != "refit":
             raise UsageError("--layer needs --scope refit (the probe is refit on that layer's features)")
+
+    def idle(self) -> dict[str, str]:
+        """The options that do nothing at this scope (field name → why), for a caller that knows which were given."""
+        if self.scope == "refit":
+            why = "--scope refit refits the head from scratch as a convex L2 regression on frozen features (--l2, --layer)"
+            return {name: why for name in ("epochs", "lr", "weight_decay", "augment", "loss", "seed")}
+        return {"l2": f"--l2 is the L2 of --scope refit; --scope {self.scope} trains by SGD (see --weight-decay)"}
 
 
 @dataclass
@@ -333,12 +340,16 @@ def _fit_and_save(checkpoint: str | None, manifest: str, output: str, options: T
         if resume and active():
             raise UsageError("--resume is not available under torchrun (each process would need its own saved "
                              "state); run without it to start afresh")
-        check_outputs_clear_of_inputs({"-o": output}, {"checkpoint": checkpoint, "manifest": manifest, "--val": val})
+        check_outputs_clear_of_inputs({"-o": output}, {"checkpoint": checkpoint, "manifest": manifest, "--val": val,
+                                                       "--classes file": model_options.classes})
         if writes_here():
             check_overwrite({"-o": output}, overwrite)
     torch.manual_seed(options.seed)  # before the model is built: a fresh model's initial weights depend on it
     with all_or_none():
         prepared = prepare(checkpoint, manifest, model_options)
+        if prepared.manifest.holds_tensors:  # a .safetensors output must not be a file the rows are read from
+            sources = prepared.manifest.resolved_paths().sources
+            check_outputs_clear_of_inputs({"-o": output}, {f"tensor file {s.written}": str(s.file) for s in sources})
         for note in prepared.notes:
             reporter.info(note)
         device = run.placement(prepared.model)  # device, memory format and precision
@@ -355,7 +366,13 @@ def _fit_and_save(checkpoint: str | None, manifest: str, output: str, options: T
             state.resume = False
         elif not resume and state.path.exists():
             reporter.info(f"{state.path} holds an interrupted run; starting afresh (pass --resume to continue it)")
-    result = train_epochs(prepared, options, run, device, reporter, validation, state)
+    try:
+        result = train_epochs(prepared, options, run, device, reporter, validation, state)
+    except KeyboardInterrupt as interrupt:
+        if state is not None and state.path.exists():  # what the CLI's one line says
+            interrupt.irank_note = (f"{output} was not written; {state.path} holds the last finished epoch: "
+                                    "pass --resume to continue")
+        raise
     provenance = {
         "manifest": {"path": manifest, "sha256": sha256_file(manifest), "rows": len(prepared.manifest)},
         "options": dict(options.__dict__),
@@ -368,7 +385,8 @@ def _fit_and_save(checkpoint: str | None, manifest: str, output: str, options: T
     result.metadata = prepared.metadata(**{provenance_key: provenance}, **prepared.extra_metadata)
     with all_or_none():  # a failed write on rank 0 fails every process
         if writes_here():
-            save_checkpoint(prepared.model.cpu(), output, result.metadata)
+            with output_set(overwrite):
+                save_checkpoint(prepared.model.cpu(), output, result.metadata)
     if state is not None:
         state.remove()
     return result

@@ -16,10 +16,10 @@ from .columns import compact_codes
 from .data import make_loader, make_shard_loader
 from .distributed import Shard, all_or_none, broadcast_object, gather_objects, local_rows, shard_of, writes_here
 from .errors import UsageError
-from .probe import PROBE_MEASURES
+from .probe import PROBE_MEASURES, probe_curvature
 from .features import ForwardOutputs, forward_pass
 from .layers import layer_features
-from .files import check_outputs_clear_of_inputs, check_overwrite, is_stdio, sha256_file, write_json_atomic
+from .files import check_outputs_clear_of_inputs, check_overwrite, is_stdio, output_set, sha256_file, write_json_atomic
 from .loading import ModelOptions, Prepared, RunOptions, check_same_input, prepare
 from .manifest import check_inside_root, encode_labels, read_manifest, table_format, write_blocks
 from .method_choice import resolve_method
@@ -73,15 +73,81 @@ def method_scores(
     raise UsageError(f"--method {method}: choose from {', '.join(METHODS[1:])} (resolve auto first)")
 
 
-def validate_score_options(method: str, measure: str, curvature: str, damping: float) -> None:
+DEFAULT_MEASURE = "self-influence"
+DEFAULT_CURVATURE = "auto"
+DEFAULT_DAMPING = 0.01
+
+
+def validate_score_options(method: str, measure: str | None, curvature: str | None, damping: float | None) -> None:
+    """The values are among the choices (None: not given)."""
     if method not in METHODS:
         raise UsageError(f"--method {method}: choose from {', '.join(METHODS)}")
-    if measure not in influence.MEASURES:
+    if measure is not None and measure not in influence.MEASURES:
         raise UsageError(f"--influence-measure {measure}: choose from {', '.join(influence.MEASURES)}")
-    if curvature not in influence.CURVATURES:
+    if curvature is not None and curvature not in influence.CURVATURES:
         raise UsageError(f"--curvature {curvature}: choose from {', '.join(influence.CURVATURES)}")
-    if not damping > 0:
+    if damping is not None and not damping > 0:
         raise UsageError(f"--damping {damping}: must be positive")
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """What a score ranks by, resolved from what was asked: the method (auto resolved), why, and the
+    influence settings that act on it (None where they do not: the method is not influence, or a refit
+    probe's curvature is its own)."""
+
+    method: str
+    how: str
+    measure: str | None
+    curvature: str | None
+    damping: float | None
+
+
+def _chosen_method(method: str, boundary: str, measure: str | None) -> tuple[str, str]:
+    if method == "auto" and measure is not None and boundary == "refit":
+        return "influence", (f"--influence-measure {measure} given: ranking by influence (--method auto alone ranks "
+                             "by the probe's loss here)")
+    return resolve_method(method, boundary)
+
+
+def acting_flags(method: str, boundary: str, *, measure: str | None = None, curvature: str | None = None,
+                 damping: float | None = None) -> dict:
+    """Of the influence settings given (not None), those that act on a ranking by `method` on `boundary`, as
+    `score`'s keywords: what a caller that ranks on several boundaries (post-train's rounds) passes to each."""
+    chosen, _ = _chosen_method(method, boundary, measure)
+    if chosen != "influence":
+        return {}
+    given = {"influence_measure": measure}
+    if boundary == "head":
+        given |= {"curvature": curvature, "damping": damping}
+    return {key: value for key, value in given.items() if value is not None}
+
+
+def resolve_ranking(method: str, boundary: str, *, measure: str | None = None, curvature: str | None = None,
+                    damping: float | None = None) -> Ranking:
+    """The ranking `score` runs for `method` on `boundary` ("head" or "refit"), with the influence flags given
+    (None: not given). `--method auto` with a measure given asks for influence, on a refit probe too (where auto
+    alone ranks by the probe's loss). A flag that would do nothing is refused: the measure, curvature and
+    damping act on influence only, and curvature and damping on the head only (a probe's influence inverts
+    its own curvature: its Gauss–Newton matrix plus its L2 term, `--l2`)."""
+    validate_score_options(method, measure, curvature, damping)
+    chosen, how = _chosen_method(method, boundary, measure)
+    given = {"--influence-measure": measure, "--curvature": curvature, "--damping": damping}
+    for flag, value in given.items():
+        if value is not None and flag != "--influence-measure" and boundary == "refit":
+            raise UsageError(f"{flag} applies to --boundary head; a refit probe's influence uses the probe's own "
+                             "curvature (its Gauss-Newton matrix plus its L2 term, --l2)")
+        if value is not None and chosen != "influence":
+            raise UsageError(f"{flag} applies to influence; this ranks by the {chosen} ({how})")
+    if chosen != "influence":
+        return Ranking(chosen, how, None, None, None)
+    measure = measure or DEFAULT_MEASURE
+    if boundary == "refit":
+        if measure not in PROBE_MEASURES:
+            raise UsageError(f"--influence-measure {measure}: not on a refit probe (use self-influence or "
+                             "boundary-shift, or --boundary head)")
+        return Ranking(chosen, how, measure, None, None)
+    return Ranking(chosen, how, measure, curvature or DEFAULT_CURVATURE, DEFAULT_DAMPING if damping is None else damping)
 
 
 def shard_loader(prepared: Prepared, run: RunOptions, shard: Shard | None = None) -> tuple[object, int, int]:
@@ -238,9 +304,14 @@ def method_details(requested: str, how: str) -> dict:
     return {"method_choice": {"requested": "auto", "how": how}} if requested == "auto" else {}
 
 
-def refit_details(choice: LayerChoice, boundary: BoundaryOptions, method: str, measure: str) -> dict:
+def refit_details(choice: LayerChoice, boundary: BoundaryOptions, ranking: Ranking, rows: int, num_classes: int,
+                  dims: int) -> dict:
+    """What the sidecar says of a refit boundary: the layer, how it was chosen, the L2, and with influence its
+    measure and how the probe's curvature was inverted (exact or kfac; its damping is the L2)."""
     details = {"boundary": "refit", "layer": choice.layer, "layer_choice": choice.how, "l2": boundary.l2,
-               "influence_measure": measure if method == "influence" else None}
+               "influence_measure": ranking.measure}
+    if ranking.method == "influence":
+        details["curvature"] = probe_curvature(rows, num_classes, dims + 1)
     if choice.figures:
         details["layers"] = choice.figures
     return details
@@ -252,9 +323,9 @@ def score(
     *,
     output: str | None = None,
     method: str = "auto",
-    influence_measure: str = "self-influence",
-    curvature: str = "auto",
-    damping: float = 0.01,
+    influence_measure: str | None = None,
+    curvature: str | None = None,
+    damping: float | None = None,
     boundary: BoundaryOptions | None = None,
     model_options: ModelOptions | None = None,
     run_options: RunOptions | None = None,
@@ -264,6 +335,8 @@ def score(
     """Score and rank every sample of `manifest` under `checkpoint`; write the table to `output` if given.
 
     `method` auto: influence on the head, the probe's loss on a refit probe (see `method_choice`).
+    `influence_measure` (default self-influence), `curvature` (auto) and `damping` (0.01) act on influence, the
+    last two on the head only; given where they would do nothing, they are refused (see `resolve_ranking`).
     The table is sorted by rank (1 = the highest score, the first to suspect of a wrong label) and
     `output` gets a JSON sidecar `output + '.json'` with the parameters and input hashes. An existing
     output or sidecar is replaced only with `overwrite`.
@@ -271,19 +344,17 @@ def score(
     reporter = reporter or Reporter()
     model_options = model_options or ModelOptions()
     run_options = run_options or RunOptions()
-    validate_score_options(method, influence_measure, curvature, damping)
-    boundary = boundary or BoundaryOptions()
     with all_or_none():  # under torchrun: every process stops here if any check failed, before any work
-        boundary.validate()
-        if boundary.kind == "refit" and method in ("influence", "auto") and influence_measure not in PROBE_MEASURES:
-            raise UsageError(f"--influence-measure {influence_measure}: not on a refit probe (use self-influence or "
-                             "boundary-shift, or --boundary head)")
+        boundary = (boundary or BoundaryOptions()).resolved()
+        ranking = resolve_ranking(method, boundary.kind, measure=influence_measure, curvature=curvature,
+                                  damping=damping)
         if output is not None:
             table_format(output)
             sidecar_path = None if is_stdio(output) else output + ".json"
             check_outputs_clear_of_inputs(
                 {"-o": output, "the sidecar": sidecar_path},
-                {"checkpoint": checkpoint, "manifest": manifest, **({"--val": boundary.val} if boundary.val else {})},
+                {"checkpoint": checkpoint, "manifest": manifest, "--val": boundary.val,
+                 "--classes file": model_options.classes},
             )
             if writes_here():
                 check_overwrite({"-o": output, "the sidecar": sidecar_path}, overwrite)
@@ -314,25 +385,24 @@ def score(
         with all_or_none():
             features = read_rest(prepared, choice.layer, sample_rows, candidates, run_options, reporter, shard, budget)
         del candidates
-    requested = method
-    method, method_how = resolve_method(requested, boundary.kind)
-    if requested == "auto":
-        reporter.info(f"method: {method} ({method_how})")
+    if method == "auto":
+        reporter.info(f"method: {ranking.method} ({ranking.how})")
     local_labels = local_rows(labels, shard)
     if boundary.kind == "head":
         logits = outputs.logits
         scores, details = method_scores(
-            method, outputs.logits, outputs.head_inputs, local_labels,
-            has_bias=prepared.head.bias is not None, damping=damping, measure=influence_measure, curvature=curvature,
-            shard=shard,
+            ranking.method, outputs.logits, outputs.head_inputs, local_labels,
+            has_bias=prepared.head.bias is not None, damping=ranking.damping, measure=ranking.measure,
+            curvature=ranking.curvature, shard=shard,
         )
         details["boundary"] = "head"
-        details.update(method_details(requested, method_how))
+        details.update(method_details(method, ranking.how))
         del outputs
     else:
-        scores, logits = refit_scores(features, local_labels, len(prepared.classes), method=method,
-                                      measure=influence_measure, l2=boundary.l2, shard=shard, budget=budget)
-        details = {**refit_details(choice, boundary, method, influence_measure), **method_details(requested, method_how)}
+        scores, logits = refit_scores(features, local_labels, len(prepared.classes), method=ranking.method,
+                                      measure=ranking.measure, l2=boundary.l2, shard=shard, budget=budget)
+        details = {**refit_details(choice, boundary, ranking, len(labels), len(prepared.classes), features.shape[1]),
+                   **method_details(method, ranking.how)}
         del features
     predictions = prediction_rows(logits, local_labels, budget)
     if shard is not None:  # every process gets every row's results, in manifest order
@@ -354,7 +424,7 @@ def score(
     sidecar = {
         "irank_version": __version__,
         "command": "score",
-        "method": method,
+        "method": ranking.method,
         "parameters": {
             **details,
             "arch": prepared.arch,
@@ -376,8 +446,8 @@ def score(
     }
     with all_or_none():  # a failed write on rank 0 fails every process
         if output is not None and writes_here():
-            with reporter.task("writing the scores", len(ranked)) as advance:
+            with output_set(overwrite), reporter.task("writing the scores", len(ranked)) as advance:
                 write_blocks(counted(ranked.blocks(), advance), output, quoting=ranked.csv_quoting())
-            if not is_stdio(output):
-                write_json_atomic(output + ".json", sidecar)
+                if not is_stdio(output):
+                    write_json_atomic(output + ".json", sidecar)
     return ScoreResult(ranked=ranked, sidecar=sidecar)
