@@ -1,4 +1,5 @@
-"""Ctrl-C (SIGINT) or a crash (SIGKILL) at the worst moment leaves the previous outputs intact and no partial file.
+"""Ctrl-C (SIGINT), SIGTERM or a crash (SIGKILL) at the worst moment leaves the previous outputs intact and no
+partial file.
 
 Each command runs as a subprocess that pauses once its new output is fully written to the temporary
 file but not yet renamed into place (tests/helpers/hold_before_rename.py); the test then signals it.
@@ -16,7 +17,11 @@ import pandas as pd
 import pytest
 
 HELPER = Path(__file__).parent / "helpers" / "hold_before_rename.py"
-SIGNALS = [pytest.param(signal.SIGINT, id="SIGINT"), pytest.param(signal.SIGKILL, id="SIGKILL")]
+SIGNALS = [pytest.param(signal.SIGINT, id="SIGINT"), pytest.param(signal.SIGTERM, id="SIGTERM"),
+           pytest.param(signal.SIGKILL, id="SIGKILL")]
+# what irank says and exits with on the signals it handles (SIGTERM, as containers and schedulers send it, like Ctrl-C)
+HANDLED = {signal.SIGINT: (130, "irank: interrupted; no partial output was written"),
+           signal.SIGTERM: (143, "irank: terminated (SIGTERM); no partial output was written")}
 
 
 def interrupt_at(args: list, hold: str, ready: Path, sig: int) -> tuple[int, str]:
@@ -49,9 +54,9 @@ def check_folder_after(sig, code: int, err: str, folder: Path, before: dict[str,
     after = snapshot(folder)
     if resume_state:
         assert after.pop(resume_state)
-    if sig == signal.SIGINT:
-        assert code == 130, err
-        assert err.strip().splitlines()[-1] == "irank: interrupted; no partial output was written", err
+    if sig in HANDLED:
+        assert code == HANDLED[sig][0], err
+        assert err.strip().splitlines()[-1] == HANDLED[sig][1], err
         assert "Traceback" not in err
         assert after == before  # not even a temporary file remains
     else:
@@ -141,11 +146,14 @@ def test_post_train_keeps_finished_rounds_and_resumes_to_the_same_result(sig, cl
     out = tmp_path / "out"
     # Round 2's model is complete in .round-02.tmp/ but the round is not finished.
     code, err = interrupt_at(["post-train", *args, "--out-dir", out], "model.safetensors#2", tmp_path / "ready", sig)
-    assert code == (130 if sig == signal.SIGINT else -signal.SIGKILL), err
+    assert code == (HANDLED[sig][0] if sig in HANDLED else -signal.SIGKILL), err
+    if sig in HANDLED:  # the one line says what is kept, and how to go on
+        assert err.strip().splitlines()[-1].endswith(f"--out-dir {out} keeps what finished: run the same command "
+                                                     "again to resume"), err
     visible = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
     assert visible == ["removed.csv", "round-01", "summary.json"]
     assert same_weights(out / "round-01" / "model.safetensors", reference / "round-01" / "model.safetensors")
-    if sig == signal.SIGINT:
+    if sig in HANDLED:
         assert not list(out.glob(".*"))
     code, _, err = cli("post-train", *args, "--out-dir", out)
     assert code == 0, err

@@ -239,7 +239,7 @@ def test_rejudge_interrupted_in_its_judgement_resumes_without_refining_again(tin
         return real_refine(*args, **kwargs)
 
     def prune_interrupted_in_the_judgement(scores, *args, **kwargs):
-        if Path(scores).parent == out:
+        if Path(scores).parent.name == f".{out.name}.judgement.tmp":  # the judgement is built beside DIR
             raise KeyboardInterrupt
         return real_prune(scores, *args, **kwargs)
 

@@ -6,13 +6,15 @@ test can interrupt it at the worst moment: the new output complete on disk but n
 """
 
 import contextlib
+import importlib
 import sys
 import time
 from pathlib import Path
 
-import irank  # noqa: F401  (imports every module that holds a reference to atomic_path)
 import irank.files
-import irank.posttrain  # noqa: F401  (not imported by irank/__init__)
+# every module that holds a reference to atomic_path (irank/__init__ imports none of them before first use)
+for name in ("apply", "checkpoint", "manifest", "posttrain", "prune", "refine", "resume", "review", "scoring"):
+    importlib.import_module(f"irank.{name}")
 
 name, _, occurrence = sys.argv[1].partition("#")
 ready = Path(sys.argv[2])
