@@ -100,6 +100,37 @@ def test_kfac_equals_exact_when_the_output_curvature_is_shared():
         assert torch.allclose(exact, kfac, rtol=1e-4), measure
 
 
+def test_kfac_with_an_absolute_damping_inverts_the_exact_objective():
+    """A refit probe's influence: H = GN + λI with λ its L2 (not a damping relative to each factor). Where the
+    Gauss–Newton matrix is exactly A ⊗ B (every p alike), K-FAC's eigenbasis inverse equals the exact one to
+    rounding, at a strong damping where a relative one would not."""
+    torch.manual_seed(2)
+    n, dims, classes = 60, 5, 4
+    features = influence.augment(torch.randn(n, dims, dtype=torch.float64) * 2 + 1, has_bias=True)
+    probs = torch.softmax(torch.randn(1, classes, dtype=torch.float64), dim=1).expand(n, classes).contiguous()
+    labels = torch.randint(0, classes, (n,))
+    for measure in influence.MEASURES:
+        exact = influence.exact_influence(probs, features, labels, damping=0.3, measure=measure, absolute_damping=True)
+        kfac = influence.kfac_influence(probs, features, labels, damping=0.3, measure=measure, absolute_damping=True)
+        relative = influence.kfac_influence(probs, features, labels, damping=0.3, measure=measure)
+        assert torch.allclose(exact, kfac, rtol=1e-10, atol=0), measure
+        assert not torch.allclose(exact, relative, rtol=1e-2), measure
+
+
+def test_the_probe_ranks_alike_on_its_exact_and_kfac_paths(monkeypatch):
+    """probe_scores past its size limit (K-FAC) and below it (exact) score the same objective."""
+    from irank import probe
+
+    torch.manual_seed(3)
+    features = torch.randn(300, 6) + torch.arange(300)[:, None] % 3
+    labels = torch.arange(300) % 3
+    labels[:30] = (labels[:30] + 1) % 3
+    exact, _, _ = probe.probe_scores(features, labels, 3, l2=0.1, measure="self-influence")
+    monkeypatch.setattr(probe, "probe_curvature", lambda *args: "kfac")
+    kfac, _, _ = probe.probe_scores(features, labels, 3, l2=0.1, measure="self-influence")
+    assert spearman(exact, kfac) >= 0.95
+
+
 def test_kfac_ranks_like_exact_on_a_fitted_model(convex_problem):
     features, labels, _, _, weight = convex_problem
     probs = torch.softmax(features @ weight.T, dim=1)
