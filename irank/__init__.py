@@ -9,28 +9,26 @@ The names are imported on first use, so `import irank` (and the `irank` command'
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 
-from ._version import __version__
+from irank._version import __version__
 
 # public name → the module that defines it
 _EXPORTS = {
-    "IrankError": ".errors",
-    "apply_review": ".apply",
-    "evaluate": ".evaluation",
-    "check_gate": ".gate",
-    "BoundaryOptions": ".boundary",
-    "ModelOptions": ".loading",
-    "RunOptions": ".loading",
-    "LoopOptions": ".posttrain",
-    "post_train": ".posttrain",
-    "prune": ".prune",
-    "TrainOptions": ".refine",
-    "refine": ".refine",
-    "train": ".refine",
-    "review": ".review",
-    "score": ".scoring",
+    "IrankError": "irank.runtime.errors",
+    "apply_review": "irank.stages.apply",
+    "evaluate": "irank.stages.evaluate",
+    "check_gate": "irank.stages.gate",
+    "BoundaryOptions": "irank.core.layer_choice",
+    "ModelOptions": "irank.model.prepare",
+    "RunOptions": "irank.model.prepare",
+    "LoopOptions": "irank.workflows.post_train",
+    "post_train": "irank.workflows.post_train",
+    "prune": "irank.stages.prune",
+    "TrainOptions": "irank.stages.refine",
+    "refine": "irank.stages.refine",
+    "train": "irank.stages.refine",
+    "review": "irank.stages.review",
+    "score": "irank.stages.score",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]
@@ -40,7 +38,7 @@ def __getattr__(name: str):
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'irank' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
+    value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value
 
@@ -48,15 +46,3 @@ def __getattr__(name: str):
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
 
-
-class _Face(types.ModuleType):
-    """The package, whose public names win over its submodules of the same name (`irank.refine` is the function
-    even once the module irank/refine.py is imported, as when the names were imported eagerly)."""
-
-    def __setattr__(self, name: str, value) -> None:
-        if name in _EXPORTS and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Face

@@ -1,3 +1,3 @@
-from .entry import main
+from irank.entry import main
 
 main()

@@ -21,15 +21,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .evaluation import evaluate as run_evaluate
-from ._version import __version__
-from .entry import EXIT_INTERRUPTED, install_signal_handlers, interrupt_message, stopped_by
-from .boundary import BoundaryOptions
-from .errors import IrankError, UsageError
-from .files import is_stdio
-from .loading import ModelOptions, RunOptions
-from .progress import RichReporter
-from .rowstore import DEFAULT_MEMORY_BUDGET, parse_size
+from irank.stages.evaluate import evaluate as run_evaluate
+from irank._version import __version__
+from irank.entry import EXIT_INTERRUPTED, install_signal_handlers, interrupt_message, stopped_by
+from irank.core.layer_choice import BoundaryOptions
+from irank.runtime.errors import IrankError, UsageError
+from irank.formats.files import is_stdio
+from irank.model.prepare import ModelOptions, RunOptions
+from irank.runtime.progress import RichReporter
+from irank.runtime.memory import DEFAULT_MEMORY_BUDGET, parse_size
 
 EXIT_INPUT_ERROR = 3
 EXIT_GATE_FAILED = 4
@@ -242,9 +242,9 @@ def score(
 
     Example: irank score model.safetensors train.csv -o scores.csv --fail-over 0.05
     """
-    from .distributed import is_main
-    from .gate import check_gate, validate_gate
-    from .scoring import score as run_score
+    from irank.runtime.distributed import is_main
+    from irank.stages.gate import check_gate, validate_gate
+    from irank.stages.score import score as run_score
 
     if json_out and is_stdio(output):
         raise UsageError("--json and -o - both write to stdout; pick one")
@@ -291,7 +291,7 @@ def prune(
 
     Example: irank score ck.safetensors train.csv -o - | irank prune - train.csv --fraction 0.1 -o clean.csv
     """
-    from .prune import prune as run_prune
+    from irank.stages.prune import prune as run_prune
 
     if json_out and is_stdio(output):
         raise UsageError("--json and -o - both write to stdout; pick one")
@@ -325,7 +325,7 @@ def review(
 
     Example: irank review scores.csv -o review/ --top 200, then open review/index.html and fill in review/review.csv.
     """
-    from .review import review as run_review
+    from irank.stages.review import review as run_review
 
     reporter = RichReporter(quiet)
     result = run_review(scores, output=str(output), top=top, fraction=fraction, per_class=per_class,
@@ -360,7 +360,7 @@ def apply_command(
 
     Example: irank apply review/review.csv train.csv -o train-fixed.csv --audit audit.csv
     """
-    from .apply import apply_review
+    from irank.stages.apply import apply_review
 
     if json_out and is_stdio(output):
         raise UsageError("--json and -o - both write to stdout; pick one")
@@ -378,7 +378,7 @@ def apply_command(
 def _loop_recipe(strategy: str, scope, epochs, lr, augment, loss, boundary, layer) -> tuple:
     """post-train's defaults for what was not given: the strategy's recipe (posttrain.RECIPES), the one that ranked
     best on the benchmark for it (README, Benchmark). A boundary given explicitly takes no layer from the recipe."""
-    from .posttrain import RECIPES
+    from irank.workflows.post_train import RECIPES
 
     recipe = RECIPES[strategy]
     if boundary is None:
@@ -388,7 +388,7 @@ def _loop_recipe(strategy: str, scope, epochs, lr, augment, loss, boundary, laye
 
 
 def _train_options(scope, epochs, lr, weight_decay, augment, seed, l2=1e-3, loss="ce", layer=None):
-    from .refine import TrainOptions
+    from irank.stages.refine import TrainOptions
 
     return TrainOptions(scope=scope.value, epochs=epochs, lr=lr, weight_decay=weight_decay, augment=augment.value,
                         seed=seed, l2=l2, loss=loss, layer=layer)
@@ -421,7 +421,7 @@ def refine(
 
     Example: irank refine model.safetensors clean.csv -o refined.safetensors --scope full --epochs 3
     """
-    from .refine import refine as run_refine
+    from irank.stages.refine import refine as run_refine
 
     reporter = RichReporter(quiet)
     options = _train_options(scope, epochs, lr, weight_decay, augment, seed, l2, loss=loss, layer=layer)
@@ -457,7 +457,7 @@ def train(
     quiet: QuietOpt = False, json_out: JsonOpt = False, overwrite: OverwriteOpt = False, resume: ResumeOpt = False,
 ) -> None:
     """Train a classifier from scratch (all layers), e.g. to get a base model for the demo or a benchmark."""
-    from .refine import train as run_train
+    from irank.stages.refine import train as run_train
 
     reporter = RichReporter(quiet)
     result = run_train(
@@ -522,7 +522,7 @@ def post_train(
 
     Example: irank post-train model.safetensors train.csv --out-dir post --budget 0.3 --rounds 6 --val val.csv
     """
-    from .posttrain import LoopOptions, post_train as run_post_train, resolve_strategy
+    from irank.workflows.post_train import LoopOptions, post_train as run_post_train, resolve_strategy
 
     reporter = RichReporter(quiet)
     if rejudge and strategy not in (None, Strategy.rejudge):
@@ -619,8 +619,8 @@ def manifest(
     quiet: QuietOpt = False, overwrite: OverwriteOpt = False,
 ) -> None:
     """Write a manifest (path, label) for an ImageFolder tree; paths are relative to the manifest's folder."""
-    from .files import check_overwrite, output_set
-    from .manifest import manifest_from_folder, table_format, write_table
+    from irank.formats.files import check_overwrite, output_set
+    from irank.formats.manifest import manifest_from_folder, table_format, write_table
 
     table_format(output)
     check_overwrite({"-o": output}, overwrite)
@@ -642,7 +642,7 @@ def demo(
 
     Makes the data, trains a small CNN on the noisy labels, then score → prune → refine, and reports how many flipped labels the influential rank caught and the test accuracy before and after.
     """
-    from .demo import run_demo
+    from irank.workflows.demo import run_demo
 
     reporter = RichReporter(quiet)
     summary = run_demo(folder, noise=noise, seed=seed, reporter=reporter)
@@ -677,7 +677,7 @@ def layers(
     json_out: JsonOpt = False,
 ) -> None:
     """List the layers --layer can name, with their output shapes and pooled feature sizes; marks the ones --layer auto tries."""
-    from .layers import list_layers, parse_input_shape
+    from irank.model.layers import list_layers, parse_input_shape
 
     rows = list_layers(str(checkpoint), ModelOptions(arch=arch, head=head, classes=str(classes) if classes else None),
                        image_size or None, parse_input_shape(input_shape))
@@ -704,7 +704,7 @@ def main() -> None:
     Under torchrun every process runs the command on its share of the rows. Only rank 0 writes to stdout
     and stderr; an error is printed once, by the process that saw it.
     """
-    from .distributed import is_main, launched_by_torchrun, process_group
+    from irank.runtime.distributed import is_main, launched_by_torchrun, process_group
 
     install_signal_handlers()
     try:
@@ -739,7 +739,7 @@ def _leave(code) -> None:
 
 
 def _main(report_to=None) -> None:
-    from . import distributed
+    from irank.runtime import distributed
 
     errors = Console(stderr=True, highlight=False) if report_to is None else Console(file=report_to, highlight=False)
 

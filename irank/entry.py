@@ -49,7 +49,7 @@ def interrupt_message(interrupt: BaseException) -> tuple[str, int]:
 def main() -> None:
     install_signal_handlers()
     try:
-        from .cli import main as run
+        from irank.cli import main as run
     except KeyboardInterrupt as interrupt:
         line, code = interrupt_message(interrupt)
         sys.stderr.write(line + "\n")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import irank
-from irank import synthetic
+from irank.formats import synthetic
 
 
 @pytest.fixture(scope="session")

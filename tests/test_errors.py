@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from irank.checkpoint import read_checkpoint, save_checkpoint
+from irank.model.checkpoint import read_checkpoint, save_checkpoint
 
 
 def manifest_copy(tiny_data, folder: Path, rows: int = 20, **changes) -> Path:
@@ -161,7 +161,7 @@ def test_prune_rejects_a_table_that_is_not_scores(cli, tiny_data, tmp_path):
 
 def test_nan_logits(cli, tiny_data, tiny_model, tmp_path):
     checkpoint = read_checkpoint(tiny_model)
-    from irank.checkpoint import build_model
+    from irank.model.checkpoint import build_model
 
     model = build_model("tiny-cnn", 4)
     model.load_state_dict(checkpoint.state_dict)

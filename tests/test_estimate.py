@@ -1,6 +1,6 @@
 import pandas as pd
 
-from irank.estimate import estimate_noise_share
+from irank.core.estimate import estimate_noise_share
 
 
 def test_disagreement_share_counts_label_prediction_mismatches():

@@ -61,7 +61,7 @@ def test_the_pixel_limit_is_configurable(cli, tiny_data, tiny_model, tmp_path, m
 
 
 def test_augment_auto_crops_and_flips_images_of_a_known_size_and_only_flips_others():
-    from irank.data import Preprocess, resolve_augment
+    from irank.model.inputs import Preprocess, resolve_augment
 
     images = [Path("a.png")]
     assert resolve_augment("auto", images, Preprocess(image_size=32)) == "crop-flip"

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from irank import influence
+from irank.core import influence
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -119,7 +119,7 @@ def test_kfac_with_an_absolute_damping_inverts_the_exact_objective():
 
 def test_the_probe_ranks_alike_on_its_exact_and_kfac_paths(monkeypatch):
     """probe_scores past its size limit (K-FAC) and below it (exact) score the same objective."""
-    from irank import probe
+    from irank.core import probe
 
     torch.manual_seed(3)
     features = torch.randn(300, 6) + torch.arange(300)[:, None] % 3

@@ -1,4 +1,4 @@
-"""irank's own L-BFGS (`irank.lbfgs`): it finds known minima, agrees with torch.optim.LBFGS on the probe's
+"""irank's own L-BFGS (`irank.core.lbfgs`): it finds known minima, agrees with torch.optim.LBFGS on the probe's
 problem, keeps to its limits, and spares `score` the import of torch._dynamo."""
 
 import subprocess
@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 
-from irank import lbfgs
-from irank.linear import _objective, _packed, data_term
+from irank.core import lbfgs
+from irank.core.linear import _objective, _packed, data_term
 
 
 def quadratic(matrix, vector):
@@ -94,7 +94,7 @@ def test_score_on_tensor_rows_does_not_import_dynamo(tmp_path):
     """The first torch.optim optimizer imports torch._dynamo (1.2 s and ~150 MiB on the benchmark's CPU): the
     default refit boundary's probe fits build none. (Images import it anyway, through torchvision.)"""
     import irank
-    from irank import synthetic
+    from irank.formats import synthetic
 
     manifest, _ = synthetic.make_embeddings(tmp_path, num_rows=300, dim=8, num_classes=3, seed=1)
     checkpoint = tmp_path / "mlp.safetensors"

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from irank.linear import fit_softmax_regression
+from irank.core.linear import fit_softmax_regression
 
 
 def test_refit_reaches_the_regularized_optimum():
@@ -26,7 +26,7 @@ def test_refit_reaches_the_regularized_optimum():
 def test_a_fit_on_a_standardized_copy_equals_the_chunked_fit_bit_for_bit(monkeypatch):
     """Small sets are standardized once into a float64 copy (faster); larger ones chunk by chunk on every
     evaluation. Both compute the same numbers in the same order, so the fits are identical."""
-    from irank import linear
+    from irank.core import linear
 
     generator = torch.Generator().manual_seed(1)
     features = torch.randn(300, 7, generator=generator) * 3 + 5
@@ -41,8 +41,8 @@ def test_a_fit_on_a_standardized_copy_equals_the_chunked_fit_bit_for_bit(monkeyp
 
 
 def test_a_fit_runs_on_the_cpu_without_a_cuda_device_or_for_rows_on_disk(tmp_path):
-    from irank.linear import fit_device
-    from irank.rowstore import DiskRows
+    from irank.core.linear import fit_device
+    from irank.runtime.memory import DiskRows
 
     rows = torch.randn(8, 3)
     assert fit_device(rows, None).type == "cpu"
@@ -54,7 +54,7 @@ def test_a_fit_runs_on_the_cpu_without_a_cuda_device_or_for_rows_on_disk(tmp_pat
 @pytest.mark.parametrize("chunked", [False, True])
 def test_a_fit_on_the_gpu_agrees_with_the_cpu_fit(monkeypatch, chunked):
     """The float64 fit on a CUDA device reaches the same optimum; only the order of its sums differs."""
-    from irank import linear
+    from irank.core import linear
 
     if chunked:  # raw float32 rows standardized chunk by chunk on every evaluation
         monkeypatch.setattr(linear, "PRESTANDARDIZE_BYTES", 0)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from irank.errors import ManifestError
-from irank.manifest import check_inside_root, read_manifest
+from irank.runtime.errors import ManifestError
+from irank.formats.manifest import check_inside_root, read_manifest
 from test_errors import assert_clean_failure, manifest_copy
 
 
@@ -111,7 +111,7 @@ def test_jsonl_and_tsv_with_bom(tmp_path):
 def test_a_lone_carriage_return_in_a_value_survives_write_and_read(tmp_path):
     import pandas as pd
 
-    from irank.manifest import read_table, write_table
+    from irank.formats.manifest import read_table, write_table
 
     table = pd.DataFrame({"path": ["0", "1"], "label": ["0", "1"], "note": ["\r0", "plain"]})
     write_table(table, tmp_path / "m.csv")
@@ -121,7 +121,7 @@ def test_a_lone_carriage_return_in_a_value_survives_write_and_read(tmp_path):
 def test_resolved_image_paths_are_the_files_each_row_names(tmp_path):
     """`resolved_paths` resolves a row's file when it is read (no million Path objects held): it must give
     what a list of resolved paths gave, for relative and absolute rows, by index, slice and iteration."""
-    from irank.manifest import read_manifest
+    from irank.formats.manifest import read_manifest
 
     absolute = tmp_path / "elsewhere" / "c.png"
     (tmp_path / "m.csv").write_text(f"path,label\nimg/a.png,x\nimg/sub/b.png,y\n{absolute},x\n")

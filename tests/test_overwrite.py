@@ -101,7 +101,7 @@ def test_post_train_overwrite_never_deletes_its_input(cli, tiny_data, tiny_model
 
 @pytest.mark.parametrize("text", ["x", "x\ny\n"])
 def test_atomic_write_leaves_no_temp_file(tmp_path, text):
-    from irank.files import write_text_atomic
+    from irank.formats.files import write_text_atomic
 
     write_text_atomic(tmp_path / "f.txt", text)
     assert [p.name for p in tmp_path.iterdir()] == ["f.txt"] and (tmp_path / "f.txt").read_text() == text

@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from irank.checkpoint import read_checkpoint
-from irank.metrics import auroc
+from irank.model.checkpoint import read_checkpoint
+from irank.core.metrics import auroc
 
 CLASSES = ["cross", "disk", "hstripes", "vstripes"]  # sorted unique labels: how `irank train` names classes
 SCORE_COLUMNS = ["rank", "id", "path", "label", "predicted", "label_prob", "predicted_prob", "loss", "score", "class_rank",
@@ -242,7 +242,7 @@ def test_refine_with_generalized_cross_entropy(cli, tiny_data, tiny_model, tmp_p
 def test_gce_loss_matches_its_formula():
     import torch
 
-    from irank.refine import training_loss
+    from irank.stages.refine import training_loss
 
     logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
     labels = torch.tensor([0, 0])

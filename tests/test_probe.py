@@ -5,13 +5,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from irank.boundary import BoundaryOptions
-from irank.checkpoint import build_model
-from irank.data import make_loader
-from irank.layers import candidate_layers, layer_features, pool
-from irank.loading import ModelOptions, prepare
-from irank.metrics import auroc
-from irank.probe import heldout_probe_loss, probe_scores
+from irank.core.layer_choice import BoundaryOptions
+from irank.model.checkpoint import build_model
+from irank.model.inputs import make_loader
+from irank.model.layers import candidate_layers, layer_features, pool
+from irank.model.prepare import ModelOptions, prepare
+from irank.core.metrics import auroc
+from irank.core.probe import heldout_probe_loss, probe_scores
 
 
 def test_pool_shapes():
@@ -101,7 +101,7 @@ def test_layers_command_lists_candidates(cli, tiny_model):
 def test_refit_on_a_middle_layer_writes_a_cut_model_that_eval_and_score_run(cli, tiny_data, tiny_model, tmp_path):
     import json
 
-    from irank.checkpoint import read_checkpoint
+    from irank.model.checkpoint import read_checkpoint
 
     out = tmp_path / "cut.safetensors"
     code, _, err = cli("refine", tiny_model, tiny_data["train"], "-o", out, "--scope", "refit", "--layer", "features.2",
@@ -128,7 +128,7 @@ def noisy_labels(n: int, classes: int, flip_every: int) -> tuple[torch.Tensor, t
 
 
 def test_auto_layer_skips_a_layer_that_memorized_the_given_labels():
-    from irank.boundary import choose_layer
+    from irank.core.layer_choice import choose_layer
 
     torch.manual_seed(0)
     n, classes = 400, 4
@@ -145,7 +145,7 @@ def test_auto_layer_skips_a_layer_that_memorized_the_given_labels():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_the_layer_choice_fitted_on_the_gpu_is_the_cpu_choice():
-    from irank.boundary import choose_layer, choose_layer_by_accuracy
+    from irank.core.layer_choice import choose_layer, choose_layer_by_accuracy
 
     torch.manual_seed(0)
     n, classes = 400, 4
@@ -166,7 +166,7 @@ def test_the_layer_choice_fitted_on_the_gpu_is_the_cpu_choice():
 
 
 def test_layer_choice_runs_on_a_fixed_size_sample_of_a_large_data_set():
-    from irank import boundary
+    from irank.core import layer_choice as boundary
 
     torch.manual_seed(0)
     n, classes = 600, 3
@@ -199,7 +199,7 @@ def test_auto_layer_on_a_sample_then_the_rest_up_to_the_chosen_layer(tiny_data, 
 
 
 def test_val_choice_keeps_the_layer_that_predicts_the_clean_labels():
-    from irank.boundary import choose_layer_by_accuracy
+    from irank.core.layer_choice import choose_layer_by_accuracy
 
     torch.manual_seed(0)
     n, classes = 400, 4

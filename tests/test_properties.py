@@ -11,10 +11,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from irank.errors import ManifestError
-from irank.manifest import csv_quoting, read_manifest, read_table, write_blocks, write_table
-from irank.prune import prune
-from irank.rank import RankedScores, class_ranks_in_order, prediction_columns, rank_order, scores_table
+from irank.runtime.errors import ManifestError
+from irank.formats.manifest import csv_quoting, read_manifest, read_table, write_blocks, write_table
+from irank.stages.prune import prune
+from irank.formats.scores_table import RankedScores, class_ranks_in_order, prediction_columns, rank_order, scores_table
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

@@ -6,7 +6,7 @@ import pytest
 from safetensors.torch import load_file
 
 import irank
-from irank.progress import Reporter
+from irank.runtime.progress import Reporter
 
 
 class StopAfterEpoch(Reporter):

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 import irank
-from irank.rank import class_names_of, top_classes
+from irank.formats.scores_table import class_names_of, top_classes
 
 CLASSES = ["cross", "disk", "hstripes", "vstripes"]
 

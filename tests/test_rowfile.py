@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from irank.rowfile import RowFile, layout_of, runs
-from irank.tensors import TensorDataset, TensorRows
+from irank.runtime.rowfile import RowFile, layout_of, runs
+from irank.formats.tensor_rows import TensorDataset, TensorRows
 
 NPY_DTYPES = ["<f4", ">f4", "<f2", "<f8", "<i8", ">i4", "|u1", "|b1"]
 SAFETENSORS_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int16,
@@ -103,9 +103,9 @@ def test_reading_rows_maps_nothing_of_the_file(tmp_path, name):
 
 
 def test_at_most_open_files_stay_open(tmp_path, monkeypatch):
-    import irank.tensors
+    import irank.formats.tensor_rows
 
-    monkeypatch.setattr(irank.tensors, "OPEN_FILES", 3)
+    monkeypatch.setattr(irank.formats.tensor_rows, "OPEN_FILES", 3)
     names = [f"f{number}.npy" for number in range(10)]
     for number, name in enumerate(names):
         np.save(tmp_path / name, np.full((2, 3), number, dtype=np.float32) + np.arange(2, dtype=np.float32)[:, None])

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from irank.errors import UsageError
-from irank.rowstore import DiskRows, MemoryBudget, parse_size
-from irank.tensors import open_npy, release_pages
+from irank.runtime.errors import UsageError
+from irank.runtime.memory import DiskRows, MemoryBudget, parse_size
+from irank.formats.tensor_rows import open_npy, release_pages
 from test_tensor_inputs import embeddings, mlp_model  # noqa: F401  (module fixtures)
 
 

@@ -13,12 +13,18 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from irank import columns, manifest as manifest_module, rank as rank_module, synthetic
-from irank.columns import CodedColumn, TextColumn, first_duplicate, text_hashes
-from irank.errors import ManifestError
-from irank.manifest import read_manifest, write_table
-from irank.rank import RankedScores, prediction_columns, prediction_rows
-from irank.rowstore import DiskRows, MemoryBudget
+from irank.formats import columns
+
+from irank.formats import manifest as manifest_module
+
+from irank.formats import scores_table as rank_module
+
+from irank.formats import synthetic
+from irank.formats.columns import CodedColumn, TextColumn, first_duplicate, text_hashes
+from irank.runtime.errors import ManifestError
+from irank.formats.manifest import read_manifest, write_table
+from irank.formats.scores_table import RankedScores, prediction_columns, prediction_rows
+from irank.runtime.memory import DiskRows, MemoryBudget
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 strings = st.lists(st.text(max_size=6), max_size=30)
@@ -129,8 +135,8 @@ def test_duplicate_ids_in_different_blocks_are_found(tmp_path, monkeypatch):
     (9, "score", "", "row 9: score"),
 ])
 def test_score_table_errors_in_a_later_block(tmp_path, monkeypatch, row, column, value, message):
-    from irank.manifest import TableSource
-    from irank.prune import flagged_rows, read_score_columns
+    from irank.formats.manifest import TableSource
+    from irank.stages.prune import flagged_rows, read_score_columns
 
     monkeypatch.setattr(manifest_module, "CHUNK_ROWS", 3)
     scores = pd.DataFrame({"id": [f"s{i}" for i in range(10)], "label": "a", "rank": range(1, 11),
@@ -153,9 +159,9 @@ def test_a_repeated_score_id_is_found_in_any_block_with_or_without_a_manifest(tm
     with one, a repeat is a manifest row met twice. A hash shared by different ids is no repeat."""
     import sys
 
-    from irank.prune import read_score_columns
+    from irank.stages.prune import read_score_columns
 
-    prune_module = sys.modules["irank.prune"]  # `irank.prune` as an attribute is the function
+    prune_module = sys.modules["irank.stages.prune"]  # `irank.stages.prune` as an attribute is the function
     monkeypatch.setattr(manifest_module, "CHUNK_ROWS", 3)
     if weak_hash:  # every id collides with every other of its length
         monkeypatch.setattr(prune_module, "text_hashes", lambda values: np.array([len(v) for v in values], np.uint64))
@@ -173,8 +179,8 @@ def test_a_repeated_score_id_is_found_in_any_block_with_or_without_a_manifest(tm
 
 
 def test_score_columns_and_flagged_rows_hold_what_the_table_holds(tmp_path, monkeypatch):
-    from irank.manifest import TableSource
-    from irank.prune import flagged_rows, read_score_columns
+    from irank.formats.manifest import TableSource
+    from irank.stages.prune import flagged_rows, read_score_columns
 
     monkeypatch.setattr(manifest_module, "CHUNK_ROWS", 4)
     generator = np.random.default_rng(3)
@@ -211,7 +217,7 @@ def test_review_read_in_blocks_writes_what_one_block_writes(tmp_path, monkeypatc
     import io
     import sys
 
-    from irank.review import review
+    from irank.stages.review import review
 
     generator = np.random.default_rng(5)
     rows = 23
@@ -240,9 +246,9 @@ def test_prune_reads_scores_from_stdin_once_without_a_copy(tmp_path, monkeypatch
     import io
     import sys
 
-    from irank.prune import prune
+    from irank.stages.prune import prune
 
-    prune_module = sys.modules["irank.prune"]
+    prune_module = sys.modules["irank.stages.prune"]
     monkeypatch.setattr(manifest_module, "CHUNK_ROWS", 4)
     rows = 13
     write_table(pd.DataFrame({"path": [f"{i}.png" for i in range(rows)], "label": "a"}), tmp_path / "m.csv")
@@ -364,9 +370,9 @@ def test_prune_streams_the_bytes_of_a_whole_write(tmp_path, monkeypatch, carriag
     on its rows, paths rebased into another folder)."""
     import importlib
 
-    prune_module = importlib.import_module("irank.prune")  # `irank.prune` is also the function
-    from irank.manifest import rebase_paths, write_table
-    from irank.prune import prune
+    prune_module = importlib.import_module("irank.stages.prune")  # `irank.stages.prune` is also the function
+    from irank.formats.manifest import rebase_paths, write_table
+    from irank.stages.prune import prune
 
     rows = 11
     ranks = np.random.default_rng(3).permutation(rows) + 1  # rank order is not manifest order
@@ -403,8 +409,8 @@ def test_prune_streams_the_bytes_of_a_whole_write(tmp_path, monkeypatch, carriag
 @pytest.mark.parametrize("carriage_in", ["kept", "removed", "relabeled away", "none"])
 @pytest.mark.parametrize("elsewhere", [False, True])
 def test_apply_streams_the_bytes_of_a_whole_write(tmp_path, monkeypatch, carriage_in, elsewhere):
-    from irank.apply import apply_review
-    from irank.manifest import rebase_paths, write_table
+    from irank.stages.apply import apply_review
+    from irank.formats.manifest import rebase_paths, write_table
 
     rows = 10
     table = pd.DataFrame({"path": [f"img/{i}.png" for i in range(rows)], "label": [f"c{i % 3}" for i in range(rows)],
@@ -433,7 +439,7 @@ def test_apply_streams_the_bytes_of_a_whole_write(tmp_path, monkeypatch, carriag
 @given(st.integers(0, 12), st.data(), st.sampled_from([",", "\t"]), st.booleans())
 def test_the_plain_csv_writer_writes_what_pandas_writes(rows, data, sep, header):
     """plain_csv (str.join) gives pandas' bytes, or None (pandas then writes the block)."""
-    from irank.manifest import plain_csv
+    from irank.formats.manifest import plain_csv
 
     columns = {
         "rank": data.draw(st.lists(st.integers(-2**63, 2**63 - 1), min_size=rows, max_size=rows)),
@@ -512,7 +518,7 @@ def test_a_manifest_from_a_pipe_can_be_read_again(tmp_path):
 @given(st.lists(st.text(max_size=3), unique=True, max_size=30), st.lists(st.text(max_size=3), max_size=30),
        st.sampled_from(["real", "all collide", "half collide"]), st.integers(1, 7))
 def test_ids_are_found_by_hash_as_by_a_dict(held, wanted, hashes, block_rows):
-    from irank.columns import TextIndex
+    from irank.formats.columns import TextIndex
 
     wanted = wanted + held[::2]
     weak = {"real": None,

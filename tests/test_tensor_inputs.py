@@ -14,12 +14,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import save_file
 
-from irank import synthetic
-from irank.checkpoint import build_model, read_checkpoint
-from irank.errors import CheckpointError
-from irank.manifest import read_manifest
-from irank.metrics import auroc
-from irank.tensors import TensorDataset, check_tensor_rows
+from irank.formats import synthetic
+from irank.model.checkpoint import build_model, read_checkpoint
+from irank.runtime.errors import CheckpointError
+from irank.formats.manifest import read_manifest
+from irank.core.metrics import auroc
+from irank.formats.tensor_rows import TensorDataset, check_tensor_rows
 from test_errors import assert_clean_failure
 
 DIM = 16
@@ -210,7 +210,7 @@ def test_dataset_reads_the_indexed_rows_in_any_order(tmp_path):
 @pytest.mark.parametrize("block_rows", [1, 2, 5, 65_536])
 def test_rows_are_grouped_by_file_and_key_in_order_of_first_appearance(tmp_path, monkeypatch, block_rows):
     """Each row's source (file, key), numbered in the order the sources first appear, whatever the blocks."""
-    import irank.tensors as tensors_module
+    import irank.formats.tensor_rows as tensors_module
 
     monkeypatch.setattr(tensors_module, "BUILD_ROWS", block_rows)
     np.save(tmp_path / "a.npy", np.zeros((4, 2), np.float32))
@@ -244,7 +244,7 @@ def test_rows_without_keys_share_the_file_codes_and_a_subset_still_finds_its_fil
 
 
 def test_an_index_past_int32_is_kept_whole():
-    from irank.columns import int32_if_fits
+    from irank.formats.columns import int32_if_fits
 
     assert int32_if_fits(np.array([0, 2**31 - 1])).dtype == np.int32
     assert int32_if_fits(np.array([0, 2**31])).tolist() == [0, 2**31]
@@ -462,7 +462,7 @@ def write_rows(folder: Path, rows: list[tuple[str, str, int]]) -> Path:
 
 
 def test_made_ids_are_the_ids_tensor_row_ids_writes(tmp_path):
-    from irank.tensors import tensor_row_ids
+    from irank.formats.tensor_rows import tensor_row_ids
 
     rows = [("e.npy", "", 0), ("e.npy", "", 1), ("w.safetensors", "x", 0), ("w.safetensors", "y", 0), ("e.npy", "", 10)]
     manifest = read_manifest(write_rows(tmp_path, rows))
@@ -482,7 +482,7 @@ def test_made_ids_are_the_ids_tensor_row_ids_writes(tmp_path):
     ([("w[x].safetensors", "", 1), ("w.safetensors", "", 0)], None),
 ])
 def test_duplicate_made_ids_are_refused_naming_both_rows(tmp_path, rows, message):
-    from irank.errors import ManifestError
+    from irank.runtime.errors import ManifestError
 
     path = write_rows(tmp_path, rows)
     if message is None:
@@ -495,7 +495,7 @@ def test_duplicate_made_ids_are_refused_naming_both_rows(tmp_path, rows, message
 def test_ids_spelled_alike_by_different_rows_are_duplicates():
     """File `d.npy` with key `z` and a file named `d.npy[z]` without one, both at index 4, spell one id:
     a comparison of (file, key, index) alone would miss it."""
-    from irank.tensors import TensorRowIds
+    from irank.formats.tensor_rows import TensorRowIds
 
     ids = TensorRowIds(["d.npy", "d.npy[z]"], ["z", ""], np.array([4, 4]))
     assert ids[0] == ids[1] == "d.npy[z][4]"
@@ -509,8 +509,8 @@ def test_ids_spelled_alike_by_different_rows_are_duplicates():
 def test_the_first_repeated_made_id_is_the_plain_definitions(rows, huge):
     """(earlier row, row) of the first row whose made id an earlier row has: as a dict of ids finds it, through
     one number a row, or through the triples when the indices leave no room for one number."""
-    from irank.columns import CodedColumn
-    from irank.tensors import TensorRowIds
+    from irank.formats.columns import CodedColumn
+    from irank.formats.tensor_rows import TensorRowIds
 
     paths, keys, indices = zip(*rows)
     indices = np.array(indices, dtype=np.int64) + (2**61 if huge else 0)
@@ -529,7 +529,7 @@ def test_non_finite_features_outside_the_layer_choice_sample_name_their_manifest
                                                                                     tmp_path):
     """--layer auto reads the rows outside its sample afterwards, as a contiguous block: a NaN there is refused,
     naming the manifest row."""
-    from irank.boundary import choice_sample
+    from irank.core.layer_choice import choice_sample
 
     sample = set(choice_sample(400, limit=10).tolist())
     bad = [row for row in range(400) if row not in sample][5:7]

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 import irank
-from irank.features import forward_pass
-from irank.data import make_loader
-from irank.loading import ModelOptions, prepare
-from irank.placement import Placement
-from irank.rowstore import DiskRows
-from irank.transfer import HostRows
+from irank.model.forward import forward_pass
+from irank.model.inputs import make_loader
+from irank.model.prepare import ModelOptions, prepare
+from irank.model.placement import Placement
+from irank.runtime.memory import DiskRows
+from irank.model.transfer import HostRows
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -23,7 +23,7 @@ from test_errors import assert_clean_failure, manifest_copy
 EVIL = """
 from pathlib import Path
 Path({marker!r}).write_text("the checkpoint ran code")
-from irank.models import SmallCNN
+from irank.model.architectures import SmallCNN
 def build(num_classes):
     return SmallCNN(num_classes, widths=(8, 16, 32))
 """
@@ -95,7 +95,7 @@ def test_malformed_checkpoint_metadata_is_one_line(cli, tiny_data, tiny_model, t
 PAUSE_BETWEEN_RENAMES = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    import irank.files as files
+    import irank.formats.files as files
 
     ready = Path(sys.argv[1])
     real_publish = files.publish
@@ -156,7 +156,7 @@ def wait_for(ready: Path, process: subprocess.Popen, seconds: float = 120) -> No
 
 def test_a_failed_rename_puts_every_earlier_output_back(cli, tiny_data, tiny_model, tmp_path, monkeypatch):
     """A full disk (or any error) at the second rename of a set: the first output goes back to its old bytes."""
-    from irank import files
+    from irank.formats import files
 
     scores = tmp_path / "s.csv"
     for path in (scores, Path(f"{scores}.json")):
@@ -178,7 +178,7 @@ def test_a_failed_rename_puts_every_earlier_output_back(cli, tiny_data, tiny_mod
 
 def test_an_output_that_appears_during_the_run_is_not_replaced(cli, tiny_data, tiny_model, tmp_path, monkeypatch):
     """Two runs writing the same output without --overwrite: the existence check holds at the rename."""
-    from irank import files
+    from irank.formats import files
 
     scores = tmp_path / "s.csv"
     real_rename = files.rename_noreplace
@@ -196,7 +196,7 @@ def test_an_output_that_appears_during_the_run_is_not_replaced(cli, tiny_data, t
 
 
 def test_rename_noreplace_refuses_a_taken_name(tmp_path):
-    from irank.files import rename_noreplace
+    from irank.formats.files import rename_noreplace
 
     (tmp_path / "a").write_text("a")
     (tmp_path / "b").write_text("b")

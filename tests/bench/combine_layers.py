@@ -18,10 +18,10 @@ import sys
 import numpy as np
 import torch
 
-from irank.boundary import block_candidates, choose_layer, refit_scores
-from irank.data import make_loader
-from irank.layers import layer_features
-from irank.loading import ModelOptions, prepare
+from irank.core.layer_choice import block_candidates, choose_layer, refit_scores
+from irank.model.inputs import make_loader
+from irank.model.layers import layer_features
+from irank.model.prepare import ModelOptions, prepare
 from posttrain_cifar import ROOT, RUN, base_paths, detection, truth_mask
 
 BASES = ["ce-sym20", "ce-sym40", "ce-sym60", "ce-asym20", "ce-asym40", "gce-sym20", "gce-sym40", "ce-sym40-es",

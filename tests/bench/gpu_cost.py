@@ -20,7 +20,7 @@ file as soon as it is measured, and a section that would start after `--deadline
   precision, and on the GPU in bf16: detection of the wrong labels (AUROC, precision at k) and agreement with
   the CPU's scores.
 - fits: the refit boundary's probe fits (the final fit, the layer choice), which `score` runs on the CPU, on
-  the CPU and on the GPU (`device=` of `irank.linear.fit_with_scaling` and `irank.boundary.choose_layer`),
+  the CPU and on the GPU (`device=` of `irank.core.linear.fit_with_scaling` and `irank.core.layer_choice.choose_layer`),
   on Gaussian features of the benchmark's shapes: whether moving them to the GPU pays.
 - torchrun: `torchrun --nproc-per-node 1 -m irank score` and `refine --scope full` on the GPU (nccl), with the
   table compared to the one-process run's.
@@ -48,9 +48,9 @@ import pandas as pd
 import torch
 
 import irank
-from irank.boundary import BoundaryOptions
-from irank.loading import ModelOptions, RunOptions
-from irank.progress import Reporter
+from irank.core.layer_choice import BoundaryOptions
+from irank.model.prepare import ModelOptions, RunOptions
+from irank.runtime.progress import Reporter
 from cifar_data import CLASSES, make_manifests
 from posttrain_cifar import (DATA, ROOT, detection, plain_inference_seconds, plain_training_seconds,
                              scores_in_row_order, synchronize, truth_mask)
@@ -208,8 +208,8 @@ def probe_fits() -> dict:
     """The refit boundary's fits, which `score` runs on the CPU, timed on the CPU and on the CUDA device on
     features of the benchmark's shapes (Gaussian classes, 40% of labels flipped): the final float64 fit on
     50,000 × 512 rows, and the layer choice on 4,096 rows of small-cnn's and resnet50's candidate layers."""
-    from irank.boundary import choose_layer
-    from irank.linear import fit_with_scaling
+    from irank.core.layer_choice import choose_layer
+    from irank.core.linear import fit_with_scaling
 
     generator = torch.Generator().manual_seed(0)
 

@@ -7,14 +7,14 @@ README's table adds ten million rows (`--rows 10000,100000,1000000,10000000`: a 
 process's own peak at the fork, so the data sets and the reviewed files are made in child processes too,
 and this process's peak is printed at the end: it must stay below every figure measured.
 
-Tensor rows (one .npy of generated embeddings, `irank.synthetic.make_embeddings`) and a small MLP
+Tensor rows (one .npy of generated embeddings, `irank.formats.synthetic.make_embeddings`) and a small MLP
 (`mlp-DIM-64`, trained once on the 10k set), so a million rows need no million image files. Every
 command runs as its own process; its peak resident set size comes from the kernel (`os.wait4`).
 Outputs go to bench-out/memory/ (git-ignored).
 
 `--kind images`: what ImageNet- or Clothing1M-sized users run instead, a CSV of image paths (one path a row,
 `images/0123/0123456.png`, the id defaulting to the path) read by 2 loader processes, and `tiny-cnn`. The
-million files are hard links to 1,200 generated 32×32 PNGs (`irank.synthetic.make_dataset`), so they cost
+million files are hard links to 1,200 generated 32×32 PNGs (`irank.formats.synthetic.make_dataset`), so they cost
 directory entries, not disk. Beside each command's peak RSS (the largest of its process and its loader
 processes, from the kernel), the peak of the whole process tree's proportional set size (PSS: a page shared
 by n processes counts 1/n in each), sampled every 0.2 s from /proc, says what the job costs the machine.
@@ -87,7 +87,7 @@ def make_image_rows(folder: Path, rows: int) -> None:
     """`rows` image rows (hard links to SOURCE_IMAGES generated PNGs, their noisy labels) in folder/train.csv."""
     import numpy as np
     import pandas as pd
-    from irank.synthetic import make_dataset
+    from irank.formats.synthetic import make_dataset
 
     source = OUT.parent / "memory-images-source"
     if not (source / "train.csv").exists():

@@ -18,7 +18,7 @@ import json
 import sys
 
 import irank
-from irank.manifest import read_manifest
+from irank.formats.manifest import read_manifest
 from posttrain_cifar import ROOT, RUN, base_paths, detection, truth_mask
 
 BASES = ["ce-sym20", "ce-sym40", "ce-asym40", "gce-sym40", "ce-sym0"]

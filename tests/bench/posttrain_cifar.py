@@ -27,16 +27,16 @@ import torch
 import torch.nn.functional as F
 
 import irank
-from irank.boundary import BoundaryOptions
-from irank.data import batches, make_loader
-from irank.features import forward_pass
-from irank.linear import fit_softmax_regression
-from irank.loading import ModelOptions, RunOptions, prepare
-from irank.metrics import auroc, precision_at_k
-from irank.placement import Placement, resolve_device
-from irank.posttrain import RECIPES, LoopOptions, post_train
-from irank.refine import TrainOptions
-from irank.scoring import method_scores
+from irank.core.layer_choice import BoundaryOptions
+from irank.model.inputs import batches, make_loader
+from irank.model.forward import forward_pass
+from irank.core.linear import fit_softmax_regression
+from irank.model.prepare import ModelOptions, RunOptions, prepare
+from irank.core.metrics import auroc, precision_at_k
+from irank.model.placement import Placement, resolve_device
+from irank.workflows.post_train import RECIPES, LoopOptions, post_train
+from irank.stages.refine import TrainOptions
+from irank.stages.score import method_scores
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "bench-data" / "cifar10"

@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from irank.linear import fit_standardized, standardize
+from irank.core.linear import fit_standardized, standardize
 from posttrain_cifar import ROOT, base_paths, detection, truth_mask
 
 

@@ -20,11 +20,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from irank.data import make_loader
-from irank.layers import layer_features
-from irank.loading import ModelOptions, prepare
-from irank.metrics import auroc, precision_at_k
-from irank.probe import heldout_probe_loss, probe_logits, probe_scores
+from irank.model.inputs import make_loader
+from irank.model.layers import layer_features
+from irank.model.prepare import ModelOptions, prepare
+from irank.core.metrics import auroc, precision_at_k
+from irank.core.probe import heldout_probe_loss, probe_logits, probe_scores
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "bench-data" / "cifar10"

@@ -17,7 +17,7 @@ import statistics
 import time
 
 import irank
-from irank.boundary import BoundaryOptions
+from irank.core.layer_choice import BoundaryOptions
 from posttrain_cifar import DATA, ROOT, RUN, plain_inference_seconds
 
 parser = argparse.ArgumentParser()

@@ -14,8 +14,8 @@ import json
 import sys
 
 import irank
-from irank.boundary import BoundaryOptions
-from irank.manifest import read_manifest
+from irank.core.layer_choice import BoundaryOptions
+from irank.formats.manifest import read_manifest
 from posttrain_cifar import DATA, ROOT, RUN, base_paths, detection, truth_mask
 
 settings = sys.argv[1:] or ["ce-sym20", "ce-sym40", "ce-asym40", "gce-sym40"]

@@ -11,15 +11,16 @@ import sys
 import time
 from pathlib import Path
 
-import irank.files
+import irank.formats.files
 # every module that holds a reference to atomic_path (irank/__init__ imports none of them before first use)
-for name in ("apply", "checkpoint", "manifest", "posttrain", "prune", "refine", "resume", "review", "scoring"):
+for name in ("stages.apply", "model.checkpoint", "formats.manifest", "workflows.post_train", "stages.prune",
+             "stages.refine", "formats.resume", "stages.review", "stages.score"):
     importlib.import_module(f"irank.{name}")
 
 name, _, occurrence = sys.argv[1].partition("#")
 ready = Path(sys.argv[2])
 seen = [0]
-real_atomic_path = irank.files.atomic_path
+real_atomic_path = irank.formats.files.atomic_path
 
 
 @contextlib.contextmanager

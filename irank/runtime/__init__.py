@@ -1,0 +1,1 @@
+"""The runtime: errors, processes (torchrun), memory budgets and spilling, progress."""

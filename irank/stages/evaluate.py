@@ -1,0 +1,48 @@
+"""`irank eval`: accuracy of a checkpoint on a labelled manifest, overall and per class."""
+
+from __future__ import annotations
+
+import torch
+
+from irank.runtime.distributed import all_or_none, shard_of
+from irank.runtime.errors import UsageError
+from irank.model.prepare import ModelOptions, RunOptions, prepare
+from irank.runtime.progress import Reporter
+
+
+def accuracy_report(logits: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict:
+    """Overall accuracy and, for every class present, its accuracy and count."""
+    correct = logits.argmax(dim=1) == labels
+    per_class = {}
+    for index, name in enumerate(classes):
+        members = labels == index
+        count = int(members.sum())
+        if count:
+            per_class[name] = {"accuracy": float(correct[members].float().mean()), "count": count}
+    return {"accuracy": float(correct.float().mean()), "num_samples": len(labels), "per_class": per_class}
+
+
+def evaluate(
+    checkpoint: str,
+    manifest: str,
+    *,
+    model_options: ModelOptions | None = None,
+    run_options: RunOptions | None = None,
+    reporter: Reporter | None = None,
+) -> dict:
+    """Accuracy of `checkpoint` on the labels of `manifest`."""
+    from irank.stages.score import run_forward
+
+    reporter = reporter or Reporter()
+    run_options = run_options or RunOptions()
+    if run_options.batch_size <= 0:
+        raise UsageError(f"--batch-size {run_options.batch_size}: must be positive")
+    with all_or_none():  # under torchrun each process reads its block of rows; a failure in one stops all
+        prepared = prepare(checkpoint, manifest, model_options or ModelOptions())
+        shard = shard_of(len(prepared.labels))
+        outputs = run_forward(prepared, run_options, reporter, shard)
+    logits = outputs.logits if shard is None else shard.gather(outputs.logits)
+    report = accuracy_report(logits, torch.from_numpy(prepared.labels), prepared.classes)
+    report["checkpoint"] = checkpoint
+    report["manifest"] = manifest
+    return report

@@ -1,0 +1,1 @@
+"""Workflows that compose stages: post-train's loop and the demo."""
