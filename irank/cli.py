@@ -21,15 +21,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from irank.stages.evaluate import evaluate as run_evaluate
 from irank._version import __version__
 from irank.entry import EXIT_INTERRUPTED, install_signal_handlers, interrupt_message, stopped_by
-from irank.core.layer_choice import BoundaryOptions
-from irank.runtime.errors import IrankError, UsageError
 from irank.formats.files import is_stdio
-from irank.model.prepare import ModelOptions, RunOptions
-from irank.runtime.progress import RichReporter
+from irank.options import REFINE, TRAIN, BoundaryOptions, ModelOptions, RunOptions
+from irank.runtime.errors import IrankError, UsageError
 from irank.runtime.memory import DEFAULT_MEMORY_BUDGET, parse_size
+from irank.runtime.progress import RichReporter
+from irank.stages.evaluate import evaluate as run_evaluate
 
 EXIT_INPUT_ERROR = 3
 EXIT_GATE_FAILED = 4
@@ -98,6 +97,11 @@ class Augment(str, Enum):
     flip = "flip"
     crop_flip = "crop-flip"
     auto = "auto"
+
+
+class Loss(str, Enum):
+    ce = "ce"
+    gce = "gce"
 
 
 class Device(str, Enum):
@@ -185,15 +189,6 @@ def parse_workers(text: str) -> int | None:
     if not text.strip().isdigit():
         raise UsageError(f"--num-workers {text}: a whole number of 0 or more, or auto")
     return int(text)
-
-
-def refuse_idle(ctx: typer.Context, idle: dict[str, str]) -> None:
-    """Refuse a flag given on the command line that does nothing in this run (parameter name → why): a flag is
-    never silently ignored."""
-    for name, why in idle.items():
-        source = ctx.get_parameter_source(name)
-        if source is not None and source.name == "COMMANDLINE":
-            raise UsageError(f"--{name.replace('_', '-')} does nothing here: {why}")
 
 
 def print_json(payload: dict) -> None:
@@ -375,40 +370,31 @@ def apply_command(
         print_json({**summary, "output": output, "audit_output": audit})
 
 
-def _loop_recipe(strategy: str, scope, epochs, lr, augment, loss, boundary, layer) -> tuple:
-    """post-train's defaults for what was not given: the strategy's recipe (posttrain.RECIPES), the one that ranked
-    best on the benchmark for it (README, Benchmark). A boundary given explicitly takes no layer from the recipe."""
-    from irank.workflows.post_train import RECIPES
+def train_options(scope=None, epochs=None, lr=None, weight_decay=None, augment=None, seed=None, l2=None, loss=None,
+                  layer=None):
+    """TrainOptions from the training flags, None where a flag was not given (the library fills in the command's
+    defaults where they act, and refuses a flag that would do nothing)."""
+    from irank.options import TrainOptions
 
-    recipe = RECIPES[strategy]
-    if boundary is None:
-        boundary, layer = Boundary(recipe.boundary), layer or recipe.layer
-    return (scope or Scope(recipe.scope), recipe.epochs if epochs is None else epochs, recipe.lr if lr is None else lr,
-            augment or Augment(recipe.augment), loss or recipe.loss, boundary, layer)
-
-
-def _train_options(scope, epochs, lr, weight_decay, augment, seed, l2=1e-3, loss="ce", layer=None):
-    from irank.stages.refine import TrainOptions
-
-    return TrainOptions(scope=scope.value, epochs=epochs, lr=lr, weight_decay=weight_decay, augment=augment.value,
-                        seed=seed, l2=l2, loss=loss, layer=layer)
+    return TrainOptions(scope=scope.value if scope else None, epochs=epochs, lr=lr, weight_decay=weight_decay,
+                        augment=augment.value if augment else None, seed=seed, l2=l2,
+                        loss=loss.value if loss else None, layer=layer)
 
 
 @app.command()
 def refine(
-    ctx: typer.Context,
     checkpoint: Annotated[Path, typer.Argument(help="The model to fine-tune.")],
     manifest: Annotated[Path, typer.Argument(help="The (cleaned) manifest to fine-tune on.")],
     output: Annotated[str, typer.Option("-o", "--output", help="Refined checkpoint (.safetensors, with irank metadata).")],
-    scope: Annotated[Scope, typer.Option(help="head: fine-tune the last linear layer only, on features computed once; full: the whole network; refit: refit the head from scratch as an L2-regularized softmax regression on the frozen features (convex, deterministic; see --l2).")] = Scope.head,
-    l2: Annotated[float, typer.Option(help="With --scope refit: L2 strength on standardized features.")] = 1e-3,
+    scope: Annotated[Optional[Scope], typer.Option(help="head (default): fine-tune the last linear layer only, on features computed once; full: the whole network; refit: refit the head from scratch as an L2-regularized softmax regression on the frozen features (convex, deterministic; see --l2).", show_default=False)] = None,
+    l2: Annotated[Optional[float], typer.Option(help=f"With --scope refit: L2 strength on standardized features (default {REFINE.l2:g}).", show_default=False)] = None,
     layer: Annotated[Optional[str], typer.Option(help="With --scope refit: refit on this layer's pooled output (see `irank layers`); the written model is the network cut at that layer plus the refit head.")] = None,
-    epochs: Annotated[int, typer.Option(help="Passes over the manifest.")] = 5,
-    lr: Annotated[float, typer.Option(help="Peak learning rate of SGD with momentum 0.9 (cosine decay).")] = 0.01,
-    weight_decay: Annotated[float, typer.Option(help="L2 weight decay.")] = 5e-4,
-    augment: Annotated[Augment, typer.Option(help="Training augmentation; auto: random crops and flips on images of a known size, flips on other images, none on tensor rows.")] = Augment.none,
-    seed: Annotated[int, typer.Option(help="Seed for shuffling and augmentation.")] = 0,
-    loss: Annotated[str, typer.Option(help="Training loss (head and full scopes): ce (cross-entropy) or gce (generalized cross-entropy, q=0.7: a noise-robust loss).")] = "ce",
+    epochs: Annotated[Optional[int], typer.Option(help=f"Passes over the manifest (head and full scopes; default {REFINE.epochs}).", show_default=False)] = None,
+    lr: Annotated[Optional[float], typer.Option(help=f"Peak learning rate of SGD with momentum 0.9, cosine decay (default {REFINE.lr:g}).", show_default=False)] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help=f"L2 weight decay (default {REFINE.weight_decay:g}).", show_default=False)] = None,
+    augment: Annotated[Optional[Augment], typer.Option(help="Training augmentation (default none); auto: random crops and flips on images of a known size, flips on other images, none on tensor rows.", show_default=False)] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed for shuffling and augmentation (default 0).", show_default=False)] = None,
+    loss: Annotated[Optional[Loss], typer.Option(help="Training loss (head and full scopes): ce (cross-entropy, the default) or gce (generalized cross-entropy, q=0.7: a noise-robust loss).", show_default=False)] = None,
     val: Annotated[Optional[Path], typer.Option(help="Clean labelled manifest: accuracy after every epoch, the best epoch is kept.")] = None,
     arch: ArchOpt = None, head: HeadOpt = None, classes: ClassesOpt = None, preprocess: PresetOpt = None,
     image_size: ImageSizeOpt = None, resize: ResizeOpt = None, mean: MeanOpt = None, std: StdOpt = None,
@@ -424,8 +410,7 @@ def refine(
     from irank.stages.refine import refine as run_refine
 
     reporter = RichReporter(quiet)
-    options = _train_options(scope, epochs, lr, weight_decay, augment, seed, l2, loss=loss, layer=layer)
-    refuse_idle(ctx, options.idle())
+    options = train_options(scope, epochs, lr, weight_decay, augment, seed, l2, loss, layer)
     result = run_refine(
         str(checkpoint), str(manifest), output=output, train_options=options,
         val=str(val) if val else None, model_options=model_options(arch, head, classes, preprocess, image_size, resize, mean, std, allow_outside_root, on_bad_image),
@@ -442,13 +427,13 @@ def train(
     arch: Annotated[str, typer.Argument(help="Architecture to build from random weights (tiny-cnn, small-cnn, resnet18, module:factory, ...; for tensor rows of IN values mlp-IN-HIDDEN[-HIDDEN...] or linear-IN, e.g. mlp-64-128).")],
     manifest: Annotated[Path, typer.Argument(help="Labelled manifest to train on.")],
     output: Annotated[str, typer.Option("-o", "--output", help="Trained checkpoint (.safetensors).")],
-    epochs: Annotated[int, typer.Option(help="Passes over the manifest.")] = 20,
-    lr: Annotated[float, typer.Option(help="Peak learning rate of SGD with momentum 0.9 (cosine decay).")] = 0.05,
-    weight_decay: Annotated[float, typer.Option(help="L2 weight decay.")] = 5e-4,
-    augment: Annotated[Augment, typer.Option(help="Training augmentation; auto: random crops and flips on images of a known size, flips on other images, none on tensor rows.")] = Augment.none,
-    seed: Annotated[int, typer.Option(help="Seed for initialization, shuffling and augmentation.")] = 0,
+    epochs: Annotated[Optional[int], typer.Option(help=f"Passes over the manifest (default {TRAIN.epochs}).", show_default=False)] = None,
+    lr: Annotated[Optional[float], typer.Option(help=f"Peak learning rate of SGD with momentum 0.9, cosine decay (default {TRAIN.lr:g}).", show_default=False)] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help=f"L2 weight decay (default {TRAIN.weight_decay:g}).", show_default=False)] = None,
+    augment: Annotated[Optional[Augment], typer.Option(help="Training augmentation (default none); auto: random crops and flips on images of a known size, flips on other images, none on tensor rows.", show_default=False)] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed for initialization, shuffling and augmentation (default 0).", show_default=False)] = None,
     val: Annotated[Optional[Path], typer.Option(help="Labelled manifest scored after every epoch; the best epoch is kept.")] = None,
-    loss: Annotated[str, typer.Option(help="ce (cross-entropy) or gce (generalized cross-entropy, q=0.7: a noise-robust loss).")] = "ce",
+    loss: Annotated[Optional[Loss], typer.Option(help="ce (cross-entropy, the default) or gce (generalized cross-entropy, q=0.7: a noise-robust loss).", show_default=False)] = None,
     classes: ClassesOpt = None, preprocess: PresetOpt = None,
     image_size: ImageSizeOpt = None, resize: ResizeOpt = None, mean: MeanOpt = None, std: StdOpt = None,
     allow_outside_root: AllowOutsideOpt = False, on_bad_image: BadImageOpt = "fail",
@@ -461,7 +446,7 @@ def train(
 
     reporter = RichReporter(quiet)
     result = run_train(
-        arch, str(manifest), output=output, train_options=_train_options(Scope.full, epochs, lr, weight_decay, augment, seed, loss=loss),
+        arch, str(manifest), output=output, train_options=train_options(None, epochs, lr, weight_decay, augment, seed, loss=loss),
         val=str(val) if val else None, model_options=model_options(None, None, classes, preprocess, image_size, resize, mean, std, allow_outside_root, on_bad_image),
         run_options=run_options(device, batch_size, num_workers, channels_last, precision), reporter=reporter,
         overwrite=overwrite, resume=resume,
@@ -473,7 +458,6 @@ def train(
 
 @app.command("post-train")
 def post_train(
-    ctx: typer.Context,
     checkpoint: Annotated[Path, typer.Argument(help="The trained model to post-train.")],
     manifest: Annotated[Path, typer.Argument(help="Its (noisy) training manifest.")],
     out_dir: Annotated[Path, typer.Option("--out-dir", help="Folder for final.safetensors, scores.csv, kept.csv, removed.csv, summary.json (and round-NN/ of gradual and rejudge); run the same command again to resume, or pass --overwrite to start afresh.")],
@@ -486,11 +470,11 @@ def post_train(
     scope: Annotated[Optional[Scope], typer.Option(help="How the model is refined: full (the whole network; the default of unlearn and rejudge), head (fine-tune the head) or refit (the head refit from scratch on frozen features, convex; the default of gradual).", show_default=False)] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Epochs of each fine-tune (head and full scopes). Default: unlearn 30, rejudge 10 per round, gradual 2 per round.", show_default=False)] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (head and full scopes). Default 0.1; gradual 0.01.", show_default=False)] = None,
-    weight_decay: Annotated[float, typer.Option(help="L2 weight decay (head and full scopes).")] = 5e-4,
-    l2: Annotated[float, typer.Option(help="L2 strength of the refit (scope refit).")] = 1e-3,
+    weight_decay: Annotated[Optional[float], typer.Option(help="L2 weight decay (head and full scopes; default 5e-4).", show_default=False)] = None,
+    l2: Annotated[Optional[float], typer.Option(help="L2 strength of the refit (scope refit; default 0.001).", show_default=False)] = None,
     augment: Annotated[Optional[Augment], typer.Option(help="Training augmentation (full scope); auto: random crops and flips on images of a known size, flips on other images, none on tensor rows. Default auto; gradual none.", show_default=False)] = None,
-    seed: Annotated[int, typer.Option(help="Seed for shuffling and augmentation.")] = 0,
-    loss: Annotated[Optional[str], typer.Option(help="Training loss of the fine-tunes (head and full scopes): ce (cross-entropy) or gce (generalized cross-entropy, q=0.7: a noise-robust loss). Default gce; gradual ce.", show_default=False)] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed for shuffling and augmentation (default 0).", show_default=False)] = None,
+    loss: Annotated[Optional[Loss], typer.Option(help="Training loss of the fine-tunes (head and full scopes): ce (cross-entropy) or gce (generalized cross-entropy, q=0.7: a noise-robust loss). Default gce; gradual ce.", show_default=False)] = None,
     val: Annotated[Optional[Path], typer.Option(help="Clean labelled manifest: unlearn keeps the fine-tune's best epoch on it; gradual and rejudge stop when its accuracy stops improving and keep the best round (with --boundary refit --layer auto, round 1 also chooses the layer by the probes' accuracy on it).")] = None,
     patience: Annotated[Optional[int], typer.Option(help="gradual and rejudge, with --val: rounds without improvement before stopping (default 1).", show_default=False)] = None,
     method: Annotated[Method, typer.Option(help="Score used to rank; auto (default): the loss on a fine-tuned model's own head (unlearn; rejudge's rounds 2 on) and on a refit probe, influence on the input's head (gradual).")] = Method.auto,
@@ -522,7 +506,8 @@ def post_train(
 
     Example: irank post-train model.safetensors train.csv --out-dir post --budget 0.3 --rounds 6 --val val.csv
     """
-    from irank.workflows.post_train import LoopOptions, post_train as run_post_train, resolve_strategy
+    from irank.options import LoopOptions, resolve_strategy
+    from irank.workflows.post_train import post_train as run_post_train
 
     reporter = RichReporter(quiet)
     if rejudge and strategy not in (None, Strategy.rejudge):
@@ -531,15 +516,6 @@ def post_train(
     if strategy is None and not rejudge:
         reporter.info(f"strategy: {chosen}" + (" (--rounds or --step given)" if chosen == "gradual" else
                                                " (the default; --strategy gradual is the paper's loop)"))
-    if rejudge_boundary is not None and chosen != "rejudge":
-        raise UsageError("--rejudge-boundary applies with --rejudge only")
-    if patience is not None and chosen == "unlearn":
-        raise UsageError("--patience applies to --strategy gradual or rejudge; unlearn has no rounds (with --val its "
-                         "fine-tune keeps its best epoch)")
-    scope, epochs, lr, augment, loss, boundary, layer = _loop_recipe(chosen, scope, epochs, lr, augment, loss, boundary, layer)
-    train_options = _train_options(scope, epochs, lr, weight_decay, augment, seed, l2, loss=loss)
-    refuse_idle(ctx, {**train_options.idle(),
-                      **({"patience": "--patience counts rounds without a gain on --val"} if val is None else {})})
     table = Table(title="post-train rounds")
     for column in ("round", "removed", "kept", "val accuracy", "seconds"):
         table.add_column(column, justify="right")
@@ -553,12 +529,12 @@ def post_train(
     result = run_post_train(
         str(checkpoint), str(manifest), out_dir=str(out_dir),
         loop=LoopOptions(rounds=rounds, step=step, budget=budget, per_class=per_class, min_per_class=min_per_class,
-                         patience=1 if patience is None else patience, method=method.value,
+                         patience=patience, method=method.value,
                          influence_measure=influence_measure.value if influence_measure else None,
-                         curvature=curvature.value if curvature else None, damping=damping, boundary=boundary.value, layer=layer,
-                         probe_l2=probe_l2, strategy=chosen,
-                         rejudge_boundary=(rejudge_boundary or RejudgeBoundary.head).value),
-        train_options=train_options,
+                         curvature=curvature.value if curvature else None, damping=damping,
+                         boundary=boundary.value if boundary else None, layer=layer, probe_l2=probe_l2, strategy=chosen,
+                         rejudge_boundary=rejudge_boundary.value if rejudge_boundary else None),
+        train_options=train_options(scope, epochs, lr, weight_decay, augment, seed, l2, loss),
         val=str(val) if val else None,
         model_options=model_options(arch, head, classes, preprocess, image_size, resize, mean, std, allow_outside_root, on_bad_image),
         run_options=run_options(device, batch_size, num_workers, channels_last, precision, memory_budget),

@@ -147,7 +147,7 @@ def test_post_train_takes_the_same_decisions_as_one_process(tiny_data, tiny_mode
 
 def test_post_train_rejudge_judges_like_one_process(tiny_data, tiny_model, tmp_path):
     """--rejudge's rounds and its final judgement, which every process runs on its own final.safetensors."""
-    from irank.stages.refine import TrainOptions
+    from irank.options import TrainOptions
 
     single, sharded = tmp_path / "single", tmp_path / "sharded"
     irank.post_train(tiny_model, tiny_data["train"], out_dir=str(single),
@@ -172,7 +172,7 @@ def test_post_train_rejudge_judges_like_one_process(tiny_data, tiny_model, tmp_p
 
 def test_post_train_unlearn_judges_like_one_process(tiny_data, tiny_model, tmp_path):
     """The default strategy: one fine-tune (split over the processes), then every row judged under it."""
-    from irank.stages.refine import TrainOptions
+    from irank.options import TrainOptions
 
     single, sharded = tmp_path / "single", tmp_path / "sharded"
     irank.post_train(tiny_model, tiny_data["train"], out_dir=str(single), loop=irank.LoopOptions(budget=0.1),

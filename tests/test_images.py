@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from test_errors import assert_clean_failure, manifest_copy
 
 

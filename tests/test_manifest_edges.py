@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
-from irank.runtime.errors import ManifestError
-from irank.formats.manifest import check_inside_root, read_manifest
 from test_errors import assert_clean_failure, manifest_copy
+
+from irank.formats.manifest import check_inside_root, read_manifest
+from irank.runtime.errors import ManifestError
 
 
 @pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink"])

@@ -8,8 +8,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from test_errors import assert_clean_failure
-
 
 def refused_then_replaced(cli, args: list, output: Path, *, flag: str = "-o"):
     """Run `args` twice: the second run is refused and leaves the output's bytes alone; with --overwrite it works."""

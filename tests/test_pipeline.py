@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from irank.model.checkpoint import read_checkpoint
 from irank.core.metrics import auroc
+from irank.model.checkpoint import read_checkpoint
 
 CLASSES = ["cross", "disk", "hstripes", "vstripes"]  # sorted unique labels: how `irank train` names classes
 SCORE_COLUMNS = ["rank", "id", "path", "label", "predicted", "label_prob", "predicted_prob", "loss", "score", "class_rank",
@@ -21,8 +21,8 @@ SCORE_COLUMNS = ["rank", "id", "path", "label", "predicted", "label_prob", "pred
 
 @pytest.fixture(scope="module")
 def scored(tiny_data, tiny_model, tmp_path_factory):
-    from irank.cli import main  # noqa: F401  (import check)
     import irank
+    from irank.cli import main  # noqa: F401  (import check)
 
     output = str(tmp_path_factory.mktemp("scores") / "scores.csv")
     irank.score(tiny_model, tiny_data["train"], output=output, run_options=irank.RunOptions(device="cpu"))
@@ -38,7 +38,7 @@ def test_score_cli_writes_ranked_table_and_sidecar(cli, tiny_data, tiny_model, t
     assert "true_label" in table.columns  # the manifest's own columns survive
     assert table["rank"].tolist() == list(range(1, len(table) + 1))
     assert (np.diff(table["score"].to_numpy()) <= 0).all()
-    for label, group in table.groupby("label"):
+    for _label, group in table.groupby("label"):
         assert sorted(group["class_rank"]) == list(range(1, len(group) + 1))
         assert (np.diff(group.sort_values("class_rank")["score"].to_numpy()) <= 0).all()
     sidecar = json.loads((tmp_path / "scores.csv.json").read_text())
@@ -108,7 +108,7 @@ def test_prune_per_class_takes_from_each_class(cli, scored, tiny_data, tmp_path)
     assert code == 0, err
     scores = pd.read_csv(scored)
     kept_ids = set(pd.read_csv(clean)["id"])
-    for label, group in scores.groupby("label"):
+    for _label, group in scores.groupby("label"):
         expected = int(round(0.25 * len(group)))
         assert (~group["id"].isin(kept_ids)).sum() == expected
         assert set(group[group["class_rank"] <= expected]["id"]).isdisjoint(kept_ids)

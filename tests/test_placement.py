@@ -13,9 +13,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import irank
-from irank.runtime.errors import UsageError
 from irank.model.architectures import BUILTIN_ARCHS, vector_model
 from irank.model.placement import resolve_placement
+from irank.runtime.errors import UsageError
 
 
 def test_auto_turns_channels_last_on_for_wide_conv_nets_only():
@@ -109,9 +109,9 @@ def test_auto_workers_share_the_cpus_among_torchrun_processes(monkeypatch):
 
 
 def test_tensor_rows_get_no_workers_by_default(tmp_path):
-    from irank.model import inputs as data
     from irank.formats import synthetic
     from irank.formats.manifest import read_manifest
+    from irank.model import inputs as data
 
     synthetic.make_embeddings(tmp_path, num_rows=20, dim=4, num_classes=2, noise=0.0, seed=0)
     assert data.resolve_workers(None, read_manifest(tmp_path / "train.csv").resolved_paths()) == 0

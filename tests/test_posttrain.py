@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from irank.model.checkpoint import read_checkpoint
-from irank.workflows.post_train import LoopOptions, plan_rounds
+from irank.options import LoopOptions
+from irank.workflows.post_train import plan_rounds
 
 
 def test_plan_rounds_from_any_two_or_the_estimate():
@@ -50,7 +51,7 @@ def test_post_train_writes_rounds_and_removes_flips(cli, tiny_data, tiny_model, 
 
 
 def test_post_train_resumes_after_the_last_finished_round(tiny_data, tiny_model, tmp_path):
-    from irank.model.prepare import RunOptions
+    from irank.options import RunOptions
     from irank.workflows.post_train import post_train
 
     run = RunOptions(device="cpu")
@@ -118,9 +119,8 @@ def test_post_train_on_a_refit_boundary_needs_a_budget(cli, tiny_data, tiny_mode
 
 @pytest.mark.parametrize("later", ["head", "same"])
 def test_rejudge_ranks_every_row_each_round_under_the_last_model(tiny_data, tiny_model, tmp_path, monkeypatch, later):
+    from irank.options import RunOptions, TrainOptions
     from irank.workflows import post_train as posttrain
-    from irank.model.prepare import RunOptions
-    from irank.stages.refine import TrainOptions
 
     started_from = []
     real_refine = posttrain.refine
@@ -204,9 +204,8 @@ def test_rejudge_defaults_to_the_unlearning_recipe_and_given_flags_win(cli, tiny
 def test_rejudge_with_val_judges_under_the_round_val_chose(tiny_data, tiny_model, tmp_path, monkeypatch):
     from dataclasses import replace
 
+    from irank.options import RunOptions, TrainOptions
     from irank.workflows import post_train as posttrain
-    from irank.model.prepare import RunOptions
-    from irank.stages.refine import TrainOptions
 
     real_refine, calls = posttrain.refine, []
 
@@ -228,9 +227,8 @@ def test_rejudge_with_val_judges_under_the_round_val_chose(tiny_data, tiny_model
 
 
 def test_rejudge_interrupted_in_its_judgement_resumes_without_refining_again(tiny_data, tiny_model, tmp_path, monkeypatch):
+    from irank.options import RunOptions, TrainOptions
     from irank.workflows import post_train as posttrain
-    from irank.model.prepare import RunOptions
-    from irank.stages.refine import TrainOptions
 
     real_refine, real_prune, refined = posttrain.refine, posttrain.prune, []
 
@@ -305,10 +303,9 @@ def test_unlearn_with_a_budget_and_val(cli, tiny_data, tiny_model, tmp_path):
 def test_unlearn_warns_when_the_fine_tune_validates_below_the_input(tiny_data, tiny_model, tmp_path, monkeypatch):
     from dataclasses import replace
 
-    from irank.workflows import post_train as posttrain
-    from irank.model.prepare import RunOptions
+    from irank.options import RunOptions, TrainOptions
     from irank.runtime.progress import Reporter
-    from irank.stages.refine import TrainOptions
+    from irank.workflows import post_train as posttrain
 
     real_refine, warnings = posttrain.refine, []
 
@@ -345,9 +342,8 @@ def stop_after_saving(monkeypatch, saves: int) -> list[int]:
 
 
 def test_unlearn_interrupted_in_its_fine_tune_resumes_from_the_last_epoch(tiny_data, tiny_model, tmp_path, monkeypatch):
+    from irank.options import RunOptions, TrainOptions
     from irank.workflows import post_train as posttrain
-    from irank.model.prepare import RunOptions
-    from irank.stages.refine import TrainOptions
 
     run = dict(loop=LoopOptions(budget=0.1), train_options=TrainOptions(scope="full", epochs=3, lr=0.1, loss="gce"),
                run_options=RunOptions(device="cpu", batch_size=64))
@@ -368,9 +364,8 @@ def test_unlearn_interrupted_in_its_fine_tune_resumes_from_the_last_epoch(tiny_d
 
 
 def test_unlearn_interrupted_in_its_judgement_resumes_without_fine_tuning_again(tiny_data, tiny_model, tmp_path, monkeypatch):
+    from irank.options import RunOptions, TrainOptions
     from irank.workflows import post_train as posttrain
-    from irank.model.prepare import RunOptions
-    from irank.stages.refine import TrainOptions
 
     real_refine, real_prune, refined = posttrain.refine, posttrain.prune, []
 
@@ -396,9 +391,8 @@ def test_unlearn_interrupted_in_its_judgement_resumes_without_fine_tuning_again(
 
 
 def test_unlearn_resumed_with_another_batch_size_starts_its_fine_tune_afresh(tiny_data, tiny_model, tmp_path, monkeypatch):
+    from irank.options import RunOptions, TrainOptions
     from irank.workflows import post_train as posttrain
-    from irank.model.prepare import RunOptions
-    from irank.stages.refine import TrainOptions
 
     epochs_done = stop_after_saving(monkeypatch, 1)
     out = tmp_path / "post"

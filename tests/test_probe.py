@@ -5,13 +5,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from irank.core.layer_choice import BoundaryOptions
+from irank.core.metrics import auroc
+from irank.core.probe import heldout_probe_loss, probe_scores
 from irank.model.checkpoint import build_model
 from irank.model.inputs import make_loader
 from irank.model.layers import candidate_layers, layer_features, pool
-from irank.model.prepare import ModelOptions, prepare
-from irank.core.metrics import auroc
-from irank.core.probe import heldout_probe_loss, probe_scores
+from irank.model.prepare import prepare
+from irank.options import BoundaryOptions, ModelOptions
 
 
 def test_pool_shapes():

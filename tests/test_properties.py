@@ -11,10 +11,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from irank.runtime.errors import ManifestError
 from irank.formats.manifest import csv_quoting, read_manifest, read_table, write_blocks, write_table
-from irank.stages.prune import prune
 from irank.formats.scores_table import RankedScores, class_ranks_in_order, prediction_columns, rank_order, scores_table
+from irank.runtime.errors import ManifestError
+from irank.stages.prune import prune
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -26,7 +26,7 @@ def scored_manifests(draw):
     classes = draw(st.integers(1, 5))
     labels = draw(st.lists(st.integers(0, classes - 1), min_size=rows, max_size=rows))
     scores = draw(st.lists(st.floats(-1e6, 1e6, allow_nan=False), min_size=rows, max_size=rows))
-    manifest = pd.DataFrame({"path": [f"img/{i}.png" for i in range(rows)], "label": [f"c{l}" for l in labels],
+    manifest = pd.DataFrame({"path": [f"img/{i}.png" for i in range(rows)], "label": [f"c{code}" for code in labels],
                              "note": [f"n{i}" for i in range(rows)]})
     names = [f"c{i}" for i in range(classes)]
     predictions = prediction_columns(torch.zeros(rows, classes), torch.tensor(labels))
@@ -167,7 +167,7 @@ def test_the_ranked_blocks_make_up_the_whole_table(rows, block_rows, data):
     labels = np.array(data.draw(st.lists(st.integers(0, 3), min_size=rows, max_size=rows)))
     scores = np.array(data.draw(st.lists(st.sampled_from([0.0, 1.0, 2.5, -3.0]) | st.floats(-10, 10),
                                          min_size=rows, max_size=rows)))
-    manifest = pd.DataFrame({"path": [f"img/{i}.png" for i in range(rows)], "label": [f"c{l}" for l in labels],
+    manifest = pd.DataFrame({"path": [f"img/{i}.png" for i in range(rows)], "label": [f"c{code}" for code in labels],
                              "note": [f"n{i}" for i in range(rows)]})
     predictions = prediction_columns(torch.randn(rows, 4, generator=torch.Generator().manual_seed(rows)),
                                      torch.from_numpy(labels))

@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from irank.runtime.rowfile import RowFile, layout_of, runs
 from irank.formats.tensor_rows import TensorDataset, TensorRows
+from irank.runtime.rowfile import RowFile, layout_of, runs
 
 NPY_DTYPES = ["<f4", ">f4", "<f2", "<f8", "<i8", ">i4", "|u1", "|b1"]
 SAFETENSORS_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int16,

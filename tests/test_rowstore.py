@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_tensor_inputs import embeddings, mlp_model  # noqa: F401  (module fixtures)
 
+from irank.formats.tensor_rows import open_npy, release_pages
 from irank.runtime.errors import UsageError
 from irank.runtime.memory import DiskRows, MemoryBudget, parse_size
-from irank.formats.tensor_rows import open_npy, release_pages
-from test_tensor_inputs import embeddings, mlp_model  # noqa: F401  (module fixtures)
 
 
 def test_disk_rows_read_back_what_index_copy_wrote_in_any_order():

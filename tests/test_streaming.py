@@ -13,17 +13,13 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from irank.formats import columns
-
+from irank.formats import columns, synthetic
 from irank.formats import manifest as manifest_module
-
 from irank.formats import scores_table as rank_module
-
-from irank.formats import synthetic
 from irank.formats.columns import CodedColumn, TextColumn, first_duplicate, text_hashes
-from irank.runtime.errors import ManifestError
 from irank.formats.manifest import read_manifest, write_table
 from irank.formats.scores_table import RankedScores, prediction_columns, prediction_rows
+from irank.runtime.errors import ManifestError
 from irank.runtime.memory import DiskRows, MemoryBudget
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -281,7 +277,7 @@ def test_the_table_sorted_through_temporary_files_is_the_table_sorted_in_memory(
     """A Manifest's table, read again in blocks of `chunk_rows` and sorted by rank through a file per
     `block_rows` ranks, with the predictions in memory or in a DiskRows: the same table as in memory."""
     labels, scores, logits = ranked_inputs(rows, rows * 100 + block_rows)
-    table = pd.DataFrame({"path": [f"img/{i}.png" for i in range(rows)], "label": [f"c{l}" for l in labels]})
+    table = pd.DataFrame({"path": [f"img/{i}.png" for i in range(rows)], "label": [f"c{code}" for code in labels]})
     if own_columns:
         table["note"] = [f"n{i}" for i in range(rows)]
         table["score"] = [str(i) for i in range(rows)]  # a user column irank writes as score_input
@@ -355,10 +351,10 @@ def test_a_manifest_that_changes_before_the_output_is_refused(tmp_path):
     manifest = read_manifest(path)
     table.iloc[:3].to_csv(path, index=False)
     with pytest.raises(ManifestError, match="changed while irank ran"):
-        manifest.table
+        _ = manifest.table
     pd.concat([table, table.iloc[:1]]).to_csv(path, index=False)
     with pytest.raises(ManifestError, match="changed while irank ran"):
-        manifest.table
+        _ = manifest.table
 
 
 @pytest.mark.parametrize("carriage_in", ["kept", "removed", "none"])
@@ -409,8 +405,8 @@ def test_prune_streams_the_bytes_of_a_whole_write(tmp_path, monkeypatch, carriag
 @pytest.mark.parametrize("carriage_in", ["kept", "removed", "relabeled away", "none"])
 @pytest.mark.parametrize("elsewhere", [False, True])
 def test_apply_streams_the_bytes_of_a_whole_write(tmp_path, monkeypatch, carriage_in, elsewhere):
-    from irank.stages.apply import apply_review
     from irank.formats.manifest import rebase_paths, write_table
+    from irank.stages.apply import apply_review
 
     rows = 10
     table = pd.DataFrame({"path": [f"img/{i}.png" for i in range(rows)], "label": [f"c{i % 3}" for i in range(rows)],

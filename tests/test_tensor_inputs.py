@@ -13,14 +13,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import save_file
+from test_errors import assert_clean_failure
 
+from irank.core.metrics import auroc
 from irank.formats import synthetic
+from irank.formats.manifest import read_manifest
+from irank.formats.tensor_rows import TensorDataset, check_tensor_rows
 from irank.model.checkpoint import build_model, read_checkpoint
 from irank.runtime.errors import CheckpointError
-from irank.formats.manifest import read_manifest
-from irank.core.metrics import auroc
-from irank.formats.tensor_rows import TensorDataset, check_tensor_rows
-from test_errors import assert_clean_failure
 
 DIM = 16
 ARCH = f"mlp-{DIM}-64"
@@ -38,8 +38,8 @@ def embeddings(tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def mlp_model(embeddings, tmp_path_factory) -> Path:
     """mlp-16-64 trained through the CLI until it fits the flipped labels too."""
-    from irank.cli import main  # noqa: F401
     import irank
+    from irank.cli import main  # noqa: F401
 
     output = tmp_path_factory.mktemp("mlp") / "model.safetensors"
     irank.train(ARCH, str(embeddings["train"]), output=str(output),

@@ -8,10 +8,11 @@ import torch
 import irank
 from irank.model.forward import forward_pass
 from irank.model.inputs import make_loader
-from irank.model.prepare import ModelOptions, prepare
 from irank.model.placement import Placement
-from irank.runtime.memory import DiskRows
+from irank.model.prepare import prepare
 from irank.model.transfer import HostRows
+from irank.options import ModelOptions
+from irank.runtime.memory import DiskRows
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -17,7 +17,6 @@ import pandas as pd
 import pytest
 from safetensors import safe_open
 from safetensors.torch import save_file
-
 from test_errors import assert_clean_failure, manifest_copy
 
 EVIL = """

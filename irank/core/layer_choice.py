@@ -4,87 +4,15 @@ probe refit on a chosen layer's features (`--boundary refit --layer NAME|auto --
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
-from irank.core import influence
-from irank.runtime.distributed import Shard
-from irank.runtime.errors import UsageError
-from irank.core.linear import fit_device, fit_standardized, fit_with_scaling, standardizer
-from irank.core.probe import heldout_probe_loss, probe_logits, probe_scores
+from irank.core.linear import fit_device, fit_standardized, standardizer
+from irank.core.probe import heldout_probe_loss
 from irank.runtime.progress import Reporter
-from irank.runtime.memory import MemoryBudget
 
-BOUNDARIES = ("head", "refit")
-HEAD_INPUT = "head-input"  # --layer value: the features that flow into the checkpoint's own head
-# Modules that only reshape or gate what flows through them are never a layer worth probing on their own.
-PASS_THROUGH = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Dropout, nn.Identity, nn.Flatten, nn.BatchNorm2d, nn.BatchNorm1d)
-MAX_AUTO_CANDIDATES = 5
-
-
-DEFAULT_L2 = 0.1
 CHOICE_ROWS = 4096  # the default sample for choose_layer: its cost stays flat in n
-
-
-@dataclass
-class BoundaryOptions:
-    """The default, measured on the benchmark: a probe refit at the layer `auto` picks.
-
-    `l2` and `choice_rows` left None take their defaults (DEFAULT_L2, CHOICE_ROWS) where they apply; given
-    where they do nothing (on the head; a layer given by name), `validate` refuses them.
-    """
-
-    kind: str = "refit"
-    layer: str | None = "auto"  # with refit: a module name, "auto", or "head-input"; ignored by head when "auto"
-    l2: float | None = None  # the probe's L2 strength on standardized features (refit)
-    choice_rows: int | None = None  # --layer auto chooses on a seeded random sample of this many rows
-    val: str | None = None  # a clean labelled manifest: --layer auto chooses by the probes' accuracy on it
-
-    def validate(self) -> None:
-        if self.kind not in BOUNDARIES:
-            raise UsageError(f"--boundary {self.kind}: choose from {', '.join(BOUNDARIES)}")
-        if self.l2 is not None and not self.l2 > 0:
-            raise UsageError(f"--l2 {self.l2}: must be positive")
-        if self.choice_rows is not None and self.choice_rows < 10:
-            raise UsageError(f"--choice-rows {self.choice_rows}: must be at least 10")
-        if self.kind == "head":
-            for flag, value in (("--layer", None if self.layer == "auto" else self.layer), ("--l2", self.l2),
-                                ("--choice-rows", self.choice_rows)):
-                if value is not None:
-                    raise UsageError(f"{flag} needs --boundary refit (the head boundary is the checkpoint's own head)")
-        if self.choice_rows is not None and self.layer != "auto":
-            raise UsageError(f"--choice-rows samples the rows that --layer auto chooses on; --layer {self.layer} "
-                             "is given")
-        if self.val is not None and (self.kind != "refit" or self.layer != "auto"):
-            raise UsageError("--val chooses the layer of --boundary refit --layer auto; it has no use with "
-                             f"--boundary {self.kind}" + (f" --layer {self.layer}" if self.kind == "refit" else ""))
-
-    def resolved(self) -> "BoundaryOptions":
-        """These options, validated, with the defaults filled in where left None."""
-        self.validate()
-        return replace(self, l2=DEFAULT_L2 if self.l2 is None else self.l2,
-                       choice_rows=CHOICE_ROWS if self.choice_rows is None else self.choice_rows)
-
-    @property
-    def probe_layer(self) -> str:
-        return self.layer or HEAD_INPUT
-
-
-def block_candidates(model: nn.Module, head_name: str) -> list[str]:
-    """The blocks of a network, shallow to deep: direct children, or the children of a direct child that
-    is a Sequential/ModuleList (e.g. `features.3`), without pass-through modules and the head. The last
-    MAX_AUTO_CANDIDATES are kept: early blocks carry too little class structure to probe."""
-    names = []
-    for child_name, child in model.named_children():
-        if child_name == head_name:
-            continue
-        if isinstance(child, (nn.Sequential, nn.ModuleList)) and len(child) > 1:
-            names += [f"{child_name}.{sub}" for sub, module in child.named_children() if not isinstance(module, PASS_THROUGH)]
-        elif not isinstance(child, PASS_THROUGH):
-            names.append(child_name)
-    return names[-MAX_AUTO_CANDIDATES:]
 
 
 @dataclass
@@ -201,26 +129,3 @@ def choose_layer_by_accuracy(features: dict[str, torch.Tensor], labels: torch.Te
     return LayerChoice(best, how, figures)
 
 
-def refit_scores(features: torch.Tensor, labels: torch.Tensor, num_classes: int, *, method: str, measure: str,
-                 l2: float, shard: Shard | None = None, budget: MemoryBudget | None = None,
-                 device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scores, probe logits) of every sample on an L2 probe refit on `features` (this process's rows, with a
-    `shard`, on the probe fitted to every process's rows); the logits go to disk past the `budget`. `device`:
-    where the probe's fit may run (`linear.fit_device`)."""
-    if method == "influence":
-        scores, logits, _ = probe_scores(features, labels, num_classes, l2=l2, measure=measure, shard=shard,
-                                         budget=budget, device=device)
-        return scores, logits
-    probe_measure = {"loss": "loss", "margin": "margin"}.get(method)
-    if probe_measure:
-        scores, logits, _ = probe_scores(features, labels, num_classes, l2=l2, measure=probe_measure, shard=shard,
-                                         budget=budget, device=device)
-        return scores, logits
-    weight, bias, (mean, scale) = fit_with_scaling(features, labels, num_classes, l2=l2, shard=shard, device=device)
-    logits = probe_logits(features, weight, bias, budget)
-
-    def read(start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:  # a chunk, standardized as the fit saw it
-        return (torch.softmax(logits[start:end], dim=1),
-                influence.augment((features[start:end].double() - mean) / scale, has_bias=True))
-
-    return influence.gradient_norm_of(read, len(features), labels, num_classes + features.shape[1]), logits

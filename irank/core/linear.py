@@ -11,9 +11,9 @@ from collections.abc import Callable
 
 import torch
 
-from irank.runtime.distributed import Shard, broadcast_, is_main
 from irank.core.influence import chunk_size, spans
 from irank.core.lbfgs import minimize
+from irank.runtime.distributed import Shard, broadcast_, is_main
 
 TOLERANCE_GRAD = 1e-7  # on the largest entry of the gradient: far below what moves a ranking
 

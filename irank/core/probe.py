@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from irank.core import influence
-from irank.runtime.distributed import Shard
 from irank.core.linear import fit_standardized, fit_with_scaling, standardize
+from irank.runtime.distributed import Shard
 from irank.runtime.memory import DiskRows, MemoryBudget
 
 PROBE_MEASURES = ("loss", "margin", "self-influence", "boundary-shift")
@@ -94,3 +94,28 @@ def heldout_probe_loss(features: torch.Tensor, labels: torch.Tensor, num_classes
         weight, bias = fit_standardized(standardized[~held], labels[~held], num_classes, l2=l2, init=init)
         total += float(F.cross_entropy(standardized[held] @ weight.T + bias, labels[held], reduction="sum"))
     return total / len(labels)
+
+
+def refit_scores(features: torch.Tensor, labels: torch.Tensor, num_classes: int, *, method: str, measure: str,
+                 l2: float, shard: Shard | None = None, budget: MemoryBudget | None = None,
+                 device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores, probe logits) of every sample on an L2 probe refit on `features` (this process's rows, with a
+    `shard`, on the probe fitted to every process's rows); the logits go to disk past the `budget`. `device`:
+    where the probe's fit may run (`linear.fit_device`)."""
+    if method == "influence":
+        scores, logits, _ = probe_scores(features, labels, num_classes, l2=l2, measure=measure, shard=shard,
+                                         budget=budget, device=device)
+        return scores, logits
+    probe_measure = {"loss": "loss", "margin": "margin"}.get(method)
+    if probe_measure:
+        scores, logits, _ = probe_scores(features, labels, num_classes, l2=l2, measure=probe_measure, shard=shard,
+                                         budget=budget, device=device)
+        return scores, logits
+    weight, bias, (mean, scale) = fit_with_scaling(features, labels, num_classes, l2=l2, shard=shard, device=device)
+    logits = probe_logits(features, weight, bias, budget)
+
+    def read(start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:  # a chunk, standardized as the fit saw it
+        return (torch.softmax(logits[start:end], dim=1),
+                influence.augment((features[start:end].double() - mean) / scale, has_bias=True))
+
+    return influence.gradient_norm_of(read, len(features), labels, num_classes + features.shape[1]), logits

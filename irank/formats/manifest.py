@@ -24,11 +24,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from irank.formats.columns import (CodedColumn, CodedColumnBuilder, TextColumnBuilder, codes_and_values, distinct, first_duplicate,
-                      int32_if_fits, text_hashes)
-from irank.runtime.errors import ManifestError
+from irank.formats.columns import (
+    CodedColumn,
+    CodedColumnBuilder,
+    TextColumnBuilder,
+    codes_and_values,
+    distinct,
+    first_duplicate,
+    int32_if_fits,
+    text_hashes,
+)
 from irank.formats.files import atomic_path, is_stdio
 from irank.formats.tensor_rows import TensorRowIds, TensorRows, parse_indices, tensor_row_ids, tensor_row_mask
+from irank.runtime.errors import ManifestError
 
 FORMATS = {
     ".csv": "csv",
@@ -559,7 +567,7 @@ def csv_quoting(table: pd.DataFrame, *texts: list[str]) -> int:
         if table[column].dtype == object or pd.api.types.is_string_dtype(table[column]):
             values = table[column]
             if values.dtype == object:  # mixed cells: only the strings can hold one
-                values = values[values.map(type) == str]
+                values = values[values.map(lambda value: isinstance(value, str))]
             if values.astype(str).str.contains("\r", regex=False).any():
                 return csv.QUOTE_ALL
     return csv.QUOTE_MINIMAL

@@ -16,8 +16,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from irank.runtime.errors import UsageError
 from irank.formats.files import atomic_path
+from irank.runtime.errors import UsageError
 
 INFO_KEY = "irank_resume"
 

@@ -11,12 +11,12 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from irank.formats.columns import runs_of, values_at
 from irank.core.influence import chunk_size, spans
+from irank.formats.columns import runs_of, values_at
 from irank.formats.manifest import csv_quoting
-from irank.runtime.reorder import in_output_order
-from irank.runtime.memory import DiskRows, MemoryBudget
 from irank.formats.tensor_rows import TensorRowIds
+from irank.runtime.memory import DiskRows, MemoryBudget
+from irank.runtime.reorder import in_output_order
 
 if TYPE_CHECKING:
     from irank.formats.manifest import Manifest

@@ -19,9 +19,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from irank.runtime.errors import CheckpointError, UsageError
 from irank.formats.files import atomic_path
 from irank.model.architectures import BUILTIN_ARCHS, VECTOR_ARCHS, vector_model
+from irank.runtime.errors import CheckpointError, UsageError
 
 METADATA_KEY = "irank"
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net")

@@ -8,13 +8,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from irank.model.inputs import batches
-from irank.runtime.errors import NumericsError
 from irank.core.influence import chunk_size, spans
+from irank.model.inputs import batches
 from irank.model.placement import Placement
-from irank.runtime.progress import Reporter
-from irank.runtime.memory import DiskRows, MemoryBudget
 from irank.model.transfer import HostRows
+from irank.runtime.errors import NumericsError
+from irank.runtime.memory import DiskRows, MemoryBudget
+from irank.runtime.progress import Reporter
 
 
 @dataclass

@@ -7,8 +7,8 @@ column) are read by `irank.formats.tensor_rows` and fed as stored. `make_loader`
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -16,15 +16,15 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from irank.runtime.errors import ImageError, UsageError
 from irank.formats.tensor_rows import TensorDataset, TensorRows, bad_tensor_rows, check_tensor_rows, is_tensor_path
+from irank.options import AUGMENTS
+from irank.runtime.errors import ImageError, UsageError
 
 PRESETS = {
     "imagenet": {"resize": 256, "image_size": 224, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)},
     "cifar10": {"resize": None, "image_size": 32, "mean": (0.4914, 0.4822, 0.4465), "std": (0.2470, 0.2435, 0.2616)},
     "none": {"resize": None, "image_size": None, "mean": (0.0,), "std": (1.0,)},
 }
-AUGMENTS = ("none", "flip", "crop-flip", "auto")  # auto: see resolve_augment
 # An image whose header claims more pixels than this is refused before it is decoded (a decompression
 # bomb would otherwise take all memory). PIL's own default; IRANK_MAX_IMAGE_PIXELS sets another.
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485

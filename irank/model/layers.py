@@ -13,13 +13,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from irank.model.inputs import batches
-from irank.runtime.errors import UsageError
 from irank.model.forward import check_finite
+from irank.model.inputs import batches
 from irank.model.placement import Placement
-from irank.runtime.progress import Reporter
-from irank.runtime.memory import MemoryBudget
 from irank.model.transfer import HostRows
+from irank.runtime.errors import UsageError
+from irank.runtime.memory import MemoryBudget
+from irank.runtime.progress import Reporter
 
 
 class _Stop(Exception):
@@ -174,9 +174,9 @@ def dummy_input(model: nn.Module, meta: dict, image_size: int | None = None,
 def list_layers(checkpoint_path: str, options, image_size: int | None = None,
                 input_shape: tuple[int, ...] | None = None) -> list[dict]:
     """Every module of a checkpoint's model with its output shape on a dummy input, and whether --layer auto tries it."""
-    from irank.core.layer_choice import block_candidates
-    from irank.model.checkpoint import build_model, find_head, load_weights, read_checkpoint, resolve_arch
     from irank.formats.manifest import read_classes_file
+    from irank.model.checkpoint import build_model, find_head, load_weights, read_checkpoint, resolve_arch
+    from irank.model.layers import block_candidates
 
     checkpoint = read_checkpoint(checkpoint_path)
     meta = checkpoint.metadata
@@ -220,3 +220,25 @@ class ProbeModel(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         features = run_until(self.backbone, {self.layer: get_layer(self.backbone, self.layer)}, images)[self.layer]
         return self.probe(features)
+
+
+# Modules that only reshape or gate what flows through them are never a layer worth probing on their own.
+PASS_THROUGH = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Dropout, nn.Identity, nn.Flatten, nn.BatchNorm2d, nn.BatchNorm1d)
+
+
+MAX_AUTO_CANDIDATES = 5
+
+
+def block_candidates(model: nn.Module, head_name: str) -> list[str]:
+    """The blocks of a network, shallow to deep: direct children, or the children of a direct child that
+    is a Sequential/ModuleList (e.g. `features.3`), without pass-through modules and the head. The last
+    MAX_AUTO_CANDIDATES are kept: early blocks carry too little class structure to probe."""
+    names = []
+    for child_name, child in model.named_children():
+        if child_name == head_name:
+            continue
+        if isinstance(child, (nn.Sequential, nn.ModuleList)) and len(child) > 1:
+            names += [f"{child_name}.{sub}" for sub, module in child.named_children() if not isinstance(module, PASS_THROUGH)]
+        elif not isinstance(child, PASS_THROUGH):
+            names.append(child_name)
+    return names[-MAX_AUTO_CANDIDATES:]

@@ -96,3 +96,8 @@ def resolve_placement(model: nn.Module, device: str = "auto", channels_last: str
         dtype = _DTYPES[precision]
     return Placement(where, channels_last={"on": True, "off": False}.get(channels_last, has_wide_convolutions(model)),
                      autocast_dtype=dtype)
+
+
+def placement_for(run, model: nn.Module) -> Placement:
+    """Where and how `model` runs in a run with these RunOptions: device, memory format, precision."""
+    return resolve_placement(model, run.device, run.channels_last, run.precision)

@@ -12,46 +12,13 @@ import torch
 from torch import nn
 
 from irank._version import __version__
+from irank.formats.manifest import Manifest, check_inside_root, encode_labels, read_manifest, resolve_classes
+from irank.formats.tensor_rows import check_tensor_rows, shape_text
+from irank.model.architectures import MLP
 from irank.model.checkpoint import Checkpoint, build_model, find_head, load_weights, read_checkpoint, resolve_arch
 from irank.model.inputs import BAD_IMAGE_POLICIES, Preprocess, find_bad_images, resolve_preprocess
+from irank.options import ModelOptions
 from irank.runtime.errors import CheckpointError, ImageError, UsageError
-from irank.formats.manifest import Manifest, check_inside_root, encode_labels, read_manifest, resolve_classes
-from irank.model.architectures import MLP
-from irank.model.placement import Placement, resolve_placement
-from irank.formats.tensor_rows import check_tensor_rows, shape_text
-from irank.runtime.memory import DEFAULT_MEMORY_BUDGET, parse_size
-
-
-@dataclass
-class ModelOptions:
-    """How to build the model and read images, when the checkpoint's metadata does not say (or to override it)."""
-
-    arch: str | None = None
-    head: str | None = None
-    classes: str | None = None  # a file, one class name per line
-    preprocess: str | None = None  # preset name
-    image_size: int | None = None
-    resize: int | None = None
-    mean: str | None = None
-    std: str | None = None
-    allow_outside_root: bool = False  # read images outside the manifest's folder (a manifest you trust)
-    on_bad_image: str = "fail"  # fail: stop on the first unreadable image; skip: leave such rows out
-
-
-@dataclass
-class RunOptions:
-    device: str = "auto"
-    batch_size: int = 128
-    num_workers: int | None = None  # None: auto (see data.resolve_workers)
-    # bytes of per-sample arrays (features, logits) `score` keeps in memory; past it, a temporary file.
-    # None: no limit.
-    memory_budget: int | None = parse_size(DEFAULT_MEMORY_BUDGET)
-    channels_last: str = "auto"  # auto: on for models with wide 2-d convolutions (see placement.py)
-    precision: str = "auto"  # autocast: auto (bf16 on CUDA, full precision on CPU), fp32, bf16, fp16
-
-    def placement(self, model: nn.Module) -> Placement:
-        """Where and how `model` runs in this run: device, memory format, precision."""
-        return resolve_placement(model, self.device, self.channels_last, self.precision)
 
 
 @dataclass

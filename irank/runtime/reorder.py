@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 import pandas as pd
 
+
 def _take(item, mask_or_order):
     if item is None:
         return None

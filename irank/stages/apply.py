@@ -14,11 +14,28 @@ import numpy as np
 import pandas as pd
 
 from irank._version import __version__
-from irank.runtime.errors import ManifestError, UsageError
-from irank.formats.files import check_outputs_clear_of_inputs, check_overwrite, is_stdio, output_set, sha256_file, write_json_atomic
 from irank.formats.columns import distinct
-from irank.formats.manifest import (Manifest, blocks_quoting, column_as_text, path_rebaser, read_classes_file, read_manifest,
-                       read_table, table_format, write_blocks, write_table)
+from irank.formats.files import (
+    check_outputs_clear_of_inputs,
+    check_overwrite,
+    is_stdio,
+    output_set,
+    sha256_file,
+    write_json_atomic,
+)
+from irank.formats.manifest import (
+    Manifest,
+    blocks_quoting,
+    column_as_text,
+    path_rebaser,
+    read_classes_file,
+    read_manifest,
+    read_table,
+    table_format,
+    write_blocks,
+    write_table,
+)
+from irank.runtime.errors import ManifestError, UsageError
 from irank.stages.review import DECISIONS, LABEL_STUDIO_DECISION, LABEL_STUDIO_LABEL, LABEL_STUDIO_REMOVE
 
 AUDIT_COLUMNS = ["id", "old_label", "new_label", "decision"]
@@ -169,7 +186,7 @@ def apply_review(
     The fixed manifest keeps the manifest's columns and row order (written to another folder, its
     relative paths are rebased as `irank prune` does). `audit_output` gets one row per reviewed row.
     """
-    for flag, path in (("-o", output), ("--audit", audit_output)):
+    for _flag, path in (("-o", output), ("--audit", audit_output)):
         if path is not None:
             table_format(path)
     if is_stdio(output) and is_stdio(audit_output):

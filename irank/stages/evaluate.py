@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from irank.model.prepare import prepare
+from irank.options import ModelOptions, RunOptions
 from irank.runtime.distributed import all_or_none, shard_of
 from irank.runtime.errors import UsageError
-from irank.model.prepare import ModelOptions, RunOptions, prepare
 from irank.runtime.progress import Reporter
 
 

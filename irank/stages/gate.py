@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pandas as pd
 
-from irank.runtime.errors import UsageError
 from irank.core.estimate import estimate_noise_share
+from irank.runtime.errors import UsageError
 
 
 @dataclass(frozen=True)

@@ -9,11 +9,34 @@ import numpy as np
 import pandas as pd
 
 from irank._version import __version__
-from irank.formats.columns import CodedColumn, CodedColumnBuilder, TextIndex, first_duplicate, int32_if_fits, text_hashes
+from irank.formats.columns import (
+    CodedColumn,
+    CodedColumnBuilder,
+    TextIndex,
+    first_duplicate,
+    int32_if_fits,
+    text_hashes,
+)
+from irank.formats.files import (
+    check_outputs_clear_of_inputs,
+    check_overwrite,
+    is_stdio,
+    output_set,
+    sha256_file,
+    write_json_atomic,
+)
+from irank.formats.manifest import (
+    Manifest,
+    TableSource,
+    blocks_quoting,
+    iter_table,
+    path_rebaser,
+    read_manifest,
+    table_format,
+    table_input,
+    write_blocks,
+)
 from irank.runtime.errors import ManifestError, UsageError
-from irank.formats.files import check_outputs_clear_of_inputs, check_overwrite, is_stdio, output_set, sha256_file, write_json_atomic
-from irank.formats.manifest import (Manifest, TableSource, blocks_quoting, iter_table, path_rebaser, read_manifest, table_input,
-                       table_format, write_blocks)
 from irank.runtime.reorder import in_output_order
 
 SCORE_COLUMNS = ("id", "label", "rank", "class_rank", "score")

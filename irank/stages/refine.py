@@ -11,23 +11,41 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from irank.model.checkpoint import save_checkpoint
-from irank.model.inputs import AUGMENTS, ShardedShuffle, batches, make_loader, make_shard_loader, resolve_augment
-from irank.runtime.distributed import (active, all_or_none, all_reduce_sum, broadcast_, ddp_device_ids, each_all_or_none,
-                          local_rows, rank, shard_of, world_size, writes_here)
-from irank.runtime.errors import UsageError
-from irank.stages.evaluate import accuracy_report
-from irank.model.forward import forward_pass
-from irank.model.placement import Placement
-from irank.formats.files import check_outputs_clear_of_inputs, check_overwrite, output_set, sha256_bytes, sha256_file
-from irank.model.prepare import ModelOptions, Prepared, RunOptions, check_same_input, prepare
 from irank.core.linear import fit_softmax_regression
+from irank.formats.files import check_outputs_clear_of_inputs, check_overwrite, output_set, sha256_bytes, sha256_file
 from irank.formats.manifest import check_inside_root, encode_labels, read_manifest
+from irank.formats.resume import (
+    Resume,
+    TrainingState,
+    pack_optimizer,
+    prefixed,
+    resume_path,
+    unpack_optimizer,
+    unprefixed,
+)
+from irank.model.checkpoint import save_checkpoint
+from irank.model.forward import forward_pass
+from irank.model.inputs import ShardedShuffle, batches, make_loader, make_shard_loader, resolve_augment
+from irank.model.placement import Placement, placement_for
+from irank.model.prepare import Prepared, check_same_input, prepare
+from irank.options import REFINE, TRAIN, ModelOptions, RunOptions, TrainOptions
+from irank.runtime.distributed import (
+    active,
+    all_or_none,
+    all_reduce_sum,
+    broadcast_,
+    ddp_device_ids,
+    each_all_or_none,
+    local_rows,
+    rank,
+    shard_of,
+    world_size,
+    writes_here,
+)
+from irank.runtime.errors import UsageError
 from irank.runtime.progress import Reporter
-from irank.formats.resume import Resume, TrainingState, pack_optimizer, prefixed, resume_path, unpack_optimizer, unprefixed
+from irank.stages.evaluate import accuracy_report
 
-SCOPES = ("head", "full", "refit")
-LOSSES = ("ce", "gce")
 GCE_Q = 0.7
 
 
@@ -39,45 +57,6 @@ def training_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str, reducti
         losses = (1 - label_prob**GCE_Q) / GCE_Q
         return losses.sum() if reduction == "sum" else losses.mean()
     return F.cross_entropy(logits, labels, reduction=reduction)
-
-
-@dataclass
-class TrainOptions:
-    scope: str = "head"
-    epochs: int = 5
-    lr: float = 0.01
-    weight_decay: float = 5e-4
-    momentum: float = 0.9
-    augment: str = "none"
-    seed: int = 0
-    l2: float = 1e-3  # scope refit: L2 strength on standardized features
-    layer: str | None = None  # scope refit: refit on this layer's pooled output instead of the head's input
-    loss: str = "ce"  # ce, or gce: generalized cross-entropy (Zhang & Sabuncu 2018), robust to label noise
-
-    def validate(self) -> None:
-        if self.scope not in SCOPES:
-            raise UsageError(f"--scope {self.scope}: choose from {', '.join(SCOPES)}")
-        if self.augment not in AUGMENTS:
-            raise UsageError(f"--augment {self.augment}: choose from {', '.join(AUGMENTS)}")
-        if self.epochs < 1:
-            raise UsageError(f"--epochs {self.epochs}: must be at least 1")
-        if not self.lr > 0:
-            raise UsageError(f"--lr {self.lr}: must be positive")
-        if self.weight_decay < 0:
-            raise UsageError(f"--weight-decay {self.weight_decay}: must be 0 or more")
-        if self.loss not in LOSSES:
-            raise UsageError(f"--loss {self.loss}: choose from {', '.join(LOSSES)}")
-        if not self.l2 > 0:
-            raise UsageError(f"--l2 {self.l2}: must be positive")
-        if self.layer and self.scope != "refit":
-            raise UsageError("--layer needs --scope refit (the probe is refit on that layer's features)")
-
-    def idle(self) -> dict[str, str]:
-        """The options that do nothing at this scope (field name → why), for a caller that knows which were given."""
-        if self.scope == "refit":
-            why = "--scope refit refits the head from scratch as a convex L2 regression on frozen features (--l2, --layer)"
-            return {name: why for name in ("epochs", "lr", "weight_decay", "augment", "loss", "seed")}
-        return {"l2": f"--l2 is the L2 of --scope refit; --scope {self.scope} trains by SGD (see --weight-decay)"}
 
 
 @dataclass
@@ -330,11 +309,12 @@ def sum_gradients(parameters: list[torch.Tensor], loss: torch.Tensor) -> torch.T
     return summed[0]
 
 
-def _fit_and_save(checkpoint: str | None, manifest: str, output: str, options: TrainOptions, val: str | None,
-                  model_options: ModelOptions, run: RunOptions, reporter: Reporter, provenance_key: str,
-                  overwrite: bool = False, resume: bool | str = False) -> RefineResult:
+def _fit_and_save(checkpoint: str | None, manifest: str, output: str, options: TrainOptions, defaults: TrainOptions,
+                  val: str | None, model_options: ModelOptions, run: RunOptions, reporter: Reporter,
+                  provenance_key: str, overwrite: bool = False, resume: bool | str = False) -> RefineResult:
+    """Train (`options`, `defaults` filled in where it leaves a field None), then write the checkpoint."""
     with all_or_none():  # under torchrun: every process stops here if any check failed, before any work
-        options.validate()
+        options = options.resolved(defaults)
         if not str(output).endswith(".safetensors"):
             raise UsageError(f"-o {output}: irank writes checkpoints as safetensors; name the output *.safetensors")
         if resume and active():
@@ -352,7 +332,7 @@ def _fit_and_save(checkpoint: str | None, manifest: str, output: str, options: T
             check_outputs_clear_of_inputs({"-o": output}, {f"tensor file {s.written}": str(s.file) for s in sources})
         for note in prepared.notes:
             reporter.info(note)
-        device = run.placement(prepared.model)  # device, memory format and precision
+        device = placement_for(run, prepared.model)  # device, memory format and precision
         validation = ValidationSet(prepared, val, run, device, model_options.allow_outside_root) if val else None
     inputs = {"checkpoint": sha256_file(checkpoint) if checkpoint else None, "manifest": sha256_file(manifest),
               "val": sha256_file(val) if val else None, "options": dict(options.__dict__),
@@ -404,15 +384,19 @@ def refine(
     reporter: Reporter | None = None,
     overwrite: bool = False,
     resume: bool | str = False,
+    defaults: TrainOptions = REFINE,
 ) -> RefineResult:
     """Fine-tune `checkpoint` on `manifest` (the head only, or the whole network) and write `output`.
 
+    A field of `train_options` left None takes its value from `defaults` (`irank refine`'s, REFINE; a caller
+    that has settled every setting itself, as post-train's rounds do, passes them as `defaults`); one given
+    where it does nothing is refused.
     With `val`, accuracy on that manifest is measured after every epoch and the best epoch is kept.
     The state after every epoch is saved to `output + '.resume'`; with `resume` an interrupted run
     continues from it and ends with the weights an uninterrupted run would have written (`resume="auto"`:
     a state saved with other inputs or options is discarded instead of refused).
     """
-    return _fit_and_save(checkpoint, manifest, output, train_options or TrainOptions(), val,
+    return _fit_and_save(checkpoint, manifest, output, train_options or TrainOptions(), defaults, val,
                          model_options or ModelOptions(), run_options or RunOptions(), reporter or Reporter(), "refined",
                          overwrite=overwrite, resume=resume)
 
@@ -433,7 +417,6 @@ def train(
     """Train a fresh `arch` from random weights on `manifest` (all layers) and write `output`."""
     model_options = model_options or ModelOptions()
     model_options.arch = arch
-    options = train_options or TrainOptions(scope="full", epochs=20, lr=0.05)
-    return _fit_and_save(None, manifest, output, options, val, model_options,
+    return _fit_and_save(None, manifest, output, train_options or TrainOptions(), TRAIN, val, model_options,
                          run_options or RunOptions(), reporter or Reporter(), "trained", overwrite=overwrite,
                          resume=resume)

@@ -8,27 +8,39 @@ import numpy as np
 import pandas as pd
 import torch
 
-from irank.core import influence
 from irank._version import __version__
-from irank.core.layer_choice import (HEAD_INPUT, BoundaryOptions, LayerChoice, block_candidates, choice_sample, choose_layer,
-                       choose_layer_by_accuracy, refit_scores)
+from irank.core import influence
+from irank.core.layer_choice import LayerChoice, choice_sample, choose_layer, choose_layer_by_accuracy
+from irank.core.probe import probe_curvature, refit_scores
 from irank.formats.columns import compact_codes
-from irank.model.inputs import make_loader, make_shard_loader
-from irank.runtime.distributed import Shard, all_or_none, broadcast_object, gather_objects, local_rows, shard_of, writes_here
-from irank.runtime.errors import UsageError
-from irank.core.probe import PROBE_MEASURES, probe_curvature
-from irank.model.forward import ForwardOutputs, forward_pass
-from irank.model.layers import layer_features
-from irank.formats.files import check_outputs_clear_of_inputs, check_overwrite, is_stdio, output_set, sha256_file, write_json_atomic
-from irank.model.prepare import ModelOptions, Prepared, RunOptions, check_same_input, prepare
+from irank.formats.files import (
+    check_outputs_clear_of_inputs,
+    check_overwrite,
+    is_stdio,
+    output_set,
+    sha256_file,
+    write_json_atomic,
+)
 from irank.formats.manifest import check_inside_root, encode_labels, read_manifest, table_format, write_blocks
-from irank.core.ranking import resolve_method
-from irank.model.placement import Placement
-from irank.runtime.progress import Reporter
 from irank.formats.scores_table import RankedScores, prediction_rows
+from irank.model.forward import ForwardOutputs, forward_pass
+from irank.model.inputs import make_loader, make_shard_loader
+from irank.model.layers import block_candidates, layer_features
+from irank.model.placement import Placement, placement_for
+from irank.model.prepare import Prepared, check_same_input, prepare
+from irank.options import HEAD_INPUT, METHODS, BoundaryOptions, ModelOptions, Ranking, RunOptions, resolve_ranking
+from irank.runtime.distributed import (
+    Shard,
+    all_or_none,
+    broadcast_object,
+    gather_objects,
+    local_rows,
+    shard_of,
+    writes_here,
+)
+from irank.runtime.errors import UsageError
 from irank.runtime.memory import DiskRows, MemoryBudget
-
-METHODS = ("auto", "influence", "loss", "margin", "gradnorm")
+from irank.runtime.progress import Reporter
 
 
 @dataclass
@@ -73,83 +85,6 @@ def method_scores(
     raise UsageError(f"--method {method}: choose from {', '.join(METHODS[1:])} (resolve auto first)")
 
 
-DEFAULT_MEASURE = "self-influence"
-DEFAULT_CURVATURE = "auto"
-DEFAULT_DAMPING = 0.01
-
-
-def validate_score_options(method: str, measure: str | None, curvature: str | None, damping: float | None) -> None:
-    """The values are among the choices (None: not given)."""
-    if method not in METHODS:
-        raise UsageError(f"--method {method}: choose from {', '.join(METHODS)}")
-    if measure is not None and measure not in influence.MEASURES:
-        raise UsageError(f"--influence-measure {measure}: choose from {', '.join(influence.MEASURES)}")
-    if curvature is not None and curvature not in influence.CURVATURES:
-        raise UsageError(f"--curvature {curvature}: choose from {', '.join(influence.CURVATURES)}")
-    if damping is not None and not damping > 0:
-        raise UsageError(f"--damping {damping}: must be positive")
-
-
-@dataclass(frozen=True)
-class Ranking:
-    """What a score ranks by, resolved from what was asked: the method (auto resolved), why, and the
-    influence settings that act on it (None where they do not: the method is not influence, or a refit
-    probe's curvature is its own)."""
-
-    method: str
-    how: str
-    measure: str | None
-    curvature: str | None
-    damping: float | None
-
-
-def _chosen_method(method: str, boundary: str, measure: str | None) -> tuple[str, str]:
-    if method == "auto" and measure is not None and boundary == "refit":
-        return "influence", (f"--influence-measure {measure} given: ranking by influence (--method auto alone ranks "
-                             "by the probe's loss here)")
-    return resolve_method(method, boundary)
-
-
-def acting_flags(method: str, boundary: str, *, measure: str | None = None, curvature: str | None = None,
-                 damping: float | None = None) -> dict:
-    """Of the influence settings given (not None), those that act on a ranking by `method` on `boundary`, as
-    `score`'s keywords: what a caller that ranks on several boundaries (post-train's rounds) passes to each."""
-    chosen, _ = _chosen_method(method, boundary, measure)
-    if chosen != "influence":
-        return {}
-    given = {"influence_measure": measure}
-    if boundary == "head":
-        given |= {"curvature": curvature, "damping": damping}
-    return {key: value for key, value in given.items() if value is not None}
-
-
-def resolve_ranking(method: str, boundary: str, *, measure: str | None = None, curvature: str | None = None,
-                    damping: float | None = None) -> Ranking:
-    """The ranking `score` runs for `method` on `boundary` ("head" or "refit"), with the influence flags given
-    (None: not given). `--method auto` with a measure given asks for influence, on a refit probe too (where auto
-    alone ranks by the probe's loss). A flag that would do nothing is refused: the measure, curvature and
-    damping act on influence only, and curvature and damping on the head only (a probe's influence inverts
-    its own curvature: its Gauss–Newton matrix plus its L2 term, `--l2`)."""
-    validate_score_options(method, measure, curvature, damping)
-    chosen, how = _chosen_method(method, boundary, measure)
-    given = {"--influence-measure": measure, "--curvature": curvature, "--damping": damping}
-    for flag, value in given.items():
-        if value is not None and flag != "--influence-measure" and boundary == "refit":
-            raise UsageError(f"{flag} applies to --boundary head; a refit probe's influence uses the probe's own "
-                             "curvature (its Gauss-Newton matrix plus its L2 term, --l2)")
-        if value is not None and chosen != "influence":
-            raise UsageError(f"{flag} applies to influence; this ranks by the {chosen} ({how})")
-    if chosen != "influence":
-        return Ranking(chosen, how, None, None, None)
-    measure = measure or DEFAULT_MEASURE
-    if boundary == "refit":
-        if measure not in PROBE_MEASURES:
-            raise UsageError(f"--influence-measure {measure}: not on a refit probe (use self-influence or "
-                             "boundary-shift, or --boundary head)")
-        return Ranking(chosen, how, measure, None, None)
-    return Ranking(chosen, how, measure, curvature or DEFAULT_CURVATURE, DEFAULT_DAMPING if damping is None else damping)
-
-
 def shard_loader(prepared: Prepared, run: RunOptions, shard: Shard | None = None) -> tuple[object, int, int]:
     """(loader, rows it yields, manifest row of its first row): all rows, or this process's block under torchrun."""
     return make_shard_loader(prepared.manifest.resolved_paths(), prepared.preprocess, batch_size=run.batch_size,
@@ -163,7 +98,7 @@ def run_forward(prepared: Prepared, run: RunOptions, reporter: Reporter, shard: 
     loader, num_rows, first_row = shard_loader(prepared, run, shard)
     return forward_pass(
         prepared.model, prepared.head, loader, num_rows=num_rows,
-        device=run.placement(prepared.model), reporter=reporter, first_row=first_row, budget=budget,
+        device=placement_for(run, prepared.model), reporter=reporter, first_row=first_row, budget=budget,
     )
 
 
@@ -183,7 +118,7 @@ def read_layer(prepared: Prepared, layer: str, run: RunOptions, reporter: Report
     if layer == HEAD_INPUT:
         return run_forward(prepared, run, reporter, shard, budget).head_inputs
     loader, num_rows, first_row = shard_loader(prepared, run, shard)
-    return layer_features(prepared.model, layer, loader, num_rows=num_rows, device=run.placement(prepared.model),
+    return layer_features(prepared.model, layer, loader, num_rows=num_rows, device=placement_for(run, prepared.model),
                           reporter=reporter, first_row=first_row, budget=budget)
 
 
@@ -216,7 +151,7 @@ def read_choice_sample(prepared: Prepared, sample_size: int, run: RunOptions, re
     names = block_candidates(prepared.model, prepared.head_name)
     if len(mine) == 0:
         return sample_rows, {}
-    candidates = layer_features(prepared.model, names, rows_loader(prepared, run, mine), num_rows=len(mine), device=run.placement(prepared.model),
+    candidates = layer_features(prepared.model, names, rows_loader(prepared, run, mine), num_rows=len(mine), device=placement_for(run, prepared.model),
                                 reporter=reporter, row_order=mine)
     return sample_rows, candidates
 
@@ -233,7 +168,7 @@ def read_val(prepared: Prepared, val: str, model_options: ModelOptions, run: Run
     loader = make_loader(manifest.resolved_paths(), prepared.preprocess, batch_size=run.batch_size,
                          num_workers=run.num_workers)
     names = block_candidates(prepared.model, prepared.head_name)
-    features = layer_features(prepared.model, names, loader, num_rows=len(manifest), device=run.placement(prepared.model),
+    features = layer_features(prepared.model, names, loader, num_rows=len(manifest), device=placement_for(run, prepared.model),
                               reporter=reporter)
     return features, labels
 
@@ -278,12 +213,12 @@ def read_rest(prepared: Prepared, layer: str, sample_rows: np.ndarray, candidate
         width = candidates[layer].shape[1]
     else:  # this process holds none of the sample (a tiny shard): learn the width from its first row
         width = layer_features(prepared.model, layer, rows_loader(prepared, run, rest[:1]), num_rows=1,
-                               device=run.placement(prepared.model), row_order=rest[:1]).shape[1]
+                               device=placement_for(run, prepared.model), row_order=rest[:1]).shape[1]
     features = (budget or MemoryBudget()).array(len(block), width)
     if len(mine):
         features.index_copy_(0, torch.from_numpy(mine - block.start), candidates[layer])
     # written in place, row i of this process's block at i: no second copy of the rows' features
-    return layer_features(prepared.model, layer, rows_loader(prepared, run, rest), num_rows=len(block), device=run.placement(prepared.model),
+    return layer_features(prepared.model, layer, rows_loader(prepared, run, rest), num_rows=len(block), device=placement_for(run, prepared.model),
                           reporter=reporter, row_order=block, out=features)
 
 
@@ -431,7 +366,7 @@ def score(
             "head": prepared.head_name,
             "preprocess": prepared.preprocess.to_dict(),
             "batch_size": run_options.batch_size,
-            **placement_details(run_options.placement(prepared.model)),
+            **placement_details(placement_for(run_options, prepared.model)),
         },
         "classes": prepared.classes,
         "class_source": prepared.class_source,

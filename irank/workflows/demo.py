@@ -7,14 +7,14 @@ from pathlib import Path
 
 import numpy as np
 
-from irank.stages.evaluate import evaluate
-from irank.model.prepare import RunOptions
 from irank.core.metrics import auroc, precision_at_k
-from irank.runtime.progress import Reporter
-from irank.stages.prune import prune
-from irank.stages.refine import TrainOptions, refine, train
-from irank.stages.score import score
 from irank.formats.synthetic import make_dataset
+from irank.options import RunOptions, TrainOptions
+from irank.runtime.progress import Reporter
+from irank.stages.evaluate import evaluate
+from irank.stages.prune import prune
+from irank.stages.refine import refine, train
+from irank.stages.score import score
 
 DEMO = {
     "num_classes": 6, "train_size": 1500, "test_size": 600, "image_size": 32, "pixel_noise": 0.15,

@@ -25,185 +25,35 @@ from typing import Callable, Iterator
 import pandas as pd
 
 from irank._version import __version__
+from irank.core.estimate import estimate_noise_share
+from irank.formats.files import atomic_path, output_set, remove_path, sha256_file, write_json_atomic
+from irank.formats.manifest import (
+    check_inside_root,
+    encode_labels,
+    read_manifest,
+    read_table,
+    rebase_paths,
+    write_table,
+)
+from irank.model.prepare import check_same_input, prepare
+from irank.options import (
+    DEFAULT_L2,
+    DEFAULT_REJUDGE_ROUNDS,
+    DEFAULT_ROUNDS,
+    HEAD_INPUT,
+    RECIPES,
+    LoopOptions,
+    ModelOptions,
+    RunOptions,
+    TrainOptions,
+)
 from irank.runtime.distributed import active, all_or_none, broadcast_object, is_main, local_outputs, writes_here
 from irank.runtime.errors import UsageError
-from irank.core.layer_choice import DEFAULT_L2, HEAD_INPUT, BoundaryOptions
-from irank.core.estimate import estimate_noise_share
-from irank.stages.evaluate import evaluate
-from irank.formats.files import atomic_path, output_set, remove_path, sha256_file, write_json_atomic
-from irank.model.prepare import ModelOptions, RunOptions, check_same_input, prepare
-from irank.formats.manifest import check_inside_root, encode_labels, read_manifest, read_table, rebase_paths, write_table
 from irank.runtime.progress import Reporter
+from irank.stages.evaluate import evaluate
 from irank.stages.prune import prune
-from irank.stages.refine import TrainOptions, refine
-from irank.stages.score import acting_flags, score, validate_score_options
-
-DEFAULT_ROUNDS = 5
-DEFAULT_REJUDGE_ROUNDS = 3  # with --rejudge each round is a whole fine-tune; ce-sym40 gained little after 3
-REJUDGE_BOUNDARIES = ("head", "same")
-STRATEGIES = ("unlearn", "rejudge", "gradual")
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """A strategy's defaults: how it fine-tunes and on which boundary its first ranking is made."""
-
-    scope: str
-    epochs: int
-    lr: float
-    augment: str
-    loss: str
-    boundary: str
-    layer: str | None = None
-
-    def train_options(self) -> TrainOptions:
-        return TrainOptions(scope=self.scope, epochs=self.epochs, lr=self.lr, augment=self.augment, loss=self.loss)
-
-
-# The benchmark behind each (README, Benchmark): on ce-sym40 one 30-epoch GCE fine-tune of every row, ranked by
-# its own head's loss, reached AUROC 0.950 / precision at k 0.852 and test accuracy 0.689; --rejudge's rounds
-# 0.946 / 0.850 and 0.681; the gradual loop (head influence, refit head) 0.757 / 0.638 and 0.508.
-RECIPES = {
-    "unlearn": Recipe(scope="full", epochs=30, lr=0.1, augment="auto", loss="gce", boundary="head"),
-    "rejudge": Recipe(scope="full", epochs=10, lr=0.1, augment="auto", loss="gce", boundary="refit", layer="auto"),
-    "gradual": Recipe(scope="refit", epochs=2, lr=0.01, augment="none", loss="ce", boundary="head"),
-}
-
-
-def resolve_strategy(strategy: str | None, rounds: int | None, step: float | None) -> str:
-    """The strategy to run: the one given, else gradual when rounds or a step are (they describe its loop), else
-    unlearn, which ranked best on the benchmark."""
-    if strategy is not None:
-        return strategy
-    return "gradual" if rounds is not None or step is not None else "unlearn"
-
-
-@dataclass
-class LoopOptions:
-    """How much to remove and how: the plan of the gradual loop."""
-
-    rounds: int | None = None
-    step: float | None = None  # share of the original size removed per round
-    budget: float | None = None  # total share removed over all rounds
-    per_class: bool = False
-    min_per_class: int = 1
-    patience: int = 1  # with --val: rounds without improvement before stopping
-    method: str = "auto"  # auto: influence on the head, the probe's loss on a refit probe (see method_choice)
-    # influence settings (None: the default, where they act; see scoring.resolve_ranking)
-    influence_measure: str | None = None
-    curvature: str | None = None
-    damping: float | None = None
-    boundary: str | None = None  # head, or refit: an L2 probe refit each round at `layer`
-    layer: str | None = None  # with boundary refit: a module name, "auto" (chosen in round 1), or the head's input
-    probe_l2: float | None = None  # with boundary refit: the scoring probe's L2 (None: boundary.DEFAULT_L2)
-    # unlearn, rejudge or gradual (see post_train); None: gradual when rounds or step are given, else unlearn.
-    # A boundary left None is the strategy's (RECIPES), and so is its layer.
-    strategy: str | None = None
-    # With rejudge, the boundary of rounds 2 on: "head", the refined model's own head (trained without the last
-    # round's suspects, so it could not bend around them), or "same" (`boundary` again, as in round 1)
-    rejudge_boundary: str = "head"
-
-    @property
-    def rejudge(self) -> bool:
-        return self.strategy == "rejudge"
-
-    @property
-    def unlearn(self) -> bool:
-        return self.strategy == "unlearn"
-
-    def resolved(self) -> "LoopOptions":
-        """These options with the strategy, and a boundary left out, filled in (see RECIPES)."""
-        strategy = resolve_strategy(self.strategy, self.rounds, self.step)
-        if strategy not in STRATEGIES:
-            raise UsageError(f"--strategy {strategy}: choose from {', '.join(STRATEGIES)}")
-        if self.boundary is not None:
-            return replace(self, strategy=strategy)
-        recipe = RECIPES[strategy]
-        return replace(self, strategy=strategy, boundary=recipe.boundary, layer=self.layer or recipe.layer)
-
-    def validate(self) -> None:
-        if self.unlearn:
-            for name, value in (("--rounds", self.rounds), ("--step", self.step)):
-                if value is not None:
-                    raise UsageError(f"{name} applies to --strategy gradual or rejudge; --strategy unlearn fine-tunes "
-                                     "once on every row")
-        for name, value in (("--step", self.step), ("--budget", self.budget)):
-            if value is not None and not 0 < value < 1:
-                raise UsageError(f"{name} {value}: must be between 0 and 1 (exclusive)")
-        if self.rounds is not None and self.rounds < 1:
-            raise UsageError(f"--rounds {self.rounds}: must be at least 1")
-        if self.rounds and self.step and self.budget and not math.isclose(self.rounds * self.step, self.budget, rel_tol=1e-6):
-            raise UsageError("--rounds × --step must equal --budget; give two of the three")
-        if self.patience < 1:
-            raise UsageError(f"--patience {self.patience}: must be at least 1")
-        if self.rejudge and self.step is not None:
-            raise UsageError("--rejudge removes the whole --budget in every round; --step does not apply")
-        if self.rejudge_boundary not in REJUDGE_BOUNDARIES:
-            raise UsageError(f"--rejudge-boundary {self.rejudge_boundary}: choose from {', '.join(REJUDGE_BOUNDARIES)}")
-        validate_score_options(self.method, self.influence_measure, self.curvature, self.damping)
-        self.boundary_options().validate()
-        self._check_flags_act()
-        if self.boundary == "refit" and self.budget is None and not (self.step and self.rounds):
-            raise UsageError(
-                ("--rejudge needs --budget, the share to remove in each round (on --boundary head, its budget can be "
-                 "estimated instead)" if self.rejudge else "--boundary refit needs --budget"
-                 + ("" if self.unlearn else " (or --step with --rounds)"))
-                + ": the budget estimate reads where the "
-                "model disagrees with the labels, and a refit probe disagrees with many clean labels (27% of "
-                "clean CIFAR-10, where post-train then cost 12 points of test accuracy)"
-            )
-
-    def boundary_options(self, layer: str | None = None, val: str | None = None) -> BoundaryOptions:
-        """Scoring boundary of a round: `layer` once round 1 has fixed it. With `val`, round 1's `--layer auto`
-        chooses by the probes' accuracy on it."""
-        layer = layer or self.layer or (HEAD_INPUT if self.boundary == "refit" else None)
-        return BoundaryOptions(kind=self.boundary, layer=layer, l2=self.probe_l2 if self.boundary == "refit" else None,
-                               val=val if self.boundary == "refit" and layer == "auto" else None)
-
-    def round_boundary(self, number: int, layer: str | None = None, val: str | None = None) -> BoundaryOptions:
-        """Scoring boundary of round `number`. With rejudge (and `rejudge_boundary` head) rounds 2 on score on the
-        refined model's own head: measured on ce-sym40 it ranked better than a probe refit on the same model."""
-        if self._on_refined_head(number):
-            return BoundaryOptions(kind="head", layer=None)
-        return self.boundary_options(layer, val)
-
-    def _ranked_rounds(self) -> list[int]:
-        """Round numbers whose rankings stand for all: unlearn ranks once; rejudge's rounds 2 on (and its judgement)
-        may rank otherwise than round 1; gradual's rounds all rank alike."""
-        return [1] if self.unlearn else [1, 2]
-
-    def round_flags(self, number: int) -> dict:
-        """The influence settings given that act on round `number`'s ranking, as `score`'s keywords."""
-        return acting_flags(self.round_method(number), self.round_boundary(number).kind,
-                            measure=self.influence_measure, curvature=self.curvature, damping=self.damping)
-
-    def _check_flags_act(self) -> None:
-        """A flag that acts on no round's ranking is refused, not silently ignored."""
-        acting = set().union(*(self.round_flags(number) for number in self._ranked_rounds()))
-        given = {"influence_measure": self.influence_measure, "curvature": self.curvature, "damping": self.damping}
-        for key, value in given.items():
-            if value is not None and key not in acting:
-                flag = "--" + key.replace("_", "-")
-                rankings = ", ".join(sorted({f"the {self.round_method(n)} on --boundary {self.round_boundary(n).kind}"
-                                             for n in self._ranked_rounds()}))
-                raise UsageError(f"{flag} acts on influence (curvature and damping on the head only); this post-train "
-                                 f"ranks by {rankings}")
-        if self.probe_l2 is not None and all(self.round_boundary(n).kind != "refit" for n in self._ranked_rounds()):
-            raise UsageError("--probe-l2 is the L2 of a refit probe; this post-train ranks on the head "
-                             "(pass --boundary refit to rank on a probe)")
-
-    def round_method(self, number: int) -> str:
-        """The method of round `number`. On a refined model's own head `auto` is its loss: measured on the round-3
-        models of ce-sym40, ce-sym20 and ce-asym40 the loss ranked better than the head's self-influence (AUROC
-        0.941 / 0.956 / 0.782 against 0.934 / 0.954 / 0.765), as on every head that did not memorize its labels."""
-        return "loss" if self.method == "auto" and self._on_refined_head(number) else self.method
-
-    def _on_refined_head(self, number: int) -> bool:
-        """Whether round `number` ranks on a refined model's own head: --rejudge's rounds 2 on, and unlearn's
-        judgement (on --boundary head)."""
-        if self.unlearn:
-            return self.boundary == "head"
-        return self.rejudge and number > 1 and self.rejudge_boundary == "head"
+from irank.stages.refine import refine
+from irank.stages.score import score
 
 
 def plan_rounds(options: LoopOptions, estimated_budget: float | None = None) -> dict:
@@ -408,10 +258,9 @@ def post_train(
     (removed at the end), so no shared filesystem is needed for the rounds' files.
     """
     with all_or_none():
-        loop = (loop or LoopOptions()).resolved()
-        train_options = train_options or RECIPES[loop.strategy].train_options()
+        loop = (loop or LoopOptions()).resolved(val)
+        train_options = (train_options or TrainOptions()).resolved(RECIPES[loop.strategy].training)
         loop.validate()
-        train_options.validate()
         if loop.rejudge and loop.boundary == "refit" and train_options.scope == "refit":
             raise UsageError("--rejudge with --boundary refit needs --scope full or head: a probe refit on the input's "
                              "unchanged features would rank every row the same in every round")
@@ -576,7 +425,7 @@ def _unlearn(checkpoint: str, manifest: str, out: Path, loop: LoopOptions, train
         reporter.info(f"unlearning: fine-tuning {train_options.scope} for {train_options.epochs} epochs on all "
                       f"{original_rows} rows ({train_options.loss} loss, learning rate {train_options.lr}, "
                       f"augment {train_options.augment})")
-        refined = refine(checkpoint, manifest, output=str(final), train_options=train_options, val=val,
+        refined = refine(checkpoint, manifest, output=str(final), defaults=train_options, val=val,
                          model_options=model_options, run_options=run, reporter=reporter, overwrite=True,
                          resume="auto" if not active() else False)
         state["unlearned"] = {"model": "final.safetensors", "epochs": train_options.epochs,
@@ -682,7 +531,7 @@ def _post_train(checkpoint: str, manifest: str, out: Path, loop: LoopOptions, tr
                 round_training = replace(train_options, layer=state["layer"],
                                          l2=DEFAULT_L2 if loop.probe_l2 is None else loop.probe_l2)
             refined = refine(current_model, str(building / "kept.csv"), output=str(building / "model.safetensors"),
-                             train_options=round_training, val=val, model_options=round_options, run_options=run,
+                             defaults=round_training, val=val, model_options=round_options, run_options=run,
                              reporter=reporter)
             finished_at = time.perf_counter()
             record = {

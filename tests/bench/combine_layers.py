@@ -17,12 +17,14 @@ import sys
 
 import numpy as np
 import torch
-
-from irank.core.layer_choice import block_candidates, choose_layer, refit_scores
-from irank.model.inputs import make_loader
-from irank.model.layers import layer_features
-from irank.model.prepare import ModelOptions, prepare
 from posttrain_cifar import ROOT, RUN, base_paths, detection, truth_mask
+
+from irank.core.layer_choice import choose_layer
+from irank.core.probe import refit_scores
+from irank.model.inputs import make_loader
+from irank.model.layers import block_candidates, layer_features
+from irank.model.prepare import prepare
+from irank.options import ModelOptions
 
 BASES = ["ce-sym20", "ce-sym40", "ce-sym60", "ce-asym20", "ce-asym40", "gce-sym20", "gce-sym40", "ce-sym40-es",
          "ce-sym40-aug"]
@@ -56,7 +58,7 @@ def main() -> None:
         else:
             loader = make_loader(prepared.manifest.resolved_paths(), prepared.preprocess, batch_size=256, num_workers=2)
             features = layer_features(prepared.model, block_candidates(prepared.model, prepared.head_name), loader,
-                                      num_rows=len(labels), device=RUN.placement(prepared.model))
+                                      num_rows=len(labels), device=placement_for(RUN, prepared.model))
             torch.save(features, cached)
         choice = choose_layer(features, labels, len(prepared.classes), l2=0.1)
         losses = {layer: refit_scores(values, labels, len(prepared.classes), method="loss", measure="self-influence",

@@ -46,14 +46,21 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from cifar_data import CLASSES, make_manifests
+from posttrain_cifar import (
+    DATA,
+    ROOT,
+    detection,
+    plain_inference_seconds,
+    plain_training_seconds,
+    scores_in_row_order,
+    synchronize,
+    truth_mask,
+)
 
 import irank
-from irank.core.layer_choice import BoundaryOptions
-from irank.model.prepare import ModelOptions, RunOptions
+from irank.options import BoundaryOptions, ModelOptions, RunOptions
 from irank.runtime.progress import Reporter
-from cifar_data import CLASSES, make_manifests
-from posttrain_cifar import (DATA, ROOT, detection, plain_inference_seconds, plain_training_seconds,
-                             scores_in_row_order, synchronize, truth_mask)
 
 BASE = ROOT / "bench-out" / "base"
 

@@ -33,7 +33,6 @@ import threading
 import time
 from pathlib import Path
 
-
 ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "bench-out" / "memory"
 
@@ -87,6 +86,7 @@ def make_image_rows(folder: Path, rows: int) -> None:
     """`rows` image rows (hard links to SOURCE_IMAGES generated PNGs, their noisy labels) in folder/train.csv."""
     import numpy as np
     import pandas as pd
+
     from irank.formats.synthetic import make_dataset
 
     source = OUT.parent / "memory-images-source"

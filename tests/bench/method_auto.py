@@ -17,9 +17,10 @@ from __future__ import annotations
 import json
 import sys
 
+from posttrain_cifar import ROOT, RUN, base_paths, detection, truth_mask
+
 import irank
 from irank.formats.manifest import read_manifest
-from posttrain_cifar import ROOT, RUN, base_paths, detection, truth_mask
 
 BASES = ["ce-sym20", "ce-sym40", "ce-asym40", "gce-sym40", "ce-sym0"]
 EXTRA = ["ce-sym60", "ce-asym20", "gce-sym20", "ce-sym40-es", "ce-sym40-aug"]

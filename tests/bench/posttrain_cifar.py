@@ -16,9 +16,9 @@ that JSON, so an interrupted run continues where it stopped.
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict, replace
 import json
 import time
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,16 +27,15 @@ import torch
 import torch.nn.functional as F
 
 import irank
-from irank.core.layer_choice import BoundaryOptions
-from irank.model.inputs import batches, make_loader
-from irank.model.forward import forward_pass
 from irank.core.linear import fit_softmax_regression
-from irank.model.prepare import ModelOptions, RunOptions, prepare
 from irank.core.metrics import auroc, precision_at_k
+from irank.model.forward import forward_pass
+from irank.model.inputs import batches, make_loader
 from irank.model.placement import Placement, resolve_device
-from irank.workflows.post_train import RECIPES, LoopOptions, post_train
-from irank.stages.refine import TrainOptions
+from irank.model.prepare import prepare
+from irank.options import RECIPES, BoundaryOptions, LoopOptions, ModelOptions, RunOptions, TrainOptions
 from irank.stages.score import method_scores
+from irank.workflows.post_train import post_train
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "bench-data" / "cifar10"
@@ -87,7 +86,7 @@ def synchronize() -> None:
 def _placement(run: RunOptions, model, placed: bool) -> Placement:
     """`score`'s placement of `model` (channels-last for wide conv nets, bf16 autocast on CUDA), or (`placed`
     False) the default layout in full precision on the same device."""
-    return run.placement(model) if placed else Placement(resolve_device(run.device))
+    return placement_for(run, model) if placed else Placement(resolve_device(run.device))
 
 
 def plain_inference_seconds(checkpoint: str, manifest: str, placed: bool = False, run: RunOptions = RUN,

@@ -13,9 +13,9 @@ import sys
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from posttrain_cifar import ROOT, base_paths, detection, truth_mask
 
 from irank.core.linear import fit_standardized, standardize
-from posttrain_cifar import ROOT, base_paths, detection, truth_mask
 
 
 def main() -> None:

@@ -12,7 +12,6 @@ gradual loop on the probe (refit, remove the top step, repeat). Prints a markdow
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -20,11 +19,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from irank.model.inputs import make_loader
-from irank.model.layers import layer_features
-from irank.model.prepare import ModelOptions, prepare
 from irank.core.metrics import auroc, precision_at_k
 from irank.core.probe import heldout_probe_loss, probe_logits, probe_scores
+from irank.model.inputs import make_loader
+from irank.model.layers import layer_features
+from irank.model.prepare import prepare
+from irank.options import ModelOptions
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "bench-data" / "cifar10"

@@ -16,8 +16,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import irank
 from posttrain_cifar import RUN, base_paths, plain_training_seconds
+
+import irank
 
 parser = argparse.ArgumentParser()
 parser.add_argument("setting")

@@ -16,9 +16,10 @@ import argparse
 import statistics
 import time
 
-import irank
-from irank.core.layer_choice import BoundaryOptions
 from posttrain_cifar import DATA, ROOT, RUN, plain_inference_seconds
+
+import irank
+from irank.options import BoundaryOptions
 
 parser = argparse.ArgumentParser()
 parser.add_argument("setting")

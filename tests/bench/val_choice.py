@@ -13,10 +13,11 @@ from __future__ import annotations
 import json
 import sys
 
-import irank
-from irank.core.layer_choice import BoundaryOptions
-from irank.formats.manifest import read_manifest
 from posttrain_cifar import DATA, ROOT, RUN, base_paths, detection, truth_mask
+
+import irank
+from irank.formats.manifest import read_manifest
+from irank.options import BoundaryOptions
 
 settings = sys.argv[1:] or ["ce-sym20", "ce-sym40", "ce-asym40", "gce-sym40"]
 results = {}
