@@ -22,12 +22,12 @@ from rich.console import Console
 from rich.table import Table
 
 from irank._version import __version__
-from irank.entry import EXIT_INTERRUPTED, install_signal_handlers, interrupt_message, stopped_by
 from irank.formats.files import is_stdio
 from irank.options import REFINE, TRAIN, BoundaryOptions, ModelOptions, RunOptions
 from irank.runtime.errors import IrankError, UsageError
 from irank.runtime.memory import DEFAULT_MEMORY_BUDGET, parse_size
 from irank.runtime.progress import RichReporter
+from irank.runtime.signals import EXIT_INTERRUPTED, install_signal_handlers, interrupt_message, stopped_by
 from irank.stages.evaluate import evaluate as run_evaluate
 
 EXIT_INPUT_ERROR = 3

@@ -11,8 +11,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from irank.core.ranking import class_ranks_in_order, rank_order
 from irank.formats.manifest import csv_quoting, read_manifest, read_table, write_blocks, write_table
-from irank.formats.scores_table import RankedScores, class_ranks_in_order, prediction_columns, rank_order, scores_table
+from irank.formats.scores_table import RankedScores, prediction_columns, scores_table
 from irank.runtime.errors import ManifestError
 from irank.stages.prune import prune
 

@@ -132,7 +132,7 @@ def test_duplicate_ids_in_different_blocks_are_found(tmp_path, monkeypatch):
 ])
 def test_score_table_errors_in_a_later_block(tmp_path, monkeypatch, row, column, value, message):
     from irank.formats.manifest import TableSource
-    from irank.stages.prune import flagged_rows, read_score_columns
+    from irank.formats.scores_table import flagged_rows, read_score_columns
 
     monkeypatch.setattr(manifest_module, "CHUNK_ROWS", 3)
     scores = pd.DataFrame({"id": [f"s{i}" for i in range(10)], "label": "a", "rank": range(1, 11),
@@ -155,12 +155,12 @@ def test_a_repeated_score_id_is_found_in_any_block_with_or_without_a_manifest(tm
     with one, a repeat is a manifest row met twice. A hash shared by different ids is no repeat."""
     import sys
 
-    from irank.stages.prune import read_score_columns
+    from irank.formats.scores_table import read_score_columns
 
-    prune_module = sys.modules["irank.stages.prune"]  # `irank.stages.prune` as an attribute is the function
+    reader_module = sys.modules["irank.formats.scores_table"]  # the scores table's reader
     monkeypatch.setattr(manifest_module, "CHUNK_ROWS", 3)
     if weak_hash:  # every id collides with every other of its length
-        monkeypatch.setattr(prune_module, "text_hashes", lambda values: np.array([len(v) for v in values], np.uint64))
+        monkeypatch.setattr(reader_module, "text_hashes", lambda values: np.array([len(v) for v in values], np.uint64))
     ids = [f"s{i}" for i in range(10)]
     if repeat_at is not None:
         ids[repeat_at] = ids[repeat_at - 2]
@@ -176,7 +176,7 @@ def test_a_repeated_score_id_is_found_in_any_block_with_or_without_a_manifest(tm
 
 def test_score_columns_and_flagged_rows_hold_what_the_table_holds(tmp_path, monkeypatch):
     from irank.formats.manifest import TableSource
-    from irank.stages.prune import flagged_rows, read_score_columns
+    from irank.formats.scores_table import flagged_rows, read_score_columns
 
     monkeypatch.setattr(manifest_module, "CHUNK_ROWS", 4)
     generator = np.random.default_rng(3)
@@ -244,7 +244,7 @@ def test_prune_reads_scores_from_stdin_once_without_a_copy(tmp_path, monkeypatch
 
     from irank.stages.prune import prune
 
-    prune_module = sys.modules["irank.stages.prune"]
+    reader_module = sys.modules["irank.formats.scores_table"]  # the scores table's reader
     monkeypatch.setattr(manifest_module, "CHUNK_ROWS", 4)
     rows = 13
     write_table(pd.DataFrame({"path": [f"{i}.png" for i in range(rows)], "label": "a"}), tmp_path / "m.csv")
@@ -256,7 +256,7 @@ def test_prune_reads_scores_from_stdin_once_without_a_copy(tmp_path, monkeypatch
     def no_copy(*args, **kwargs):
         raise AssertionError("the scores were kept in a temporary file")
 
-    monkeypatch.setattr(prune_module, "TableSource", no_copy)
+    monkeypatch.setattr(reader_module, "TableSource", no_copy)
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO((tmp_path / "s.csv").read_bytes())))
     piped = prune("-", str(tmp_path / "m.csv"), count=3)
     assert piped.keep.tolist() == from_file.keep.tolist() and not piped.keep[-3:].any() and piped.keep[:-3].all()
@@ -366,7 +366,7 @@ def test_prune_streams_the_bytes_of_a_whole_write(tmp_path, monkeypatch, carriag
     on its rows, paths rebased into another folder)."""
     import importlib
 
-    prune_module = importlib.import_module("irank.stages.prune")  # `irank.stages.prune` is also the function
+    prune_module = importlib.import_module("irank.stages.prune")
     from irank.formats.manifest import rebase_paths, write_table
     from irank.stages.prune import prune
 

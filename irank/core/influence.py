@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from irank.runtime.distributed import Shard
+from irank.core.protocols import Shard
 
 MEASURES = ("self-influence", "boundary-shift", "parameter-shift")
 CURVATURES = ("auto", "exact", "kfac")

@@ -10,7 +10,7 @@ import torch
 
 from irank.core.linear import fit_device, fit_standardized, standardizer
 from irank.core.probe import heldout_probe_loss
-from irank.runtime.progress import Reporter
+from irank.core.protocols import Log, silent
 
 CHOICE_ROWS = 4096  # the default sample for choose_layer: its cost stays flat in n
 
@@ -51,7 +51,7 @@ def layer_probe(values: torch.Tensor, labels: torch.Tensor, num_classes: int, *,
 
 
 def choose_layer(features: dict[str, torch.Tensor], labels: torch.Tensor, num_classes: int, *, l2: float,
-                 reporter: Reporter | None = None, max_rows: int | None = None,
+                 log: Log | None = None, max_rows: int | None = None,
                  device: torch.device | None = None) -> LayerChoice:
     """The deepest structure that did not memorize the given labels.
 
@@ -63,11 +63,11 @@ def choose_layer(features: dict[str, torch.Tensor], labels: torch.Tensor, num_cl
     held-out loss overall. Past `max_rows` (default CHOICE_ROWS) rows, all of this runs on a seeded random sample of rows.
     `device`: where the probes may be fitted (`layer_probe`).
     """
-    reporter = reporter or Reporter()
+    log = log or silent
     rows = choice_sample(len(labels), limit=max_rows)
     if rows is not None:
         labels = labels[rows]
-        reporter.info(f"choosing the layer on a random sample of {len(rows):,} rows")
+        log(f"choosing the layer on a random sample of {len(rows):,} rows")
     figures: dict[str, dict] = {}
     fits = {}
     for name, values in features.items():
@@ -84,7 +84,7 @@ def choose_layer(features: dict[str, torch.Tensor], labels: torch.Tensor, num_cl
             heldout = f"held-out probe loss {entry['heldout_loss']:.4f}"
         else:
             heldout = "memorized them: not a candidate"
-        reporter.info(f"layer {name}: {entry['dims']} features, probe agrees with {entry['agreement']:.1%} of the "
+        log(f"layer {name}: {entry['dims']} features, probe agrees with {entry['agreement']:.1%} of the "
                       f"given labels, {heldout}")
     best = min(pool, key=lambda name: (figures[name]["heldout_loss"], name))
     how = ("lowest 3-fold held-out probe loss among the layers whose probe did not memorize the given labels"
@@ -97,7 +97,7 @@ def choose_layer(features: dict[str, torch.Tensor], labels: torch.Tensor, num_cl
 
 def choose_layer_by_accuracy(features: dict[str, torch.Tensor], labels: torch.Tensor,
                              val_features: dict[str, torch.Tensor], val_labels: torch.Tensor, num_classes: int, *,
-                             l2: float, reporter: Reporter | None = None,
+                             l2: float, log: Log | None = None,
                              device: torch.device | None = None) -> LayerChoice:
     """Among the layers whose probe did not memorize the given labels (as in `choose_layer`), the one whose
     probe, fitted on the given (noisy) labels, is most accurate on a clean labelled set.
@@ -109,7 +109,7 @@ def choose_layer_by_accuracy(features: dict[str, torch.Tensor], labels: torch.Te
     noisy labels among the rest. Each probe is fitted as `choose_layer` fits it (standardized,
     float32); the val rows are standardized with the fitted rows' statistics. Ties go to the deeper layer.
     """
-    reporter = reporter or Reporter()
+    log = log or silent
     figures: dict[str, dict] = {}
     for name, values in features.items():
         (mean, scale), _, (weight, bias), agreement = layer_probe(values, labels, num_classes, l2=l2, device=device)
@@ -118,7 +118,7 @@ def choose_layer_by_accuracy(features: dict[str, torch.Tensor], labels: torch.Te
         memorized = agreement >= MEMORIZED_AGREEMENT
         figures[name] = {"dims": int(values.shape[1]), "agreement": agreement, "memorized": memorized,
                          "val_accuracy": accuracy}
-        reporter.info(f"layer {name}: {values.shape[1]} features, probe agrees with {agreement:.1%} of the given labels"
+        log(f"layer {name}: {values.shape[1]} features, probe agrees with {agreement:.1%} of the given labels"
                       f"{' (memorized them: not a candidate)' if memorized else ''}, {accuracy:.1%} accurate on --val")
     order = list(features)
     pool = [name for name in order if not figures[name]["memorized"]] or order

@@ -13,7 +13,7 @@ import torch
 
 from irank.core.influence import chunk_size, spans
 from irank.core.lbfgs import minimize
-from irank.runtime.distributed import Shard, broadcast_, is_main
+from irank.core.protocols import Shard
 
 TOLERANCE_GRAD = 1e-7  # on the largest entry of the gradient: far below what moves a ranking
 
@@ -207,7 +207,7 @@ def _fit_sharded(features: torch.Tensor, scaling: tuple[torch.Tensor, torch.Tens
     def exchange(go: bool) -> bool:
         """Rank 0's (go, point) on every process; returns go."""
         message = torch.cat([torch.tensor([float(go)], dtype=point.dtype), point])
-        broadcast_(message)
+        shard.broadcast_(message)
         point.copy_(message[1:])
         return bool(message[0])
 
@@ -218,7 +218,7 @@ def _fit_sharded(features: torch.Tensor, scaling: tuple[torch.Tensor, torch.Tens
         return total[0], total[1 : 1 + shape.numel()].view(shape), total[1 + shape.numel():]
 
     with torch.no_grad():
-        if not is_main():
+        if not shard.leads:
             while exchange(go=False):
                 summed(*_packed(shape, point))
             return _packed(shape, point)

@@ -1,8 +1,9 @@
-"""Detection metrics against known corruption: plain numpy, no extra dependency."""
+"""Metrics: detection against known corruption (AUROC, precision at k) and the accuracy of predictions."""
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 
 def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
@@ -32,3 +33,15 @@ def precision_at_k(order: np.ndarray, positive: np.ndarray, k: int | None = None
     if k == 0:
         return float("nan")
     return float(positive[np.asarray(order)[:k]].mean())
+
+
+def accuracy_report(logits: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict:
+    """Overall accuracy and, for every class present, its accuracy and count."""
+    correct = logits.argmax(dim=1) == labels
+    per_class = {}
+    for index, name in enumerate(classes):
+        members = labels == index
+        count = int(members.sum())
+        if count:
+            per_class[name] = {"accuracy": float(correct[members].float().mean()), "count": count}
+    return {"accuracy": float(correct.float().mean()), "num_samples": len(labels), "per_class": per_class}

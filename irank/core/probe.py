@@ -12,17 +12,16 @@ import torch.nn.functional as F
 
 from irank.core import influence
 from irank.core.linear import fit_standardized, fit_with_scaling, standardize
-from irank.runtime.distributed import Shard
-from irank.runtime.memory import DiskRows, MemoryBudget
+from irank.core.protocols import IN_MEMORY, Budget, Shard
 
 PROBE_MEASURES = ("loss", "margin", "self-influence", "boundary-shift")
 
 
 def probe_logits(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                 budget: MemoryBudget | None = None) -> torch.Tensor | DiskRows:
+                 budget: Budget | None = None) -> torch.Tensor:
     """features @ Wᵀ + b in float64, a chunk of rows at a time (no float64 copy of the features); with a
     `budget`, on disk past it."""
-    logits = (budget or MemoryBudget()).array(len(features), weight.shape[0], dtype=torch.float64)
+    logits = (budget or IN_MEMORY).array(len(features), weight.shape[0], dtype=torch.float64)
     for start, end in influence.spans(len(features), influence.chunk_size(features.shape[1])):
         logits.index_copy_(0, torch.arange(start, end), torch.addmm(bias, features[start:end].double(), weight.T))
     return logits
@@ -41,7 +40,7 @@ def probe_scores(
     l2: float,
     measure: str = "loss",
     shard: Shard | None = None,
-    budget: MemoryBudget | None = None,
+    budget: Budget | None = None,
     device: torch.device | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Fit the probe on (features, labels) and score every sample: (scores, probe logits, (weight, bias)).
@@ -97,7 +96,7 @@ def heldout_probe_loss(features: torch.Tensor, labels: torch.Tensor, num_classes
 
 
 def refit_scores(features: torch.Tensor, labels: torch.Tensor, num_classes: int, *, method: str, measure: str,
-                 l2: float, shard: Shard | None = None, budget: MemoryBudget | None = None,
+                 l2: float, shard: Shard | None = None, budget: Budget | None = None,
                  device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(scores, probe logits) of every sample on an L2 probe refit on `features` (this process's rows, with a
     `shard`, on the probe fitted to every process's rows); the logits go to disk past the `budget`. `device`:

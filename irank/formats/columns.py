@@ -207,16 +207,6 @@ def text_hashes(values: list[str]) -> np.ndarray:
     return pd.util.hash_array(np.asarray(values, dtype=object), categorize=False) if len(values) else np.zeros(0, dtype=np.uint64)
 
 
-def runs_of(same: np.ndarray) -> list[tuple[int, int]]:
-    """[start, end) of every run of equal neighbours, given the ascending places i where item i equals item i + 1."""
-    if len(same) == 0:
-        return []
-    breaks = np.flatnonzero(np.diff(same) != 1)
-    starts = np.concatenate([same[:1], same[breaks + 1]])
-    ends = np.concatenate([same[breaks], same[-1:]]) + 2
-    return list(zip(starts.tolist(), ends.tolist()))
-
-
 def first_duplicate(values: Sequence[str], hashes: np.ndarray) -> tuple[int, int] | None:
     """(earlier row, row), 0-based, of the first row whose string an earlier row has, or None.
 

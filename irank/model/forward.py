@@ -9,9 +9,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from irank.core.influence import chunk_size, spans
-from irank.model.inputs import batches
-from irank.model.placement import Placement
+from irank.core.protocols import Shard
+from irank.model.inputs import batches, make_shard_loader
+from irank.model.placement import Placement, placement_for
+from irank.model.prepare import Prepared
 from irank.model.transfer import HostRows
+from irank.options import RunOptions
 from irank.runtime.errors import NumericsError
 from irank.runtime.memory import DiskRows, MemoryBudget
 from irank.runtime.progress import Reporter
@@ -86,3 +89,20 @@ def check_finite(head_inputs: torch.Tensor, logits: torch.Tensor | None, first_r
         rows = [row_order[i] + 1 for i in where] if row_order is not None else [i + 1 + first_row for i in where]
         shown = ", ".join(str(r) for r in rows[:8]) + (f" (+{len(rows) - 8} more)" if len(rows) > 8 else "")
         raise NumericsError(f"the model produced NaN or infinite values in {len(rows)} rows (manifest rows {shown})")
+
+
+def shard_loader(prepared: Prepared, run: RunOptions, shard: Shard | None = None) -> tuple[object, int, int]:
+    """(loader, rows it yields, manifest row of its first row): all rows, or this process's block under torchrun."""
+    return make_shard_loader(prepared.manifest.resolved_paths(), prepared.preprocess, batch_size=run.batch_size,
+                             num_workers=run.num_workers, shard=shard)
+
+
+def run_forward(prepared: Prepared, run: RunOptions, reporter: Reporter, shard: Shard | None = None,
+                budget: MemoryBudget | None = None) -> ForwardOutputs:
+    """Head inputs and logits of every row (of this process's block of rows, with a `shard`); with a
+    `budget`, past it they go to temporary files."""
+    loader, num_rows, first_row = shard_loader(prepared, run, shard)
+    return forward_pass(
+        prepared.model, prepared.head, loader, num_rows=num_rows,
+        device=placement_for(run, prepared.model), reporter=reporter, first_row=first_row, budget=budget,
+    )

@@ -144,6 +144,15 @@ class Shard:
         """`gather` written into `out` (every row's array: a tensor, or a `DiskRows`), a chunk of rows at a time."""
         return gather_rows_into(values, self.total, out)
 
+    @property
+    def leads(self) -> bool:
+        """Whether this process is rank 0, which decides where every process must agree."""
+        return is_main()
+
+    def broadcast_(self, tensor: torch.Tensor) -> None:
+        """Overwrite `tensor` on every process with rank 0's."""
+        broadcast_(tensor)
+
 
 def shard_of(total: int) -> Shard | None:
     """This process's contiguous block of `total` rows under torchrun; None with one process."""

@@ -4,23 +4,13 @@ from __future__ import annotations
 
 import torch
 
+from irank.core.metrics import accuracy_report
+from irank.model.forward import run_forward
 from irank.model.prepare import prepare
 from irank.options import ModelOptions, RunOptions
 from irank.runtime.distributed import all_or_none, shard_of
 from irank.runtime.errors import UsageError
 from irank.runtime.progress import Reporter
-
-
-def accuracy_report(logits: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict:
-    """Overall accuracy and, for every class present, its accuracy and count."""
-    correct = logits.argmax(dim=1) == labels
-    per_class = {}
-    for index, name in enumerate(classes):
-        members = labels == index
-        count = int(members.sum())
-        if count:
-            per_class[name] = {"accuracy": float(correct[members].float().mean()), "count": count}
-    return {"accuracy": float(correct.float().mean()), "num_samples": len(labels), "per_class": per_class}
 
 
 def evaluate(
@@ -32,8 +22,6 @@ def evaluate(
     reporter: Reporter | None = None,
 ) -> dict:
     """Accuracy of `checkpoint` on the labels of `manifest`."""
-    from irank.stages.score import run_forward
-
     reporter = reporter or Reporter()
     run_options = run_options or RunOptions()
     if run_options.batch_size <= 0:

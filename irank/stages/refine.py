@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from irank.core.linear import fit_softmax_regression
+from irank.core.metrics import accuracy_report
 from irank.formats.files import check_outputs_clear_of_inputs, check_overwrite, output_set, sha256_bytes, sha256_file
 from irank.formats.manifest import check_inside_root, encode_labels, read_manifest
 from irank.formats.resume import (
@@ -44,7 +45,6 @@ from irank.runtime.distributed import (
 )
 from irank.runtime.errors import UsageError
 from irank.runtime.progress import Reporter
-from irank.stages.evaluate import accuracy_report
 
 GCE_Q = 0.7
 

@@ -24,12 +24,13 @@ import numpy as np
 import pandas as pd
 
 from irank._version import __version__
+from irank.core.selection import removal_mask
 from irank.formats.files import is_stdio, sha256_file
 from irank.formats.manifest import TableSource, read_table
 from irank.formats.review_page import render_page, tensor_placeholder
+from irank.formats.scores_table import ScoreColumns, flagged_rows, read_score_columns
 from irank.formats.tensor_rows import is_tensor_path
 from irank.runtime.errors import ManifestError, UsageError
-from irank.stages.prune import ScoreColumns, flagged_rows, read_score_columns, removal_mask
 
 DEFAULT_TOP = 100
 THUMBNAIL_SIZE = 160

@@ -23,8 +23,8 @@ from irank.formats.files import (
 )
 from irank.formats.manifest import check_inside_root, encode_labels, read_manifest, table_format, write_blocks
 from irank.formats.scores_table import RankedScores, prediction_rows
-from irank.model.forward import ForwardOutputs, forward_pass
-from irank.model.inputs import make_loader, make_shard_loader
+from irank.model.forward import run_forward, shard_loader
+from irank.model.inputs import make_loader
 from irank.model.layers import block_candidates, layer_features
 from irank.model.placement import Placement, placement_for
 from irank.model.prepare import Prepared, check_same_input, prepare
@@ -83,23 +83,6 @@ def method_scores(
     if method == "gradnorm":
         return influence.gradient_norm(logits, head_inputs, labels, has_bias=has_bias), {}
     raise UsageError(f"--method {method}: choose from {', '.join(METHODS[1:])} (resolve auto first)")
-
-
-def shard_loader(prepared: Prepared, run: RunOptions, shard: Shard | None = None) -> tuple[object, int, int]:
-    """(loader, rows it yields, manifest row of its first row): all rows, or this process's block under torchrun."""
-    return make_shard_loader(prepared.manifest.resolved_paths(), prepared.preprocess, batch_size=run.batch_size,
-                             num_workers=run.num_workers, shard=shard)
-
-
-def run_forward(prepared: Prepared, run: RunOptions, reporter: Reporter, shard: Shard | None = None,
-                budget: MemoryBudget | None = None) -> ForwardOutputs:
-    """Head inputs and logits of every row (of this process's block of rows, with a `shard`); with a
-    `budget`, past it they go to temporary files."""
-    loader, num_rows, first_row = shard_loader(prepared, run, shard)
-    return forward_pass(
-        prepared.model, prepared.head, loader, num_rows=num_rows,
-        device=placement_for(run, prepared.model), reporter=reporter, first_row=first_row, budget=budget,
-    )
 
 
 def refit_layer(prepared: Prepared, boundary: BoundaryOptions) -> str:
@@ -183,9 +166,9 @@ def choose_on_sample(sample_rows: np.ndarray, candidates: dict[str, torch.Tensor
         candidates = {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
     sample_labels = labels[torch.from_numpy(sample_rows)]
     if held_out is not None:
-        choice = choose_layer_by_accuracy(candidates, sample_labels, *held_out, num_classes, l2=l2, reporter=reporter)
+        choice = choose_layer_by_accuracy(candidates, sample_labels, *held_out, num_classes, l2=l2, log=reporter.info)
     else:
-        choice = choose_layer(candidates, sample_labels, num_classes, l2=l2, reporter=reporter,
+        choice = choose_layer(candidates, sample_labels, num_classes, l2=l2, log=reporter.info,
                               max_rows=len(sample_rows))
     if len(sample_rows) < len(labels):
         choice.how += f" (on a random sample of {len(sample_rows):,} rows)"
