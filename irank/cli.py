@@ -25,10 +25,10 @@ from irank._version import __version__
 from irank.formats.files import is_stdio
 from irank.options import REFINE, TRAIN, BoundaryOptions, ModelOptions, RunOptions
 from irank.runtime.errors import IrankError, UsageError
-from irank.runtime.memory import DEFAULT_MEMORY_BUDGET, parse_size
+from irank.runtime.launch import launched_by_torchrun
 from irank.runtime.progress import RichReporter
 from irank.runtime.signals import EXIT_INTERRUPTED, install_signal_handlers, interrupt_message, stopped_by
-from irank.stages.evaluate import evaluate as run_evaluate
+from irank.runtime.sizes import DEFAULT_MEMORY_BUDGET, parse_size
 
 EXIT_INPUT_ERROR = 3
 EXIT_GATE_FAILED = 4
@@ -571,6 +571,8 @@ def eval_command(
 
     Example: irank eval refined.safetensors test.csv --json
     """
+    from irank.stages.evaluate import evaluate as run_evaluate
+
     report = run_evaluate(
         str(checkpoint), str(manifest), model_options=model_options(arch, head, classes, preprocess, image_size, resize, mean, std, allow_outside_root, on_bad_image),
         run_options=run_options(device, batch_size, num_workers, channels_last, precision), reporter=RichReporter(quiet),
@@ -674,27 +676,48 @@ def version() -> None:
     sys.stdout.write(f"irank {__version__}\n")
 
 
+class _OneProcess:
+    """What `_main` asks of the process group when there is none: this process is the whole group (and the
+    command's --help, or `irank version`, imports no torch)."""
+
+    @staticmethod
+    def is_main() -> bool:
+        return True
+
+    @staticmethod
+    def settle() -> None:
+        pass
+
+    @staticmethod
+    def reports_here(error: BaseException) -> bool:
+        return True
+
+    @staticmethod
+    def active() -> bool:
+        return False
+
+
 def main() -> None:
     """Entry point: turns IrankError into one line on stderr and exit code 3, Ctrl-C into 130.
 
     Under torchrun every process runs the command on its share of the rows. Only rank 0 writes to stdout
     and stderr; an error is printed once, by the process that saw it.
     """
-    from irank.runtime.distributed import is_main, launched_by_torchrun, process_group
-
     install_signal_handlers()
+    if not launched_by_torchrun():
+        _main(_OneProcess)
+        return
+    from irank.runtime import distributed
+
     try:
-        with process_group():
-            if is_main():
-                _main()
+        with distributed.process_group():
+            if distributed.is_main():
+                _main(distributed)
                 return
-            report_to = sys.stderr
             with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-                _main(report_to)
+                _main(distributed, report_to=sys.stderr)
     except SystemExit as exit_:
-        if launched_by_torchrun():
-            _leave(exit_.code)
-        raise
+        _leave(exit_.code)
 
 
 def _leave(code) -> None:
@@ -714,9 +737,8 @@ def _leave(code) -> None:
     os._exit(code)
 
 
-def _main(report_to=None) -> None:
-    from irank.runtime import distributed
-
+def _main(distributed, report_to=None) -> None:
+    """Run the command; `distributed`: the process group (irank.runtime.distributed, or `_OneProcess`)."""
     errors = Console(stderr=True, highlight=False) if report_to is None else Console(file=report_to, highlight=False)
 
     def interrupted(interrupt: BaseException) -> NoReturn:

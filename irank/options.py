@@ -16,11 +16,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields, replace
 
-from irank.core.influence import CURVATURES, MEASURES
-from irank.core.probe import PROBE_MEASURES
-from irank.core.ranking import resolve_method
+from irank.core.methods import CURVATURES, MEASURES, PROBE_MEASURES, resolve_method
 from irank.runtime.errors import UsageError
-from irank.runtime.memory import DEFAULT_MEMORY_BUDGET, parse_size
+from irank.runtime.sizes import DEFAULT_MEMORY_BUDGET, parse_size
 
 # --- the model and the run ---------------------------------------------------------------------------------
 

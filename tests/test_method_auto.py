@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 import irank
-from irank.core.ranking import resolve_method
+from irank.core.methods import resolve_method
 
 RUN = irank.RunOptions(device="cpu", batch_size=32)
 

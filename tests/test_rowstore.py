@@ -9,7 +9,8 @@ from test_tensor_inputs import embeddings, mlp_model  # noqa: F401  (module fixt
 
 from irank.formats.tensor_rows import open_npy, release_pages
 from irank.runtime.errors import UsageError
-from irank.runtime.memory import DiskRows, MemoryBudget, parse_size
+from irank.runtime.memory import DiskRows, MemoryBudget
+from irank.runtime.sizes import parse_size
 
 
 def test_disk_rows_read_back_what_index_copy_wrote_in_any_order():

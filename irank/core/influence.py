@@ -22,10 +22,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from irank.core.methods import CURVATURES, MEASURES
 from irank.core.protocols import Shard
 
-MEASURES = ("self-influence", "boundary-shift", "parameter-shift")
-CURVATURES = ("auto", "exact", "kfac")
 EXACT_MAX_PARAMETERS = 10_240
 EXACT_MAX_FLOPS = 2e10  # exact H costs n·C·P² flops: keep it a small share of a forward pass
 

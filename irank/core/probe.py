@@ -12,9 +12,8 @@ import torch.nn.functional as F
 
 from irank.core import influence
 from irank.core.linear import fit_standardized, fit_with_scaling, standardize
+from irank.core.methods import PROBE_MEASURES
 from irank.core.protocols import IN_MEMORY, Budget, Shard
-
-PROBE_MEASURES = ("loss", "margin", "self-influence", "boundary-shift")
 
 
 def probe_logits(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,

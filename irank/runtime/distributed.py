@@ -27,14 +27,10 @@ import torch
 import torch.distributed as dist
 
 from irank.runtime.errors import IrankError, PeerFailed
+from irank.runtime.launch import launched_by_torchrun
 
 # A process other than rank 0 writes files only inside `local_outputs()` (post-train's private folder).
 _writes_locally = contextvars.ContextVar("irank_writes_locally", default=False)
-
-
-def launched_by_torchrun() -> bool:
-    """Whether torchrun (or another launcher that sets WORLD_SIZE) started more than one process."""
-    return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
 
 
 def active() -> bool:
