@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from irank.core.ranking import class_ranks_in_order, rank_order
 from irank.formats.manifest import csv_quoting, read_manifest, read_table, write_blocks, write_table
-from irank.formats.scores_table import RankedScores, prediction_columns, scores_table
+from irank.formats.scores_table import RankedScores, prediction_columns
 from irank.runtime.errors import ManifestError
 from irank.stages.prune import prune
 
@@ -31,8 +31,8 @@ def scored_manifests(draw):
                              "note": [f"n{i}" for i in range(rows)]})
     names = [f"c{i}" for i in range(classes)]
     predictions = prediction_columns(torch.zeros(rows, classes), torch.tensor(labels))
-    table = scores_table(manifest, ids=manifest["path"].tolist(), paths=manifest["path"].tolist(),
-                         labels=np.array(labels), classes=names, predictions=predictions, scores=np.array(scores))
+    table = RankedScores(manifest, ids=manifest["path"].tolist(), paths=manifest["path"].tolist(),
+                         labels=np.array(labels), classes=names, predictions=predictions, scores=np.array(scores)).frame()
     return manifest, table
 
 

@@ -206,10 +206,6 @@ def gauss_newton(probs: torch.Tensor, features: torch.Tensor, shard: Shard | Non
     return gauss_newton_of(tensor_rows(probs, features), len(probs), probs.shape[1], features.shape[1], shard)
 
 
-def kfac_factors(probs: torch.Tensor, features: torch.Tensor, shard: Shard | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    return kfac_factors_of(tensor_rows(probs, features), len(probs), probs.shape[1], features.shape[1], shard)
-
-
 def exact_influence(probs: torch.Tensor, features: torch.Tensor, labels: torch.Tensor, *, damping: float,
                     measure: str = "self-influence", absolute_damping: bool = False,
                     shard: Shard | None = None) -> torch.Tensor:

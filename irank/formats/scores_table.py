@@ -249,11 +249,6 @@ class RankedScores:
         return self._frame
 
 
-def scores_table(user_table: pd.DataFrame, **columns) -> pd.DataFrame:
-    """One row per sample, sorted by rank, irank's columns first and then the manifest's own (see RankedScores)."""
-    return RankedScores(user_table, **columns).frame()
-
-
 SCORE_COLUMNS = ("id", "label", "rank", "class_rank", "score")
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 from torch import nn
 
 from irank._version import __version__
@@ -148,5 +147,3 @@ def prepare(checkpoint_path: str | None, manifest_path: str, options: ModelOptio
                     extra, skipped, input_shape)
 
 
-def labels_tensor(prepared: Prepared) -> torch.Tensor:
-    return torch.from_numpy(prepared.labels)
