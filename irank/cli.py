@@ -714,8 +714,9 @@ def main() -> None:
             if distributed.is_main():
                 _main(distributed)
                 return
+            report_to = sys.stderr  # the real stderr: an error this process saw is its to print
             with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-                _main(distributed, report_to=sys.stderr)
+                _main(distributed, report_to=report_to)
     except SystemExit as exit_:
         _leave(exit_.code)
 

@@ -152,7 +152,7 @@ def test_post_train_rejudge_judges_like_one_process(tiny_data, tiny_model, tmp_p
     single, sharded = tmp_path / "single", tmp_path / "sharded"
     irank.post_train(tiny_model, tiny_data["train"], out_dir=str(single),
                      loop=irank.LoopOptions(rounds=2, budget=0.1, strategy="rejudge", boundary="head"),
-                     train_options=TrainOptions(scope="refit", epochs=10, lr=0.1, augment="auto", loss="gce"),
+                     train_options=TrainOptions(scope="refit"),  # what the command gives: the rest acts on SGD only
                      run_options=irank.RunOptions(device="cpu", batch_size=64))
     private = tmp_path / "tmp"
     private.mkdir()
