@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import pandas as pd
 import torch
 
 from irank._version import __version__
-from irank.core import influence
-from irank.core.layer_choice import LayerChoice, choice_sample, choose_layer, choose_layer_by_accuracy
+from irank.core.head_scores import method_scores
+from irank.core.layer_choice import LayerChoice
 from irank.core.probe import probe_curvature, refit_scores
 from irank.formats.columns import compact_codes
 from irank.formats.files import (
@@ -21,25 +20,21 @@ from irank.formats.files import (
     sha256_file,
     write_json_atomic,
 )
-from irank.formats.manifest import check_inside_root, encode_labels, read_manifest, table_format, write_blocks
+from irank.formats.manifest import table_format, write_blocks
 from irank.formats.scores_table import RankedScores, prediction_rows
-from irank.model.forward import run_forward, shard_loader
-from irank.model.inputs import make_loader
-from irank.model.layers import block_candidates, layer_features
+from irank.model.forward import run_forward
 from irank.model.placement import Placement, placement_for
-from irank.model.prepare import Prepared, check_same_input, prepare
-from irank.options import HEAD_INPUT, METHODS, BoundaryOptions, ModelOptions, Ranking, RunOptions, resolve_ranking
+from irank.model.prepare import Prepared, prepare
+from irank.model.probe_features import probe_features
+from irank.options import BoundaryOptions, ModelOptions, Ranking, RunOptions, resolve_ranking
 from irank.runtime.distributed import (
     Shard,
     all_or_none,
-    broadcast_object,
-    gather_objects,
     local_rows,
     shard_of,
     writes_here,
 )
-from irank.runtime.errors import UsageError
-from irank.runtime.memory import DiskRows, MemoryBudget
+from irank.runtime.memory import MemoryBudget
 from irank.runtime.progress import Reporter
 
 
@@ -54,155 +49,12 @@ class ScoreResult:
         return self.ranked.frame()
 
 
-def method_scores(
-    method: str,
-    logits: torch.Tensor,
-    head_inputs: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    has_bias: bool = True,
-    damping: float = 0.01,
-    measure: str = "self-influence",
-    curvature: str = "auto",
-    shard: Shard | None = None,
-) -> tuple[torch.Tensor, dict]:
-    """Score every sample with `method` (higher = more likely mislabeled); also say how.
-
-    With a `shard` (torchrun) the rows given are this process's, and influence uses every process's curvature.
-    """
-    if method == "influence":
-        scores, used = influence.influence_scores(
-            logits, head_inputs, labels, has_bias=has_bias, damping=damping, measure=measure, curvature=curvature,
-            shard=shard,
-        )
-        return scores, {"influence_measure": measure, "curvature": used, "damping": damping}
-    if method == "loss":
-        return influence.cross_entropy(logits, labels), {}
-    if method == "margin":
-        return influence.negative_margin(logits, labels), {}
-    if method == "gradnorm":
-        return influence.gradient_norm(logits, head_inputs, labels, has_bias=has_bias), {}
-    raise UsageError(f"--method {method}: choose from {', '.join(METHODS[1:])} (resolve auto first)")
-
-
-def refit_layer(prepared: Prepared, boundary: BoundaryOptions) -> str:
-    """The layer a refit boundary reads: a module name, HEAD_INPUT, or "auto"."""
-    layer = boundary.probe_layer
-    if layer == "auto" and prepared.extra_metadata.get("probe"):
-        return HEAD_INPUT  # the model is already cut at the layer a refit chose: refit on its probe's input
-    if layer == "auto" and not block_candidates(prepared.model, prepared.head_name):
-        return HEAD_INPUT  # a model with nothing before its head (a plain linear classifier): probe the head's input
-    return layer
-
-
-def read_layer(prepared: Prepared, layer: str, run: RunOptions, reporter: Reporter,
-               shard: Shard | None = None, budget: MemoryBudget | None = None) -> torch.Tensor | DiskRows:
-    """Features at a named layer (or the head's input) of every row, or of this process's block of rows."""
-    if layer == HEAD_INPUT:
-        return run_forward(prepared, run, reporter, shard, budget).head_inputs
-    loader, num_rows, first_row = shard_loader(prepared, run, shard)
-    return layer_features(prepared.model, layer, loader, num_rows=num_rows, device=placement_for(run, prepared.model),
-                          reporter=reporter, first_row=first_row, budget=budget)
-
-
 # --layer auto reads every candidate layer on a seeded random sample of rows, chooses there, then runs the
 # other rows only up to the chosen layer: less than one forward pass. Under torchrun the sample's features are
 # gathered between the two reads, so the choice is made on the same rows as by one process.
 
 
-def block_rows(num_rows: int, shard: Shard | None) -> range:
-    return range(num_rows) if shard is None else range(shard.start, shard.stop)
-
-
 # Row lists are numpy arrays here: at a million rows, Python lists of ints cost tens of MiB each.
-
-
-def rows_loader(prepared: Prepared, run: RunOptions, rows: np.ndarray):
-    """A loader over the given manifest rows, in their order."""
-    return make_loader(prepared.manifest.resolved_paths(), prepared.preprocess, batch_size=run.batch_size,
-                       num_workers=run.num_workers, rows=rows)
-
-
-def read_choice_sample(prepared: Prepared, sample_size: int, run: RunOptions, reporter: Reporter,
-                       shard: Shard | None = None) -> tuple[np.ndarray, dict[str, torch.Tensor]]:
-    """(the sample's rows, sorted; the candidate layers' features of the sample rows this process holds)."""
-    num_rows = len(prepared.labels)
-    sample = choice_sample(num_rows, limit=sample_size)
-    sample_rows = np.arange(num_rows) if sample is None else sample.numpy()
-    block = block_rows(num_rows, shard)
-    mine = sample_rows[(sample_rows >= block.start) & (sample_rows < block.stop)]
-    names = block_candidates(prepared.model, prepared.head_name)
-    if len(mine) == 0:
-        return sample_rows, {}
-    candidates = layer_features(prepared.model, names, rows_loader(prepared, run, mine), num_rows=len(mine), device=placement_for(run, prepared.model),
-                                reporter=reporter, row_order=mine)
-    return sample_rows, candidates
-
-
-def read_val(prepared: Prepared, val: str, model_options: ModelOptions, run: RunOptions,
-             reporter: Reporter) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """The candidate layers' features and the labels (in the manifest's class list) of every --val row; every
-    process reads all of them (a small clean set)."""
-    manifest = read_manifest(val)
-    if not model_options.allow_outside_root:
-        check_inside_root(manifest)
-    check_same_input(prepared.input_shape, manifest, "--val")
-    labels = torch.from_numpy(encode_labels(manifest, prepared.classes))
-    loader = make_loader(manifest.resolved_paths(), prepared.preprocess, batch_size=run.batch_size,
-                         num_workers=run.num_workers)
-    names = block_candidates(prepared.model, prepared.head_name)
-    features = layer_features(prepared.model, names, loader, num_rows=len(manifest), device=placement_for(run, prepared.model),
-                              reporter=reporter)
-    return features, labels
-
-
-def choose_on_sample(sample_rows: np.ndarray, candidates: dict[str, torch.Tensor], labels: torch.Tensor,
-                     num_classes: int, l2: float, reporter: Reporter, shard: Shard | None = None,
-                     held_out: tuple[dict[str, torch.Tensor], torch.Tensor] | None = None) -> LayerChoice:
-    """The layer, chosen on the sample's rows (gathered from every process under torchrun): by the held-out
-    loss on the given labels, or, with `held_out` (--val's features and labels), by accuracy there."""
-    if shard is not None:  # blocks are contiguous and the sample is sorted: rank order is row order
-        parts = [part for part in gather_objects(candidates) if part]
-        candidates = {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
-    sample_labels = labels[torch.from_numpy(sample_rows)]
-    if held_out is not None:
-        choice = choose_layer_by_accuracy(candidates, sample_labels, *held_out, num_classes, l2=l2, log=reporter.info)
-    else:
-        choice = choose_layer(candidates, sample_labels, num_classes, l2=l2, log=reporter.info,
-                              max_rows=len(sample_rows))
-    if len(sample_rows) < len(labels):
-        choice.how += f" (on a random sample of {len(sample_rows):,} rows)"
-    if shard is not None:
-        choice = broadcast_object(choice)  # one decision, whatever the processes' arithmetic
-    reporter.info(f"layer: {choice.layer} ({choice.how})")
-    return choice
-
-
-def read_rest(prepared: Prepared, layer: str, sample_rows: np.ndarray, candidates: dict[str, torch.Tensor],
-              run: RunOptions, reporter: Reporter, shard: Shard | None = None,
-              budget: MemoryBudget | None = None) -> torch.Tensor | DiskRows:
-    """Features at the chosen layer of every row this process holds: the sample's already read, the others
-    read now, each forward pass stopping at the layer."""
-    block = block_rows(len(prepared.labels), shard)
-    mine = sample_rows[(sample_rows >= block.start) & (sample_rows < block.stop)]
-    outside = np.ones(len(block), dtype=bool)  # a byte a row, where setdiff1d's temporaries took ~25
-    outside[mine - block.start] = False
-    rest = np.flatnonzero(outside)
-    rest += block.start
-    del outside
-    if len(rest) == 0:
-        return candidates[layer]
-    if len(mine):
-        width = candidates[layer].shape[1]
-    else:  # this process holds none of the sample (a tiny shard): learn the width from its first row
-        width = layer_features(prepared.model, layer, rows_loader(prepared, run, rest[:1]), num_rows=1,
-                               device=placement_for(run, prepared.model), row_order=rest[:1]).shape[1]
-    features = (budget or MemoryBudget()).array(len(block), width)
-    if len(mine):
-        features.index_copy_(0, torch.from_numpy(mine - block.start), candidates[layer])
-    # written in place, row i of this process's block at i: no second copy of the rows' features
-    return layer_features(prepared.model, layer, rows_loader(prepared, run, rest), num_rows=len(block), device=placement_for(run, prepared.model),
-                          reporter=reporter, row_order=block, out=features)
 
 
 def counted(blocks, advance):
@@ -235,6 +87,92 @@ def refit_details(choice: LayerChoice, boundary: BoundaryOptions, ranking: Ranki
     return details
 
 
+def _check_request(checkpoint: str, manifest: str, output: str | None, boundary: BoundaryOptions,
+                   model_options: ModelOptions, overwrite: bool) -> None:
+    """The output is a table format, none of the inputs, and new (or --overwrite)."""
+    if output is None:
+        return
+    table_format(output)
+    sidecar_path = None if is_stdio(output) else output + ".json"
+    check_outputs_clear_of_inputs(
+        {"-o": output, "the sidecar": sidecar_path},
+        {"checkpoint": checkpoint, "manifest": manifest, "--val": boundary.val, "--classes file": model_options.classes},
+    )
+    if writes_here():
+        check_overwrite({"-o": output, "the sidecar": sidecar_path}, overwrite)
+
+
+def _head_scores(prepared: Prepared, ranking: Ranking, run: RunOptions, reporter: Reporter, shard: Shard | None,
+                 budget: MemoryBudget) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(scores, logits, what the sidecar says) on the checkpoint's own head, of the rows this process holds."""
+    with all_or_none():  # a bad image or non-finite output in any process's rows stops them all
+        outputs = run_forward(prepared, run, reporter, shard, budget)
+    scores, details = method_scores(ranking.method, outputs.logits, outputs.head_inputs,
+                                    local_rows(torch.from_numpy(prepared.labels), shard),
+                                    has_bias=prepared.head.bias is not None, damping=ranking.damping,
+                                    measure=ranking.measure, curvature=ranking.curvature, shard=shard)
+    return scores, outputs.logits, {**details, "boundary": "head"}
+
+
+def _probe_scores(prepared: Prepared, boundary: BoundaryOptions, ranking: Ranking, model_options: ModelOptions,
+                  run: RunOptions, reporter: Reporter, shard: Shard | None,
+                  budget: MemoryBudget) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(scores, logits, what the sidecar says) on an L2 probe refit at the boundary's layer."""
+    features, choice = probe_features(prepared, boundary, model_options, run, reporter, shard, budget)
+    labels = torch.from_numpy(prepared.labels)
+    scores, logits = refit_scores(features, local_rows(labels, shard), len(prepared.classes), method=ranking.method,
+                                  measure=ranking.measure, l2=boundary.l2, shard=shard, budget=budget)
+    return scores, logits, refit_details(choice, boundary, ranking, len(labels), len(prepared.classes),
+                                         features.shape[1])
+
+
+def _ranked(prepared: Prepared, scores: torch.Tensor, logits, shard: Shard | None, budget: MemoryBudget) -> RankedScores:
+    """The scores table of every row (gathered from every process under torchrun), in rank order."""
+    predictions = prediction_rows(logits, local_rows(torch.from_numpy(prepared.labels), shard), budget)
+    if shard is not None:  # every process gets every row's results, in manifest order
+        scores = shard.gather_into(scores, torch.empty(shard.total, dtype=scores.dtype))
+        predictions = shard.gather_into(predictions, budget.array(shard.total, predictions.shape[1], torch.float64))
+    # the math is done: from here on the labels are class numbers of the smallest type (a byte a row for up to
+    # 256 classes), where the math's int64 took eight
+    prepared.labels = compact_codes(prepared.labels, len(prepared.classes))
+    return RankedScores(prepared.manifest, ids=prepared.manifest.ids, paths=prepared.manifest.paths,
+                        labels=prepared.labels, classes=prepared.classes, predictions=predictions,
+                        scores=scores.numpy())
+
+
+def _sidecar(checkpoint: str, manifest: str, prepared: Prepared, ranking: Ranking, details: dict,
+             boundary: BoundaryOptions, run: RunOptions, rows: int) -> dict:
+    """The provenance written beside the table: what was computed, on what, from which inputs."""
+    return {
+        "irank_version": __version__,
+        "command": "score",
+        "method": ranking.method,
+        "parameters": {**details, "arch": prepared.arch, "head": prepared.head_name,
+                       "preprocess": prepared.preprocess.to_dict(), "batch_size": run.batch_size,
+                       **placement_details(placement_for(run, prepared.model))},
+        "classes": prepared.classes,
+        "class_source": prepared.class_source,
+        "num_samples": rows,
+        "skipped_rows": prepared.skipped,
+        "inputs": {
+            "checkpoint": {"path": checkpoint, "sha256": sha256_file(checkpoint)},
+            "manifest": {"path": manifest, "sha256": sha256_file(manifest)},
+            **({"val": {"path": boundary.val, "sha256": sha256_file(boundary.val)}}
+               if boundary.kind == "refit" and boundary.val else {}),
+        },
+    }
+
+
+def _write(ranked: RankedScores, sidecar: dict, output: str | None, overwrite: bool, reporter: Reporter) -> None:
+    """The table and its sidecar, as one set of outputs (rank 0 only; '-' streams the table to stdout)."""
+    with all_or_none():  # a failed write on rank 0 fails every process
+        if output is not None and writes_here():
+            with output_set(overwrite), reporter.task("writing the scores", len(ranked)) as advance:
+                write_blocks(counted(ranked.blocks(), advance), output, quoting=ranked.csv_quoting())
+                if not is_stdio(output):
+                    write_json_atomic(output + ".json", sidecar)
+
+
 def score(
     checkpoint: str,
     manifest: str,
@@ -252,7 +190,7 @@ def score(
 ) -> ScoreResult:
     """Score and rank every sample of `manifest` under `checkpoint`; write the table to `output` if given.
 
-    `method` auto: influence on the head, the probe's loss on a refit probe (see `method_choice`).
+    `method` auto: influence on the head, the probe's loss on a refit probe (see `irank.core.methods`).
     `influence_measure` (default self-influence), `curvature` (auto) and `damping` (0.01) act on influence, the
     last two on the head only; given where they would do nothing, they are refused (see `resolve_ranking`).
     The table is sorted by rank (1 = the highest score, the first to suspect of a wrong label) and
@@ -261,111 +199,27 @@ def score(
     """
     reporter = reporter or Reporter()
     model_options = model_options or ModelOptions()
-    run_options = run_options or RunOptions()
+    run = run_options or RunOptions()
     with all_or_none():  # under torchrun: every process stops here if any check failed, before any work
         boundary = (boundary or BoundaryOptions()).resolved()
         ranking = resolve_ranking(method, boundary.kind, measure=influence_measure, curvature=curvature,
                                   damping=damping)
-        if output is not None:
-            table_format(output)
-            sidecar_path = None if is_stdio(output) else output + ".json"
-            check_outputs_clear_of_inputs(
-                {"-o": output, "the sidecar": sidecar_path},
-                {"checkpoint": checkpoint, "manifest": manifest, "--val": boundary.val,
-                 "--classes file": model_options.classes},
-            )
-            if writes_here():
-                check_overwrite({"-o": output, "the sidecar": sidecar_path}, overwrite)
-    with all_or_none():  # a bad image or non-finite output in any process's rows stops them all
+        _check_request(checkpoint, manifest, output, boundary, model_options, overwrite)
+    with all_or_none():
         prepared = prepare(checkpoint, manifest, model_options)
-        for note in prepared.notes:
-            reporter.info(note)
-        labels = torch.from_numpy(prepared.labels)
-        shard = shard_of(len(labels))  # None with one process
-        budget = MemoryBudget(run_options.memory_budget)
-        if boundary.kind == "head":
-            outputs = run_forward(prepared, run_options, reporter, shard, budget)
-        else:
-            layer = refit_layer(prepared, boundary)
-            if boundary.val and layer != "auto":
-                reporter.info(f"--val: no layer to choose ({prepared.arch} is probed at {layer}); not used")
-            if layer == "auto":
-                held_out = read_val(prepared, boundary.val, model_options, run_options, reporter) if boundary.val else None
-                sample_rows, candidates = read_choice_sample(prepared, boundary.choice_rows, run_options, reporter, shard)
-            else:
-                features = read_layer(prepared, layer, run_options, reporter, shard, budget)
-                choice = LayerChoice(layer, "given")
-    if boundary.kind == "refit" and layer == "auto":
-        # the gather lies between two agreement blocks: no collective inside one
-        choice = choose_on_sample(sample_rows, candidates, labels, len(prepared.classes), boundary.l2, reporter, shard,
-                                  held_out)
-        del held_out
-        with all_or_none():
-            features = read_rest(prepared, choice.layer, sample_rows, candidates, run_options, reporter, shard, budget)
-        del candidates
+    for note in prepared.notes:
+        reporter.info(note)
+    shard = shard_of(len(prepared.labels))  # None with one process
+    budget = MemoryBudget(run.memory_budget)
+    if boundary.kind == "head":
+        scores, logits, details = _head_scores(prepared, ranking, run, reporter, shard, budget)
+    else:
+        scores, logits, details = _probe_scores(prepared, boundary, ranking, model_options, run, reporter, shard, budget)
     if method == "auto":
         reporter.info(f"method: {ranking.method} ({ranking.how})")
-    local_labels = local_rows(labels, shard)
-    if boundary.kind == "head":
-        logits = outputs.logits
-        scores, details = method_scores(
-            ranking.method, outputs.logits, outputs.head_inputs, local_labels,
-            has_bias=prepared.head.bias is not None, damping=ranking.damping, measure=ranking.measure,
-            curvature=ranking.curvature, shard=shard,
-        )
-        details["boundary"] = "head"
-        details.update(method_details(method, ranking.how))
-        del outputs
-    else:
-        scores, logits = refit_scores(features, local_labels, len(prepared.classes), method=ranking.method,
-                                      measure=ranking.measure, l2=boundary.l2, shard=shard, budget=budget)
-        details = {**refit_details(choice, boundary, ranking, len(labels), len(prepared.classes), features.shape[1]),
-                   **method_details(method, ranking.how)}
-        del features
-    predictions = prediction_rows(logits, local_labels, budget)
-    if shard is not None:  # every process gets every row's results, in manifest order
-        scores = shard.gather_into(scores, torch.empty(shard.total, dtype=scores.dtype))
-        predictions = shard.gather_into(predictions, budget.array(shard.total, predictions.shape[1], torch.float64))
-    del logits, labels, local_labels
-    # the math is done: from here on the labels are class numbers of the smallest type (a byte a row for up to
-    # 256 classes), where the math's int64 took eight
-    prepared.labels = compact_codes(prepared.labels, len(prepared.classes))
-    ranked = RankedScores(
-        prepared.manifest,
-        ids=prepared.manifest.ids,
-        paths=prepared.manifest.paths,
-        labels=prepared.labels,
-        classes=prepared.classes,
-        predictions=predictions,
-        scores=scores.numpy(),
-    )
-    sidecar = {
-        "irank_version": __version__,
-        "command": "score",
-        "method": ranking.method,
-        "parameters": {
-            **details,
-            "arch": prepared.arch,
-            "head": prepared.head_name,
-            "preprocess": prepared.preprocess.to_dict(),
-            "batch_size": run_options.batch_size,
-            **placement_details(placement_for(run_options, prepared.model)),
-        },
-        "classes": prepared.classes,
-        "class_source": prepared.class_source,
-        "num_samples": len(ranked),
-        "skipped_rows": prepared.skipped,
-        "inputs": {
-            "checkpoint": {"path": checkpoint, "sha256": sha256_file(checkpoint)},
-            "manifest": {"path": manifest, "sha256": sha256_file(manifest)},
-            **({"val": {"path": boundary.val, "sha256": sha256_file(boundary.val)}}
-               if boundary.kind == "refit" and boundary.val else {}),
-        },
-    }
-    with all_or_none():  # a failed write on rank 0 fails every process
-        if output is not None and writes_here():
-            with output_set(overwrite), reporter.task("writing the scores", len(ranked)) as advance:
-                write_blocks(counted(ranked.blocks(), advance), output, quoting=ranked.csv_quoting())
-                if not is_stdio(output):
-                    write_json_atomic(output + ".json", sidecar)
+    details.update(method_details(method, ranking.how))
+    ranked = _ranked(prepared, scores, logits, shard, budget)
+    del scores, logits
+    sidecar = _sidecar(checkpoint, manifest, prepared, ranking, details, boundary, run, len(ranked))
+    _write(ranked, sidecar, output, overwrite, reporter)
     return ScoreResult(ranked=ranked, sidecar=sidecar)

@@ -34,7 +34,7 @@ from irank.model.inputs import batches, make_loader
 from irank.model.placement import Placement, resolve_device
 from irank.model.prepare import prepare
 from irank.options import RECIPES, BoundaryOptions, LoopOptions, ModelOptions, RunOptions, TrainOptions
-from irank.stages.score import method_scores
+from irank.core.head_scores import method_scores
 from irank.workflows.post_train import post_train
 
 ROOT = Path(__file__).resolve().parents[2]
