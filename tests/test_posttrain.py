@@ -15,6 +15,15 @@ from irank.options import LoopOptions
 from irank.workflows.post_train import plan_rounds
 
 
+def in_post_train(monkeypatch, name: str, replacement) -> None:
+    """Replace the stage `name` (refine, prune) wherever post-train's modules call it."""
+    import importlib
+
+    for module in ("ranking", "rounds", "unlearn"):
+        loaded = importlib.import_module(f"irank.workflows.post_train.{module}")
+        if hasattr(loaded, name):
+            monkeypatch.setattr(loaded, name, replacement)
+
 def test_plan_rounds_from_any_two_or_the_estimate():
     assert plan_rounds(LoopOptions(budget=0.3, rounds=6))["step"] == pytest.approx(0.05)
     assert plan_rounds(LoopOptions(step=0.05, rounds=4))["budget"] == pytest.approx(0.2)
@@ -120,16 +129,17 @@ def test_post_train_on_a_refit_boundary_needs_a_budget(cli, tiny_data, tiny_mode
 @pytest.mark.parametrize("later", ["head", "same"])
 def test_rejudge_ranks_every_row_each_round_under_the_last_model(tiny_data, tiny_model, tmp_path, monkeypatch, later):
     from irank.options import RunOptions, TrainOptions
+    from irank.stages.refine import refine as stage_refine
     from irank.workflows import post_train as posttrain
 
     started_from = []
-    real_refine = posttrain.refine
+    real_refine = stage_refine
 
     def recording_refine(checkpoint, *args, **kwargs):
         started_from.append(checkpoint)
         return real_refine(checkpoint, *args, **kwargs)
 
-    monkeypatch.setattr(posttrain, "refine", recording_refine)
+    in_post_train(monkeypatch, "refine", recording_refine)
     out = tmp_path / "post"
     result = posttrain.post_train(tiny_model, tiny_data["train"], out_dir=str(out),
                                   loop=LoopOptions(budget=0.1, strategy="rejudge", boundary="refit", layer="auto",
@@ -205,9 +215,10 @@ def test_rejudge_with_val_judges_under_the_round_val_chose(tiny_data, tiny_model
     from dataclasses import replace
 
     from irank.options import RunOptions, TrainOptions
+    from irank.stages.refine import refine as stage_refine
     from irank.workflows import post_train as posttrain
 
-    real_refine, calls = posttrain.refine, []
+    real_refine, calls = stage_refine, []
 
     def refine_whose_first_round_validates_best(*args, **kwargs):
         result = real_refine(*args, **kwargs)
@@ -215,7 +226,7 @@ def test_rejudge_with_val_judges_under_the_round_val_chose(tiny_data, tiny_model
         accuracy = 0.9 if len(calls) == 1 else 0.5
         return replace(result, history=[{**record, "val_accuracy": accuracy} for record in result.history])
 
-    monkeypatch.setattr(posttrain, "refine", refine_whose_first_round_validates_best)
+    in_post_train(monkeypatch, "refine", refine_whose_first_round_validates_best)
     out = tmp_path / "post"
     result = posttrain.post_train(tiny_model, tiny_data["train"], out_dir=str(out), val=tiny_data["test"],
                                   loop=LoopOptions(rounds=2, budget=0.1, strategy="rejudge", boundary="head", patience=2),
@@ -228,9 +239,11 @@ def test_rejudge_with_val_judges_under_the_round_val_chose(tiny_data, tiny_model
 
 def test_rejudge_interrupted_in_its_judgement_resumes_without_refining_again(tiny_data, tiny_model, tmp_path, monkeypatch):
     from irank.options import RunOptions, TrainOptions
+    from irank.stages.prune import prune as stage_prune
+    from irank.stages.refine import refine as stage_refine
     from irank.workflows import post_train as posttrain
 
-    real_refine, real_prune, refined = posttrain.refine, posttrain.prune, []
+    real_refine, real_prune, refined = stage_refine, stage_prune, []
 
     def counting_refine(*args, **kwargs):
         refined.append(1)
@@ -241,15 +254,15 @@ def test_rejudge_interrupted_in_its_judgement_resumes_without_refining_again(tin
             raise KeyboardInterrupt
         return real_prune(scores, *args, **kwargs)
 
-    monkeypatch.setattr(posttrain, "refine", counting_refine)
-    monkeypatch.setattr(posttrain, "prune", prune_interrupted_in_the_judgement)
+    in_post_train(monkeypatch, "refine", counting_refine)
+    in_post_train(monkeypatch, "prune", prune_interrupted_in_the_judgement)
     out = tmp_path / "post"
     run = dict(out_dir=str(out), loop=LoopOptions(rounds=2, budget=0.1, strategy="rejudge", boundary="head"),
                train_options=TrainOptions(scope="head", epochs=1), run_options=RunOptions(device="cpu"))
     with pytest.raises(KeyboardInterrupt):
         posttrain.post_train(tiny_model, tiny_data["train"], **run)
     assert "judgement" not in json.loads((out / "summary.json").read_text()) and len(refined) == 2
-    monkeypatch.setattr(posttrain, "prune", real_prune)
+    in_post_train(monkeypatch, "prune", real_prune)
     result = posttrain.post_train(tiny_model, tiny_data["train"], **run)
     assert len(refined) == 2 and result.summary["judgement"]["removed"] == 24
     assert json.loads((out / "summary.json").read_text())["judgement"] == result.summary["judgement"]
@@ -305,9 +318,10 @@ def test_unlearn_warns_when_the_fine_tune_validates_below_the_input(tiny_data, t
 
     from irank.options import RunOptions, TrainOptions
     from irank.runtime.progress import Reporter
+    from irank.stages.refine import refine as stage_refine
     from irank.workflows import post_train as posttrain
 
-    real_refine, warnings = posttrain.refine, []
+    real_refine, warnings = stage_refine, []
 
     def refine_that_validates_at_zero(*args, **kwargs):
         result = real_refine(*args, **kwargs)
@@ -317,7 +331,7 @@ def test_unlearn_warns_when_the_fine_tune_validates_below_the_input(tiny_data, t
         def warn(self, message: str) -> None:
             warnings.append(message)
 
-    monkeypatch.setattr(posttrain, "refine", refine_that_validates_at_zero)
+    in_post_train(monkeypatch, "refine", refine_that_validates_at_zero)
     posttrain.post_train(tiny_model, tiny_data["train"], out_dir=str(tmp_path / "post"), val=tiny_data["test"],
                          loop=LoopOptions(budget=0.1), train_options=TrainOptions(scope="head", epochs=1),
                          run_options=RunOptions(device="cpu"), reporter=Recording())
@@ -365,9 +379,11 @@ def test_unlearn_interrupted_in_its_fine_tune_resumes_from_the_last_epoch(tiny_d
 
 def test_unlearn_interrupted_in_its_judgement_resumes_without_fine_tuning_again(tiny_data, tiny_model, tmp_path, monkeypatch):
     from irank.options import RunOptions, TrainOptions
+    from irank.stages.prune import prune as stage_prune
+    from irank.stages.refine import refine as stage_refine
     from irank.workflows import post_train as posttrain
 
-    real_refine, real_prune, refined = posttrain.refine, posttrain.prune, []
+    real_refine, real_prune, refined = stage_refine, stage_prune, []
 
     def counting_refine(*args, **kwargs):
         refined.append(1)
@@ -376,15 +392,15 @@ def test_unlearn_interrupted_in_its_judgement_resumes_without_fine_tuning_again(
     def interrupted_prune(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(posttrain, "refine", counting_refine)
-    monkeypatch.setattr(posttrain, "prune", interrupted_prune)
+    in_post_train(monkeypatch, "refine", counting_refine)
+    in_post_train(monkeypatch, "prune", interrupted_prune)
     out = tmp_path / "post"
     run = dict(out_dir=str(out), loop=LoopOptions(budget=0.1), train_options=TrainOptions(scope="head", epochs=1),
                run_options=RunOptions(device="cpu"))
     with pytest.raises(KeyboardInterrupt):
         posttrain.post_train(tiny_model, tiny_data["train"], **run)
     assert "unlearned" in json.loads((out / "summary.json").read_text()) and len(refined) == 1
-    monkeypatch.setattr(posttrain, "prune", real_prune)
+    in_post_train(monkeypatch, "prune", real_prune)
     result = posttrain.post_train(tiny_model, tiny_data["train"], **run)
     assert len(refined) == 1 and result.summary["judgement"]["removed"] == 24
     assert_top_rows_removed(out)

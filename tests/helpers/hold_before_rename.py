@@ -14,7 +14,7 @@ from pathlib import Path
 import irank.formats.files
 
 # every module that holds a reference to atomic_path (irank/__init__ imports none of them before first use)
-for name in ("stages.apply", "model.checkpoint", "formats.manifest", "workflows.post_train", "stages.prune",
+for name in ("stages.apply", "model.checkpoint", "formats.manifest", "workflows.post_train.rounds", "workflows.post_train.sharing", "stages.prune",
              "stages.refine", "formats.resume", "stages.review", "stages.score"):
     importlib.import_module(f"irank.{name}")
 
