@@ -99,6 +99,57 @@ class PruneResult:
         return block if rebase is None else rebase(block)
 
 
+def _check_request(scores: str, manifest: str, output: str | None, removed_output: str | None,
+                   overwrite: bool) -> None:
+    for path in (output, removed_output):
+        if path is not None:
+            table_format(path)
+    outputs = {"-o": output, "--removed": removed_output,
+               "the sidecar": output + ".json" if output and not is_stdio(output) else None}
+    check_outputs_clear_of_inputs(outputs, {"scores": scores, "manifest": manifest})
+    check_overwrite(outputs, overwrite)
+    if is_stdio(output) and is_stdio(removed_output):
+        raise UsageError("-o and --removed cannot both go to stdout")
+
+
+def _summary(scores: str, manifest: str, rule: dict, samples, score_table, keep: np.ndarray,
+             removed_at: np.ndarray) -> dict:
+    """What the kept manifest's sidecar (and --json) says: the rule, the counts, the inputs."""
+    removed_codes = np.bincount(score_table.labels.codes[removed_at], minlength=len(score_table.labels.values))
+    per_class_removed = sorted((label, int(number)) for label, number in zip(score_table.labels.values, removed_codes)
+                               if number)
+    return {
+        "irank_version": __version__,
+        "command": "prune",
+        "parameters": rule,
+        "input_rows": len(samples),
+        "scored_rows": len(score_table),
+        "unscored_rows_kept": len(samples) - len(score_table),
+        "kept_rows": int(keep.sum()),
+        "removed_rows": int((~keep).sum()),
+        "removed_per_class": dict(per_class_removed),
+        "inputs": {
+            "scores": {"path": scores, "sha256": None if is_stdio(scores) else sha256_file(scores)},
+            "manifest": {"path": manifest, "sha256": sha256_file(manifest)},
+        },
+    }
+
+
+def _write(result: PruneResult, output: str | None, removed_output: str | None, overwrite: bool) -> None:
+    """The kept manifest, its sidecar and the removed rows, as one set of outputs."""
+    samples, keep = result.samples, result.keep
+    with output_set(overwrite):
+        if output is not None:
+            rebase = path_rebaser(samples.paths_at(keep), samples.root, output)
+            write_blocks(result.kept_blocks(rebase), output, quoting=blocks_quoting(result.kept_blocks, samples, keep))
+            if not is_stdio(output):
+                write_json_atomic(output + ".json", result.summary)
+        if removed_output is not None:
+            rebase = path_rebaser(samples.paths_at(~keep), samples.root, removed_output)
+            write_blocks(result.removed_blocks(rebase), removed_output,
+                         quoting=blocks_quoting(result.removed_blocks, samples, ~keep))
+
+
 def prune(
     scores: str,
     manifest: str,
@@ -112,22 +163,13 @@ def prune(
     min_per_class: int = 1,
     overwrite: bool = False,
 ) -> PruneResult:
-    """Remove the rows ranked first in `scores` from `manifest` (see `removal_mask`).
+    """Remove the rows ranked first in `scores` from `manifest` (see `irank.core.selection.removal_mask`).
 
     The kept manifest has the input's rows, columns and order minus the removed rows; the removed
     rows come sorted by rank, with their rank, class_rank and score appended.
     """
     validate_rule(fraction=fraction, count=count, min_score=min_score, min_per_class=min_per_class)
-    if output is not None:
-        table_format(output)
-    if removed_output is not None:
-        table_format(removed_output)
-    outputs = {"-o": output, "--removed": removed_output,
-               "the sidecar": output + ".json" if output and not is_stdio(output) else None}
-    check_outputs_clear_of_inputs(outputs, {"scores": scores, "manifest": manifest})
-    check_overwrite(outputs, overwrite)
-    if is_stdio(output) and is_stdio(removed_output):
-        raise UsageError("-o and --removed cannot both go to stdout")
+    _check_request(scores, manifest, output, removed_output, overwrite)
     samples = read_manifest(manifest, require_label=False)
     # each scored id's manifest row, by hash, looked up as the scores are read: neither the manifest's ids
     # nor the table's are held as strings
@@ -135,47 +177,16 @@ def prune(
     if score_table.unknown:
         raise ManifestError(f"scores {scores}: id {score_table.first_unknown!r} is not in manifest {manifest} "
                             f"({score_table.unknown} such ids)")
-    manifest_row = score_table.manifest_rows
-    remove = removal_mask(score_table.score, score_table.rank, score_table.class_rank, score_table.labels.codes,
-                          fraction=fraction, count=count, min_score=min_score, per_class=per_class,
-                          min_per_class=min_per_class)
+    rule = {"fraction": fraction, "count": count, "min_score": min_score, "per_class": per_class,
+            "min_per_class": min_per_class}
+    remove = removal_mask(score_table.score, score_table.rank, score_table.class_rank, score_table.labels.codes, **rule)
     removed_at = np.flatnonzero(remove)  # positions in the scores table, then by rank (stable, as sort_values)
     removed_at = removed_at[np.argsort(score_table.rank[removed_at], kind="mergesort")]
-    removed_rows = manifest_row[removed_at]
+    removed_rows = score_table.manifest_rows[removed_at]
     keep = np.ones(len(samples), dtype=bool)
     keep[removed_rows] = False
-    removed_codes = np.bincount(score_table.labels.codes[removed_at], minlength=len(score_table.labels.values))
-    per_class_removed = sorted((label, int(number)) for label, number in zip(score_table.labels.values, removed_codes)
-                               if number)
-    summary = {
-        "irank_version": __version__,
-        "command": "prune",
-        "parameters": {
-            "fraction": fraction, "count": count, "min_score": min_score,
-            "per_class": per_class, "min_per_class": min_per_class,
-        },
-        "input_rows": len(samples),
-        "scored_rows": len(score_table),
-        "unscored_rows_kept": len(samples) - len(score_table),
-        "kept_rows": int(keep.sum()),
-        "removed_rows": int((~keep).sum()),
-        "removed_per_class": dict(per_class_removed),
-        "inputs": {
-            "scores": {"path": scores, "sha256": None if is_stdio(scores) else sha256_file(scores)},
-            "manifest": {"path": manifest, "sha256": sha256_file(manifest)},
-        },
-    }
     result = PruneResult(samples, keep, removed_rows,
                          {column: getattr(score_table, column)[removed_at] for column in ("rank", "class_rank", "score")},
-                         summary)
-    with output_set(overwrite):  # the kept manifest, its sidecar and the removed rows change together
-        if output is not None:
-            rebase = path_rebaser(samples.paths_at(keep), samples.root, output)
-            write_blocks(result.kept_blocks(rebase), output, quoting=blocks_quoting(result.kept_blocks, samples, keep))
-            if not is_stdio(output):
-                write_json_atomic(output + ".json", summary)
-        if removed_output is not None:
-            rebase = path_rebaser(samples.paths_at(~keep), samples.root, removed_output)
-            write_blocks(result.removed_blocks(rebase), removed_output,
-                         quoting=blocks_quoting(result.removed_blocks, samples, ~keep))
+                         _summary(scores, manifest, rule, samples, score_table, keep, removed_at))
+    _write(result, output, removed_output, overwrite)
     return result
