@@ -2,6 +2,7 @@
 
 Every CLI command is a plain function here: `score`, `prune`, `refine`, `train`, `evaluate`, `review`,
 `apply_review` (irank apply), `check_gate` (the CI gate of irank score --fail-over) and `post_train`.
+Below them, an array-level API with no files: `label_issue_scores`, `rank`, `find_label_issues`, `score_model`.
 
 The names are imported on first use, so `import irank` (and the `irank` command's start-up) costs no torch.
 """
@@ -29,6 +30,11 @@ _EXPORTS = {
     "train": "irank.stages.refine",
     "review": "irank.stages.review",
     "score": "irank.stages.score",
+    # the array-level API: arrays or an nn.Module and a Dataset in, scores and a selection out, no files
+    "label_issue_scores": "irank.arrays",
+    "find_label_issues": "irank.arrays",
+    "rank": "irank.arrays",
+    "score_model": "irank.arrays",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]
