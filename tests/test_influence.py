@@ -77,6 +77,31 @@ def test_parameter_shift_matches_leave_one_out_refits(convex_problem):
     assert spearman(estimate, shifts) >= 0.95
 
 
+@pytest.fixture(scope="module")
+def leave_one_out(convex_problem):
+    """Per sample: the rise of its own loss, and the parameters' shift, when the problem is refit without it."""
+    features, labels, classes, l2, weight = convex_problem
+    own_loss = F.cross_entropy(features @ weight.T, labels, reduction="none")
+    rise, shift = torch.empty(len(labels), dtype=torch.float64), torch.empty(len(labels), dtype=torch.float64)
+    for i in range(len(labels)):
+        keep = torch.arange(len(labels)) != i
+        refit = fit_softmax_regression(features[keep], labels[keep], classes, l2, init=weight)
+        rise[i] = F.cross_entropy(features[i : i + 1] @ refit.T, labels[i : i + 1]) - own_loss[i]
+        shift[i] = (refit - weight).norm()
+    return {"self-influence": rise, "parameter-shift": shift}
+
+
+@pytest.mark.parametrize("measure, at_least", [("self-influence", 0.98), ("parameter-shift", 0.92)])
+def test_kfac_ranks_like_leave_one_out_refits(convex_problem, leave_one_out, measure, at_least):
+    """K-FAC (the probe's path past its size limit: the L2 as an absolute damping) against the brute force."""
+    features, labels, _, l2, weight = convex_problem
+    probs = torch.softmax(features @ weight.T, dim=1)
+    estimate = influence.kfac_influence(probs, features, labels, damping=l2, absolute_damping=True, measure=measure)
+    truth = leave_one_out[measure]
+    assert spearman(estimate, truth) >= at_least
+    assert float(((estimate - truth).abs() / truth.abs()).median()) <= 0.3  # the size too, to first order
+
+
 def test_gauss_newton_equals_autograd_hessian(convex_problem):
     features, labels, classes, _, weight = convex_problem
 
