@@ -23,6 +23,7 @@ from irank.core.layer_choice import choose_layer
 from irank.core.probe import refit_scores
 from irank.model.inputs import make_loader
 from irank.model.layers import block_candidates, layer_features
+from irank.model.placement import placement_for
 from irank.model.prepare import prepare
 from irank.options import ModelOptions
 
@@ -78,7 +79,7 @@ def main() -> None:
                              **detection(sum(rank_share(losses[layer]) for layer in layers), corrupted)}
         results[name] = record
         print(f"| `{name}` | `{choice.layer}` {cell(record['per_layer'][choice.layer])} | "
-              + " | ".join(f"{', '.join(f'`{l}`' for l in record[c]['layers'])}: {cell(record[c])}" for c in combos)
+              + " | ".join(f"{', '.join(f'`{layer}`' for layer in record[c]['layers'])}: {cell(record[c])}" for c in combos)
               + " |", flush=True)
         (ROOT / "bench-out" / "combine-study.json").write_text(json.dumps(results, indent=1, default=float))
 

@@ -179,7 +179,10 @@ def agreement(checkpoint: str, manifest: str, folder: Path) -> dict:
         for name in ("gpu_fp32", "gpu_auto"):
             difference = np.abs(scores[name] - scores["cpu"])
             k = int(corrupted.sum())
-            top = lambda values: set(np.argsort(-values, kind="stable")[:k].tolist())
+
+            def top(values, k=k):
+                return set(np.argsort(-values, kind="stable")[:k].tolist())
+
             out[f"{boundary}/{name}"].update({
                 "max_abs_difference_from_cpu": float(difference.max()),
                 "spearman_with_cpu": float(pd.Series(scores[name]).rank().corr(pd.Series(scores["cpu"]).rank())),

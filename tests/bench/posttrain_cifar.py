@@ -27,14 +27,14 @@ import torch
 import torch.nn.functional as F
 
 import irank
+from irank.core.head_scores import method_scores
 from irank.core.linear import fit_softmax_regression
 from irank.core.metrics import auroc, precision_at_k
 from irank.model.forward import forward_pass
 from irank.model.inputs import batches, make_loader
-from irank.model.placement import Placement, resolve_device
+from irank.model.placement import Placement, placement_for, resolve_device
 from irank.model.prepare import prepare
 from irank.options import RECIPES, BoundaryOptions, LoopOptions, ModelOptions, RunOptions, TrainOptions
-from irank.core.head_scores import method_scores
 from irank.workflows.post_train import post_train
 
 ROOT = Path(__file__).resolve().parents[2]
