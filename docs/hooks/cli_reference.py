@@ -36,7 +36,7 @@ def render() -> str:
     from irank.cli import app
 
     root = typer.main.get_command(app)
-    context_class = getattr(root, "context_class", None)
+    context_class = root.context_class  # click's Context, or typer's vendored one
     root_ctx = context_class(root, info_name="irank")
     out = [paragraphs(root.help), ""]
     commands = subcommands(root, root_ctx)
