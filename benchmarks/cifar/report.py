@@ -1,8 +1,8 @@
 """Markdown tables from bench-out/<setting>/results.json (written by posttrain_cifar.py).
 
-    python tests/bench/report.py ce-sym40 ce-sym20 ...
-    python tests/bench/report.py --default ce-sym40 ce-sym20 ...   # post-train's default (unlearn), one row a setting
-    python tests/bench/report.py --epochs ce-sym40                 # the default with other --epochs (--unlearn-epochs)
+    python benchmarks/cifar/report.py ce-sym40 ce-sym20 ...
+    python benchmarks/cifar/report.py --default ce-sym40 ce-sym20 ...   # post-train's default (unlearn), one row a setting
+    python benchmarks/cifar/report.py --epochs ce-sym40                 # the default with other --epochs (--unlearn-epochs)
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def default_row(setting: str) -> str:
     results = json.loads((ROOT / "bench-out" / setting / "results.json").read_text())
     unlearn = results["post_unlearn"]
     corrupted = truth_mask(base_paths(setting)[1])
-    if corrupted.any():  # the default score's ranking: from tests/bench/method_auto.py
+    if corrupted.any():  # the default score's ranking: from benchmarks/cifar/method_auto.py
         before = json.loads((ROOT / "bench-out" / "method-auto.json").read_text())[setting]["auto"]
         ranks = (f"{fmt(before['auroc'])} / {fmt(before['precision_at_k'])} | "
                  f"**{fmt(unlearn['gradual']['auroc'])} / {fmt(unlearn['gradual']['precision_at_k'])}**")

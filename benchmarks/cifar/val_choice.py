@@ -1,7 +1,7 @@
 """`--layer auto` by held-out loss on the given labels against `--val` (clean accuracy), on the CIFAR-10
 base checkpoints (not run by CI).
 
-    python tests/bench/val_choice.py [SETTING ...]     # default: ce-sym20 ce-sym40 ce-asym40 gce-sym40
+    python benchmarks/cifar/val_choice.py [SETTING ...]     # default: ce-sym20 ce-sym40 ce-asym40 gce-sym40
 
 For each setting and each method (the probe's loss, its self-influence), scores the training subset twice,
 one-shot, and prints the chosen layer with AUROC / precision at k against the known wrong labels.

@@ -1,9 +1,9 @@
 """How well could ANY linear probe on a checkpoint's features rank its wrong labels? A probe fitted on exactly
 the clean rows (an oracle: it knows which labels are wrong), at each candidate layer and on all layers
 together, scored by its loss on the given labels. Not run by CI; needs the features that
-tests/bench/combine_layers.py caches in bench-out/combine-cache/.
+benchmarks/cifar/combine_layers.py caches in bench-out/combine-cache/.
 
-    python tests/bench/probe_ceiling.py [CHECKPOINT ...]   # default: ce-sym40 ce-sym20 ce-sym40-es ce-sym40-aug
+    python benchmarks/cifar/probe_ceiling.py [CHECKPOINT ...]   # default: ce-sym40 ce-sym20 ce-sym40-es ce-sym40-aug
 """
 
 from __future__ import annotations

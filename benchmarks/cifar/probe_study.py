@@ -1,6 +1,6 @@
 """Which decision boundary finds mislabeled samples best? A study on cached layer features (not run by CI).
 
-    python tests/bench/probe_study.py SETTING [--layers features.1,features.2,...] [--l2 1e-3,1e-2]
+    python benchmarks/cifar/probe_study.py SETTING [--layers features.1,features.2,...] [--l2 1e-3,1e-2]
 
 For each layer of the base checkpoint bench-out/base/SETTING.safetensors: pooled features of the
 training subset and the test set (cached in bench-out/SETTING/layers/), then for each L2 strength an

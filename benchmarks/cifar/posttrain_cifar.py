@@ -1,13 +1,13 @@
 """Post-train benchmark on CIFAR-10 subsets with label noise (not run by CI).
 
-    python tests/bench/posttrain_cifar.py SETTING [--variants head-refit,probe-refit,head-full,probe-full] [--rounds 8]
-    python tests/bench/posttrain_cifar.py SETTING --variants probeloss-rejudge   # post-train --rejudge, unlearning recipe
-    python tests/bench/posttrain_cifar.py SETTING --variants probeloss-rejudge --rejudge-loss gce --references all
+    python benchmarks/cifar/posttrain_cifar.py SETTING [--variants head-refit,probe-refit,head-full,probe-full] [--rounds 8]
+    python benchmarks/cifar/posttrain_cifar.py SETTING --variants probeloss-rejudge   # post-train --rejudge, unlearning recipe
+    python benchmarks/cifar/posttrain_cifar.py SETTING --variants probeloss-rejudge --rejudge-loss gce --references all
         # with GCE fine-tunes, and the same fine-tune on every row ranked by a probe and by its own head
-    python tests/bench/posttrain_cifar.py SETTING --variants unlearn   # post-train's default, budget estimated
-    python tests/bench/posttrain_cifar.py SETTING --variants unlearn --unlearn-epochs 10   # the same, shorter
+    python benchmarks/cifar/posttrain_cifar.py SETTING --variants unlearn   # post-train's default, budget estimated
+    python benchmarks/cifar/posttrain_cifar.py SETTING --variants unlearn --unlearn-epochs 10   # the same, shorter
 
-SETTING is a base checkpoint name from tests/bench/train_bases.sh (ce-sym40, ce-sym20, ce-asym40,
+SETTING is a base checkpoint name from benchmarks/cifar/train_bases.sh (ce-sym40, ce-sym20, ce-asym40,
 ce-sym0, gce-sym40; with EXTRA=1 also ce-sym60, ce-asym20, gce-sym20, ce-sym40-es, ce-sym40-aug).
 Writes bench-out/<SETTING>/results.json and prints a markdown table. Every stage caches its result in
 that JSON, so an interrupted run continues where it stopped.

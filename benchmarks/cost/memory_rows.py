@@ -1,9 +1,9 @@
 """Peak memory (RSS) of `score`, `prune`, `review` and `apply` at 10k, 100k and 1M rows (not run by CI).
 
-    python tests/bench/memory_rows.py [--rows 10000,100000,1000000] [--dim 32] [--kind tensors|images]
+    python benchmarks/cost/memory_rows.py [--rows 10000,100000,1000000] [--dim 32] [--kind tensors|images]
 
-README's table adds ten million rows (`--rows 10000,100000,1000000,10000000`: a 1.28 GB .npy and about
-12 GB of outputs; 15 minutes on 2 cores). A child's peak as the kernel reports it includes this
+The table in docs/benchmarks/memory.md adds ten million rows (`--rows 10000,100000,1000000,10000000`: a
+1.28 GB .npy and about 12 GB of outputs; 15 minutes on 2 cores). A child's peak as the kernel reports it includes this
 process's own peak at the fork, so the data sets and the reviewed files are made in child processes too,
 and this process's peak is printed at the end: it must stay below every figure measured.
 

@@ -1,13 +1,13 @@
 """`score` and `refine` on a GPU against plain loops over the same DataLoader, in one run (not run by CI).
 
-    python tests/bench/cifar_data.py                        # once: CIFAR-10 into bench-data/cifar10
-    python tests/bench/gpu_cost.py --json bench-out/gpu_cost.json [--repeats 3] [--sections small,refine,big,agree,torchrun]
+    python benchmarks/cifar/cifar_data.py                       # once: CIFAR-10 into bench-data/cifar10
+    python benchmarks/cost/gpu_cost.py --json bench-out/gpu_cost.json [--repeats 3] [--sections small,refine,big,agree,torchrun]
 
 Made for a short lease on a GPU machine: sections run in the order given, each result is written to the JSON
 file as soon as it is measured, and a section that would start after `--deadline` seconds is skipped.
 
 - small: the CIFAR benchmark's small-cnn (`bench-out/base/ce-sym40.safetensors`, trained here as
-  tests/bench/train_bases.sh trains it when missing) on all 50,000 CIFAR-10 training images, batch 256, loader
+  benchmarks/cifar/train_bases.sh trains it when missing) on all 50,000 CIFAR-10 training images, batch 256, loader
   workers `auto`. Timed in turn, `--repeats` times each: a plain `model(x)` loop in the default layout and full
   precision (the issue's baseline), the same loop in the placement `score` uses (channels-last, bf16 autocast on
   CUDA), `irank score --boundary head`, and `irank score` with its defaults; both write their table. Every
@@ -61,6 +61,9 @@ from posttrain_cifar import (
 import irank
 from irank.options import BoundaryOptions, ModelOptions, RunOptions
 from irank.runtime.progress import Reporter
+
+# the CIFAR benchmark's helpers (posttrain_cifar, cifar_data) live in benchmarks/cifar/
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cifar"))
 
 BASE = ROOT / "bench-out" / "base"
 
@@ -135,7 +138,7 @@ def compare_training(checkpoint: str, manifest: str, run: RunOptions, model_opti
 
 def small_base(manifests: dict) -> str:
     checkpoint = BASE / "ce-sym40.safetensors"
-    if not checkpoint.exists():  # as tests/bench/train_bases.sh trains it
+    if not checkpoint.exists():  # as benchmarks/cifar/train_bases.sh trains it
         BASE.mkdir(parents=True, exist_ok=True)
         irank.train("small-cnn", str(manifests["sym40"]), output=str(checkpoint),
                     train_options=irank.TrainOptions(epochs=30, lr=0.05, seed=0),

@@ -1,8 +1,8 @@
 """Which score ranks wrong labels best on the refit probe: its loss (what `--method auto` uses there) or its
 influence? One-shot on CIFAR-10 base checkpoints (not run by CI).
 
-    python tests/bench/method_auto.py [CHECKPOINT ...]
-    # default: the benchmark's five bases and, when trained (EXTRA=1 bash tests/bench/train_bases.sh),
+    python benchmarks/cifar/method_auto.py [CHECKPOINT ...]
+    # default: the benchmark's five bases and, when trained (EXTRA=1 bash benchmarks/cifar/train_bases.sh),
     # ce-sym60 ce-asym20 gce-sym20 ce-sym40-es ce-sym40-aug
 
 For each base checkpoint bench-out/base/NAME.safetensors (NAME = LOSS-SETTING[-VARIANT], scored on

@@ -1,6 +1,6 @@
 """Cost of `irank refine --scope full` against a plain training loop over the same DataLoader (not run by CI).
 
-    python tests/bench/refine_cost.py SETTING [--epochs 2]
+    python benchmarks/cost/refine_cost.py SETTING [--epochs 2]
 
 Both start from the same base checkpoint, train the whole network with the same SGD settings and the
 same shuffled loader for the same epochs; refine's time includes reading the checkpoint and manifest,
@@ -12,13 +12,16 @@ on a GPU).
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from posttrain_cifar import RUN, base_paths, plain_training_seconds
-
 import irank
+
+# the CIFAR benchmark's helpers (posttrain_cifar, cifar_data) live in benchmarks/cifar/
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cifar"))
+from posttrain_cifar import RUN, base_paths, plain_training_seconds
 
 parser = argparse.ArgumentParser()
 parser.add_argument("setting")

@@ -1,6 +1,6 @@
 """Cost of `irank score` as a multiple of a plain inference pass over the same DataLoader (not run by CI).
 
-    python tests/bench/score_cost.py SETTING [--boundary head|refit] [--repeats 3] [--manifest CSV]
+    python benchmarks/cost/score_cost.py SETTING [--boundary head|refit] [--repeats 3] [--manifest CSV]
 
 `--manifest` times another manifest than the setting's 10k training subset (e.g. all 50,000 CIFAR-10
 training images: `irank manifest bench-data/cifar10/train -o bench-data/cifar10/train-all.csv`).
@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
-
-from posttrain_cifar import DATA, ROOT, RUN, plain_inference_seconds
+from pathlib import Path
 
 import irank
 from irank.options import BoundaryOptions
+
+# the CIFAR benchmark's helpers (posttrain_cifar, cifar_data) live in benchmarks/cifar/
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cifar"))
+from posttrain_cifar import DATA, ROOT, RUN, plain_inference_seconds
 
 parser = argparse.ArgumentParser()
 parser.add_argument("setting")

@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # Base checkpoints for the post-train benchmark (cached in bench-out/base; skipped when present).
 # small-cnn, 30 epochs of plain SGD on the noisy labels, no augmentation: long enough to memorize.
-#   bash tests/bench/train_bases.sh              # the benchmark's five bases
-#   EXTRA=1 bash tests/bench/train_bases.sh      # and five more that check the default --method auto:
+#   bash benchmarks/cifar/train_bases.sh          # the benchmark's five bases
+#   EXTRA=1 bash benchmarks/cifar/train_bases.sh  # and five more that check the default --method auto:
 #     ce-sym60, ce-asym20, gce-sym20, ce-sym40-es (best epoch on the clean val.csv: stopped early) and
 #     ce-sym40-aug (random crops and flips, which slow memorization)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 data=bench-data/cifar10
 mkdir -p bench-out/base
-[ -f "$data/train-sym60.csv" ] || python tests/bench/cifar_data.py
+[ -f "$data/train-sym60.csv" ] || python benchmarks/cifar/cifar_data.py
 train() {  # name setting loss [extra irank train options]
   local out=bench-out/base/$1.safetensors
   [ -f "$out" ] && return 0

@@ -1,7 +1,7 @@
 """Does ranking by the probe losses of two layers together beat the layer `--layer auto` chooses? One-shot
 on the CIFAR-10 base checkpoints (not run by CI).
 
-    python tests/bench/combine_layers.py [CHECKPOINT ...]   # default: every noisy base that is trained
+    python benchmarks/cifar/combine_layers.py [CHECKPOINT ...]   # default: every noisy base that is trained
 
 For each base: every candidate layer's features on all 10,000 training rows (cached in
 bench-out/combine-cache/), the layer choice, each layer's probe loss (L2 0.1), and three combinations,
