@@ -202,7 +202,7 @@ def score(
     output: Annotated[str, typer.Option("-o", "--output", help="Scores table (CSV); '-' writes it to stdout.")],
     method: Annotated[Method, typer.Option(help="influence: the sample's influence on the decision boundary (the probe's, or the head's); "
                                            "loss, margin, gradnorm: read off the same boundary. auto (default): influence on the head, "
-                                           "the probe's loss on a refit probe (it ranked wrong labels better there; see README).")] = Method.auto,
+                                           "the probe's loss on a refit probe (it ranked wrong labels better there; docs/how-it-works.md).")] = Method.auto,
     influence_measure: Annotated[Optional[Measure], typer.Option(help="The influence measure: self-influence (default; rise of its own loss "
                                                        "if left out), boundary-shift (mean squared change of all logits) "
                                                        "or parameter-shift (‖Δθ‖). Giving it with --method auto ranks by influence on a refit "
@@ -211,7 +211,7 @@ def score(
                                                  "or auto (exact when small; the default).", show_default=False)] = None,
     damping: Annotated[Optional[float], typer.Option(help="With --boundary head --method influence: damping, relative to the mean eigenvalue of the curvature (default 0.01).", show_default=False)] = None,
     boundary: Annotated[Boundary, typer.Option(help="refit (default): an L2-regularized linear probe refit on --layer's pooled features, a boundary that cannot bend around memorized labels; head: the checkpoint's own head (--curvature and --damping apply there).")] = Boundary.refit,
-    layer: Annotated[str, typer.Option(help="With --boundary refit: auto (the deepest block whose probe did not memorize the given labels; see README), head-input, or a module name from `irank layers`.")] = "auto",
+    layer: Annotated[str, typer.Option(help="With --boundary refit: auto (the deepest block whose probe did not memorize the given labels; docs/how-it-works.md), head-input, or a module name from `irank layers`.")] = "auto",
     l2: Annotated[Optional[float], typer.Option(help="With --boundary refit: the probe's L2 strength on standardized features (default 0.1); with influence, also the probe's curvature damping.", show_default=False)] = None,
     choice_rows: Annotated[Optional[int], typer.Option(help="With --layer auto: every candidate layer is read and compared on a seeded random sample of this many rows (default 4096); the other rows then run only up to the chosen layer.", show_default=False)] = None,
     val: Annotated[Optional[Path], typer.Option(help="With --layer auto: a small clean labelled manifest; the layer whose probe (fitted on the given labels) is most accurate on it is chosen, instead of by held-out loss on the given labels.")] = None,
@@ -235,7 +235,9 @@ def score(
 
     With --fail-over the command is a CI gate: exit code 4 and a one-line reason on stderr when the share is over it; the scores are written either way.
 
-    Example: irank score model.safetensors train.csv -o scores.csv --fail-over 0.05
+    Example: irank score model.safetensors train.csv -o scores.csv
+
+    Example (a CI gate, docs/guides/ci-gate.md): irank score model.safetensors train.csv -o scores.csv --boundary head --fail-over 0.05
     """
     from irank.runtime.distributed import is_main
     from irank.stages.gate import check_gate, validate_gate
@@ -461,7 +463,7 @@ def post_train(
     checkpoint: Annotated[Path, typer.Argument(help="The trained model to post-train.")],
     manifest: Annotated[Path, typer.Argument(help="Its (noisy) training manifest.")],
     out_dir: Annotated[Path, typer.Option("--out-dir", help="Folder for final.safetensors, scores.csv, kept.csv, removed.csv, summary.json (and round-NN/ of gradual and rejudge); run the same command again to resume, or pass --overwrite to start afresh.")],
-    strategy: Annotated[Optional[Strategy], typer.Option(help="unlearn (the default): fine-tune the whole network once on every row with the noise-robust GCE loss, then rank every row by the fine-tuned model's own loss; it ranked and generalized best on the benchmark (README, Benchmark). rejudge: rounds of rank every row, remove the top --budget, fine-tune on the rest (= --rejudge). gradual: the paper's loop, removing --step per round (the default when --rounds or --step is given).", show_default=False)] = None,
+    strategy: Annotated[Optional[Strategy], typer.Option(help="unlearn (the default): fine-tune the whole network once on every row with the noise-robust GCE loss, then rank every row by the fine-tuned model's own loss; it ranked and generalized best on the benchmark (docs/benchmarks/posttrain-default.md). rejudge: rounds of rank every row, remove the top --budget, fine-tune on the rest (= --rejudge). gradual: the paper's loop, removing --step per round (the default when --rounds or --step is given).", show_default=False)] = None,
     rounds: Annotated[Optional[int], typer.Option(help=f"gradual and rejudge: number of rounds (gradual: default {5} when only a budget is known; rejudge: 3).")] = None,
     step: Annotated[Optional[float], typer.Option(help="gradual: share of the ORIGINAL size removed per round.")] = None,
     budget: Annotated[Optional[float], typer.Option(help="Share of the rows to remove (gradual: over all rounds). Default: estimated as the share whose label the model disagrees with (unlearn: the fine-tuned model; gradual: the input); rejudge needs it.")] = None,
@@ -484,7 +486,7 @@ def post_train(
     boundary: Annotated[Optional[Boundary], typer.Option(help="head: rank on the model's own head (the default of unlearn and gradual); refit: on an L2 probe refit at --layer (the default of rejudge's round 1, at --layer auto).", show_default=False)] = None,
     layer: Annotated[Optional[str], typer.Option(help="With --boundary refit: the probe's layer, or auto (chosen in round 1). With --scope refit the refined model is the network cut there plus the probe.")] = None,
     probe_l2: Annotated[Optional[float], typer.Option(help="With --boundary refit: the scoring probe's L2 strength (default 0.1).", show_default=False)] = None,
-    rejudge: Annotated[bool, typer.Option("--rejudge", help="= --strategy rejudge. Rank EVERY input row again each round under the last round's model (rounds 2 on: its own head, see --rejudge-boundary), remove the top --budget of them and refine that model on the rest: a row removed once comes back when the refined model no longer suspects it. The answer: every row ranked once more under the final model. Default 3 rounds. Needs --budget. Its defaults are the recipe that ranked best on the benchmark: --boundary refit --layer auto for round 1, --scope full --augment auto --lr 0.1 --epochs 10 --loss gce for the fine-tunes (README, Benchmark); any of them given explicitly wins.")] = False,
+    rejudge: Annotated[bool, typer.Option("--rejudge", help="= --strategy rejudge. Rank EVERY input row again each round under the last round's model (rounds 2 on: its own head, see --rejudge-boundary), remove the top --budget of them and refine that model on the rest: a row removed once comes back when the refined model no longer suspects it. The answer: every row ranked once more under the final model. Default 3 rounds. Needs --budget. Its defaults are the recipe that ranked best on the benchmark: --boundary refit --layer auto for round 1, --scope full --augment auto --lr 0.1 --epochs 10 --loss gce for the fine-tunes (docs/benchmarks/posttrain-default.md); any of them given explicitly wins.")] = False,
     rejudge_boundary: Annotated[Optional[RejudgeBoundary], typer.Option(help="With --rejudge, what rounds 2 on rank on: head (default), the refined model's own head, trained without the last round's suspects (by its loss with --method auto; it ranked best on the benchmark); or same, --boundary and --method as in round 1.", show_default=False)] = None,
     arch: ArchOpt = None, head: HeadOpt = None, classes: ClassesOpt = None, preprocess: PresetOpt = None,
     image_size: ImageSizeOpt = None, resize: ResizeOpt = None, mean: MeanOpt = None, std: StdOpt = None,
@@ -496,7 +498,7 @@ def post_train(
 ) -> None:
     """Post-train: refine a model trained on noisy labels, rank every row under the refined model, remove the top.
 
-    Default (--strategy unlearn): fine-tune the whole network once on every row for 30 epochs with the noise-robust GCE loss, random crops and flips and learning rate 0.1, which unlearns the labels it memorized; then rank every row by the fine-tuned model's own loss and remove the top --budget (without one: the share whose label the fine-tuned model disagrees with). On the CIFAR-10 benchmark this ranked best and gave the best model (README, Benchmark). Writes DIR/final.safetensors (the fine-tuned model), DIR/scores.csv (every row ranked), DIR/kept.csv, DIR/removed.csv and DIR/summary.json. The same command run again resumes after the fine-tune's last finished epoch.
+    Default (--strategy unlearn): fine-tune the whole network once on every row for 30 epochs with the noise-robust GCE loss, random crops and flips and learning rate 0.1, which unlearns the labels it memorized; then rank every row by the fine-tuned model's own loss and remove the top --budget (without one: the share whose label the fine-tuned model disagrees with). On the CIFAR-10 benchmark this ranked best and gave the best model (docs/benchmarks/posttrain-default.md). Writes DIR/final.safetensors (the fine-tuned model), DIR/scores.csv (every row ranked), DIR/kept.csv, DIR/removed.csv and DIR/summary.json. The same command run again resumes after the fine-tune's last finished epoch.
 
     --rejudge: rounds that each rank every input row under the last round's model, remove the top --budget and refine on the rest; then every row is ranked once more under the final model and its top --budget is the answer (the same DIR files, and DIR/round-NN/). --strategy gradual (the default when --rounds or --step is given), the paper's loop: round by round, score the kept samples under the current model, remove the top --step share (of the original size), refine on the rest; DIR/removed.csv holds every removed row with its round and rank, DIR/final.safetensors the best round with --val, else the last. Both resume after the last finished round.
 

@@ -2,7 +2,7 @@
 means on each boundary. Standard library only, so options and the command line's help import no torch.
 
 `--method auto`: on the checkpoint's own head, auto is influence, the paper's score. On a refit probe it is the
-probe's own loss: measured one-shot on ten CIFAR-10 checkpoints (docs, "Which score on the probe"), the probe's
+probe's own loss: measured one-shot on ten CIFAR-10 checkpoints (docs/benchmarks/method-auto.md), the probe's
 loss ranked the wrong labels better than its self-influence on every cross-entropy checkpoint, memorized or not
 (by 0.04 to 0.12 AUROC), and at most 0.005 worse on the others. The influence's leverage factor φ̃ᵀB⁻¹φ̃ favours
 atypical images over mislabeled ones there.
