@@ -22,7 +22,7 @@ from .manifest import (Manifest, blocks_quoting, column_as_text, path_rebaser, r
                        read_table, shown_names, table_format, table_input, write_blocks, write_table)
 from .review import (DECISIONS, LABEL_STUDIO_DECISION, LABEL_STUDIO_LABEL, LABEL_STUDIO_REMOVE, class_names,
                      read_json_file)
-from .sheet import read_sheet, unmark
+from .sheet import column_places, read_sheet, unmark
 
 AUDIT_COLUMNS = ["id", "old_label", "new_label", "decision"]
 
@@ -69,12 +69,11 @@ def read_review_sheet(path: str) -> pd.DataFrame:
         header, rows = read_sheet(reviewed_bytes(path))
     except ValueError as exc:
         raise ManifestError(f"reviewed {path}: cannot parse as a table: {exc}") from None
-    names = [unmark(name).strip().lower() for name in header]
-    missing = [column for column in ("id", "decision") if column not in names]
+    at = column_places(header, ("id", "decision", "new_label"))
+    missing = [column for column in ("id", "decision") if column not in at]
     if missing:
         raise ManifestError(f"reviewed {path}: missing column {' and '.join(repr(m) for m in missing)}; "
                             "is this the review.csv irank review wrote?")
-    at = {column: names.index(column) for column in ("id", "decision", "new_label") if column in names}
     return pd.DataFrame({
         "row": [number for number, _ in rows],
         "id": [unmark(fields[at["id"]]) for _, fields in rows],

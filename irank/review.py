@@ -31,7 +31,7 @@ from .jsontext import JsonError, kind, parse
 from .manifest import TableSource, csv_quoting, first_outside
 from .prune import ScoreColumns, flagged_rows, read_score_columns, removal_mask
 from .review_html import render_page, tensor_placeholder
-from .sheet import mark_table, read_sheet, unmark
+from .sheet import column_places, mark_table, read_sheet, unmark
 from .tensors import is_tensor_path
 
 DEFAULT_TOP = 100
@@ -260,11 +260,10 @@ def filled_decisions(review_csv: Path) -> int | None:
         header, rows = read_sheet(review_csv.read_bytes())
     except (OSError, ValueError):
         return None
-    names = [unmark(name).strip().lower() for name in header]
-    places = [place for place, name in enumerate(names) if name in REVIEW_COLUMNS]
-    if "decision" not in names:
+    at = column_places(header, REVIEW_COLUMNS)
+    if "decision" not in at:
         return None
-    return sum(1 for _, fields in rows if any(unmark(fields[place]).strip() for place in places))
+    return sum(1 for _, fields in rows if any(unmark(fields[place]).strip() for place in at.values()))
 
 
 def canonical_json(document: dict) -> str:

@@ -128,3 +128,11 @@ def read_sheet(data: bytes, wanted: tuple[str, ...] = ("id", "decision", "new_la
     except csv.Error as exc:
         raise ValueError(f"line {reader.line_num}: {exc}") from None
     return header or [], rows
+
+
+def column_places(header: list[str], wanted: tuple[str, ...]) -> dict[str, int]:
+    """Where each of the `wanted` columns is in a spreadsheet's header: the column of exactly that name, else the
+    first whose name matches it but for case, spaces and irank's mark."""
+    loose = [unmark(name).strip().lower() for name in header]
+    return {name: header.index(name) if name in header else loose.index(name)
+            for name in wanted if name in header or name in loose}
