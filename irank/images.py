@@ -61,6 +61,8 @@ def open_regular(path: str | os.PathLike):
         raise ImageRefused("no such file", missing=True) from None
     except OSError as exc:
         raise ImageRefused(f"cannot read ({exc.strerror or exc})") from None
+    except ValueError:  # a NUL character, which no file name can hold
+        raise ImageRefused("no such file (the path holds a NUL character)", missing=True) from None
     if not stat.S_ISREG(mode):
         raise ImageRefused(f"{_kind(mode)}, not an image file")
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_BINARY", 0)

@@ -173,6 +173,9 @@ def _jsonl_lines(data: bytes, what: str, name: str) -> Iterator[tuple[int, str]]
             yield number, text
 
 
+TEXT_KEYS = frozenset(("id", "path", "label", "index", "key"))  # read as text; a list, object or true/false is refused
+
+
 def read_jsonl(source, what: str, name: str) -> pd.DataFrame:
     """A JSON Lines table: one object per line, every value as JSON gives it (strings, whole numbers, floats as
     written, true/false, null, lists and objects), in object columns ordered by first appearance; a key a line
@@ -191,6 +194,10 @@ def read_jsonl(source, what: str, name: str) -> pd.DataFrame:
         if not isinstance(record, dict):
             raise ManifestError(f"{what} {name}: line {number}: {kind(record)}, where each line must hold a JSON "
                                 "object ({\"path\": ..., \"label\": ...})")
+        for key in TEXT_KEYS.intersection(record):
+            if isinstance(record[key], (dict, list, bool)):
+                raise ManifestError(f"{what} {name}: line {number}: {key} is {kind(record[key])}; irank reads {key} as "
+                                    "text: a string or a number")
         keys.update(dict.fromkeys(record))
         records.append(record)
     if not records:

@@ -196,3 +196,13 @@ def test_a_bad_pixel_limit_is_refused(cli, scored_here, tmp_path, monkeypatch):
     monkeypatch.setenv("IRANK_MAX_IMAGE_PIXELS", "0")
     out = tmp_path / "r"
     assert_clean_failure(cli("review", scored_here / "scores.csv", "-o", out), "IRANK_MAX_IMAGE_PIXELS='0'", output=out)
+
+
+def test_a_path_holding_a_nul_character_is_named(cli, tiny_data, tiny_model, tmp_path):
+    manifest = manifest_copy(tiny_data, tmp_path)
+    table = pd.read_csv(manifest)
+    table.loc[2, "path"] = "images/a\x00b.png"
+    table.to_csv(manifest, index=False)
+    out = tmp_path / "s.csv"
+    assert_clean_failure(cli("score", tiny_model, manifest, "-o", out, "--num-workers", "0"), "row 3",
+                         "the path holds a NUL character", output=out)

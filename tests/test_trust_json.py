@@ -192,3 +192,12 @@ def test_strict_json_parses_or_says_where(text):
         parse(text)
     except JsonError as error:
         assert error.message and "\n" not in error.message
+
+
+@pytest.mark.parametrize("value, shown", [("[1, 2]", "a list"), ('{"a": 1}', "an object"), ("true", "true or false")])
+@pytest.mark.parametrize("key", ["path", "label", "id", "index"])
+def test_a_jsonl_field_irank_reads_as_text_must_be_a_string_or_a_number(tmp_path, key, value, shown):
+    line = {"path": '"b.png"', "label": '"dog"', "id": '"b"', "index": "0", key: value}
+    (tmp_path / "m.jsonl").write_text(GOOD + "\n{" + ", ".join(f'"{k}": {v}' for k, v in line.items()) + "}\n")
+    with pytest.raises(ManifestError, match=f"m.jsonl: line 2: {key} is {shown}; irank reads {key} as text"):
+        read_manifest(tmp_path / "m.jsonl")
