@@ -102,7 +102,10 @@ def header_names(source, fmt: str, what: str, name: str) -> list[str] | None:
     """The names in a CSV or TSV header as written (pandas calls an empty name "Unnamed: 3" and a repeated one
     "x.1"); None where the source cannot be read twice (a pipe). A name written twice is refused: a table that
     holds two columns of one name cannot be carried through unchanged."""
-    seekable = isinstance(source, (str, os.PathLike)) or (hasattr(source, "seekable") and source.seekable())
+    if isinstance(source, (str, os.PathLike)):
+        seekable = stat.S_ISREG(os.stat(source).st_mode)  # a named pipe reads once
+    else:
+        seekable = hasattr(source, "seekable") and source.seekable()
     if not seekable:
         return None
     at = None if isinstance(source, (str, os.PathLike)) else source.tell()

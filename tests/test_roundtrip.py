@@ -248,3 +248,34 @@ def test_a_csv_that_cannot_come_back_unchanged_is_refused(cli, model, tmp_path, 
     (tmp_path / "m.csv").write_text(text)
     out = tmp_path / "s.csv"
     assert_clean_failure(cli("score", model["checkpoint"], tmp_path / "m.csv", "-o", out), "m.csv", *needles, output=out)
+
+
+def test_a_table_from_a_named_pipe_is_parsed_without_reading_ahead(tmp_path):
+    """A table given by path may be a named pipe (prune reads its scores that way, `<(irank score ...)`), which gives
+    its rows once: the header is not looked at before the parse there."""
+    import os
+    import signal
+    import threading
+
+    from irank.manifest import iter_table
+
+    text = "id,label,rank\n" + "".join(f"{i}.png,a,{i + 1}\n" for i in range(7))
+    pipe = tmp_path / "s.csv"
+    os.mkfifo(pipe)
+    writer = threading.Thread(target=lambda: pipe.write_text(text))
+    writer.start()
+    def stuck(*_):
+        raise TimeoutError("blocked on the pipe")
+
+    previous = signal.signal(signal.SIGALRM, stuck)
+    signal.alarm(30)  # a second open of the pipe would wait for a writer forever
+    try:
+        table = pd.concat(list(iter_table(str(pipe), "csv", what="scores", name=str(pipe))))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+        if writer.is_alive():  # let the writer finish: open the pipe for reading once
+            with open(pipe, "rb") as drain:
+                drain.read()
+        writer.join()
+    assert table["id"].tolist() == [f"{i}.png" for i in range(7)]
