@@ -162,7 +162,7 @@ def read_label_studio_export(path: str) -> pd.DataFrame:
     wins). Strict JSON; every value irank reads is checked for its type, naming the task."""
     if not Path(path).exists():
         raise ManifestError(f"reviewed {path}: no such file")
-    tasks = read_json_file(Path(path), "reviewed")
+    tasks = read_json_file(Path(path), "reviewed", allow_nan=False)
     if not isinstance(tasks, list):
         raise ManifestError(f"reviewed {path}: holds {kind(tasks)}; a Label Studio export is a JSON list of tasks")
     rows = [task_decision(task, number, path) for number, task in enumerate(tasks, start=1)]

@@ -21,6 +21,7 @@ from torch import nn
 
 from .errors import CheckpointError
 from .files import atomic_path
+from .jsontext import JsonError, kind as json_kind, parse as parse_json
 from .models import BUILTIN_ARCHS, VECTOR_ARCHS, vector_model
 
 METADATA_KEY = "irank"
@@ -56,9 +57,12 @@ def read_checkpoint(path: str) -> Checkpoint:
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"checkpoint {path}: not a readable safetensors file ({exc})") from None
         try:
-            metadata = json.loads(raw_meta[METADATA_KEY]) if METADATA_KEY in raw_meta else {}
-        except json.JSONDecodeError:
-            raise CheckpointError(f"checkpoint {path}: its irank metadata is not valid JSON") from None
+            metadata = parse_json(raw_meta[METADATA_KEY], allow_nan=True) if METADATA_KEY in raw_meta else {}
+        except JsonError as exc:
+            raise CheckpointError(f"checkpoint {path}: its irank metadata is not valid JSON ({exc.where()}: "
+                                  f"{exc.message})") from None
+        if not isinstance(metadata, dict):
+            raise CheckpointError(f"checkpoint {path}: its irank metadata is {json_kind(metadata)}, not a JSON object")
         return Checkpoint(str(path), _strip_prefixes(state_dict), metadata)
     if file.suffix in (".pt", ".pth", ".bin"):
         try:

@@ -64,6 +64,9 @@ def _float(text: str) -> float:
 
 _DECODER = json.JSONDecoder(object_pairs_hook=_object, parse_constant=_constant, parse_int=_integer,
                             parse_float=_float)
+# For JSON irank writes itself (a sidecar, review.json, checkpoint metadata): Python's json writes a NaN or an
+# infinite float (a diverged loss in a training history) as NaN or Infinity, so those are read back.
+_LENIENT = json.JSONDecoder(object_pairs_hook=_object, parse_int=_integer, parse_float=_float)
 _SURROGATE = re.compile(r"(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}"
                         r"|\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})")
 
@@ -91,10 +94,11 @@ def _deepest(text: str) -> tuple[int, int]:
     return deepest, at
 
 
-def parse(text: str):
-    """The value `text` holds, or JsonError naming the place."""
+def parse(text: str, *, allow_nan: bool = False):
+    """The value `text` holds, or JsonError naming the place; `allow_nan`: read NaN, Infinity and -Infinity (as
+    Python's json writes them) instead of refusing them."""
     try:
-        value = _DECODER.decode(text)
+        value = (_LENIENT if allow_nan else _DECODER).decode(text)
     except json.JSONDecodeError as exc:
         raise JsonError(exc.msg, exc.lineno, exc.colno) from None
     except _Problem as exc:

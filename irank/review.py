@@ -82,9 +82,9 @@ def rows_per_class(columns: ScoreColumns) -> pd.Series:
     return pd.Series(counts, index=pd.Index(list(columns.labels.values), name="label"), dtype=np.int64)
 
 
-def read_json_file(path: Path, what: str):
-    """The JSON value of a file irank reads beside another (a sidecar, a pack's review.json), strict: ManifestError
-    naming the file and the position."""
+def read_json_file(path: Path, what: str, *, allow_nan: bool = True):
+    """The JSON value of a file, strict (`jsontext.parse`): ManifestError naming the file and the position.
+    `allow_nan`: read NaN and Infinity, which Python's json writes into irank's own files (a sidecar, review.json)."""
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -92,7 +92,7 @@ def read_json_file(path: Path, what: str):
     except OSError as exc:
         raise ManifestError(f"{what} {path}: cannot read: {exc.strerror or exc}") from None
     try:
-        return parse(text)
+        return parse(text, allow_nan=allow_nan)
     except JsonError as exc:
         raise ManifestError(f"{what} {path}: {exc.where()}: not JSON: {exc.message}") from None
 
@@ -277,7 +277,7 @@ def pack_record(folder: Path) -> tuple[dict | None, str | None]:
         return None, "its review.json is not a file irank wrote"
     try:
         text = path.read_text(encoding="utf-8")
-        document = parse(text)
+        document = parse(text, allow_nan=True)
     except (OSError, UnicodeDecodeError, JsonError) as exc:
         return None, f"its review.json cannot be read ({getattr(exc, 'message', exc)})"
     if not isinstance(document, dict) or document.get("command") != "review":

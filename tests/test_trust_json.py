@@ -160,7 +160,7 @@ def test_a_well_formed_export_still_applies(cli, pack, tiny_data, tmp_path):
     ('{"inputs": {"manifest": "m.csv"}}', ["inputs.manifest is a string, not an object"]),
     ('{"inputs": {"manifest": {"path": 3}}}', ["inputs.manifest.path is a number, not a string"]),
     ('{"inputs": []}', ["inputs is a list, not an object"]),
-    ('{"classes": [],\n "x": Infinity}', ["line 2, column 7", "Infinity is not a JSON number"]),
+    ('{"classes": [],\n "classes": ["a"]}', ["line 2, column 2", "the key 'classes' appears twice"]),
     (DEEP, ["line 1, column", "nested 100000 levels deep"]),
 ])
 def test_a_bad_scores_sidecar_is_named_by_review(cli, pack, tmp_path, text, needles):
@@ -201,3 +201,42 @@ def test_a_jsonl_field_irank_reads_as_text_must_be_a_string_or_a_number(tmp_path
     (tmp_path / "m.jsonl").write_text(GOOD + "\n{" + ", ".join(f'"{k}": {v}' for k, v in line.items()) + "}\n")
     with pytest.raises(ManifestError, match=f"m.jsonl: line 2: {key} is {shown}; irank reads {key} as text"):
         read_manifest(tmp_path / "m.jsonl")
+
+
+def test_nan_that_python_s_json_wrote_into_irank_s_own_files_is_read(cli, pack, tmp_path):
+    """A sidecar (or review.json, or checkpoint metadata) irank wrote may hold NaN or Infinity, as Python's json
+    writes a diverged loss: read back, not refused."""
+    scores = tmp_path / "scores.csv"
+    shutil.copyfile(pack.parent / "scores.csv", scores)
+    sidecar = json.loads((pack.parent / "scores.csv.json").read_text())
+    sidecar["parameters"]["note"] = [float("nan"), float("inf")]
+    (tmp_path / "scores.csv.json").write_text(json.dumps(sidecar))
+    code, _, err = cli("review", scores, "-o", tmp_path / "r", "--top", "2", "-q")
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("metadata, needles", [
+    ("[1]", ["its irank metadata is a list, not a JSON object"]),
+    (DEEP, ["its irank metadata is not valid JSON", "nested 100000 levels deep"]),
+    ('{"arch": "tiny-cnn", "arch": "x"}', ["line 1, column 22", "the key 'arch' appears twice"]),
+])
+def test_a_checkpoint_with_malformed_irank_metadata_is_named(cli, tiny_model, tiny_data, tmp_path, metadata, needles):
+    from safetensors.torch import load_file, save_file
+
+    save_file(load_file(tiny_model), str(tmp_path / "bad.safetensors"), metadata={"irank": metadata})
+    out = tmp_path / "s.csv"
+    assert_clean_failure(cli("score", tmp_path / "bad.safetensors", tiny_data["train"], "-o", out), "bad.safetensors",
+                         *needles, output=out)
+
+
+def test_a_checkpoint_whose_history_holds_nan_loads(tiny_model, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from irank.checkpoint import read_checkpoint
+
+    with safe_open(tiny_model, "pt") as handle:
+        metadata = json.loads(handle.metadata()["irank"])
+    metadata["history"] = [{"loss": float("nan")}, {"loss": float("inf")}]
+    save_file(load_file(tiny_model), str(tmp_path / "nan.safetensors"), metadata={"irank": json.dumps(metadata)})
+    assert read_checkpoint(str(tmp_path / "nan.safetensors")).metadata["arch"] == metadata["arch"]
