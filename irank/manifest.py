@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import shutil
 import stat
@@ -684,12 +685,24 @@ def write_table(table: pd.DataFrame, path: str | os.PathLike) -> None:
 
 
 def _json_value(value):
-    """A cell as JSON writes it: numpy numbers as Python's, a missing number (NaN, pd.NA) as null."""
-    if isinstance(value, float) and not np.isfinite(value):
-        return None if np.isnan(value) else value
+    """A cell as JSON writes it: numpy values as Python's; a missing or infinite number (NaN, ±inf, pd.NA), which
+    JSON cannot hold, as null (as pandas wrote them), inside lists and objects too."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, (list, tuple, np.ndarray)):  # a Parquet list column holds arrays
+        return [_json_value(item) for item in (value.tolist() if isinstance(value, np.ndarray) else value)]
+    if isinstance(value, dict):
+        return {key: _json_value(item) for key, item in value.items()}
+    if isinstance(value, np.generic):
+        return _json_value(value.item())
     if value is pd.NA or value is pd.NaT:
         return None
     return value
+
+
+def _json_other(value) -> str:
+    """What JSON has no type for (a Parquet timestamp, bytes): ISO 8601 text, else its text."""
+    return value.isoformat() if hasattr(value, "isoformat") else str(value)
 
 
 def jsonl_text(block: pd.DataFrame) -> str:
@@ -697,8 +710,8 @@ def jsonl_text(block: pd.DataFrame) -> str:
     a string byte for byte, a float by its shortest repr (pandas' writer kept 10 digits)."""
     names = [str(name) for name in block.columns]
     columns = [[_json_value(value) for value in block.iloc[:, place].tolist()] for place in range(len(names))]
-    return "".join(json.dumps(dict(zip(names, values)), ensure_ascii=False, separators=(",", ":")) + "\n"
-                   for values in zip(*columns))
+    return "".join(json.dumps(dict(zip(names, values)), ensure_ascii=False, separators=(",", ":"), allow_nan=False,
+                              default=_json_other) + "\n" for values in zip(*columns))
 
 
 def blocks_quoting(blocks, manifest: Manifest, keep: np.ndarray) -> int:

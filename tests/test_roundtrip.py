@@ -279,3 +279,22 @@ def test_a_table_from_a_named_pipe_is_parsed_without_reading_ahead(tmp_path):
                 drain.read()
         writer.join()
     assert table["id"].tolist() == [f"{i}.png" for i in range(7)]
+
+
+def test_json_lines_irank_writes_are_json_it_reads_back(cli, model, tmp_path):
+    """A Parquet manifest's infinite and missing floats, list columns and timestamps, written as JSON Lines by
+    apply: valid JSON (±inf and NaN as null, as pandas wrote them), which irank's strict reader reads back."""
+    shutil.copyfile(model["values"], tmp_path / "x.npy")
+    table = pd.DataFrame({"path": "x.npy", "label": CLASSES[:3], "index": [0, 1, 2],
+                          "f": [np.inf, np.nan, -0.5], "v": [np.array([1.0, np.nan]), np.array([]), np.array([2.5])],
+                          "t": pd.to_datetime(["2020-01-01 00:00", None, "2021-06-30 12:00"], format="%Y-%m-%d %H:%M")})
+    table.to_parquet(tmp_path / "m.parquet", index=False)
+    assert cli("score", model["checkpoint"], tmp_path / "m.parquet", "-o", tmp_path / "s.jsonl", "-q")[0] == 0
+    assert cli("review", tmp_path / "s.jsonl", "-o", tmp_path / "pack", "-q")[0] == 0
+    code, _, err = cli("apply", tmp_path / "pack" / "review.csv", tmp_path / "m.parquet", "-o", tmp_path / "out.jsonl")
+    assert code == 0, err
+    assert jsonl_values(tmp_path / "out.jsonl") == [
+        {"path": "x.npy", "label": CLASSES[0], "index": 0, "f": None, "v": [1.0, None], "t": "2020-01-01T00:00:00"},
+        {"path": "x.npy", "label": CLASSES[1], "index": 1, "f": None, "v": [], "t": None},
+        {"path": "x.npy", "label": CLASSES[2], "index": 2, "f": -0.5, "v": [2.5], "t": "2021-06-30T12:00:00"}]
+    assert read_table(tmp_path / "out.jsonl")["label"].tolist() == CLASSES[:3]
