@@ -7,6 +7,7 @@ manifest. Nothing is written unless every row is valid.
 
 from __future__ import annotations
 
+import io
 import sys
 from pathlib import Path
 
@@ -15,13 +16,13 @@ import pandas as pd
 
 from ._version import __version__
 from .errors import ManifestError, UsageError
-from .files import check_outputs_clear_of_inputs, check_overwrite, is_stdio, sha256_file, write_json_atomic
+from .files import check_outputs_clear_of_inputs, check_overwrite, is_stdio, sha256_bytes, write_json_atomic
 from .columns import distinct
 from .jsontext import kind
-from .manifest import (Manifest, blocks_quoting, column_as_text, path_rebaser, read_classes_file, read_manifest,
-                       read_table, shown_names, table_format, table_input, write_blocks, write_table)
+from .manifest import (Manifest, blocks_quoting, column_as_text, iter_table, path_rebaser, read_classes_file,
+                       read_manifest, shown_names, table_format, table_input, write_blocks, write_table)
 from .review import (DECISIONS, LABEL_STUDIO_DECISION, LABEL_STUDIO_LABEL, LABEL_STUDIO_REMOVE, class_names,
-                     read_json_file)
+                     parse_json_bytes, read_json_file)
 from .sheet import column_places, read_sheet, unmark
 
 AUDIT_COLUMNS = ["id", "old_label", "new_label", "decision"]
@@ -62,11 +63,12 @@ def reviewed_bytes(path: str) -> bytes:
         raise ManifestError(f"reviewed {path}: cannot read: {exc.strerror or exc}") from None
 
 
-def read_review_sheet(path: str) -> pd.DataFrame:
-    """A review.csv in any form a spreadsheet saves (`sheet.read_sheet`), as id, decision, new_label and the row:
-    column names matched without regard to case or spaces, irank's marks on formula-like cells removed."""
+def read_review_sheet(path: str, data: bytes) -> pd.DataFrame:
+    """A review.csv (`data`: its bytes) in any form a spreadsheet saves (`sheet.read_sheet`), as id, decision,
+    new_label and the row: column names matched without regard to case or spaces, irank's marks on formula-like
+    cells removed."""
     try:
-        header, rows = read_sheet(reviewed_bytes(path))
+        header, rows = read_sheet(data)
     except ValueError as exc:
         raise ManifestError(f"reviewed {path}: cannot parse as a table: {exc}") from None
     at = column_places(header, ("id", "decision", "new_label"))
@@ -82,15 +84,18 @@ def read_review_sheet(path: str) -> pd.DataFrame:
     }, columns=["row", "id", "decision", "new_label"])
 
 
-def read_decisions(path: str) -> pd.DataFrame:
+def read_decisions(path: str, data: bytes | None = None) -> pd.DataFrame:
     """The reviewed rows as id, decision, new_label (text) plus `row` (1-based, for messages): from a Label Studio
     export (.json), a review.csv as irank wrote it or as a spreadsheet saved it (.csv, .tsv, stdin), or a table
-    of those columns in JSON Lines or Parquet."""
+    of those columns in JSON Lines or Parquet. `data`: the file's bytes, read once (default: read here)."""
+    data = reviewed_bytes(path) if data is None else data
     if not is_stdio(path) and Path(path).suffix.lower() == ".json":
-        return read_label_studio_export(path)
-    if table_format(path) in ("csv", "tsv"):
-        return read_review_sheet(path)
-    table = read_table(path, what="reviewed")
+        return read_label_studio_export(path, data)
+    fmt = table_format(path)
+    if fmt in ("csv", "tsv"):
+        return read_review_sheet(path, data)
+    table = pd.concat(list(iter_table(io.BytesIO(data), fmt, what="reviewed", name=path, chunk_rows=1 << 62)),
+                      ignore_index=True)
     missing = [column for column in ("id", "decision") if column not in table.columns]
     if missing:
         raise ManifestError(f"reviewed {path}: missing column {' and '.join(repr(m) for m in missing)}; "
@@ -157,12 +162,10 @@ def task_decision(task, number: int, path: str) -> dict:
     return {"row": number, "id": sample_id, "decision": decision, "new_label": new_label}
 
 
-def read_label_studio_export(path: str) -> pd.DataFrame:
-    """A Label Studio JSON export of the tasks irank review wrote → decisions (the last non-cancelled annotation
-    wins). Strict JSON; every value irank reads is checked for its type, naming the task."""
-    if not Path(path).exists():
-        raise ManifestError(f"reviewed {path}: no such file")
-    tasks = read_json_file(Path(path), "reviewed", allow_nan=False)
+def read_label_studio_export(path: str, data: bytes) -> pd.DataFrame:
+    """A Label Studio JSON export (`data`: its bytes) of the tasks irank review wrote → decisions (the last
+    non-cancelled annotation wins). Strict JSON; every value irank reads is checked for its type, naming the task."""
+    tasks = parse_json_bytes(data, f"reviewed {path}", allow_nan=False)
     if not isinstance(tasks, list):
         raise ManifestError(f"reviewed {path}: holds {kind(tasks)}; a Label Studio export is a JSON list of tasks")
     rows = [task_decision(task, number, path) for number, task in enumerate(tasks, start=1)]
@@ -274,7 +277,8 @@ def apply_review(
     relative paths are rebased as `irank prune` does). `audit_output` gets one row per reviewed row.
     """
     check_apply_outputs(reviewed, manifest, output, audit_output, classes_file, overwrite)
-    decisions = read_decisions(reviewed)
+    data = reviewed_bytes(reviewed)  # read once: a pipe gives its bytes once
+    decisions = read_decisions(reviewed, data)
     samples = read_manifest(manifest)
     label_values = distinct(samples.labels)
     classes, class_source = apply_class_list(reviewed, label_values, classes_file)
@@ -300,8 +304,8 @@ def apply_review(
         "input_rows": len(samples),
         "output_rows": int(keep.sum()),
         "inputs": {
-            "reviewed": {"path": reviewed, "sha256": None if is_stdio(reviewed) else sha256_file(reviewed)},
-            "manifest": {"path": manifest, "sha256": sha256_file(manifest)},
+            "reviewed": {"path": reviewed, "sha256": None if is_stdio(reviewed) else sha256_bytes(data)},
+            "manifest": {"path": manifest, "sha256": samples.table_source.sha256()},
         },
     }
     result = ApplyResult(samples, keep, new_labels, audit, summary)

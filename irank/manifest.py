@@ -10,6 +10,7 @@ Every other column is the user's and is carried through every stage untouched.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
@@ -29,7 +30,7 @@ import pandas as pd
 from .columns import (CodedColumn, CodedColumnBuilder, TextColumnBuilder, codes_and_values, distinct, first_duplicate,
                       int32_if_fits, text_hashes)
 from .errors import ManifestError
-from .files import atomic_path, is_stdio
+from .files import atomic_path, is_stdio, sha256_file
 from .tensors import TensorRowIds, TensorRows, parse_indices, tensor_row_ids, tensor_row_mask
 
 FORMATS = {
@@ -241,6 +242,17 @@ class TableSource:
                     shutil.copyfileobj(pipe, self._spool)
             except OSError as exc:
                 raise ManifestError(f"{what} {path}: cannot read: {exc.strerror or exc}") from None
+
+    def sha256(self) -> str:
+        """The sha256 of the table's bytes: of its copy for stdin or a pipe, which give their bytes once (opening the
+        pipe again to hash it waited for a writer forever)."""
+        if self._spool is None:
+            return sha256_file(self.name)
+        self._spool.seek(0)
+        digest = hashlib.sha256()
+        for block in iter(lambda: self._spool.read(1 << 20), b""):
+            digest.update(block)
+        return digest.hexdigest()
 
     def chunks(self, columns: tuple[str, ...] | None = None, chunk_rows: int | None = None) -> Iterator[pd.DataFrame]:
         if self._spool is not None:

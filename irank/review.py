@@ -86,15 +86,22 @@ def read_json_file(path: Path, what: str, *, allow_nan: bool = True):
     """The JSON value of a file, strict (`jsontext.parse`): ManifestError naming the file and the position.
     `allow_nan`: read NaN and Infinity, which Python's json writes into irank's own files (a sidecar, review.json)."""
     try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise ManifestError(f"{what} {path}: not valid UTF-8 text (byte {exc.start})") from None
+        data = path.read_bytes()
     except OSError as exc:
         raise ManifestError(f"{what} {path}: cannot read: {exc.strerror or exc}") from None
+    return parse_json_bytes(data, f"{what} {path}", allow_nan=allow_nan)
+
+
+def parse_json_bytes(data: bytes, where: str, *, allow_nan: bool = True):
+    """The JSON value of a file's bytes (UTF-8, a BOM allowed), strict: ManifestError starting with `where`."""
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"{where}: not valid UTF-8 text (byte {exc.start})") from None
     try:
         return parse(text, allow_nan=allow_nan)
     except JsonError as exc:
-        raise ManifestError(f"{what} {path}: {exc.where()}: not JSON: {exc.message}") from None
+        raise ManifestError(f"{where}: {exc.where()}: not JSON: {exc.message}") from None
 
 
 def json_field(document: dict, keys: tuple[str, ...], types: tuple[type, ...], where: str):
@@ -401,9 +408,9 @@ def class_list(labels: list[str], predicted: set[str], sidecar: dict) -> tuple[l
 
 
 def read_flagged(scores: str, top: int | None, fraction: float | None,
-                 per_class: bool) -> tuple[ScoreColumns, np.ndarray, pd.DataFrame, set[str]]:
-    """The scores' compact columns, which rows are flagged, those rows whole (sorted by rank), and every
-    predicted class name. Two passes over the scores, so that only the id, label, rank, class rank and score
+                 per_class: bool) -> tuple[ScoreColumns, np.ndarray, pd.DataFrame, set[str], str | None]:
+    """The scores' compact columns, which rows are flagged, those rows whole (sorted by rank), every predicted
+    class name, and the scores' sha256 (None from stdin). Two passes over the scores, so that only the id, label, rank, class rank and score
     of every row are held (compactly, as prune holds them), and the flagged rows whole (every column of every
     row in pandas took about 680 bytes a row)."""
     source = TableSource(scores, "scores")
@@ -415,7 +422,8 @@ def read_flagged(scores: str, top: int | None, fraction: float | None,
     for column in ("predicted_prob", "label_prob", "candidate_2_prob", "candidate_3_prob"):
         if column in flagged.columns:
             flagged[column] = pd.to_numeric(flagged[column], errors="coerce")
-    return columns, mask, flagged.sort_values("rank", kind="mergesort").reset_index(drop=True), predicted
+    digest = None if is_stdio(scores) else source.sha256()
+    return columns, mask, flagged.sort_values("rank", kind="mergesort").reset_index(drop=True), predicted, digest
 
 
 def review_csv_text(reviewed: pd.DataFrame) -> str:
@@ -491,7 +499,7 @@ def review(
     """
     validate_selection(top, fraction)
     out_dir, sidecar, manifest_path = review_inputs(scores, output, overwrite)
-    columns, mask, flagged, predicted = read_flagged(scores, top, fraction, per_class)
+    columns, mask, flagged, predicted, digest = read_flagged(scores, top, fraction, per_class)
     root, root_reason = image_root(scores, sidecar, image_root_dir)
     ls_root = Path(label_studio_root).resolve() if label_studio_root else root
     classes, class_source = class_list(list(columns.labels.values), predicted, sidecar)
@@ -514,7 +522,7 @@ def review(
         "label_studio_images_outside_root": outside_root,
         "missing_images": len(unshown),
         "tensor_rows": int(sum(is_tensor_row)),
-        "inputs": {"scores": {"path": scores, "sha256": None if is_stdio(scores) else sha256_file(scores)},
+        "inputs": {"scores": {"path": scores, "sha256": digest},
                    "manifest": {"path": manifest_path} if manifest_path else None},
     }
     page = render_page(flagged, rows_per_class(columns), columns.score, pictures, mask=mask, classes=classes,

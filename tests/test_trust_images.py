@@ -8,6 +8,7 @@ import contextlib
 import os
 import signal
 import socket
+import threading
 import shutil
 from pathlib import Path
 
@@ -206,3 +207,40 @@ def test_a_path_holding_a_nul_character_is_named(cli, tiny_data, tiny_model, tmp
     out = tmp_path / "s.csv"
     assert_clean_failure(cli("score", tiny_model, manifest, "-o", out, "--num-workers", "0"), "row 3",
                          "the path holds a NUL character", output=out)
+
+
+def feed(pipe: Path, data: bytes) -> threading.Thread:
+    """Write `data` into the named pipe once a reader opens it."""
+    writer = threading.Thread(target=pipe.write_bytes, args=(data,), daemon=True)
+    writer.start()
+    return writer
+
+
+def test_review_and_apply_read_a_named_pipe_once(cli, scored_here, tiny_data, tmp_path, no_hang):
+    """Inputs given as named pipes (which give their bytes once) are read once: the sha256 recorded in the
+    outputs is that of those bytes (opening a pipe again to hash it waited for a writer forever)."""
+    import hashlib
+    import json
+
+    scores_bytes = (scored_here / "scores.csv").read_bytes()
+    os.mkfifo(tmp_path / "scores.csv")
+    writer = feed(tmp_path / "scores.csv", scores_bytes)
+    code, out, err = cli("review", tmp_path / "scores.csv", "-o", tmp_path / "r", "--top", "3", "--json", "-q",
+                         "--image-root", scored_here)
+    writer.join()
+    assert code == 0, err
+    assert json.loads(out)["inputs"]["scores"]["sha256"] == hashlib.sha256(scores_bytes).hexdigest()
+    review_bytes = (tmp_path / "r" / "review.csv").read_bytes()
+    manifest_bytes = (scored_here / "m.csv").read_bytes()
+    os.mkfifo(tmp_path / "reviewed.csv")
+    os.mkfifo(tmp_path / "m.csv")
+    writers = [feed(tmp_path / "reviewed.csv", review_bytes), feed(tmp_path / "m.csv", manifest_bytes)]
+    code, out, err = cli("apply", tmp_path / "reviewed.csv", tmp_path / "m.csv", "-o", tmp_path / "out" / "fixed.csv",
+                         "--json", "-q")
+    for writer in writers:
+        writer.join()
+    assert code == 0, err
+    inputs = json.loads(out)["inputs"]
+    assert inputs["reviewed"]["sha256"] == hashlib.sha256(review_bytes).hexdigest()
+    assert inputs["manifest"]["sha256"] == hashlib.sha256(manifest_bytes).hexdigest()
+    assert len(pd.read_csv(tmp_path / "out" / "fixed.csv")) == len(pd.read_csv(scored_here / "m.csv"))
