@@ -7,7 +7,8 @@ manifest. Nothing is written unless every row is valid.
 
 from __future__ import annotations
 
-import json
+import io
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +16,14 @@ import pandas as pd
 
 from ._version import __version__
 from .errors import ManifestError, UsageError
-from .files import check_outputs_clear_of_inputs, check_overwrite, is_stdio, output_set, sha256_file, write_json_atomic
+from .files import check_outputs_clear_of_inputs, check_overwrite, is_stdio, output_set, sha256_bytes, write_json_atomic
 from .columns import distinct
-from .manifest import (Manifest, blocks_quoting, column_as_text, path_rebaser, read_classes_file, read_manifest,
-                       read_table, table_format, write_blocks, write_table)
-from .review import DECISIONS, LABEL_STUDIO_DECISION, LABEL_STUDIO_LABEL, LABEL_STUDIO_REMOVE
+from .jsontext import kind
+from .manifest import (Manifest, blocks_quoting, column_as_text, iter_table, path_rebaser, read_classes_file,
+                       read_manifest, shown_names, table_format, table_input, write_blocks, write_table)
+from .review import (DECISIONS, LABEL_STUDIO_DECISION, LABEL_STUDIO_LABEL, LABEL_STUDIO_REMOVE, class_names,
+                     parse_json_bytes, read_json_file)
+from .sheet import column_places, read_sheet, unmark
 
 AUDIT_COLUMNS = ["id", "old_label", "new_label", "decision"]
 
@@ -50,11 +54,48 @@ class ApplyResult:
             yield block if rebase is None else rebase(block)
 
 
-def read_decisions(path: str) -> pd.DataFrame:
-    """The reviewed rows as id, decision, new_label (text) plus `row` (1-based, for messages)."""
+def reviewed_bytes(path: str) -> bytes:
+    if is_stdio(path):
+        return sys.stdin.buffer.read()
+    try:
+        return Path(table_input(path, "reviewed")).read_bytes()
+    except OSError as exc:
+        raise ManifestError(f"reviewed {path}: cannot read: {exc.strerror or exc}") from None
+
+
+def read_review_sheet(path: str, data: bytes) -> pd.DataFrame:
+    """A review.csv (`data`: its bytes) in any form a spreadsheet saves (`sheet.read_sheet`), as id, decision,
+    new_label and the row: column names matched without regard to case or spaces, irank's marks on formula-like
+    cells removed."""
+    try:
+        header, rows = read_sheet(data)
+    except ValueError as exc:
+        raise ManifestError(f"reviewed {path}: cannot parse as a table: {exc}") from None
+    at = column_places(header, ("id", "decision", "new_label"))
+    missing = [column for column in ("id", "decision") if column not in at]
+    if missing:
+        raise ManifestError(f"reviewed {path}: missing column {' and '.join(repr(m) for m in missing)}; "
+                            "is this the review.csv irank review wrote?")
+    return pd.DataFrame({
+        "row": [number for number, _ in rows],
+        "id": [unmark(fields[at["id"]]) for _, fields in rows],
+        "decision": [unmark(fields[at["decision"]]).strip().lower() for _, fields in rows],
+        "new_label": [unmark(fields[at["new_label"]]) if "new_label" in at else "" for _, fields in rows],
+    }, columns=["row", "id", "decision", "new_label"])
+
+
+def read_decisions(path: str, data: bytes | None = None) -> pd.DataFrame:
+    """The reviewed rows as id, decision, new_label (text) plus `row` (1-based, for messages): from a Label Studio
+    export (.json), a review.csv as irank wrote it or as a spreadsheet saved it (.csv, .tsv, stdin), or a table
+    of those columns in JSON Lines or Parquet. `data`: the file's bytes, read once (default: read here)."""
+    data = reviewed_bytes(path) if data is None else data
     if not is_stdio(path) and Path(path).suffix.lower() == ".json":
-        return read_label_studio_export(path)
-    table = read_table(path, what="reviewed")
+        return read_label_studio_export(path, data)
+    fmt = table_format(path)
+    if fmt in ("csv", "tsv"):
+        return read_review_sheet(path, data)
+    table = pd.concat(list(iter_table(io.BytesIO(data), fmt, what="reviewed", name=path, chunk_rows=1 << 62)),
+                      ignore_index=True)
     missing = [column for column in ("id", "decision") if column not in table.columns]
     if missing:
         raise ManifestError(f"reviewed {path}: missing column {' and '.join(repr(m) for m in missing)}; "
@@ -63,45 +104,71 @@ def read_decisions(path: str) -> pd.DataFrame:
         "row": range(1, len(table) + 1),
         "id": column_as_text(table, "id"),
         "decision": [value.strip().lower() for value in column_as_text(table, "decision")],
-        "new_label": [value.strip() for value in column_as_text(table, "new_label")] if "new_label" in table.columns else "",
+        "new_label": column_as_text(table, "new_label") if "new_label" in table.columns else "",
     })
 
 
-def choices_of(annotation: dict, from_name: str) -> list[str]:
-    for result in annotation.get("result", []):
+def typed(container: dict, key: str, types: tuple[type, ...], where: str, default=None):
+    """container[key] when it has one of `types` (bool never counts as a number), `default` when absent or
+    null; ManifestError naming `where` and the key otherwise."""
+    value = container.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+        wanted = " or ".join(kind(t()) for t in types)
+        raise ManifestError(f"{where}: {key} is {kind(value)}, not {wanted}")
+    return value
+
+
+def choices_of(annotation: dict, from_name: str, where: str) -> list[str]:
+    for number, result in enumerate(typed(annotation, "result", (list,), where, []), start=1):
+        if not isinstance(result, dict):
+            raise ManifestError(f"{where}: result {number} is {kind(result)}, not an object")
         if result.get("from_name") == from_name:
-            return [str(choice) for choice in result.get("value", {}).get("choices", [])]
+            value = typed(result, "value", (dict,), f"{where}, result {number}", {})
+            choices = typed(value, "choices", (list,), f"{where}, result {number}, value", [])
+            if not all(isinstance(choice, str) for choice in choices):
+                raise ManifestError(f"{where}, result {number}: value.choices must be a list of strings")
+            return choices
     return []
 
 
-def read_label_studio_export(path: str) -> pd.DataFrame:
-    """A Label Studio JSON export of the tasks irank review wrote → decisions (the last non-cancelled annotation wins)."""
-    try:
-        tasks = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ManifestError(f"reviewed {path}: no such file") from None
-    except (OSError, ValueError) as exc:
-        raise ManifestError(f"reviewed {path}: cannot read it as a Label Studio JSON export: {exc}") from None
+def task_decision(task, number: int, path: str) -> dict:
+    """One task of a Label Studio export → its row of decisions (the last non-cancelled annotation decides)."""
+    where = f"reviewed {path}: task {number}"
+    if not isinstance(task, dict):
+        raise ManifestError(f"{where} is {kind(task)}, not an object")
+    data = typed(task, "data", (dict,), where, {})
+    if "irank_id" not in data or "given_label" not in data:
+        raise ManifestError(f"{where} has no data.irank_id/data.given_label; "
+                            "was it imported from irank review's label-studio.json?")
+    sample_id = typed(data, "irank_id", (str,), f"{where}, data")
+    given = typed(data, "given_label", (str,), f"{where}, data")
+    annotations = typed(task, "annotations", (list,), where, [])
+    for place, annotation in enumerate(annotations, start=1):
+        if not isinstance(annotation, dict):
+            raise ManifestError(f"{where}: annotation {place} is {kind(annotation)}, not an object")
+    live = [(place, a) for place, a in enumerate(annotations, start=1) if not a.get("was_cancelled")]
+    decision, new_label = "", ""
+    if live:
+        place, latest = live[-1]
+        chosen = choices_of(latest, LABEL_STUDIO_LABEL, f"{where}, annotation {place}")
+        if LABEL_STUDIO_REMOVE in choices_of(latest, LABEL_STUDIO_DECISION, f"{where}, annotation {place}"):
+            decision = "remove"
+        elif chosen and chosen[0] != given:
+            decision, new_label = "relabel", chosen[0]
+        elif chosen:
+            decision = "keep"
+    return {"row": number, "id": sample_id, "decision": decision, "new_label": new_label}
+
+
+def read_label_studio_export(path: str, data: bytes) -> pd.DataFrame:
+    """A Label Studio JSON export (`data`: its bytes) of the tasks irank review wrote → decisions (the last
+    non-cancelled annotation wins). Strict JSON; every value irank reads is checked for its type, naming the task."""
+    tasks = parse_json_bytes(data, f"reviewed {path}", allow_nan=False)
     if not isinstance(tasks, list):
-        raise ManifestError(f"reviewed {path}: a Label Studio export is a JSON list of tasks")
-    rows = []
-    for number, task in enumerate(tasks, start=1):
-        data = task.get("data", {}) if isinstance(task, dict) else {}
-        if "irank_id" not in data or "given_label" not in data:
-            raise ManifestError(f"reviewed {path}: task {number} has no data.irank_id/data.given_label; "
-                                "was it imported from irank review's label-studio.json?")
-        annotations = [a for a in task.get("annotations", []) if not a.get("was_cancelled")]
-        decision, new_label = "", ""
-        if annotations:
-            latest = annotations[-1]
-            chosen = choices_of(latest, LABEL_STUDIO_LABEL)
-            if LABEL_STUDIO_REMOVE in choices_of(latest, LABEL_STUDIO_DECISION):
-                decision = "remove"
-            elif chosen and chosen[0] != str(data["given_label"]):
-                decision, new_label = "relabel", chosen[0]
-            elif chosen:
-                decision = "keep"
-        rows.append({"row": number, "id": str(data["irank_id"]), "decision": decision, "new_label": new_label})
+        raise ManifestError(f"reviewed {path}: holds {kind(tasks)}; a Label Studio export is a JSON list of tasks")
+    rows = [task_decision(task, number, path) for number, task in enumerate(tasks, start=1)]
     return pd.DataFrame(rows, columns=["row", "id", "decision", "new_label"])
 
 
@@ -112,12 +179,12 @@ def apply_class_list(reviewed: str, manifest_labels: list[str], classes_file: st
     if not is_stdio(reviewed):
         pack = Path(reviewed).resolve().parent / "review.json"
         if pack.is_file():
-            try:
-                classes = json.loads(pack.read_text(encoding="utf-8")).get("classes")
-            except (OSError, ValueError) as exc:
-                raise ManifestError(f"review pack {pack}: cannot read it as JSON: {exc}") from None
+            document = read_json_file(pack, "review pack")
+            if not isinstance(document, dict):
+                raise ManifestError(f"review pack {pack}: holds {kind(document)}, not the JSON object irank review writes")
+            classes = class_names(document.get("classes"), f"review pack {pack}")
             if classes:
-                return [str(name) for name in classes], f"the review pack ({pack})"
+                return classes, f"the review pack ({pack})"
     return sorted(set(manifest_labels)), "the labels found in the manifest"
 
 
@@ -130,11 +197,17 @@ def written_label(new_label: str, classes: list[str], manifest_labels: list[str]
     return new_label
 
 
+def class_of(new_label: str, classes: list[str]) -> str:
+    """A new_label as written when it is a class (a class name may start or end with spaces), else without the
+    spaces a spreadsheet adds around it."""
+    return new_label if new_label in classes else new_label.strip()
+
+
 def validate_decisions(decisions: pd.DataFrame, reviewed: str, label_of: dict[str, str], classes: list[str],
                        class_source: str) -> None:
     """Refuse the first row that cannot be applied, naming the file and the row. `label_of`: the manifest's id → label."""
     seen: dict[str, int] = {}
-    shown = ", ".join(classes[:12]) + (", ..." if len(classes) > 12 else "")
+    shown = shown_names(classes)
     for row in decisions.itertuples(index=False):
         where = f"reviewed {reviewed}: row {row.row} (id {row.id!r})"
         if row.id in seen:
@@ -155,6 +228,40 @@ def validate_decisions(decisions: pd.DataFrame, reviewed: str, label_of: dict[st
                                 f"{row.decision or 'empty'}; set the decision to relabel or clear new_label")
 
 
+def decide(decisions: pd.DataFrame, samples: Manifest, position: dict[str, int], classes: list[str],
+           label_values: list[str]) -> tuple[dict[int, str], np.ndarray, pd.DataFrame]:
+    """The validated decisions as the manifest rows' new labels (only the relabeled rows), which rows to keep, and
+    the audit table (one row per reviewed row)."""
+    new_labels: dict[int, str] = {}  # manifest row → its new label
+    keep = np.ones(len(samples), dtype=bool)
+    audit: dict[str, list[str]] = {column: [] for column in AUDIT_COLUMNS}  # a list per column: a dict per row took 4×
+    for row in decisions.itertuples(index=False):
+        at = position[row.id]
+        old = samples.labels[at]
+        if row.decision == "relabel":
+            new_labels[at] = written_label(row.new_label, classes, label_values)
+        elif row.decision == "remove":
+            keep[at] = False
+        for column, value in zip(AUDIT_COLUMNS, (row.id, old, new_labels.get(at, old) if keep[at] else "",
+                                                 row.decision or "keep")):
+            audit[column].append(value)
+    return new_labels, keep, pd.DataFrame(audit, columns=AUDIT_COLUMNS)
+
+
+def check_apply_outputs(reviewed: str, manifest: str, output: str | None, audit_output: str | None,
+                        classes_file: str | None, overwrite: bool) -> None:
+    """Refuse outputs of an unknown format, both on stdout, one that is an input, or one that exists (unless `overwrite`)."""
+    for path in (output, audit_output):
+        if path is not None:
+            table_format(path)
+    if is_stdio(output) and is_stdio(audit_output):
+        raise UsageError("-o and --audit cannot both go to stdout")
+    outputs = {"-o": output, "--audit": audit_output,
+               "the sidecar": output + ".json" if output and not is_stdio(output) else None}
+    check_outputs_clear_of_inputs(outputs, {"reviewed file": reviewed, "manifest": manifest, "--classes file": classes_file})
+    check_overwrite(outputs, overwrite)
+
+
 def apply_review(
     reviewed: str,
     manifest: str,
@@ -169,41 +276,21 @@ def apply_review(
     The fixed manifest keeps the manifest's columns and row order (written to another folder, its
     relative paths are rebased as `irank prune` does). `audit_output` gets one row per reviewed row.
     """
-    for flag, path in (("-o", output), ("--audit", audit_output)):
-        if path is not None:
-            table_format(path)
-    if is_stdio(output) and is_stdio(audit_output):
-        raise UsageError("-o and --audit cannot both go to stdout")
-    outputs = {"-o": output, "--audit": audit_output,
-               "the sidecar": output + ".json" if output and not is_stdio(output) else None}
-    check_outputs_clear_of_inputs(outputs, {"reviewed file": reviewed, "manifest": manifest, "--classes file": classes_file})
-    check_overwrite(outputs, overwrite)
-    decisions = read_decisions(reviewed)
+    check_apply_outputs(reviewed, manifest, output, audit_output, classes_file, overwrite)
+    data = reviewed_bytes(reviewed)  # read once: a pipe gives its bytes once
+    decisions = read_decisions(reviewed, data)
     samples = read_manifest(manifest)
     label_values = distinct(samples.labels)
     classes, class_source = apply_class_list(reviewed, label_values, classes_file)
+    decisions["new_label"] = [class_of(label, classes) for label in decisions["new_label"]]
     # the reviewed ids' manifest rows, found in one pass over the ids (made one at a time): an index of every id
     # of a million-row manifest held its million strings, and a review covers a few of them
     wanted = set(decisions["id"])
     position = {sample_id: row for row, sample_id in enumerate(samples.ids) if sample_id in wanted}
     validate_decisions(decisions, reviewed, {sample_id: samples.labels[row] for sample_id, row in position.items()},
                        classes, class_source)
-    new_labels: dict[int, str] = {}  # manifest row → its new label (only the relabeled rows)
-    keep = np.ones(len(samples), dtype=bool)
-    audit: dict[str, list[str]] = {column: [] for column in AUDIT_COLUMNS}  # a list per column: a dict per row took 4×
-    for row in decisions.itertuples(index=False):
-        at = position[row.id]
-        old = samples.labels[at]
-        if row.decision == "relabel":
-            new_labels[at] = written_label(row.new_label, classes, label_values)
-        elif row.decision == "remove":
-            keep[at] = False
-        for column, value in zip(AUDIT_COLUMNS, (row.id, old, new_labels.get(at, old) if keep[at] else "",
-                                                 row.decision or "keep")):
-            audit[column].append(value)
-    changed = sum(1 for old, new, decision in zip(audit["old_label"], audit["new_label"], audit["decision"])
-                  if decision == "relabel" and old != new)
-    audit = pd.DataFrame(audit, columns=AUDIT_COLUMNS)
+    new_labels, keep, audit = decide(decisions, samples, position, classes, label_values)
+    changed = int(((audit["decision"] == "relabel") & (audit["old_label"] != audit["new_label"])).sum())
     counts = decisions["decision"].replace("", "keep").value_counts()
     summary = {
         "irank_version": __version__,
@@ -217,8 +304,8 @@ def apply_review(
         "input_rows": len(samples),
         "output_rows": int(keep.sum()),
         "inputs": {
-            "reviewed": {"path": reviewed, "sha256": None if is_stdio(reviewed) else sha256_file(reviewed)},
-            "manifest": {"path": manifest, "sha256": sha256_file(manifest)},
+            "reviewed": {"path": reviewed, "sha256": None if is_stdio(reviewed) else sha256_bytes(data)},
+            "manifest": {"path": manifest, "sha256": samples.table_source.sha256()},
         },
     }
     result = ApplyResult(samples, keep, new_labels, audit, summary)

@@ -332,7 +332,7 @@ def _load_state(out_dir: Path, config: dict, overwrite: bool) -> dict | None:
         return None
     try:
         state = json.loads(summary_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise UsageError(f"--out-dir {out_dir}: cannot read summary.json ({exc}); pass --overwrite to start afresh") from None
     if not isinstance(state, dict) or state.get("config") != config:
         raise UsageError(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -285,6 +287,14 @@ class PruneResult:
         return block if rebase is None else rebase(block)
 
 
+def _piped_scores(scores: str) -> TableSource | None:
+    """A named pipe given by path gives its rows once: read through a copy, which can then be hashed (stdin is read
+    once, as it comes, and not hashed)."""
+    if is_stdio(scores) or not os.path.exists(scores) or stat.S_ISREG(os.stat(scores).st_mode):
+        return None
+    return TableSource(scores, "scores")
+
+
 def prune(
     scores: str,
     manifest: str,
@@ -317,7 +327,9 @@ def prune(
     samples = read_manifest(manifest, require_label=False)
     # each scored id's manifest row, by hash, looked up as the scores are read: neither the manifest's ids
     # nor the table's are held as strings
-    score_table = read_score_columns(scores, manifest_ids=samples.ids)
+    source = _piped_scores(scores)
+    score_table = read_score_columns(scores, source=source, manifest_ids=samples.ids)
+    scores_sha256 = None if is_stdio(scores) else source.sha256() if source else sha256_file(scores)
     if score_table.unknown:
         raise ManifestError(f"scores {scores}: id {score_table.first_unknown!r} is not in manifest {manifest} "
                             f"({score_table.unknown} such ids)")
@@ -347,8 +359,8 @@ def prune(
         "removed_rows": int((~keep).sum()),
         "removed_per_class": dict(per_class_removed),
         "inputs": {
-            "scores": {"path": scores, "sha256": None if is_stdio(scores) else sha256_file(scores)},
-            "manifest": {"path": manifest, "sha256": sha256_file(manifest)},
+            "scores": {"path": scores, "sha256": scores_sha256},
+            "manifest": {"path": manifest, "sha256": samples.table_source.sha256()},  # a pipe: its copy's
         },
     }
     result = PruneResult(samples, keep, removed_rows,

@@ -354,7 +354,8 @@ def _fit_and_save(checkpoint: str | None, manifest: str, output: str, options: T
             reporter.info(note)
         device = run.placement(prepared.model)  # device, memory format and precision
         validation = ValidationSet(prepared, val, run, device, model_options.allow_outside_root) if val else None
-    inputs = {"checkpoint": sha256_file(checkpoint) if checkpoint else None, "manifest": sha256_file(manifest),
+    manifest_sha256 = prepared.manifest.table_source.sha256()  # a manifest given as a pipe: its copy's
+    inputs = {"checkpoint": sha256_file(checkpoint) if checkpoint else None, "manifest": manifest_sha256,
               "val": sha256_file(val) if val else None, "options": dict(options.__dict__),
               "model": dict(model_options.__dict__), "batch_size": run.batch_size,
               "precision": device.precision, "channels_last": device.channels_last}
@@ -374,7 +375,7 @@ def _fit_and_save(checkpoint: str | None, manifest: str, output: str, options: T
                                     "pass --resume to continue")
         raise
     provenance = {
-        "manifest": {"path": manifest, "sha256": sha256_file(manifest), "rows": len(prepared.manifest)},
+        "manifest": {"path": manifest, "sha256": manifest_sha256, "rows": len(prepared.manifest)},
         "options": dict(options.__dict__),
         "run": {"device": device.device.type, "precision": device.precision, "channels_last": device.channels_last},
         "best_epoch": result.best_epoch,
