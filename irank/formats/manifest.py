@@ -10,7 +10,10 @@ Every other column is the user's and is carried through every stage untouched.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import json
+import math
 import os
 import shutil
 import stat
@@ -34,7 +37,7 @@ from irank.formats.columns import (
     int32_if_fits,
     text_hashes,
 )
-from irank.formats.files import atomic_path, is_stdio
+from irank.formats.files import atomic_path, is_stdio, sha256_file
 from irank.formats.tensor_rows import TensorRowIds, TensorRows, parse_indices, tensor_row_ids, tensor_row_mask
 from irank.runtime.errors import ManifestError
 
@@ -105,6 +108,39 @@ def _csv_options(fmt: str, columns: tuple[str, ...] | None) -> dict:
             "usecols": None if columns is None else (lambda column: column in columns)}
 
 
+def header_names(source, fmt: str, what: str, name: str) -> list[str] | None:
+    """The names in a CSV or TSV header as written (pandas calls an empty name "Unnamed: 3" and a repeated one
+    "x.1"); None where the source cannot be read twice (a pipe). A name written twice is refused: a table that
+    holds two columns of one name cannot be carried through unchanged."""
+    if isinstance(source, (str, os.PathLike)):
+        seekable = stat.S_ISREG(os.stat(source).st_mode)  # a named pipe reads once
+    else:
+        seekable = hasattr(source, "seekable") and source.seekable()
+    if not seekable:
+        return None
+    at = None if isinstance(source, (str, os.PathLike)) else source.tell()
+    options = {**_csv_options(fmt, None), "usecols": None}
+    try:
+        names = pd.read_csv(source, header=None, nrows=1, **options).iloc[0].tolist()
+    finally:
+        if at is not None:
+            source.seek(at)
+    seen: dict[str, int] = {}
+    for place, column in enumerate(names, start=1):
+        if column in seen:
+            raise ManifestError(f"{what} {name}: the header names the column {column!r} twice (columns {seen[column]} "
+                                f"and {place}); rename one")
+        seen[column] = place
+    return names
+
+
+def _check_fields(chunk: pd.DataFrame, start: int, what: str, name: str) -> None:
+    """pandas reads rows with more fields than the header by making the first fields an index: refuse them."""
+    if not isinstance(chunk.index, pd.RangeIndex):
+        raise ManifestError(f"{what} {name}: row {start + 1} has more fields than the header "
+                            "(a separator inside a value that is not quoted?)")
+
+
 def iter_table(source, fmt: str, *, what: str, name: str, columns: tuple[str, ...] | None = None,
                chunk_rows: int | None = None) -> Iterator[pd.DataFrame]:
     """A table (a path or an open binary file) in blocks of `chunk_rows` rows, values as the user wrote them.
@@ -114,12 +150,19 @@ def iter_table(source, fmt: str, *, what: str, name: str, columns: tuple[str, ..
     chunk_rows = chunk_rows or CHUNK_ROWS
     with table_errors(what, name, fmt):
         if fmt in ("csv", "tsv"):
-            with pd.read_csv(source, chunksize=chunk_rows, **_csv_options(fmt, columns)) as reader:
+            options = _csv_options(fmt, columns)
+            names = header_names(source, fmt, what, name)
+            if names is not None:
+                options.update(header=0, names=names)
+            start = 0
+            with pd.read_csv(source, chunksize=chunk_rows, **options) as reader:
                 for chunk in reader:
+                    _check_fields(chunk, start, what, name)
+                    start += len(chunk)
                     yield _named_columns(chunk, columns)
             return
         if fmt == "jsonl":
-            table = pd.read_json(source, lines=True, dtype=False)
+            table = read_jsonl(source, what, name)
         else:
             try:
                 table = pd.read_parquet(source)
@@ -128,6 +171,51 @@ def iter_table(source, fmt: str, *, what: str, name: str, columns: tuple[str, ..
     table = _named_columns(table, columns)
     for start in range(0, max(len(table), 1), chunk_rows):
         yield table.iloc[start:start + chunk_rows]
+
+
+def _jsonl_lines(data: bytes, what: str, name: str) -> Iterator[tuple[int, str]]:
+    """(line number, text) of every line of a JSON Lines file that is not blank."""
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    for number, line in enumerate(data.split(b"\n"), start=1):
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ManifestError(f"{what} {name}: line {number}: not valid UTF-8 text (byte {exc.start + 1} of the line)") from None
+        if text.strip():
+            yield number, text
+
+
+TEXT_KEYS = frozenset(("id", "path", "label", "index", "key"))  # read as text; a list, object or true/false is refused
+
+
+def read_jsonl(source, what: str, name: str) -> pd.DataFrame:
+    """A JSON Lines table: one object per line, every value as JSON gives it (strings, whole numbers, floats as
+    written, true/false, null, lists and objects), in object columns ordered by first appearance; a key a line
+    lacks reads as null. A line that is not an object, or not strict JSON (NaN, a repeated key, a number too
+    large, nesting too deep), is refused naming the line and column."""
+    from irank.formats.jsontext import JsonError, kind, parse
+
+    data = source.read() if hasattr(source, "read") else Path(source).read_bytes()
+    records: list[dict] = []
+    keys: dict[str, None] = {}
+    for number, text in _jsonl_lines(data, what, name):
+        try:
+            record = parse(text)
+        except JsonError as exc:
+            raise ManifestError(f"{what} {name}: line {number}, column {exc.column}: not JSON: {exc.message}") from None
+        if not isinstance(record, dict):
+            raise ManifestError(f"{what} {name}: line {number}: {kind(record)}, where each line must hold a JSON "
+                                "object ({\"path\": ..., \"label\": ...})")
+        for key in TEXT_KEYS.intersection(record):
+            if isinstance(record[key], (dict, list, bool)):
+                raise ManifestError(f"{what} {name}: line {number}: {key} is {kind(record[key])}; irank reads {key} as "
+                                    "text: a string or a number")
+        keys.update(dict.fromkeys(record))
+        records.append(record)
+    if not records:
+        raise ManifestError(f"{what} {name}: the file is empty (no JSON lines)")
+    return pd.DataFrame({key: pd.Series([record.get(key) for record in records], dtype=object) for key in keys})
 
 
 def read_table(path: str | os.PathLike, *, what: str = "manifest", columns: tuple[str, ...] | None = None) -> pd.DataFrame:
@@ -139,9 +227,6 @@ def read_table(path: str | os.PathLike, *, what: str = "manifest", columns: tupl
     source = table_input(path, what)
     if is_stdio(path):
         source = io.BytesIO(source.read())
-    with table_errors(what, str(path), fmt):
-        if fmt in ("csv", "tsv"):
-            return _named_columns(pd.read_csv(source, **_csv_options(fmt, columns)), columns)
     return pd.concat(list(iter_table(source, fmt, what=what, name=str(path), columns=columns,
                                      chunk_rows=1 << 62)), ignore_index=True)
 
@@ -165,6 +250,17 @@ class TableSource:
                     shutil.copyfileobj(pipe, self._spool)
             except OSError as exc:
                 raise ManifestError(f"{what} {path}: cannot read: {exc.strerror or exc}") from None
+
+    def sha256(self) -> str:
+        """The sha256 of the table's bytes: of its copy for stdin or a pipe, which give their bytes once (opening the
+        pipe again to hash it waited for a writer forever)."""
+        if self._spool is None:
+            return sha256_file(self.name)
+        self._spool.seek(0)
+        digest = hashlib.sha256()
+        for block in iter(lambda: self._spool.read(1 << 20), b""):
+            digest.update(block)
+        return digest.hexdigest()
 
     def chunks(self, columns: tuple[str, ...] | None = None, chunk_rows: int | None = None) -> Iterator[pd.DataFrame]:
         if self._spool is not None:
@@ -232,8 +328,8 @@ class Manifest:
 
     @property
     def carriage_return(self) -> bool:
-        """Whether a value somewhere holds a "\r" (then CSV output quotes every field: see `csv_quoting`)."""
-        return len(self.carriage_rows) > 0
+        """Whether a value or a column's name holds a "\r" (then CSV output quotes every field: see `csv_quoting`)."""
+        return len(self.carriage_rows) > 0 or any("\r" in str(column) for column in self.columns)
 
     def chunks(self, columns: tuple[str, ...] | None = None,
                chunk_rows: int | None = None) -> Iterator[tuple[int, pd.DataFrame]]:
@@ -473,22 +569,31 @@ def check_inside_root(manifest: Manifest) -> None:
     files from elsewhere on the machine. realpath(folder/name) is realpath(folder)/name unless `name`
     is itself a symlink, so each folder is resolved once and each file costs one lstat.
     """
-    root = os.path.realpath(manifest.root)
-    prefix = root.rstrip(os.sep) + os.sep
-    real_folders: dict[str, str] = {}
     if manifest.holds_tensors:  # one check per file, not per row
         files = [(source.first_row + 1, source.written) for source in manifest.resolved_paths().sources]
     else:
-        files = list(enumerate(manifest.paths, start=1))
+        files = enumerate(manifest.paths, start=1)
+    outside = first_outside(manifest.root, files)
+    if outside is not None:
+        row, written = outside
+        raise ManifestError(
+            f"manifest {manifest.source}: row {row}: path {written!r} resolves outside the manifest's folder "
+            f"{os.path.realpath(manifest.root)}; pass --allow-outside-root if you trust this manifest"
+        )
+
+
+def first_outside(root: str | os.PathLike, files: Iterable[tuple[int, str]]) -> tuple[int, str] | None:
+    """The first (row, path as written) of `files` whose file resolves (after `..` and symlinks) outside the
+    folder `root`, against which relative paths resolve; None when every one lies inside."""
+    real_root = os.path.realpath(root)
+    prefix = real_root.rstrip(os.sep) + os.sep
+    real_folders: dict[str, str] = {}
     for row, written in files:
         # no normpath: `link/..` must resolve through the link, as open() does
-        joined = written if os.path.isabs(written) else os.path.join(manifest.root, written)
-        real = _real_path(joined, real_folders)
-        if not real.startswith(prefix):
-            raise ManifestError(
-                f"manifest {manifest.source}: row {row}: path {written!r} resolves outside the manifest's folder "
-                f"{root}; pass --allow-outside-root if you trust this manifest"
-            )
+        joined = written if os.path.isabs(written) else os.path.join(root, written)
+        if not _real_path(joined, real_folders).startswith(prefix):
+            return row, written
+    return None
 
 
 def _real_path(path: str, real_folders: dict[str, str]) -> str:
@@ -537,6 +642,11 @@ def resolve_classes(
     return unique, "the sorted unique labels of the manifest"
 
 
+def shown_names(classes: list[str]) -> str:
+    """The first class names for a one-line message (a name with a line break or other control character as repr)."""
+    return ", ".join(name if name.isprintable() else repr(name) for name in classes[:12]) + (", ..." if len(classes) > 12 else "")
+
+
 def encode_labels(manifest: Manifest, classes: list[str]) -> np.ndarray:
     """Class index of every row; a label may be a class name or an integer index into `classes`.
 
@@ -550,7 +660,7 @@ def encode_labels(manifest: Manifest, classes: list[str]) -> np.ndarray:
     unknown = np.flatnonzero(encoded < 0)
     if len(unknown):
         row = int(unknown[0])
-        shown = ", ".join(classes[:12]) + (", ..." if len(classes) > 12 else "")
+        shown = shown_names(classes)
         raise ManifestError(
             f"manifest {manifest.source}: row {row + 1}: label {manifest.labels[row]!r} is not in the class list ({shown})"
         )
@@ -561,7 +671,7 @@ def csv_quoting(table: pd.DataFrame, *texts: list[str]) -> int:
     """Minimal quoting, unless a value holds a lone carriage return: the csv module leaves that unquoted
     and a reader would split the row there, so then every field is quoted. `texts`: more values (lists of
     strings) that go into the same file."""
-    if any("\r" in text for values in texts for text in values):
+    if any("\r" in text for values in texts for text in values) or any("\r" in str(name) for name in table.columns):
         return csv.QUOTE_ALL
     for column in table.columns:
         if table[column].dtype == object or pd.api.types.is_string_dtype(table[column]):
@@ -586,7 +696,7 @@ def write_table(table: pd.DataFrame, path: str | os.PathLike) -> None:
         elif fmt == "tsv":
             table.to_csv(tmp, index=False, sep="\t", quoting=csv_quoting(table))
         elif fmt == "jsonl":
-            table.to_json(tmp, orient="records", lines=True, force_ascii=False)
+            tmp.write_text(jsonl_text(table), encoding="utf-8")
         else:
             try:
                 table.to_parquet(tmp, index=False)
@@ -594,10 +704,42 @@ def write_table(table: pd.DataFrame, path: str | os.PathLike) -> None:
                 raise ManifestError(f"{path}: writing Parquet needs pyarrow (pip install pyarrow)") from exc
 
 
+def _json_value(value):
+    """A cell as JSON writes it: numpy values as Python's; a missing or infinite number (NaN, ±inf, pd.NA), which
+    JSON cannot hold, as null (as pandas wrote them), inside lists and objects too."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, (list, tuple, np.ndarray)):  # a Parquet list column holds arrays
+        return [_json_value(item) for item in (value.tolist() if isinstance(value, np.ndarray) else value)]
+    if isinstance(value, dict):
+        return {key: _json_value(item) for key, item in value.items()}
+    if isinstance(value, np.generic):
+        return _json_value(value.item())
+    if value is pd.NA or value is pd.NaT:
+        return None
+    return value
+
+
+def _json_other(value) -> str:
+    """What JSON has no type for (a Parquet timestamp, bytes): ISO 8601 text, else its text."""
+    return value.isoformat() if hasattr(value, "isoformat") else str(value)
+
+
+def jsonl_text(block: pd.DataFrame) -> str:
+    """The rows of `block` as JSON Lines, one compact object a line (keys in column order), each value as it is:
+    a string byte for byte, a float by its shortest repr (pandas' writer kept 10 digits)."""
+    names = [str(name) for name in block.columns]
+    columns = [[_json_value(value) for value in block.iloc[:, place].tolist()] for place in range(len(names))]
+    return "".join(json.dumps(dict(zip(names, values)), ensure_ascii=False, separators=(",", ":"), allow_nan=False,
+                              default=_json_other) + "\n" for values in zip(*columns))
+
+
 def blocks_quoting(blocks, manifest: Manifest, keep: np.ndarray) -> int:
     """`csv_quoting` of the table that `blocks()` yields a block at a time, made of the manifest's rows where
     `keep` holds: minimal unless a kept row held a "\r" (then the blocks are read once to see whether one
     still does)."""
+    if any("\r" in str(column) for column in manifest.columns):
+        return csv.QUOTE_ALL
     if not keep[manifest.carriage_rows].any():
         return csv.QUOTE_MINIMAL
     return csv.QUOTE_ALL if any(holds_carriage_return(block) for block in blocks()) else csv.QUOTE_MINIMAL
@@ -661,9 +803,7 @@ def write_blocks(blocks: Iterable[pd.DataFrame], path: str | os.PathLike, quotin
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as handle:
         for number, block in enumerate(blocks):
             if fmt == "jsonl":
-                if len(block):
-                    text = block.to_json(orient="records", lines=True, force_ascii=False)
-                    handle.write(text if text.endswith("\n") else text + "\n")
+                handle.write(jsonl_text(block))
             else:
                 handle.write(csv_text(block, number == 0, "\t" if fmt == "tsv" else ","))
 

@@ -48,7 +48,7 @@ class Resume:
         try:
             tensors = load_file(str(self.path))
             info = self._info()
-        except (OSError, ValueError, KeyError, SafetensorError) as exc:
+        except (OSError, ValueError, KeyError, AttributeError, TypeError, RecursionError, SafetensorError) as exc:
             raise UsageError(f"--resume: cannot read {self.path} ({exc}); delete it to start afresh") from None
         if info.get("fingerprint") != self.fingerprint:
             raise UsageError(f"--resume: {self.path} was saved by a run with other inputs or options; "
@@ -65,7 +65,7 @@ class Resume:
         """Whether the file exists, can be read and was saved by a run with the same inputs and options."""
         try:
             return self._info().get("fingerprint") == self.fingerprint
-        except (OSError, ValueError, KeyError, AttributeError):
+        except (OSError, ValueError, KeyError, AttributeError, TypeError, RecursionError):
             return False
 
     def save(self, state: TrainingState) -> None:

@@ -146,7 +146,7 @@ def candidates_text(row: pd.Series) -> str:
     return ", ".join(parts) if parts else "—"
 
 
-def card_html(row: pd.Series, thumbnail: str | None) -> str:
+def card_html(row: pd.Series, thumbnail: str | None, problem: str | None = None) -> str:
     label, predicted = str(row["label"]), str(row["predicted"])
     label_prob = row.get("label_prob", float("nan"))
     attributes = {
@@ -165,7 +165,7 @@ def card_html(row: pd.Series, thumbnail: str | None) -> str:
         f'<div class="given">given: <b>{escape(label)}</b> ({percent(label_prob)})</div>'
         f'<div class="suggested">suggested: <b>{escape(predicted)}</b> {percent(row["predicted_prob"])}</div>'
         f'<div class="candidates">next: {candidates_text(row)}</div>'
-        f'<div class="id">{escape(str(row["id"]))}{" — image not found" if missing else ""}</div>'
+        f'<div class="id">{escape(str(row["id"]))}{" — image not shown: " + escape(problem or "not found") if missing else ""}</div>'
         "</div></article>"
     )
 
@@ -266,7 +266,7 @@ def options_html(values: list[str]) -> str:
 
 
 def render_page(flagged: pd.DataFrame, samples: pd.Series, scores: np.ndarray, thumbnails: list[str | None], *,
-                mask: np.ndarray, classes: list[str], summary: dict) -> str:
+                mask: np.ndarray, classes: list[str], summary: dict, problems: list[str | None] | None = None) -> str:
     """The whole page as one string; `samples`: every scored row's count per label, `scores`: every scored row's
     score, `mask` marks the flagged ones."""
     counts = per_class_counts(samples, flagged)
@@ -279,7 +279,9 @@ def render_page(flagged: pd.DataFrame, samples: pd.Series, scores: np.ndarray, t
     cut_label = "lowest flagged" if parameters["per_class"] else "cut"
     filter_classes = sorted(set(classes) | set(flagged["label"].astype(str)) | set(flagged["predicted"].astype(str)))
     missing = summary["missing_images"]
-    cards = "\n".join(card_html(row, thumbnail) for (_, row), thumbnail in zip(flagged.iterrows(), thumbnails))
+    problems = problems or [None] * len(thumbnails)
+    cards = "\n".join(card_html(row, thumbnail, problem)
+                      for (_, row), thumbnail, problem in zip(flagged.iterrows(), thumbnails, problems))
     return f"""<!doctype html>
 <html lang="en">
 <head>
@@ -293,7 +295,7 @@ def render_page(flagged: pd.DataFrame, samples: pd.Series, scores: np.ndarray, t
 <p class="lead">{len(flagged)} of {summary['scored_rows']} samples flagged ({escape(rule)}), rank 1 (the most suspect) first.
 Write your decision for each in <code>review.csv</code> (<code>keep</code>, <code>relabel</code> with a
 <code>new_label</code>, or <code>remove</code>), then run <code>irank apply review.csv MANIFEST -o FIXED.csv</code>.
-{f'<strong>{missing} images were not found</strong> under {escape(summary["image_root"])}.' if missing else ''}</p>
+{f'<strong>{missing} images were not found or could not be shown</strong> (under {escape(summary["image_root"])}).' if missing else ''}</p>
 <section class="summary">
 <div class="panel"><h2>Flagged per class</h2>{bar_chart_svg(counts)}</div>
 <div class="panel"><h2>Influence scores: all samples, flagged in red</h2>{histogram_svg(scores, mask, summary["cut_score"], cut_label)}</div>

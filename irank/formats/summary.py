@@ -16,6 +16,9 @@ class _Absent:
     def __repr__(self) -> str:
         return "ABSENT"
 
+    def __reduce__(self) -> str:
+        return "ABSENT"  # one object, also after pickling (torchrun's processes receive rank 0's record)
+
 
 ABSENT = _Absent()  # a `layer` not chosen yet (None: chosen, the head's input)
 

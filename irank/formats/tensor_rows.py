@@ -278,6 +278,8 @@ def inspect_source(source: TensorSource) -> SourceLayout:
         raise ValueError("no such file")
     if source.file.is_dir():
         raise ValueError("is a folder, not a file")
+    if not source.file.is_file():  # a FIFO, device or socket: opening or reading it could block forever
+        raise ValueError("not a regular file (a named pipe, device or socket)")
     if source.file.name.lower().endswith(".npy"):
         if source.key:
             raise ValueError(f"a .npy file holds one array; leave 'key' empty (got {source.key!r})")

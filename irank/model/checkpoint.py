@@ -20,6 +20,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from irank.formats.files import atomic_path
+from irank.formats.jsontext import JsonError
+from irank.formats.jsontext import kind as json_kind
+from irank.formats.jsontext import parse as parse_json
 from irank.model.architectures import BUILTIN_ARCHS, VECTOR_ARCHS, vector_model
 from irank.runtime.errors import CheckpointError, UsageError
 
@@ -89,11 +92,12 @@ def parse_metadata(text: str | None, path: str) -> dict:
     if text is None:
         return {}
     try:
-        metadata = json.loads(text)
-    except (json.JSONDecodeError, RecursionError):
-        raise CheckpointError(f"checkpoint {path}: its irank metadata is not valid JSON") from None
+        metadata = parse_json(text, allow_nan=True)  # irank's own files may hold a diverged loss (NaN)
+    except JsonError as exc:
+        raise CheckpointError(f"checkpoint {path}: its irank metadata is not valid JSON ({exc.where()}: "
+                              f"{exc.message})") from None
     if not isinstance(metadata, dict):
-        raise CheckpointError(f"checkpoint {path}: its irank metadata is not a JSON object")
+        raise CheckpointError(f"checkpoint {path}: its irank metadata is {json_kind(metadata)}, not a JSON object")
     for key, kind in METADATA_TYPES.items():
         if metadata.get(key) is not None and not isinstance(metadata[key], kind):
             raise CheckpointError(f"checkpoint {path}: irank metadata key {key!r} is not a JSON {kind.__name__}")

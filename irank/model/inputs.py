@@ -7,15 +7,15 @@ column) are read by `irank.formats.tensor_rows` and fed as stored. `make_loader`
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from irank.formats.images import ImageRefused, decode_error, describe, max_image_pixels, open_image
 from irank.formats.tensor_rows import TensorDataset, TensorRows, bad_tensor_rows, check_tensor_rows, is_tensor_path
 from irank.options import AUGMENTS
 from irank.runtime.errors import ImageError, UsageError
@@ -25,17 +25,6 @@ PRESETS = {
     "cifar10": {"resize": None, "image_size": 32, "mean": (0.4914, 0.4822, 0.4465), "std": (0.2470, 0.2435, 0.2616)},
     "none": {"resize": None, "image_size": None, "mean": (0.0,), "std": (1.0,)},
 }
-# An image whose header claims more pixels than this is refused before it is decoded (a decompression
-# bomb would otherwise take all memory). PIL's own default; IRANK_MAX_IMAGE_PIXELS sets another.
-DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
-
-
-def max_image_pixels() -> int:
-    text = os.environ.get("IRANK_MAX_IMAGE_PIXELS", "")
-    try:
-        return int(text) if text.strip() else DEFAULT_MAX_IMAGE_PIXELS
-    except ValueError:
-        raise UsageError(f"IRANK_MAX_IMAGE_PIXELS={text!r}: expected a whole number of pixels") from None
 
 
 @dataclass(frozen=True)
@@ -139,19 +128,13 @@ class ImageDataset(Dataset):
     def __getitem__(self, item: int):
         row = self.rows[item]
         path = self.paths[row]
-        Image.MAX_IMAGE_PIXELS = self.max_pixels  # per process: DataLoader workers too
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                with Image.open(path) as image:
-                    tensor = self.transform(image.convert("RGB"))
-        except FileNotFoundError:
-            return None, row, f"image {path} (row {row + 1}): no such file"
-        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
-            return None, row, (f"image {path} (row {row + 1}): refused, not decoded: {exc} "
-                               "(set IRANK_MAX_IMAGE_PIXELS to allow larger images)")
+            with open_image(path, self.max_pixels) as image:
+                tensor = self.transform(image.convert("RGB"))
+        except ImageRefused as exc:
+            return None, row, describe(path, row, exc.reason)
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-            return None, row, f"image {path} (row {row + 1}): cannot decode ({type(exc).__name__}: {exc})"
+            return None, row, describe(path, row, decode_error(exc))
         return tensor, row, None
 
 

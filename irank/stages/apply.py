@@ -7,7 +7,6 @@ manifest. Nothing is written unless every row is valid.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +19,10 @@ from irank.formats.files import (
     check_overwrite,
     is_stdio,
     output_set,
-    sha256_file,
+    sha256_bytes,
     write_json_atomic,
 )
+from irank.formats.jsontext import kind
 from irank.formats.manifest import (
     Manifest,
     blocks_quoting,
@@ -30,13 +30,19 @@ from irank.formats.manifest import (
     path_rebaser,
     read_classes_file,
     read_manifest,
-    read_table,
+    shown_names,
     table_format,
     write_blocks,
     write_table,
 )
+from irank.formats.review_pack import (
+    DECISIONS,
+    class_names,
+    read_decisions,
+    read_json_file,
+    reviewed_bytes,
+)
 from irank.runtime.errors import ManifestError, UsageError
-from irank.stages.review import DECISIONS, LABEL_STUDIO_DECISION, LABEL_STUDIO_LABEL, LABEL_STUDIO_REMOVE
 
 AUDIT_COLUMNS = ["id", "old_label", "new_label", "decision"]
 
@@ -67,61 +73,6 @@ class ApplyResult:
             yield block if rebase is None else rebase(block)
 
 
-def read_decisions(path: str) -> pd.DataFrame:
-    """The reviewed rows as id, decision, new_label (text) plus `row` (1-based, for messages)."""
-    if not is_stdio(path) and Path(path).suffix.lower() == ".json":
-        return read_label_studio_export(path)
-    table = read_table(path, what="reviewed")
-    missing = [column for column in ("id", "decision") if column not in table.columns]
-    if missing:
-        raise ManifestError(f"reviewed {path}: missing column {' and '.join(repr(m) for m in missing)}; "
-                            "is this the review.csv irank review wrote?")
-    return pd.DataFrame({
-        "row": range(1, len(table) + 1),
-        "id": column_as_text(table, "id"),
-        "decision": [value.strip().lower() for value in column_as_text(table, "decision")],
-        "new_label": [value.strip() for value in column_as_text(table, "new_label")] if "new_label" in table.columns else "",
-    })
-
-
-def choices_of(annotation: dict, from_name: str) -> list[str]:
-    for result in annotation.get("result", []):
-        if result.get("from_name") == from_name:
-            return [str(choice) for choice in result.get("value", {}).get("choices", [])]
-    return []
-
-
-def read_label_studio_export(path: str) -> pd.DataFrame:
-    """A Label Studio JSON export of the tasks irank review wrote → decisions (the last non-cancelled annotation wins)."""
-    try:
-        tasks = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ManifestError(f"reviewed {path}: no such file") from None
-    except (OSError, ValueError) as exc:
-        raise ManifestError(f"reviewed {path}: cannot read it as a Label Studio JSON export: {exc}") from None
-    if not isinstance(tasks, list):
-        raise ManifestError(f"reviewed {path}: a Label Studio export is a JSON list of tasks")
-    rows = []
-    for number, task in enumerate(tasks, start=1):
-        data = task.get("data", {}) if isinstance(task, dict) else {}
-        if "irank_id" not in data or "given_label" not in data:
-            raise ManifestError(f"reviewed {path}: task {number} has no data.irank_id/data.given_label; "
-                                "was it imported from irank review's label-studio.json?")
-        annotations = [a for a in task.get("annotations", []) if not a.get("was_cancelled")]
-        decision, new_label = "", ""
-        if annotations:
-            latest = annotations[-1]
-            chosen = choices_of(latest, LABEL_STUDIO_LABEL)
-            if LABEL_STUDIO_REMOVE in choices_of(latest, LABEL_STUDIO_DECISION):
-                decision = "remove"
-            elif chosen and chosen[0] != str(data["given_label"]):
-                decision, new_label = "relabel", chosen[0]
-            elif chosen:
-                decision = "keep"
-        rows.append({"row": number, "id": str(data["irank_id"]), "decision": decision, "new_label": new_label})
-    return pd.DataFrame(rows, columns=["row", "id", "decision", "new_label"])
-
-
 def apply_class_list(reviewed: str, manifest_labels: list[str], classes_file: str | None) -> tuple[list[str], str]:
     """The classes a new_label may take, and where they came from: --classes, the review pack, else the manifest."""
     if classes_file:
@@ -129,12 +80,12 @@ def apply_class_list(reviewed: str, manifest_labels: list[str], classes_file: st
     if not is_stdio(reviewed):
         pack = Path(reviewed).resolve().parent / "review.json"
         if pack.is_file():
-            try:
-                classes = json.loads(pack.read_text(encoding="utf-8")).get("classes")
-            except (OSError, ValueError) as exc:
-                raise ManifestError(f"review pack {pack}: cannot read it as JSON: {exc}") from None
+            document = read_json_file(pack, "review pack")
+            if not isinstance(document, dict):
+                raise ManifestError(f"review pack {pack}: holds {kind(document)}, not the JSON object irank review writes")
+            classes = class_names(document.get("classes"), f"review pack {pack}")
             if classes:
-                return [str(name) for name in classes], f"the review pack ({pack})"
+                return classes, f"the review pack ({pack})"
     return sorted(set(manifest_labels)), "the labels found in the manifest"
 
 
@@ -147,11 +98,17 @@ def written_label(new_label: str, classes: list[str], manifest_labels: list[str]
     return new_label
 
 
+def class_of(new_label: str, classes: list[str]) -> str:
+    """A new_label as written when it is a class (a class name may start or end with spaces), else without the
+    spaces a spreadsheet adds around it."""
+    return new_label if new_label in classes else new_label.strip()
+
+
 def validate_decisions(decisions: pd.DataFrame, reviewed: str, label_of: dict[str, str], classes: list[str],
                        class_source: str) -> None:
     """Refuse the first row that cannot be applied, naming the file and the row. `label_of`: the manifest's id → label."""
     seen: dict[str, int] = {}
-    shown = ", ".join(classes[:12]) + (", ..." if len(classes) > 12 else "")
+    shown = shown_names(classes)
     for row in decisions.itertuples(index=False):
         where = f"reviewed {reviewed}: row {row.row} (id {row.id!r})"
         if row.id in seen:
@@ -172,6 +129,40 @@ def validate_decisions(decisions: pd.DataFrame, reviewed: str, label_of: dict[st
                                 f"{row.decision or 'empty'}; set the decision to relabel or clear new_label")
 
 
+def decide(decisions: pd.DataFrame, samples: Manifest, position: dict[str, int], classes: list[str],
+           label_values: list[str]) -> tuple[dict[int, str], np.ndarray, pd.DataFrame]:
+    """The validated decisions as the manifest rows' new labels (only the relabeled rows), which rows to keep, and
+    the audit table (one row per reviewed row)."""
+    new_labels: dict[int, str] = {}  # manifest row → its new label
+    keep = np.ones(len(samples), dtype=bool)
+    audit: dict[str, list[str]] = {column: [] for column in AUDIT_COLUMNS}  # a list per column: a dict per row took 4×
+    for row in decisions.itertuples(index=False):
+        at = position[row.id]
+        old = samples.labels[at]
+        if row.decision == "relabel":
+            new_labels[at] = written_label(row.new_label, classes, label_values)
+        elif row.decision == "remove":
+            keep[at] = False
+        for column, value in zip(AUDIT_COLUMNS, (row.id, old, new_labels.get(at, old) if keep[at] else "",
+                                                 row.decision or "keep")):
+            audit[column].append(value)
+    return new_labels, keep, pd.DataFrame(audit, columns=AUDIT_COLUMNS)
+
+
+def check_apply_outputs(reviewed: str, manifest: str, output: str | None, audit_output: str | None,
+                        classes_file: str | None, overwrite: bool) -> None:
+    """Refuse outputs of an unknown format, both on stdout, one that is an input, or one that exists (unless `overwrite`)."""
+    for path in (output, audit_output):
+        if path is not None:
+            table_format(path)
+    if is_stdio(output) and is_stdio(audit_output):
+        raise UsageError("-o and --audit cannot both go to stdout")
+    outputs = {"-o": output, "--audit": audit_output,
+               "the sidecar": output + ".json" if output and not is_stdio(output) else None}
+    check_outputs_clear_of_inputs(outputs, {"reviewed file": reviewed, "manifest": manifest, "--classes file": classes_file})
+    check_overwrite(outputs, overwrite)
+
+
 def apply_review(
     reviewed: str,
     manifest: str,
@@ -186,41 +177,21 @@ def apply_review(
     The fixed manifest keeps the manifest's columns and row order (written to another folder, its
     relative paths are rebased as `irank prune` does). `audit_output` gets one row per reviewed row.
     """
-    for _flag, path in (("-o", output), ("--audit", audit_output)):
-        if path is not None:
-            table_format(path)
-    if is_stdio(output) and is_stdio(audit_output):
-        raise UsageError("-o and --audit cannot both go to stdout")
-    outputs = {"-o": output, "--audit": audit_output,
-               "the sidecar": output + ".json" if output and not is_stdio(output) else None}
-    check_outputs_clear_of_inputs(outputs, {"reviewed file": reviewed, "manifest": manifest, "--classes file": classes_file})
-    check_overwrite(outputs, overwrite)
-    decisions = read_decisions(reviewed)
+    check_apply_outputs(reviewed, manifest, output, audit_output, classes_file, overwrite)
+    data = reviewed_bytes(reviewed)  # read once: a pipe gives its bytes once
+    decisions = read_decisions(reviewed, data)
     samples = read_manifest(manifest)
     label_values = distinct(samples.labels)
     classes, class_source = apply_class_list(reviewed, label_values, classes_file)
+    decisions["new_label"] = [class_of(label, classes) for label in decisions["new_label"]]
     # the reviewed ids' manifest rows, found in one pass over the ids (made one at a time): an index of every id
     # of a million-row manifest held its million strings, and a review covers a few of them
     wanted = set(decisions["id"])
     position = {sample_id: row for row, sample_id in enumerate(samples.ids) if sample_id in wanted}
     validate_decisions(decisions, reviewed, {sample_id: samples.labels[row] for sample_id, row in position.items()},
                        classes, class_source)
-    new_labels: dict[int, str] = {}  # manifest row → its new label (only the relabeled rows)
-    keep = np.ones(len(samples), dtype=bool)
-    audit: dict[str, list[str]] = {column: [] for column in AUDIT_COLUMNS}  # a list per column: a dict per row took 4×
-    for row in decisions.itertuples(index=False):
-        at = position[row.id]
-        old = samples.labels[at]
-        if row.decision == "relabel":
-            new_labels[at] = written_label(row.new_label, classes, label_values)
-        elif row.decision == "remove":
-            keep[at] = False
-        for column, value in zip(AUDIT_COLUMNS, (row.id, old, new_labels.get(at, old) if keep[at] else "",
-                                                 row.decision or "keep")):
-            audit[column].append(value)
-    changed = sum(1 for old, new, decision in zip(audit["old_label"], audit["new_label"], audit["decision"])
-                  if decision == "relabel" and old != new)
-    audit = pd.DataFrame(audit, columns=AUDIT_COLUMNS)
+    new_labels, keep, audit = decide(decisions, samples, position, classes, label_values)
+    changed = int(((audit["decision"] == "relabel") & (audit["old_label"] != audit["new_label"])).sum())
     counts = decisions["decision"].replace("", "keep").value_counts()
     summary = {
         "irank_version": __version__,
@@ -234,8 +205,8 @@ def apply_review(
         "input_rows": len(samples),
         "output_rows": int(keep.sum()),
         "inputs": {
-            "reviewed": {"path": reviewed, "sha256": None if is_stdio(reviewed) else sha256_file(reviewed)},
-            "manifest": {"path": manifest, "sha256": sha256_file(manifest)},
+            "reviewed": {"path": reviewed, "sha256": None if is_stdio(reviewed) else sha256_bytes(data)},
+            "manifest": {"path": manifest, "sha256": samples.table_source.sha256()},
         },
     }
     result = ApplyResult(samples, keep, new_labels, audit, summary)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import stat
+
 import numpy as np
 import pandas as pd
 
@@ -17,6 +20,7 @@ from irank.formats.files import (
 )
 from irank.formats.manifest import (
     Manifest,
+    TableSource,
     blocks_quoting,
     path_rebaser,
     read_manifest,
@@ -112,8 +116,16 @@ def _check_request(scores: str, manifest: str, output: str | None, removed_outpu
         raise UsageError("-o and --removed cannot both go to stdout")
 
 
-def _summary(scores: str, manifest: str, rule: dict, samples, score_table, keep: np.ndarray,
-             removed_at: np.ndarray) -> dict:
+def _piped_scores(scores: str) -> TableSource | None:
+    """A named pipe given by path gives its rows once: read through a copy, which can then be hashed (stdin is read
+    once, as it comes, and not hashed)."""
+    if is_stdio(scores) or not os.path.exists(scores) or stat.S_ISREG(os.stat(scores).st_mode):
+        return None
+    return TableSource(scores, "scores")
+
+
+def _summary(scores: str, scores_sha256: str | None, manifest: str, rule: dict, samples, score_table,
+             keep: np.ndarray, removed_at: np.ndarray) -> dict:
     """What the kept manifest's sidecar (and --json) says: the rule, the counts, the inputs."""
     removed_codes = np.bincount(score_table.labels.codes[removed_at], minlength=len(score_table.labels.values))
     per_class_removed = sorted((label, int(number)) for label, number in zip(score_table.labels.values, removed_codes)
@@ -129,8 +141,8 @@ def _summary(scores: str, manifest: str, rule: dict, samples, score_table, keep:
         "removed_rows": int((~keep).sum()),
         "removed_per_class": dict(per_class_removed),
         "inputs": {
-            "scores": {"path": scores, "sha256": None if is_stdio(scores) else sha256_file(scores)},
-            "manifest": {"path": manifest, "sha256": sha256_file(manifest)},
+            "scores": {"path": scores, "sha256": scores_sha256},
+            "manifest": {"path": manifest, "sha256": samples.table_source.sha256()},  # a pipe: its copy's
         },
     }
 
@@ -173,7 +185,9 @@ def prune(
     samples = read_manifest(manifest, require_label=False)
     # each scored id's manifest row, by hash, looked up as the scores are read: neither the manifest's ids
     # nor the table's are held as strings
-    score_table = read_score_columns(scores, manifest_ids=samples.ids)
+    source = _piped_scores(scores)
+    score_table = read_score_columns(scores, source=source, manifest_ids=samples.ids)
+    scores_sha256 = None if is_stdio(scores) else source.sha256() if source else sha256_file(scores)
     if score_table.unknown:
         raise ManifestError(f"scores {scores}: id {score_table.first_unknown!r} is not in manifest {manifest} "
                             f"({score_table.unknown} such ids)")
@@ -187,6 +201,6 @@ def prune(
     keep[removed_rows] = False
     result = PruneResult(samples, keep, removed_rows,
                          {column: getattr(score_table, column)[removed_at] for column in ("rank", "class_rank", "score")},
-                         _summary(scores, manifest, rule, samples, score_table, keep, removed_at))
+                         _summary(scores, scores_sha256, manifest, rule, samples, score_table, keep, removed_at))
     _write(result, output, removed_output, overwrite)
     return result

@@ -93,14 +93,15 @@ def _fit_and_save(checkpoint: str | None, manifest: str, output: str, options: T
     torch.manual_seed(options.seed)  # before the model is built: a fresh model's initial weights depend on it
     with all_or_none():
         prepared, device, validation = _prepare(checkpoint, manifest, output, val, model_options, run, reporter)
-    fingerprint = {"checkpoint": sha256_file(checkpoint) if checkpoint else None, "manifest": sha256_file(manifest),
+    manifest_sha256 = prepared.manifest.table_source.sha256()  # a manifest given as a pipe: its copy's
+    fingerprint = {"checkpoint": sha256_file(checkpoint) if checkpoint else None, "manifest": manifest_sha256,
                    "val": sha256_file(val) if val else None, "options": dict(options.__dict__),
                    "model": dict(model_options.__dict__), "batch_size": run.batch_size,
                    "precision": device.precision, "channels_last": device.channels_last}
     state = _resume_state(output, fingerprint, resume, reporter)
     result = _fit(prepared, options, run, device, reporter, validation, state, output)
     provenance = {
-        "manifest": {"path": manifest, "sha256": sha256_file(manifest), "rows": len(prepared.manifest)},
+        "manifest": {"path": manifest, "sha256": manifest_sha256, "rows": len(prepared.manifest)},
         "options": dict(options.__dict__),
         "run": {"device": device.device.type, "precision": device.precision, "channels_last": device.channels_last},
         "best_epoch": result.best_epoch,

@@ -12,21 +12,29 @@ from __future__ import annotations
 import base64
 import contextlib
 import io
-import json
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote
 
 import numpy as np
 import pandas as pd
 
 from irank._version import __version__
 from irank.core.selection import removal_mask
-from irank.formats.files import is_stdio, sha256_file
-from irank.formats.manifest import TableSource, read_table
+from irank.formats.files import is_stdio, output_set
+from irank.formats.images import ImageRefused, decode_error, open_image
+from irank.formats.jsontext import kind
+from irank.formats.manifest import TableSource, first_outside
+from irank.formats.review_pack import (
+    class_names,
+    json_field,
+    label_studio_tasks,
+    pack_changes,
+    pack_contents,
+    read_json_file,
+    review_table,
+)
 from irank.formats.review_page import render_page, tensor_placeholder
 from irank.formats.scores_table import ScoreColumns, flagged_rows, read_score_columns
 from irank.formats.tensor_rows import is_tensor_path
@@ -34,18 +42,14 @@ from irank.runtime.errors import ManifestError, UsageError
 
 DEFAULT_TOP = 100
 THUMBNAIL_SIZE = 160
-REVIEW_COLUMNS = ("decision", "new_label")
-DECISIONS = ("keep", "relabel", "remove")
-LABEL_STUDIO_LABEL = "label"  # from_name of the class choice in label-studio.xml
-LABEL_STUDIO_DECISION = "irank_decision"  # from_name of the optional "remove" choice
-LABEL_STUDIO_REMOVE = "remove from the data set"
 
 
 @dataclass
 class ReviewResult:
-    flagged: pd.DataFrame  # the review.csv rows, sorted by rank
-    summary: dict  # as written to review.json
-    missing_images: list[str]
+    flagged: pd.DataFrame  # the review.csv rows, sorted by rank (values unmarked: as in the scores)
+    summary: dict  # as written to review.json (less the files' hashes)
+    missing_images: list[str]  # images that could not be shown: not found, refused or undecodable
+    image_problems: list[str] = None  # why, for each of them
 
 
 def validate_selection(top: int | None, fraction: float | None) -> None:
@@ -76,16 +80,19 @@ def rows_per_class(columns: ScoreColumns) -> pd.Series:
 
 
 def read_scores_sidecar(scores: str) -> dict:
-    """The JSON sidecar irank score wrote beside the scores, or {} when there is none."""
+    """The JSON sidecar irank score wrote beside the scores (checked where review reads it), or {} when there is none."""
     if is_stdio(scores):
         return {}
     sidecar = Path(scores + ".json")
     if not sidecar.is_file():
         return {}
-    try:
-        return json.loads(sidecar.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ManifestError(f"scores sidecar {sidecar}: cannot read it as JSON: {exc}") from None
+    document = read_json_file(sidecar, "scores sidecar")
+    where = f"scores sidecar {sidecar}"
+    if not isinstance(document, dict):
+        raise ManifestError(f"{where}: holds {kind(document)}, not the JSON object irank score writes")
+    json_field(document, ("inputs", "manifest", "path"), (str,), where)
+    class_names(document.get("classes"), where)
+    return document
 
 
 def image_root(scores: str, sidecar: dict, override: str | None) -> tuple[Path, str]:
@@ -94,7 +101,7 @@ def image_root(scores: str, sidecar: dict, override: str | None) -> tuple[Path, 
         if not Path(override).is_dir():
             raise UsageError(f"--image-root {override}: not a folder")
         return Path(override).resolve(), f"--image-root {override}"
-    manifest_path = sidecar.get("inputs", {}).get("manifest", {}).get("path")
+    manifest_path = json_field(sidecar, ("inputs", "manifest", "path"), (str,), "scores sidecar")
     if manifest_path and not is_stdio(manifest_path) and Path(manifest_path).is_file():
         return Path(manifest_path).resolve().parent, f"the scored manifest's folder ({manifest_path})"
     if is_stdio(scores):
@@ -106,17 +113,20 @@ def resolve_image(path: str, root: Path) -> Path:
     return Path(path) if os.path.isabs(path) else root / path
 
 
-def thumbnail_data_uri(image_path: Path, size: int = THUMBNAIL_SIZE) -> str | None:
-    """A small PNG (or JPEG for large photos) of the image as a data URI; None when it cannot be read."""
+def thumbnail(image_path: Path, size: int = THUMBNAIL_SIZE) -> tuple[str | None, str | None]:
+    """A small PNG (or JPEG for large photos) of the image as a data URI, opened under the rule every command
+    follows (`images.open_image`); else (None, why not)."""
     from PIL import Image
 
     try:
-        with Image.open(image_path) as image:
+        with open_image(image_path) as image:
             image.thumbnail((size, size))
             has_alpha = image.mode in ("RGBA", "LA", "P")
             picture = image.convert("RGBA" if has_alpha else "RGB")
-    except (OSError, ValueError, Image.DecompressionBombError):
-        return None
+    except ImageRefused as exc:
+        return None, exc.reason
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        return None, decode_error(exc)
     buffer = io.BytesIO()
     small = picture.width * picture.height <= 64 * 64
     if small or has_alpha:
@@ -125,86 +135,25 @@ def thumbnail_data_uri(image_path: Path, size: int = THUMBNAIL_SIZE) -> str | No
     else:
         picture.save(buffer, format="JPEG", quality=85)
         mime = "image/jpeg"
-    return f"data:{mime};base64,{base64.b64encode(buffer.getvalue()).decode('ascii')}"
+    return f"data:{mime};base64,{base64.b64encode(buffer.getvalue()).decode('ascii')}", None
 
 
-def review_table(flagged: pd.DataFrame) -> pd.DataFrame:
-    """The flagged rows with empty decision and new_label columns right after id, for spreadsheets."""
-    table = flagged.copy()
-    clashes = [column for column in REVIEW_COLUMNS if column in table.columns]
-    table = table.rename(columns={column: f"{column}_input" for column in clashes})
-    at = list(table.columns).index("id") + 1
-    for offset, column in enumerate(REVIEW_COLUMNS):
-        table.insert(at + offset, column, "")
-    return table
-
-
-def label_studio_url(image_path: Path, document_root: Path) -> str | None:
-    """Label Studio's local-files URL for an image under its document root; None when it lies outside."""
-    try:
-        relative = image_path.resolve().relative_to(document_root.resolve())
-    except ValueError:
-        return None
-    return "/data/local-files/?d=" + quote(relative.as_posix())
-
-
-def label_studio_tasks(flagged: pd.DataFrame, image_paths: list[Path], document_root: Path) -> tuple[list[dict], int]:
-    """Image-classification tasks with irank's suggestion as a prediction; also how many images lie outside the root."""
-    tasks, outside = [], 0
-    for (_, row), image_path in zip(flagged.iterrows(), image_paths):
-        url = label_studio_url(image_path, document_root)
-        if url is None:
-            outside += 1
-            url = "/data/local-files/?d=" + quote(image_path.resolve().as_posix().lstrip("/"))
-        tasks.append({
-            "data": {
-                "image": url, "irank_id": str(row["id"]), "given_label": str(row["label"]),
-                "rank": int(row["rank"]), "score": float(row["score"]),
-            },
-            "predictions": [{
-                "model_version": f"irank {__version__}",
-                "score": float(row["predicted_prob"]),
-                "result": [{
-                    "from_name": LABEL_STUDIO_LABEL, "to_name": "image", "type": "choices",
-                    "value": {"choices": [str(row["predicted"])]},
-                }],
-            }],
-        })
-    return tasks, outside
-
-
-def label_studio_config(classes: list[str]) -> str:
-    from xml.sax.saxutils import quoteattr
-
-    choices = "\n".join(f"    <Choice value={quoteattr(name)}/>" for name in classes)
-    return (
-        "<View>\n"
-        '  <Image name="image" value="$image"/>\n'
-        '  <Header value="Given label: $given_label (irank rank $rank)"/>\n'
-        f'  <Choices name="{LABEL_STUDIO_LABEL}" toName="image" choice="single" showInLine="true">\n{choices}\n  </Choices>\n'
-        f'  <Choices name="{LABEL_STUDIO_DECISION}" toName="image" choice="single">\n'
-        f'    <Choice value="{LABEL_STUDIO_REMOVE}"/>\n  </Choices>\n'
-        "</View>\n"
-    )
-
-
-def filled_decisions(review_csv: Path) -> int:
-    """How many rows of an existing review.csv an annotator has filled in (0 when unreadable)."""
-    try:
-        table = read_table(review_csv, what="review")
-    except ManifestError:
-        return 0
-    filled = 0
-    for column in REVIEW_COLUMNS:
-        if column in table.columns:
-            filled = max(filled, int((table[column].astype(str).str.strip() != "").sum()))
-    return filled
+def check_images_inside(scores: str, paths: list[str], is_tensor_row: list[bool], ranks: list[int], root: Path,
+                        root_reason: str) -> None:
+    """Refuse an image path that resolves outside the image root, as every command refuses one outside the
+    manifest's folder unless --allow-outside-root: a review pack embeds the images it shows."""
+    outside = first_outside(root, ((rank, path) for rank, path, tensor in zip(ranks, paths, is_tensor_row) if not tensor))
+    if outside is not None:
+        rank, written = outside
+        raise ManifestError(f"scores {scores}: rank {rank}: path {written!r} resolves outside the image folder "
+                            f"{os.path.realpath(root)} ({root_reason}); pass --allow-outside-root if you trust "
+                            "these scores, or --image-root DIR")
 
 
 def check_review_dir(output: Path, inputs: dict[str, str | None], overwrite: bool = False) -> None:
-    """Refuse an output folder that holds an input, someone else's files, or an annotator's work;
-    an earlier pack with no decisions filled in is replaced only with `overwrite`."""
-    if output.exists() and not output.is_dir():
+    """Refuse an output folder that holds an input, someone else's files, or an annotator's work; an earlier
+    pack is replaced only with `overwrite`, and only while it holds exactly the files irank wrote, unchanged."""
+    if os.path.lexists(output) and not output.is_dir():
         raise UsageError(f"-o {output}: exists and is not a folder")
     real_output = os.path.realpath(output)
     for name, path in inputs.items():
@@ -214,50 +163,86 @@ def check_review_dir(output: Path, inputs: dict[str, str | None], overwrite: boo
                 raise UsageError(f"-o {output}: the {name} {path} lies inside it; refusing to replace an input")
     if not output.is_dir() or not any(output.iterdir()):
         return
-    if not (output / "review.json").is_file():
-        raise UsageError(f"-o {output}: a folder that is not empty and not an irank review pack; refusing to overwrite it")
-    filled = filled_decisions(output / "review.csv")
-    if filled:
-        raise UsageError(f"-o {output}: its review.csv has {filled} rows filled in by an annotator; "
-                         "refusing to overwrite them (move the folder or pick another -o)")
+    problem = pack_changes(output)
+    if problem:
+        raise UsageError(f"-o {output}: {problem}; refusing to overwrite it, --overwrite or not "
+                         "(move the folder or pick another -o)")
     if not overwrite:
         raise UsageError(f"-o {output} already holds a review pack; pass --overwrite to replace it")
 
 
-def replace_folder(built: Path, output: Path) -> None:
-    """Rename `built` to `output`; an existing `output` (already checked to be replaceable) is moved aside first."""
-    if not output.exists():
-        os.replace(built, output)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old.", dir=output.parent))
-    old.rmdir()
-    os.replace(output, old)
-    try:
-        os.replace(built, output)
-    except BaseException:
-        os.replace(old, output)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
 @contextlib.contextmanager
-def building_folder(output: Path):
-    """A temporary sibling folder to fill; renamed to `output` on success, removed on any failure."""
+def building_folder(output: Path, overwrite: bool = False):
+    """A temporary sibling folder to fill, published as `output` once complete, as an output set (files.OutputSet:
+    Ctrl-C and SIGTERM held back during the rename; without `overwrite`, only where nothing is at that moment);
+    removed on any failure. An earlier pack is checked once more just before it is replaced: an annotator may have
+    opened it while this one was being built."""
     output.parent.mkdir(parents=True, exist_ok=True)
-    built = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
-    try:
+    replace = overwrite or (output.is_dir() and not any(output.iterdir()))  # an empty folder is no one's work
+    with output_set(overwrite=replace) as outputs:
+        built = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
+        outputs.add(built, output)  # removed with the set if anything fails from here on
         yield built
         built.chmod(0o755)
-        replace_folder(built, output)
-    except BaseException:
-        shutil.rmtree(built, ignore_errors=True)
-        raise
+        if output.is_dir() and any(output.iterdir()):
+            problem = pack_changes(output)
+            if problem:
+                raise UsageError(f"-o {output}: {problem}; refusing to overwrite it, --overwrite or not "
+                                 "(move the folder or pick another -o)")
 
 
 def class_list(labels: list[str], predicted: set[str], sidecar: dict) -> tuple[list[str], str]:
     if sidecar.get("classes"):
         return [str(name) for name in sidecar["classes"]], "the scores' sidecar"
     return sorted(set(labels) | predicted), "the labels and predictions in the scores"
+
+
+def read_flagged(scores: str, top: int | None, fraction: float | None,
+                 per_class: bool) -> tuple[ScoreColumns, np.ndarray, pd.DataFrame, set[str], str | None]:
+    """The scores' compact columns, which rows are flagged, those rows whole (sorted by rank), every predicted
+    class name, and the scores' sha256 (None from stdin). Two passes over the scores, so that only the id, label, rank, class rank and score
+    of every row are held (compactly, as prune holds them), and the flagged rows whole (every column of every
+    row in pandas took about 680 bytes a row)."""
+    source = TableSource(scores, "scores")
+    columns = read_score_columns(scores, source)
+    mask = flagged_mask(columns, top=top, fraction=fraction, per_class=per_class)
+    flagged, predicted = flagged_rows(scores, source, mask)
+    if "predicted" not in flagged.columns or "predicted_prob" not in flagged.columns:
+        raise ManifestError(f"scores {scores}: missing column predicted or predicted_prob; is this the output of irank score?")
+    for column in ("predicted_prob", "label_prob", "candidate_2_prob", "candidate_3_prob"):
+        if column in flagged.columns:
+            flagged[column] = pd.to_numeric(flagged[column], errors="coerce")
+    digest = None if is_stdio(scores) else source.sha256()
+    return columns, mask, flagged.sort_values("rank", kind="mergesort").reset_index(drop=True), predicted, digest
+
+
+def pack_images(scores: str, flagged: pd.DataFrame, root: Path, root_reason: str,
+                allow_outside_root: bool) -> tuple[list[Path], list[str | None], list[str | None], list[bool]]:
+    """Each flagged row's image path, card picture (None: not shown), why it is not shown, and whether it is a
+    tensor row (a card with its file and index, nothing read)."""
+    written = [str(p) for p in flagged["path"]]
+    paths = [resolve_image(p, root) for p in written]
+    is_tensor_row = [is_tensor_path(p) for p in written]
+    if not allow_outside_root:
+        check_images_inside(scores, written, is_tensor_row, flagged["rank"].astype(int).tolist(), root, root_reason)
+    pictures, problems = [], []
+    for (_, row), path, tensor_row in zip(flagged.iterrows(), paths, is_tensor_row):
+        picture, problem = (tensor_placeholder(row), None) if tensor_row else thumbnail(path)
+        pictures.append(picture)
+        problems.append(problem)
+    return paths, pictures, problems, is_tensor_row
+
+
+def review_inputs(scores: str, output: str, overwrite: bool) -> tuple[Path, dict, str | None]:
+    """The output folder (checked: see `check_review_dir`), the scores' sidecar, and the scored manifest it names."""
+    if is_stdio(output):
+        raise UsageError("-o -: irank review writes a folder; name one")
+    out_dir = Path(output)
+    sidecar = read_scores_sidecar(scores)
+    manifest_path = json_field(sidecar, ("inputs", "manifest", "path"), (str,), "scores sidecar")
+    check_review_dir(out_dir, {"scores": scores, "scores' sidecar": None if is_stdio(scores) else scores + ".json",
+                               "scored manifest": manifest_path}, overwrite)
+    return out_dir, sidecar, manifest_path
 
 
 def review(
@@ -270,46 +255,24 @@ def review(
     image_root_dir: str | None = None,
     label_studio_root: str | None = None,
     overwrite: bool = False,
+    allow_outside_root: bool = False,
 ) -> ReviewResult:
     """Write the review pack for the rows ranked first in `scores` into the folder `output`.
 
     `top` (default 100) or `fraction` of the rows, from rank 1 down, from each class with
     `per_class`. Relative image paths resolve against `image_root_dir`, else the scored manifest's
-    folder (from the scores' sidecar), else the scores file's folder. Label Studio URLs are relative to
-    `label_studio_root` (default: that same image folder), which is the LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT
-    to serve them from.
+    folder (from the scores' sidecar), else the scores file's folder; an image outside that folder is
+    refused unless `allow_outside_root`. Label Studio URLs are relative to `label_studio_root` (default:
+    that same image folder), which is the LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT to serve them from.
     """
     validate_selection(top, fraction)
-    if is_stdio(output):
-        raise UsageError("-o -: irank review writes a folder; name one")
-    out_dir = Path(output)
-    sidecar = read_scores_sidecar(scores)
-    manifest_path = sidecar.get("inputs", {}).get("manifest", {}).get("path")
-    check_review_dir(out_dir, {"scores": scores, "scores' sidecar": None if is_stdio(scores) else scores + ".json",
-                               "scored manifest": manifest_path}, overwrite)
-    # Two passes over the scores, so that only the id, label, rank, class rank and score of every row are held
-    # (compactly, as prune holds them), and the flagged rows whole (every column of every row in pandas took
-    # about 680 bytes a row).
-    source = TableSource(scores, "scores")
-    columns = read_score_columns(scores, source)
-    mask = flagged_mask(columns, top=top, fraction=fraction, per_class=per_class)
-    flagged, predicted = flagged_rows(scores, source, mask)
-    if "predicted" not in flagged.columns or "predicted_prob" not in flagged.columns:
-        raise ManifestError(f"scores {scores}: missing column predicted or predicted_prob; is this the output of irank score?")
-    for column in ("predicted_prob", "label_prob", "candidate_2_prob", "candidate_3_prob"):
-        if column in flagged.columns:
-            flagged[column] = pd.to_numeric(flagged[column], errors="coerce")
+    out_dir, sidecar, manifest_path = review_inputs(scores, output, overwrite)
+    columns, mask, flagged, predicted, digest = read_flagged(scores, top, fraction, per_class)
     root, root_reason = image_root(scores, sidecar, image_root_dir)
     ls_root = Path(label_studio_root).resolve() if label_studio_root else root
     classes, class_source = class_list(list(columns.labels.values), predicted, sidecar)
-
-    flagged = flagged.sort_values("rank", kind="mergesort").reset_index(drop=True)
-    paths = [resolve_image(str(p), root) for p in flagged["path"]]
-    is_tensor_row = [is_tensor_path(p) for p in flagged["path"].astype(str)]
-    thumbnails = [tensor_placeholder(row) if tensor_row else thumbnail_data_uri(p)
-                  for (_, row), p, tensor_row in zip(flagged.iterrows(), paths, is_tensor_row)]
-    missing = [str(p) for p, uri in zip(paths, thumbnails) if uri is None]
-    cut_score = float(flagged["score"].min()) if len(flagged) else None
+    paths, pictures, problems, is_tensor_row = pack_images(scores, flagged, root, root_reason, allow_outside_root)
+    unshown = [place for place, picture in enumerate(pictures) if picture is None]
     tasks, outside_root = label_studio_tasks(flagged, paths, ls_root)
     summary = {
         "irank_version": __version__,
@@ -320,25 +283,20 @@ def review(
         "scored_rows": len(columns),
         "flagged_rows": len(flagged),
         "flagged_per_class": {str(k): int(v) for k, v in flagged["label"].value_counts().sort_index().items()},
-        "cut_score": cut_score,
+        "cut_score": float(flagged["score"].min()) if len(flagged) else None,
         "image_root": str(root),
         "image_root_source": root_reason,
         "label_studio_root": str(ls_root),
         "label_studio_images_outside_root": outside_root,
-        "missing_images": len(missing),
+        "missing_images": len(unshown),
         "tensor_rows": int(sum(is_tensor_row)),
-        "inputs": {
-            "scores": {"path": scores, "sha256": None if is_stdio(scores) else sha256_file(scores)},
-            "manifest": {"path": manifest_path} if manifest_path else None,
-        },
+        "inputs": {"scores": {"path": scores, "sha256": digest},
+                   "manifest": {"path": manifest_path} if manifest_path else None},
     }
-    page = render_page(flagged, rows_per_class(columns), columns.score, thumbnails, mask=mask, classes=classes,
-                       summary=summary)
-    reviewed = review_table(flagged)
-    with building_folder(out_dir) as folder:
-        (folder / "index.html").write_text(page, encoding="utf-8")
-        reviewed.to_csv(folder / "review.csv", index=False)
-        (folder / "label-studio.json").write_text(json.dumps(tasks, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        (folder / "label-studio.xml").write_text(label_studio_config(classes), encoding="utf-8")
-        (folder / "review.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    return ReviewResult(flagged=reviewed, summary=summary, missing_images=missing)
+    page = render_page(flagged, rows_per_class(columns), columns.score, pictures, mask=mask, classes=classes,
+                       summary=summary, problems=problems)
+    with building_folder(out_dir, overwrite) as folder:
+        for name, data in pack_contents(flagged, page, tasks, classes, summary).items():
+            (folder / name).write_bytes(data)
+    return ReviewResult(flagged=review_table(flagged), summary=summary, missing_images=[str(paths[p]) for p in unshown],
+                        image_problems=[problems[p] for p in unshown])

@@ -156,7 +156,7 @@ def _sidecar(checkpoint: str, manifest: str, prepared: Prepared, ranking: Rankin
         "skipped_rows": prepared.skipped,
         "inputs": {
             "checkpoint": {"path": checkpoint, "sha256": sha256_file(checkpoint)},
-            "manifest": {"path": manifest, "sha256": sha256_file(manifest)},
+            "manifest": {"path": manifest, "sha256": prepared.manifest.table_source.sha256()},  # a pipe: its copy
             **({"val": {"path": boundary.val, "sha256": sha256_file(boundary.val)}}
                if boundary.kind == "refit" and boundary.val else {}),
         },
