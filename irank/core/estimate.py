@@ -8,6 +8,10 @@ A two-Gaussian mixture on log(influence) was tried and gave 6% there, so it is n
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Sequence
+
+import numpy as np
 import pandas as pd
 
 ESTIMATORS = ("disagreement",)
@@ -20,3 +24,23 @@ def estimate_noise_share(table: pd.DataFrame, method: str = "disagreement") -> d
     share = float((table["label"].astype(str) != table["predicted"].astype(str)).mean())
     return {"share": share, "method": method,
             "reason": "share of samples whose given label differs from the model's prediction"}
+
+
+def issue_summary(labels: Sequence[str], predicted: Sequence[str], classes: Sequence[str] | None = None) -> dict:
+    """How bad is the data, from one ranking: the rows whose given label differs from the boundary's prediction
+    (the same estimate as `estimate_noise_share`, as a count), per class, and the class pairs they confuse.
+
+    Returns {'rows', 'estimated_issues', 'share', 'per_class': {class: {'rows', 'estimated_issues'}} in `classes`'
+    order (default: sorted), 'confused_pairs': [{'given', 'suggested', 'count'}, ...] most first, ties by name}.
+    A lower bound where the model memorized wrong labels (they agree with its prediction).
+    """
+    labels, predicted = np.asarray(labels).astype(str), np.asarray(predicted).astype(str)
+    wrong = labels != predicted
+    names = list(classes) if classes is not None else sorted(set(labels.tolist()))
+    per_class = {str(name): {"rows": int((labels == str(name)).sum()),
+                             "estimated_issues": int((wrong & (labels == str(name))).sum())} for name in names}
+    pairs = Counter(zip(labels[wrong].tolist(), predicted[wrong].tolist()))
+    confused = [{"given": given, "suggested": suggested, "count": count}
+                for (given, suggested), count in sorted(pairs.items(), key=lambda item: (-item[1], item[0]))]
+    return {"rows": int(len(labels)), "estimated_issues": int(wrong.sum()),
+            "share": float(wrong.mean()) if len(labels) else 0.0, "per_class": per_class, "confused_pairs": confused}
