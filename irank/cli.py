@@ -123,7 +123,9 @@ class Precision(str, Enum):
     fp16 = "fp16"
 
 
-MODEL = "Model and preprocessing"
+MODEL = "Model and preprocessing: what a first run needs"
+RANKING = "Ranking"
+EXPERT = "Expert: influence and the probe"
 RUN = "Running"
 GATE = "CI gate"
 # Options shared by the commands that load a checkpoint.
@@ -191,6 +193,29 @@ def parse_workers(text: str) -> int | None:
     return int(text)
 
 
+def show_issue_summary(summary: dict, boundary: str, reporter, shown_pairs: int = 5) -> None:
+    """How bad is the data, on stderr: the estimated wrong labels overall and per class, the pairs most confused."""
+    if not reporter.speaks or getattr(reporter, "quiet", False):
+        return
+    reporter.info(f"estimated wrong labels: {summary['estimated_issues']:,} of {summary['rows']:,} "
+                  f"({summary['share']:.1%}): the rows whose given label the {boundary} boundary does not predict")
+    pairs = summary["confused_pairs"][:shown_pairs]
+    if pairs:
+        reporter.info("most confused (given → suggested): " + ", ".join(
+            f"{pair['given']} → {pair['suggested']} {pair['count']:,}" for pair in pairs))
+    table = Table(title="estimated wrong labels per class")
+    for column in ("class", "rows", "estimated wrong", "share"):
+        table.add_column(column, justify="left" if column == "class" else "right")
+    rows = list(summary["per_class"].items())
+    if len(rows) > 20:  # the classes with most, not a screen of them
+        rows = sorted(rows, key=lambda item: -item[1]["estimated_issues"])[:10]
+        table.caption = f"the 10 of {len(summary['per_class'])} classes with the most; all of them under --json"
+    for name, row in rows:
+        share = f"{row['estimated_issues'] / row['rows']:.1%}" if row["rows"] else "-"
+        table.add_row(name, f"{row['rows']:,}", f"{row['estimated_issues']:,}", share)
+    Console(stderr=True, highlight=False).print(table)
+
+
 def print_json(payload: dict) -> None:
     sys.stdout.write(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
 
@@ -198,26 +223,24 @@ def print_json(payload: dict) -> None:
 @app.command()
 def score(
     checkpoint: Annotated[Path, typer.Argument(help="Trained model: .safetensors, or a .pt/.pth state dict.")],
-    manifest: Annotated[Path, typer.Argument(help="Samples to score: CSV/TSV/JSONL/Parquet with path and label columns.")],
+    manifest: Annotated[Path, typer.Argument(help="Samples to score: CSV/TSV/JSONL/Parquet with path and label columns, or an ImageFolder (FOLDER/<class>/<image>).")],
     output: Annotated[str, typer.Option("-o", "--output", help="Scores table (CSV); '-' writes it to stdout.")],
-    method: Annotated[Method, typer.Option(help="influence: the sample's influence on the decision boundary (the probe's, or the head's); "
-                                           "loss, margin, gradnorm: read off the same boundary. auto (default): influence on the head, "
-                                           "the probe's loss on a refit probe (it ranked wrong labels better there; docs/how-it-works.md).")] = Method.auto,
+    arch: ArchOpt = None, preprocess: PresetOpt = None, mean: MeanOpt = None, std: StdOpt = None,
+    image_size: ImageSizeOpt = None, resize: ResizeOpt = None, classes: ClassesOpt = None, head: HeadOpt = None,
+    allow_outside_root: AllowOutsideOpt = False, on_bad_image: BadImageOpt = "fail",
+    boundary: Annotated[Boundary, typer.Option(help="refit (default): an L2-regularized linear probe refit on --layer's pooled features, a boundary that cannot bend around memorized labels; head: the checkpoint's own head, the paper's boundary.", rich_help_panel=RANKING)] = Boundary.refit,
+    layer: Annotated[str, typer.Option(help="With --boundary refit: auto (the deepest block whose probe did not memorize the given labels; docs/how-it-works.md), head-input, or a module name from `irank layers`.", rich_help_panel=RANKING)] = "auto",
+    method: Annotated[Method, typer.Option(help="What ranks the rows. auto (default): the probe's loss on a refit probe (it ranked wrong labels better there; docs/how-it-works.md), influence on the head; influence: the sample's influence on the boundary; loss, margin, gradnorm: read off the same boundary.", rich_help_panel=RANKING)] = Method.auto,
     influence_measure: Annotated[Optional[Measure], typer.Option(help="The influence measure: self-influence (default; rise of its own loss "
                                                        "if left out), boundary-shift (mean squared change of all logits) "
                                                        "or parameter-shift (‖Δθ‖). Giving it with --method auto ranks by influence on a refit "
-                                                       "probe too.", show_default=False)] = None,
+                                                       "probe too.", show_default=False, rich_help_panel=EXPERT)] = None,
     curvature: Annotated[Optional[Curvature], typer.Option(help="With --boundary head --method influence: the head's curvature, exact Gauss-Newton, Kronecker-factored (kfac), "
-                                                 "or auto (exact when small; the default).", show_default=False)] = None,
-    damping: Annotated[Optional[float], typer.Option(help="With --boundary head --method influence: damping, relative to the mean eigenvalue of the curvature (default 0.01).", show_default=False)] = None,
-    boundary: Annotated[Boundary, typer.Option(help="refit (default): an L2-regularized linear probe refit on --layer's pooled features, a boundary that cannot bend around memorized labels; head: the checkpoint's own head (--curvature and --damping apply there).")] = Boundary.refit,
-    layer: Annotated[str, typer.Option(help="With --boundary refit: auto (the deepest block whose probe did not memorize the given labels; docs/how-it-works.md), head-input, or a module name from `irank layers`.")] = "auto",
-    l2: Annotated[Optional[float], typer.Option(help="With --boundary refit: the probe's L2 strength on standardized features (default 0.1); with influence, also the probe's curvature damping.", show_default=False)] = None,
-    choice_rows: Annotated[Optional[int], typer.Option(help="With --layer auto: every candidate layer is read and compared on a seeded random sample of this many rows (default 4096); the other rows then run only up to the chosen layer.", show_default=False)] = None,
-    val: Annotated[Optional[Path], typer.Option(help="With --layer auto: a small clean labelled manifest; the layer whose probe (fitted on the given labels) is most accurate on it is chosen, instead of by held-out loss on the given labels.")] = None,
-    arch: ArchOpt = None, head: HeadOpt = None, classes: ClassesOpt = None, preprocess: PresetOpt = None,
-    image_size: ImageSizeOpt = None, resize: ResizeOpt = None, mean: MeanOpt = None, std: StdOpt = None,
-    allow_outside_root: AllowOutsideOpt = False, on_bad_image: BadImageOpt = "fail",
+                                                 "or auto (exact when small; the default).", show_default=False, rich_help_panel=EXPERT)] = None,
+    damping: Annotated[Optional[float], typer.Option(help="With --boundary head --method influence: damping, relative to the mean eigenvalue of the curvature (default 0.01).", show_default=False, rich_help_panel=EXPERT)] = None,
+    l2: Annotated[Optional[float], typer.Option(help="With --boundary refit: the probe's L2 strength on standardized features (default 0.1); with influence, also the probe's curvature damping.", show_default=False, rich_help_panel=EXPERT)] = None,
+    choice_rows: Annotated[Optional[int], typer.Option(help="With --layer auto: every candidate layer is read and compared on a seeded random sample of this many rows (default 4096); the other rows then run only up to the chosen layer.", show_default=False, rich_help_panel=EXPERT)] = None,
+    val: Annotated[Optional[Path], typer.Option(help="With --layer auto: a small clean labelled manifest; the layer whose probe (fitted on the given labels) is most accurate on it is chosen, instead of by held-out loss on the given labels.", rich_help_panel=EXPERT)] = None,
     device: DeviceOpt = Device.auto, batch_size: BatchOpt = 128, num_workers: WorkersOpt = "auto",
     channels_last: ChannelsLastOpt = ChannelsLast.auto, precision: PrecisionOpt = Precision.auto,
     memory_budget: MemoryBudgetOpt = DEFAULT_MEMORY_BUDGET,
@@ -229,13 +252,15 @@ def score(
         help="With --fail-over: gate on the share of samples whose score is at least this value instead.",
         rich_help_panel=GATE)] = None,
 ) -> None:
-    """Score every sample's influence and write the influential rank (rank 1 = the first to suspect).
+    """Rank every sample by how likely its label is wrong (rank 1 = the first to suspect), and say how bad the data is.
 
-    One forward pass over the manifest; the CSV is sorted by rank with the columns rank, id, path, label, predicted, label_prob, predicted_prob, loss, score, class_rank, candidate_2, candidate_2_prob, candidate_3, candidate_3_prob and then the manifest's own columns. A sidecar SCORES.json records the parameters and the sha256 of the inputs.
+    By default each sample is ranked by its loss on an L2 probe refit at the deepest layer that did not memorize the given labels (docs/how-it-works.md); --boundary head --method influence ranks by the paper's influence on the checkpoint's own head. One forward pass over the manifest; the CSV is sorted by rank with the columns rank, id, path, label, predicted, label_prob, predicted_prob, loss, score, class_rank, candidate_2, candidate_2_prob, candidate_3, candidate_3_prob and then the manifest's own columns. A sidecar SCORES.json records what was computed, the sha256 of the inputs and a summary: the estimated wrong labels overall and per class, and the class pairs they confuse (also on screen, and under "summary" with --json).
 
     With --fail-over the command is a CI gate: exit code 4 and a one-line reason on stderr when the share is over it; the scores are written either way.
 
-    Example: irank score model.safetensors train.csv -o scores.csv
+    Example (a checkpoint irank wrote: it records its architecture and preprocessing): irank score model.safetensors train.csv -o scores.csv
+
+    Example (a torchvision model's state dict, an ImageFolder): irank score model.pt data/train -o scores.csv --arch resnet18 --preprocess imagenet
 
     Example (a CI gate, docs/guides/ci-gate.md): irank score model.safetensors train.csv -o scores.csv --boundary head --fail-over 0.05
     """
@@ -259,6 +284,7 @@ def score(
     )
     if not is_stdio(output):
         reporter.info(f"wrote {output} ({len(result.ranked)} rows) and {output}.json")
+    show_issue_summary(result.sidecar["summary"], result.sidecar["parameters"]["boundary"], reporter)
     verdict = check_gate(result.ranked.verdict_columns(), fail_over=fail_over, fail_score=fail_score) if fail_over is not None else None
     if json_out:
         print_json({**result.sidecar, "output": output, "gate": verdict.to_dict() if verdict else None})
@@ -391,7 +417,7 @@ def train_options(scope=None, epochs=None, lr=None, weight_decay=None, augment=N
 @app.command()
 def refine(
     checkpoint: Annotated[Path, typer.Argument(help="The model to fine-tune.")],
-    manifest: Annotated[Path, typer.Argument(help="The (cleaned) manifest to fine-tune on.")],
+    manifest: Annotated[Path, typer.Argument(help="The (cleaned) manifest to fine-tune on, or an ImageFolder.")],
     output: Annotated[str, typer.Option("-o", "--output", help="Refined checkpoint (.safetensors, with irank metadata).")],
     scope: Annotated[Optional[Scope], typer.Option(help="head (default): fine-tune the last linear layer only, on features computed once; full: the whole network; refit: refit the head from scratch as an L2-regularized softmax regression on the frozen features (convex, deterministic; see --l2).", show_default=False)] = None,
     l2: Annotated[Optional[float], typer.Option(help=f"With --scope refit: L2 strength on standardized features (default {REFINE.l2:g}).", show_default=False)] = None,
@@ -432,7 +458,7 @@ def refine(
 @app.command()
 def train(
     arch: Annotated[str, typer.Argument(help="Architecture to build from random weights (tiny-cnn, small-cnn, resnet18, module:factory, ...; for tensor rows of IN values mlp-IN-HIDDEN[-HIDDEN...] or linear-IN, e.g. mlp-64-128).")],
-    manifest: Annotated[Path, typer.Argument(help="Labelled manifest to train on.")],
+    manifest: Annotated[Path, typer.Argument(help="Labelled manifest to train on, or an ImageFolder (FOLDER/<class>/<image>).")],
     output: Annotated[str, typer.Option("-o", "--output", help="Trained checkpoint (.safetensors).")],
     epochs: Annotated[Optional[int], typer.Option(help=f"Passes over the manifest (default {TRAIN.epochs}).", show_default=False)] = None,
     lr: Annotated[Optional[float], typer.Option(help=f"Peak learning rate of SGD with momentum 0.9, cosine decay (default {TRAIN.lr:g}).", show_default=False)] = None,
@@ -466,8 +492,11 @@ def train(
 @app.command("post-train")
 def post_train(
     checkpoint: Annotated[Path, typer.Argument(help="The trained model to post-train.")],
-    manifest: Annotated[Path, typer.Argument(help="Its (noisy) training manifest.")],
+    manifest: Annotated[Path, typer.Argument(help="Its (noisy) training manifest, or an ImageFolder.")],
     out_dir: Annotated[Path, typer.Option("--out-dir", help="Folder for final.safetensors, scores.csv, kept.csv, removed.csv, summary.json (and round-NN/ of gradual and rejudge); run the same command again to resume, or pass --overwrite to start afresh.")],
+    arch: ArchOpt = None, head: HeadOpt = None, classes: ClassesOpt = None, preprocess: PresetOpt = None,
+    image_size: ImageSizeOpt = None, resize: ResizeOpt = None, mean: MeanOpt = None, std: StdOpt = None,
+    allow_outside_root: AllowOutsideOpt = False, on_bad_image: BadImageOpt = "fail",
     strategy: Annotated[Optional[Strategy], typer.Option(help="unlearn (the default): fine-tune the whole network once on every row with the noise-robust GCE loss, then rank every row by the fine-tuned model's own loss; it ranked and generalized best on the benchmark (docs/benchmarks/posttrain-default.md). rejudge: rounds of rank every row, remove the top --budget, fine-tune on the rest (= --rejudge). gradual: the paper's loop, removing --step per round (the default when --rounds or --step is given).", show_default=False)] = None,
     rounds: Annotated[Optional[int], typer.Option(help=f"gradual and rejudge: number of rounds (gradual: default {5} when only a budget is known; rejudge: 3).")] = None,
     step: Annotated[Optional[float], typer.Option(help="gradual: share of the ORIGINAL size removed per round.")] = None,
@@ -485,17 +514,14 @@ def post_train(
     val: Annotated[Optional[Path], typer.Option(help="Clean labelled manifest: unlearn keeps the fine-tune's best epoch on it; gradual and rejudge stop when its accuracy stops improving and keep the best round (with --boundary refit --layer auto, round 1 also chooses the layer by the probes' accuracy on it).")] = None,
     patience: Annotated[Optional[int], typer.Option(help="gradual and rejudge, with --val: rounds without improvement before stopping (default 1).", show_default=False)] = None,
     method: Annotated[Method, typer.Option(help="Score used to rank; auto (default): the loss on a fine-tuned model's own head (unlearn; rejudge's rounds 2 on) and on a refit probe, influence on the input's head (gradual).")] = Method.auto,
-    influence_measure: Annotated[Optional[Measure], typer.Option(help="The influence measure (default self-influence); giving it with --method auto ranks by influence on a refit probe too.", show_default=False)] = None,
-    curvature: Annotated[Optional[Curvature], typer.Option(help="With influence on a head: its curvature, exact, kfac or auto (the default).", show_default=False)] = None,
-    damping: Annotated[Optional[float], typer.Option(help="With influence on a head: damping relative to the mean eigenvalue of the curvature (default 0.01).", show_default=False)] = None,
+    influence_measure: Annotated[Optional[Measure], typer.Option(help="The influence measure (default self-influence); giving it with --method auto ranks by influence on a refit probe too.", show_default=False, rich_help_panel=EXPERT)] = None,
+    curvature: Annotated[Optional[Curvature], typer.Option(help="With influence on a head: its curvature, exact, kfac or auto (the default).", show_default=False, rich_help_panel=EXPERT)] = None,
+    damping: Annotated[Optional[float], typer.Option(help="With influence on a head: damping relative to the mean eigenvalue of the curvature (default 0.01).", show_default=False, rich_help_panel=EXPERT)] = None,
     boundary: Annotated[Optional[Boundary], typer.Option(help="head: rank on the model's own head (the default of unlearn and gradual); refit: on an L2 probe refit at --layer (the default of rejudge's round 1, at --layer auto).", show_default=False)] = None,
     layer: Annotated[Optional[str], typer.Option(help="With --boundary refit: the probe's layer, or auto (chosen in round 1). With --scope refit the refined model is the network cut there plus the probe.")] = None,
-    probe_l2: Annotated[Optional[float], typer.Option(help="With --boundary refit: the scoring probe's L2 strength (default 0.1).", show_default=False)] = None,
+    probe_l2: Annotated[Optional[float], typer.Option(help="With --boundary refit: the scoring probe's L2 strength (default 0.1).", show_default=False, rich_help_panel=EXPERT)] = None,
     rejudge: Annotated[bool, typer.Option("--rejudge", help="= --strategy rejudge. Rank EVERY input row again each round under the last round's model (rounds 2 on: its own head, see --rejudge-boundary), remove the top --budget of them and refine that model on the rest: a row removed once comes back when the refined model no longer suspects it. The answer: every row ranked once more under the final model. Default 3 rounds. Needs --budget. Its defaults are the recipe that ranked best on the benchmark: --boundary refit --layer auto for round 1, --scope full --augment auto --lr 0.1 --epochs 10 --loss gce for the fine-tunes (docs/benchmarks/posttrain-default.md); any of them given explicitly wins.")] = False,
     rejudge_boundary: Annotated[Optional[RejudgeBoundary], typer.Option(help="With --rejudge, what rounds 2 on rank on: head (default), the refined model's own head, trained without the last round's suspects (by its loss with --method auto; it ranked best on the benchmark); or same, --boundary and --method as in round 1.", show_default=False)] = None,
-    arch: ArchOpt = None, head: HeadOpt = None, classes: ClassesOpt = None, preprocess: PresetOpt = None,
-    image_size: ImageSizeOpt = None, resize: ResizeOpt = None, mean: MeanOpt = None, std: StdOpt = None,
-    allow_outside_root: AllowOutsideOpt = False, on_bad_image: BadImageOpt = "fail",
     device: DeviceOpt = Device.auto, batch_size: BatchOpt = 128, num_workers: WorkersOpt = "auto",
     channels_last: ChannelsLastOpt = ChannelsLast.auto, precision: PrecisionOpt = Precision.auto,
     memory_budget: MemoryBudgetOpt = DEFAULT_MEMORY_BUDGET,
@@ -566,7 +592,7 @@ def post_train(
 @app.command("eval")
 def eval_command(
     checkpoint: Annotated[Path, typer.Argument(help="The model to evaluate.")],
-    manifest: Annotated[Path, typer.Argument(help="Labelled manifest (ideally clean labels).")],
+    manifest: Annotated[Path, typer.Argument(help="Labelled manifest (ideally clean labels), or an ImageFolder.")],
     arch: ArchOpt = None, head: HeadOpt = None, classes: ClassesOpt = None, preprocess: PresetOpt = None,
     image_size: ImageSizeOpt = None, resize: ResizeOpt = None, mean: MeanOpt = None, std: StdOpt = None,
     allow_outside_root: AllowOutsideOpt = False, on_bad_image: BadImageOpt = "fail",
@@ -603,17 +629,18 @@ def manifest(
     output: Annotated[str, typer.Option("-o", "--output", help="Manifest to write (CSV/TSV/JSONL/Parquet by extension; '-' for stdout).")],
     quiet: QuietOpt = False, overwrite: OverwriteOpt = False,
 ) -> None:
-    """Write a manifest (path, label) for an ImageFolder tree; paths are relative to the manifest's folder."""
-    from irank.formats.files import check_overwrite, output_set
-    from irank.formats.manifest import manifest_from_folder, table_format, write_table
+    """Write a manifest (path, label) for an ImageFolder tree; paths are relative to the manifest's folder.
 
-    table_format(output)
-    check_overwrite({"-o": output}, overwrite)
-    table = manifest_from_folder(image_dir, output)
-    with output_set(overwrite):
-        write_table(table, output)
+    Written outside the images' folder, its rows point back into it: a sidecar MANIFEST.json records that folder,
+    sealed, so every irank command reads it with no flag (docs/guides/manifests.md).
+
+    Example: irank manifest data/train -o train.csv
+    """
+    from irank.stages.manifest import write_manifest
+
+    summary = write_manifest(str(image_dir), output, overwrite=overwrite)
     if not is_stdio(output):
-        RichReporter(quiet).info(f"wrote {output}: {len(table)} images in {table['label'].nunique()} classes")
+        RichReporter(quiet).info(f"wrote {output}: {summary['rows']} images in {summary['classes']} classes")
 
 
 @app.command()

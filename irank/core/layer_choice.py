@@ -20,6 +20,7 @@ class LayerChoice:
     layer: str
     how: str
     figures: dict[str, dict] = field(default_factory=dict)  # layer → {dims, heldout_loss}
+    head_label_fit: float | None = None  # the share of the given labels the checkpoint's own head predicts
 
 
 MEMORIZED_AGREEMENT = 0.99

@@ -87,6 +87,14 @@ class OutputSet:
         """Publish `built` (a file or folder beside `target`) as `target` when the set commits."""
         self.pending.append((Path(built), Path(target)))
 
+    def built(self, target: str | os.PathLike) -> Path:
+        """The complete file (or folder) waiting to become `target`."""
+        wanted = Path(target)
+        for built, pending in self.pending:
+            if pending == wanted:
+                return built
+        raise KeyError(str(target))
+
     def discard(self) -> None:
         for built, _ in self.pending:
             remove_path(built)

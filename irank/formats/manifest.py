@@ -38,6 +38,9 @@ from irank.formats.columns import (
     text_hashes,
 )
 from irank.formats.files import atomic_path, is_stdio, sha256_file
+from irank.formats.jsontext import JsonError
+from irank.formats.jsontext import parse as parse_json
+from irank.formats.seal import sealed_root
 from irank.formats.tensor_rows import TensorRowIds, TensorRows, parse_indices, tensor_row_ids, tensor_row_mask
 from irank.runtime.errors import ManifestError
 
@@ -236,8 +239,14 @@ class TableSource:
     temporary file on the first read (removed when this object goes)."""
 
     def __init__(self, path: str | os.PathLike, what: str = "manifest"):
-        self.name, self.what, self.format = str(path), what, table_format(path)
+        self.name, self.what = str(path), what
         self._spool = None
+        if what == "manifest" and not is_stdio(path) and os.path.isdir(path):  # an ImageFolder: its listing
+            self.format = "csv"
+            self._spool = tempfile.TemporaryFile(prefix="irank-folder-")
+            self._spool.write(folder_table(path).to_csv(index=False).encode("utf-8"))
+            return
+        self.format = table_format(path)
         source = table_input(path, what)
         if is_stdio(path):
             self._spool = tempfile.TemporaryFile(prefix="irank-stdin-")
@@ -558,7 +567,10 @@ def read_manifest(path: str | os.PathLike, *, require_label: bool = True) -> Man
     reader = ManifestReader(str(path), require_label)
     for chunk in source.chunks():
         reader.add(chunk)
-    root = Path.cwd() if is_stdio(path) else Path(path).resolve().parent
+    if is_stdio(path):
+        root = Path.cwd()
+    else:  # an ImageFolder's listing is relative to the folder itself
+        root = Path(path).resolve() if os.path.isdir(path) else Path(path).resolve().parent
     return reader.finish(source, root)
 
 
@@ -574,18 +586,50 @@ def check_inside_root(manifest: Manifest) -> None:
     else:
         files = enumerate(manifest.paths, start=1)
     outside = first_outside(manifest.root, files)
+    if outside is None:
+        return
+    sealed = sealed_data_root(manifest)  # a manifest irank wrote elsewhere: inside the data's folder it recorded
+    if sealed is not None:
+        outside = first_outside(manifest.root, files, within=sealed)
+        where = f"the data folder {sealed} its sidecar records"
+    else:
+        where = f"the manifest's folder {os.path.realpath(manifest.root)}"
     if outside is not None:
         row, written = outside
-        raise ManifestError(
-            f"manifest {manifest.source}: row {row}: path {written!r} resolves outside the manifest's folder "
-            f"{os.path.realpath(manifest.root)}; pass --allow-outside-root if you trust this manifest"
-        )
+        raise ManifestError(f"manifest {manifest.source}: row {row}: path {written!r} resolves outside {where}; "
+                            "pass --allow-outside-root if you trust this manifest")
 
 
-def first_outside(root: str | os.PathLike, files: Iterable[tuple[int, str]]) -> tuple[int, str] | None:
+def sidecar_of(path: str | os.PathLike) -> dict | None:
+    """The JSON object irank wrote beside a table (`NAME.json`), or None (none, unreadable, not an object)."""
+    if is_stdio(path) or os.path.isdir(path):
+        return None
+    try:
+        value = parse_json(Path(f"{path}.json").read_bytes().decode("utf-8"), allow_nan=True)
+    except (OSError, UnicodeDecodeError, JsonError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def sealed_data_root(manifest: Manifest) -> str | None:
+    """The data folder a manifest's sidecar records under a seal that checks for its bytes (irank wrote it, on
+    this account, unchanged since; see irank.formats.seal), else None."""
+    sidecar = sidecar_of(manifest.source)
+    if sidecar is None or manifest.table_source is None:
+        return None
+    return sealed_root(sidecar, manifest.table_source.sha256())
+
+
+def containment_root(manifest: Manifest) -> str:
+    """The folder a manifest's rows are to lie in: the data folder it records under a valid seal, else its own."""
+    return sealed_data_root(manifest) or os.path.realpath(manifest.root)
+
+
+def first_outside(root: str | os.PathLike, files: Iterable[tuple[int, str]],
+                  within: str | os.PathLike | None = None) -> tuple[int, str] | None:
     """The first (row, path as written) of `files` whose file resolves (after `..` and symlinks) outside the
-    folder `root`, against which relative paths resolve; None when every one lies inside."""
-    real_root = os.path.realpath(root)
+    folder `within` (default: `root`, against which relative paths resolve); None when every one lies inside."""
+    real_root = os.path.realpath(root if within is None else within)
     prefix = real_root.rstrip(os.sep) + os.sep
     real_folders: dict[str, str] = {}
     for row, written in files:
@@ -806,6 +850,16 @@ def write_blocks(blocks: Iterable[pd.DataFrame], path: str | os.PathLike, quotin
                 handle.write(jsonl_text(block))
             else:
                 handle.write(csv_text(block, number == 0, "\t" if fmt == "tsv" else ","))
+
+
+def manifest_sha256(path: str | os.PathLike) -> str:
+    """The sha256 a command records of a manifest: of its file, or of an ImageFolder's listing as irank reads it."""
+    return TableSource(path).sha256() if os.path.isdir(path) else sha256_file(path)
+
+
+def folder_table(image_dir: str | os.PathLike) -> pd.DataFrame:
+    """An ImageFolder given where a manifest goes: its images (`class/xxx.jpg`), paths relative to the folder."""
+    return manifest_from_folder(image_dir, Path(image_dir).resolve() / "manifest.csv")
 
 
 def manifest_from_folder(image_dir: str | os.PathLike, output: str | os.PathLike) -> pd.DataFrame:

@@ -33,6 +33,7 @@ class Prepared:
     labels: np.ndarray
     preprocess: Preprocess
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # what may make this run's results wrong, said once
     extra_metadata: dict = field(default_factory=dict)  # e.g. "probe" when refine cut the model at a layer
     skipped: list[dict] = field(default_factory=list)  # rows left out by --on-bad-image skip
     input_shape: tuple[int, ...] | None = None  # tensor rows: the shape of one row; None for images
@@ -144,6 +145,18 @@ def prepare(checkpoint_path: str | None, manifest_path: str, options: ModelOptio
         notes.append(f"skipped {len(skipped)} unreadable {what} (first: row {skipped[0]['row']}, {skipped[0]['path']})")
     extra = {"probe": meta["probe"]} if meta.get("probe") else {}
     return Prepared(checkpoint, manifest, model, head_name, head, arch, classes, class_source, labels, preprocess, notes,
-                    extra, skipped, input_shape)
+                    normalization_warnings(checkpoint, meta, options, input_shape), extra, skipped, input_shape)
+
+
+def normalization_warnings(checkpoint: Checkpoint | None, meta: dict, options: ModelOptions,
+                           input_shape: tuple[int, ...] | None) -> list[str]:
+    """A checkpoint that records no preprocessing, given no normalization either, gets its images as raw 0..1
+    pixels: right for a model trained so, wrong (silently: every score off) for one trained on normalized ones."""
+    given = options.preprocess or options.mean or options.std
+    if checkpoint is None or input_shape is not None or given or (meta.get("preprocess") or {}).get("mean"):
+        return []
+    return [f"checkpoint {checkpoint.path} records no preprocessing and none was given: images go in as raw 0..1 "
+            "pixels; if the model was trained on normalized images, pass --preprocess imagenet (or cifar10), or "
+            "--mean and --std"]
 
 

@@ -23,6 +23,8 @@ from irank.runtime.distributed import Shard, all_or_none, broadcast_object, gath
 from irank.runtime.memory import DiskRows, MemoryBudget
 from irank.runtime.progress import Reporter
 
+HEAD_LOGITS = "(the head's logits)"  # beside the candidate layers' features of the choice sample
+
 
 def probe_features(prepared: Prepared, boundary: BoundaryOptions, model_options: ModelOptions, run: RunOptions,
                    reporter: Reporter, shard: Shard | None, budget: MemoryBudget) -> tuple[torch.Tensor, LayerChoice]:
@@ -86,8 +88,11 @@ def read_choice_sample(prepared: Prepared, sample_size: int, run: RunOptions, re
     names = block_candidates(prepared.model, prepared.head_name)
     if len(mine) == 0:
         return sample_rows, {}
-    candidates = layer_features(prepared.model, names, rows_loader(prepared, run, mine), num_rows=len(mine), device=placement_for(run, prepared.model),
-                                reporter=reporter, row_order=mine)
+    # the head's output too, in the same pass: how well the checkpoint fits its labels (a run-saving warning)
+    candidates = layer_features(prepared.model, names + [prepared.head_name], rows_loader(prepared, run, mine),
+                                num_rows=len(mine), device=placement_for(run, prepared.model), reporter=reporter,
+                                row_order=mine)
+    candidates[HEAD_LOGITS] = candidates.pop(prepared.head_name)
     return sample_rows, candidates
 
 
@@ -117,11 +122,13 @@ def choose_on_sample(sample_rows: np.ndarray, candidates: dict[str, torch.Tensor
         parts = [part for part in gather_objects(candidates) if part]
         candidates = {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
     sample_labels = labels[torch.from_numpy(sample_rows)]
+    head_logits = candidates.pop(HEAD_LOGITS)
     if held_out is not None:
         choice = choose_layer_by_accuracy(candidates, sample_labels, *held_out, num_classes, l2=l2, log=reporter.info)
     else:
         choice = choose_layer(candidates, sample_labels, num_classes, l2=l2, log=reporter.info,
                               max_rows=len(sample_rows))
+    choice.head_label_fit = float((head_logits.argmax(1) == sample_labels).double().mean())
     if len(sample_rows) < len(labels):
         choice.how += f" (on a random sample of {len(sample_rows):,} rows)"
     if shard is not None:

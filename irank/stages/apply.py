@@ -27,6 +27,7 @@ from irank.formats.manifest import (
     Manifest,
     blocks_quoting,
     column_as_text,
+    containment_root,
     path_rebaser,
     read_classes_file,
     read_manifest,
@@ -42,6 +43,7 @@ from irank.formats.review_pack import (
     read_json_file,
     reviewed_bytes,
 )
+from irank.formats.seal import seal_written
 from irank.runtime.errors import ManifestError, UsageError
 
 AUDIT_COLUMNS = ["id", "old_label", "new_label", "decision"]
@@ -210,11 +212,13 @@ def apply_review(
         },
     }
     result = ApplyResult(samples, keep, new_labels, audit, summary)
-    with output_set(overwrite):  # the fixed manifest, its sidecar and the audit change together
+    with output_set(overwrite) as outputs:  # the fixed manifest, its sidecar and the audit change together
         if output is not None:
             rebase = path_rebaser(samples.paths_at(keep), samples.root, output)
             write_blocks(result.fixed_blocks(rebase), output, quoting=blocks_quoting(result.fixed_blocks, samples, keep))
             if not is_stdio(output):
+                if rebase is not None:  # written elsewhere: its rows point back into the data's folder
+                    summary.update(seal_written(outputs, output, containment_root(samples)))
                 write_json_atomic(output + ".json", summary)
         if audit_output is not None:
             write_table(audit, audit_output)

@@ -28,6 +28,9 @@ def evaluate(
         raise UsageError(f"--batch-size {run_options.batch_size}: must be positive")
     with all_or_none():  # under torchrun each process reads its block of rows; a failure in one stops all
         prepared = prepare(checkpoint, manifest, model_options or ModelOptions())
+    for warning in prepared.warnings:
+        reporter.warn(warning)
+    with all_or_none():
         shard = shard_of(len(prepared.labels))
         outputs = run_forward(prepared, run_options, reporter, shard)
     logits = outputs.logits if shard is None else shard.gather(outputs.logits)

@@ -22,12 +22,14 @@ from irank.formats.manifest import (
     Manifest,
     TableSource,
     blocks_quoting,
+    containment_root,
     path_rebaser,
     read_manifest,
     table_format,
     write_blocks,
 )
 from irank.formats.scores_table import read_score_columns
+from irank.formats.seal import seal_written
 from irank.runtime.errors import ManifestError, UsageError
 from irank.runtime.reorder import in_output_order
 
@@ -150,11 +152,13 @@ def _summary(scores: str, scores_sha256: str | None, manifest: str, rule: dict, 
 def _write(result: PruneResult, output: str | None, removed_output: str | None, overwrite: bool) -> None:
     """The kept manifest, its sidecar and the removed rows, as one set of outputs."""
     samples, keep = result.samples, result.keep
-    with output_set(overwrite):
+    with output_set(overwrite) as outputs:
         if output is not None:
             rebase = path_rebaser(samples.paths_at(keep), samples.root, output)
             write_blocks(result.kept_blocks(rebase), output, quoting=blocks_quoting(result.kept_blocks, samples, keep))
             if not is_stdio(output):
+                if rebase is not None:  # written elsewhere: its rows point back into the data's folder
+                    result.summary.update(seal_written(outputs, output, containment_root(samples)))
                 write_json_atomic(output + ".json", result.summary)
         if removed_output is not None:
             rebase = path_rebaser(samples.paths_at(~keep), samples.root, removed_output)

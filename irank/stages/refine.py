@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import torch
 
@@ -50,6 +51,8 @@ def _prepare(checkpoint: str | None, manifest: str, output: str, val: str | None
         check_outputs_clear_of_inputs({"-o": output}, {f"tensor file {s.written}": str(s.file) for s in sources})
     for note in prepared.notes:
         reporter.info(note)
+    for warning in prepared.warnings:
+        reporter.warn(warning)
     device = placement_for(run, prepared.model)  # device, memory format and precision
     validation = ValidationSet(prepared, val, run, device, model_options.allow_outside_root) if val else None
     return prepared, device, validation
@@ -82,6 +85,17 @@ def _fit(prepared, options: TrainOptions, run: RunOptions, device, reporter: Rep
         raise
 
 
+def _warn_if_diverged(result: RefineResult, options: TrainOptions, reporter: Reporter) -> None:
+    """A training loss that ends above where it started (or is not a number) is a run that diverged: say so,
+    with what was kept, instead of a quiet 'best epoch'."""
+    losses = [epoch["train_loss"] for epoch in result.history]
+    if len(losses) < 2 or (math.isfinite(losses[-1]) and losses[-1] <= losses[0]):
+        return
+    reporter.warn(f"the training loss rose from {losses[0]:.4g} (epoch 1) to {losses[-1]:.4g} (epoch {len(losses)}): "
+                  f"the run diverged; try a lower --lr than {options.lr:g}. The model written is epoch "
+                  f"{result.best_epoch}" + (" (the best on --val)" if "val_accuracy" in result.history[0] else ""))
+
+
 def _fit_and_save(checkpoint: str | None, manifest: str, output: str, options: TrainOptions, defaults: TrainOptions,
                   val: str | None, model_options: ModelOptions, run: RunOptions, reporter: Reporter,
                   provenance_key: str, overwrite: bool = False, resume: bool | str = False) -> RefineResult:
@@ -95,11 +109,12 @@ def _fit_and_save(checkpoint: str | None, manifest: str, output: str, options: T
         prepared, device, validation = _prepare(checkpoint, manifest, output, val, model_options, run, reporter)
     manifest_sha256 = prepared.manifest.table_source.sha256()  # a manifest given as a pipe: its copy's
     fingerprint = {"checkpoint": sha256_file(checkpoint) if checkpoint else None, "manifest": manifest_sha256,
-                   "val": sha256_file(val) if val else None, "options": dict(options.__dict__),
+                   "val": manifest_sha256(val) if val else None, "options": dict(options.__dict__),
                    "model": dict(model_options.__dict__), "batch_size": run.batch_size,
                    "precision": device.precision, "channels_last": device.channels_last}
     state = _resume_state(output, fingerprint, resume, reporter)
     result = _fit(prepared, options, run, device, reporter, validation, state, output)
+    _warn_if_diverged(result, options, reporter)
     provenance = {
         "manifest": {"path": manifest, "sha256": manifest_sha256, "rows": len(prepared.manifest)},
         "options": dict(options.__dict__),

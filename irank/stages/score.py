@@ -8,6 +8,7 @@ import pandas as pd
 import torch
 
 from irank._version import __version__
+from irank.core.estimate import issue_summary
 from irank.core.head_scores import method_scores
 from irank.core.layer_choice import LayerChoice
 from irank.core.probe import probe_curvature, refit_scores
@@ -20,7 +21,7 @@ from irank.formats.files import (
     sha256_file,
     write_json_atomic,
 )
-from irank.formats.manifest import table_format, write_blocks
+from irank.formats.manifest import manifest_sha256, table_format, write_blocks
 from irank.formats.scores_table import RankedScores, prediction_rows
 from irank.model.forward import run_forward
 from irank.model.placement import Placement, placement_for
@@ -80,6 +81,8 @@ def refit_details(choice: LayerChoice, boundary: BoundaryOptions, ranking: Ranki
     measure and how the probe's curvature was inverted (exact or kfac; its damping is the L2)."""
     details = {"boundary": "refit", "layer": choice.layer, "layer_choice": choice.how, "l2": boundary.l2,
                "influence_measure": ranking.measure}
+    if choice.head_label_fit is not None:
+        details["head_label_fit"] = choice.head_label_fit
     if ranking.method == "influence":
         details["curvature"] = probe_curvature(rows, num_classes, dims + 1)
     if choice.figures:
@@ -157,7 +160,7 @@ def _sidecar(checkpoint: str, manifest: str, prepared: Prepared, ranking: Rankin
         "inputs": {
             "checkpoint": {"path": checkpoint, "sha256": sha256_file(checkpoint)},
             "manifest": {"path": manifest, "sha256": prepared.manifest.table_source.sha256()},  # a pipe: its copy
-            **({"val": {"path": boundary.val, "sha256": sha256_file(boundary.val)}}
+            **({"val": {"path": boundary.val, "sha256": manifest_sha256(boundary.val)}}
                if boundary.kind == "refit" and boundary.val else {}),
         },
     }
@@ -209,6 +212,8 @@ def score(
         prepared = prepare(checkpoint, manifest, model_options)
     for note in prepared.notes:
         reporter.info(note)
+    for warning in prepared.warnings:
+        reporter.warn(warning)
     shard = shard_of(len(prepared.labels))  # None with one process
     budget = MemoryBudget(run.memory_budget)
     if boundary.kind == "head":
@@ -220,6 +225,29 @@ def score(
     details.update(method_details(method, ranking.how))
     ranked = _ranked(prepared, scores, logits, shard, budget)
     del scores, logits
+    verdicts = ranked.verdict_columns()
+    if boundary.kind == "head":
+        details["head_label_fit"] = float((verdicts["label"] == verdicts["predicted"]).mean())
     sidecar = _sidecar(checkpoint, manifest, prepared, ranking, details, boundary, run, len(ranked))
+    sidecar["summary"] = issue_summary(verdicts["label"], verdicts["predicted"], prepared.classes)
+    _warn_of_the_fit(checkpoint, details.get("head_label_fit"), sidecar["summary"], boundary.kind, reporter)
     _write(ranked, sidecar, output, overwrite, reporter)
     return ScoreResult(ranked=ranked, sidecar=sidecar)
+
+
+# A checkpoint that predicts fewer of its own training labels than this is probably not the model of this data,
+# or not read as it was trained (preprocessing, class order): a warning, not a tuned default.
+POOR_FIT = 0.5
+
+
+def _warn_of_the_fit(checkpoint: str, head_fit: float | None, summary: dict, boundary: str,
+                     reporter: Reporter) -> None:
+    """Say so when the ranking is likely unreliable: a checkpoint that fits its labels poorly, or an estimate of
+    wrong labels above half the rows (no ranking separates wrong labels from right ones when most are wrong)."""
+    if head_fit is not None and head_fit < POOR_FIT:
+        reporter.warn(f"checkpoint {checkpoint} predicts only {head_fit:.0%} of the given labels: its ranking is "
+                      "unreliable. Is it the model trained on these labels, read with its preprocessing "
+                      "(--preprocess, --mean/--std) and class order (--classes)?")
+    if summary["share"] > 0.5:
+        reporter.warn(f"the {boundary} boundary disagrees with {summary['share']:.0%} of the given labels: more than "
+                      "half, where no ranking tells wrong labels from right ones; check the model and its inputs")

@@ -19,6 +19,14 @@ from irank.workflows.post_train.run_dir import building
 JUDGEMENT_FILES = ("scores.csv", "scores.csv.json", "kept.csv", "kept.csv.json", "removed.csv")
 
 
+def warn_of_a_large_budget(share: float, reporter: Reporter) -> None:
+    """An estimated budget above half the rows is more than any ranking supports: when most labels disagree with
+    the model, it is the model (or how it reads the data) that is in doubt, not the labels."""
+    if share > 0.5:
+        reporter.warn(f"the estimated budget removes {share:.0%} of the rows, more than half: no ranking supports "
+                      "that; check the model fits this data (irank eval), or give --budget")
+
+
 def removal_count(step: float, original_rows: int) -> int:
     return max(1, int(round(step * original_rows)))
 
@@ -68,6 +76,7 @@ def judge(out: Path, manifest: str, loop: LoopOptions, number: int, budget: floa
             estimate = estimate_noise_share(table.table)
             budget = estimate["share"]
             reporter.info(f"budget: remove {budget:.1%}, estimated as the {estimate['reason']} (the fine-tuned model's)")
+            warn_of_a_large_budget(budget, reporter)
         pruned = prune_round(loop, folder / "scores.csv", manifest, folder, removal_count(budget, original_rows),
                              len(table.table))
         reporter.info(f"final judgement under final.safetensors: removed {pruned.summary['removed_rows']}, "

@@ -36,7 +36,14 @@ from irank.runtime.distributed import all_or_none, is_main
 from irank.runtime.progress import Reporter
 from irank.stages.evaluate import evaluate
 from irank.stages.refine import refine
-from irank.workflows.post_train.ranking import judge, prune_round, ranked_by, removal_count, score_round
+from irank.workflows.post_train.ranking import (
+    judge,
+    prune_round,
+    ranked_by,
+    removal_count,
+    score_round,
+    warn_of_a_large_budget,
+)
 from irank.workflows.post_train.run_dir import building, save_state
 from irank.workflows.post_train.sharing import share_rounds
 
@@ -109,6 +116,7 @@ def _note_ranking(state: Summary, loop: LoopOptions, sidecar: dict, table, repor
         if estimate:
             state.plan["estimate"] = estimate
             reporter.info(f"budget: remove {estimate['share']:.1%} in all, estimated as the {estimate['reason']}")
+            warn_of_a_large_budget(estimate['share'], reporter)
 
 
 def _round_training(loop: LoopOptions, train_options: TrainOptions, state: Summary) -> TrainOptions:

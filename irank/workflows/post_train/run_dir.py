@@ -13,7 +13,7 @@ from typing import Iterator
 
 from irank._version import __version__
 from irank.formats.files import remove_path, sha256_file, write_json_atomic
-from irank.formats.manifest import check_inside_root, encode_labels, read_manifest
+from irank.formats.manifest import check_inside_root, encode_labels, manifest_sha256, read_manifest
 from irank.formats.summary import Summary
 from irank.model.prepare import check_same_input, prepare
 from irank.options import LoopOptions, ModelOptions, TrainOptions
@@ -136,8 +136,8 @@ def run_config(checkpoint: str, manifest: str, val: str | None, loop: LoopOption
     """What a run in --out-dir was made from: a later run resumes it only when this is the same."""
     return {
         "checkpoint": {"path": str(checkpoint), "sha256": sha256_file(checkpoint)},
-        "manifest": {"path": str(manifest), "sha256": sha256_file(manifest)},
-        "val": {"path": str(val), "sha256": sha256_file(val)} if val else None,
+        "manifest": {"path": str(manifest), "sha256": manifest_sha256(manifest)},
+        "val": {"path": str(val), "sha256": manifest_sha256(val)} if val else None,
         "loop": asdict(loop),
         "train": asdict(train_options),
         "model": asdict(model_options),
