@@ -100,7 +100,9 @@ def test_score_help_puts_what_a_first_run_needs_first_and_the_expert_flags_apart
     text = re.sub(r"\s+", " ", done.stdout)
     model, ranking, expert = (text.index(title) for title in ("Model and preprocessing", "Ranking", "Expert"))
     assert model < ranking < expert
-    assert model < text.index("--arch") < text.index("--preprocess") < ranking
-    assert expert < text.index("--curvature") and expert < text.index("--damping") and expert < text.index("--influence-measure")
+    assert model < text.index("--arch", model) < text.index("--preprocess", model) < ranking
+    assert ranking < text.index("--boundary", ranking) < expert
+    assert all(text.index(flag, expert) > expert and flag not in text[text.index("Options"):expert]
+               for flag in ("--curvature", "--damping", "--influence-measure"))
     assert "irank score model.pt data/train -o scores.csv --arch resnet18 --preprocess imagenet" in text
     assert "influence" not in text[:text.index("By default")]  # the first line names what the default ranks by
