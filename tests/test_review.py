@@ -268,9 +268,9 @@ def test_gate_passes_under_the_threshold(cli, tiny_data, tiny_model, tmp_path):
     code, out, err = cli("score", tiny_model, tiny_data["train"], "-o", output, "--device", "cpu", "--boundary", "head", "--fail-over", "0.9", "--json")
     assert code == 0, err
     payload = json.loads(out)
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    score_row = next(line for line in readme.splitlines() if line.startswith("| `score` |"))
-    assert [key for key in [*payload, *payload["gate"]] if f"`{key}`" not in score_row] == []  # every key documented
+    reference = (Path(__file__).resolve().parent.parent / "docs" / "reference" / "json-output.md").read_text()
+    score_section = reference.split("## score", 1)[1].split("\n## ", 1)[0]
+    assert [key for key in [*payload, *payload["gate"], *payload["summary"]] if f"`{key}`" not in score_section] == []
     gate = payload["gate"]
     assert gate["failed"] is False and gate["measure"] == "estimated_noise_share" and 0 < gate["share"] < 0.9
     assert "gate passed" in err
@@ -314,11 +314,11 @@ def test_gate_refuses_bad_flags_before_scoring(cli, tiny_data, tiny_model, tmp_p
     assert_clean_failure(cli("score", tiny_model, tiny_data["train"], "-o", out, *args), *needles, output=out)
 
 
-def test_exit_code_4_is_documented_in_help_and_readme(cli):
+def test_exit_code_4_is_documented_in_help_and_the_docs(cli):
     code, out, _ = cli("--help")
     assert code == 0 and "4 the CI gate" in " ".join(out.split())
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    assert "\n| 4 | the CI gate failed" in readme
+    codes = (Path(__file__).resolve().parent.parent / "docs" / "reference" / "exit-codes.md").read_text()
+    assert "\n| 4 | the CI gate failed" in codes
 
 
 def test_review_escapes_odd_class_names_and_falls_back_to_the_scores_folder(tmp_path):

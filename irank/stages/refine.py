@@ -8,6 +8,7 @@ import math
 import torch
 
 from irank.formats.files import check_outputs_clear_of_inputs, check_overwrite, output_set, sha256_bytes, sha256_file
+from irank.formats.manifest import manifest_sha256
 from irank.formats.resume import (
     Resume,
     resume_path,
@@ -107,8 +108,8 @@ def _fit_and_save(checkpoint: str | None, manifest: str, output: str, options: T
     torch.manual_seed(options.seed)  # before the model is built: a fresh model's initial weights depend on it
     with all_or_none():
         prepared, device, validation = _prepare(checkpoint, manifest, output, val, model_options, run, reporter)
-    manifest_sha256 = prepared.manifest.table_source.sha256()  # a manifest given as a pipe: its copy's
-    fingerprint = {"checkpoint": sha256_file(checkpoint) if checkpoint else None, "manifest": manifest_sha256,
+    manifest_digest = prepared.manifest.table_source.sha256()  # a manifest given as a pipe: its copy's
+    fingerprint = {"checkpoint": sha256_file(checkpoint) if checkpoint else None, "manifest": manifest_digest,
                    "val": manifest_sha256(val) if val else None, "options": dict(options.__dict__),
                    "model": dict(model_options.__dict__), "batch_size": run.batch_size,
                    "precision": device.precision, "channels_last": device.channels_last}
@@ -116,7 +117,7 @@ def _fit_and_save(checkpoint: str | None, manifest: str, output: str, options: T
     result = _fit(prepared, options, run, device, reporter, validation, state, output)
     _warn_if_diverged(result, options, reporter)
     provenance = {
-        "manifest": {"path": manifest, "sha256": manifest_sha256, "rows": len(prepared.manifest)},
+        "manifest": {"path": manifest, "sha256": manifest_digest, "rows": len(prepared.manifest)},
         "options": dict(options.__dict__),
         "run": {"device": device.device.type, "precision": device.precision, "channels_last": device.channels_last},
         "best_epoch": result.best_epoch,
