@@ -22,7 +22,8 @@ from irank.formats.sheet import mark
 
 FAST = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 # cells a spreadsheet or a CSV reader trips on: separators, quotes, line ends, formula starts, marks, NUL
-awkward = st.text(alphabet=st.sampled_from(list("a,;\"'\r\n\t =+-@ é\u2028\x00<>&")) | st.characters(), max_size=12)
+awkward = st.text(alphabet=st.sampled_from(list("a,;\"'\r\n\t =+-@ é\u2028\x00<>&")) | st.characters(exclude_categories=("Cs",)),
+                  max_size=12)  # no lone surrogates: files are UTF-8, and strict JSON refuses them
 
 
 def flagged_table(ids: list[str], labels: list[str], notes: list[str]) -> pd.DataFrame:
