@@ -31,7 +31,7 @@ svg .rest { fill: #bbb; } svg .flag { fill: #d9534f; } svg .cut { stroke: #222; 
 #decided { font-weight: 600; } #download { font-weight: 600; } .note { color: #b52b27; }
 #cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(320px, 1fr)); gap: .8em; margin-top: .8em; }
 .card { display: flex; gap: .7em; background: #fff; border: 2px solid #ddd; border-radius: 6px; padding: .6em;
-        cursor: pointer; outline: none; }
+        cursor: pointer; outline: none; scroll-margin: 4.5em 0 1em; }
 .card[hidden] { display: none; }
 .card.selected { border-color: #2566c4; box-shadow: 0 0 0 3px rgba(37, 102, 196, .25); }
 .card[data-decision=keep] { background: #eef8f0; } .card[data-decision=relabel] { background: #fff7e6; }
