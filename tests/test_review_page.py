@@ -145,3 +145,4 @@ def test_the_page_says_which_measure_ranked_the_rows(scored, tmp_path):
     irank.review(str(bare), output=str(tmp_path / "b"), top=5, image_root_dir=str(Path(sidecar["inputs"]["manifest"]["path"]).parent))
     html = (tmp_path / "b" / "index.html").read_text()
     assert "ranked by score," in html and '<div class="rank">#1 · score ' in html
+    assert "score: not named (no sidecar" in html

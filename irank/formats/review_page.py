@@ -370,12 +370,14 @@ def summary_html(page: PageData, measure: Measure) -> str:
     counts = per_class_counts(page.samples, page.flagged, page.issues)
     cut_label = "lowest flagged" if page.summary["parameters"]["per_class"] else "cut"
     histogram = histogram_svg(page.scores, page.mask, page.summary["cut_score"], cut_label, measure.short)
+    caption = (f"score: {measure.text}" if measure.text != "score"
+               else "score: not named (no sidecar SCORES.json beside the scores says what was computed)")
     return (
         '<section class="summary">'
         f'{issues_html(page.issues)}'
         f'<div class="panel"><h2>Flagged per class</h2>{bar_chart_svg(counts)}</div>'
         f'<div class="panel" id="scores"><h2>Scores: all samples, flagged in red</h2>'
-        f'<p class="caption">score: {escape(measure.text)}</p>{histogram}</div>'
+        f'<p class="caption">{escape(caption)}</p>{histogram}</div>'
         f'<div class="panel"><h2>Per class</h2>{class_table_html(counts)}</div>'
         "</section>"
     )
