@@ -342,14 +342,17 @@ def review(
                                                        "(default: the scored manifest's folder, from SCORES.json).")] = None,
     label_studio_root: Annotated[Optional[Path], typer.Option(help="Label Studio's LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT: "
                                                               "task image URLs are relative to it (default: the image root).")] = None,
+    image_url_prefix: Annotated[Optional[str], typer.Option(help="Serve the images yourself: Label Studio task image URLs "
+                                                            "become this prefix (http://, https:// or /) and the image's "
+                                                            "path under the image root, URL-quoted, instead of local-files URLs.")] = None,
     allow_outside_root: Annotated[bool, typer.Option("--allow-outside-root", help="Show images whose paths resolve "
                                                      "outside the image folder (../, absolute paths, symlinks out); "
                                                      "refused by default, as by every command.")] = False,
     quiet: QuietOpt = False, json_out: JsonOpt = False, overwrite: OverwriteOpt = False,
 ) -> None:
-    """Write a review pack for annotators: index.html (self-contained gallery), review.csv (decision and new_label to fill in), label-studio.json and label-studio.xml.
+    """Write a review pack for annotators: index.html (decide on each card, download review.csv), review.csv (decision and new_label to fill in), label-studio.json and label-studio.xml.
 
-    Example: irank review scores.csv -o review/ --top 200, then open review/index.html and fill in review/review.csv.
+    Example: irank review scores.csv -o review/ --top 200, then open review/index.html, decide, and download review.csv.
     """
     from irank.stages.review import review as run_review
 
@@ -357,15 +360,17 @@ def review(
     result = run_review(scores, output=str(output), top=top, fraction=fraction, per_class=per_class,
                         image_root_dir=str(image_root) if image_root else None,
                         label_studio_root=str(label_studio_root) if label_studio_root else None, overwrite=overwrite,
-                        allow_outside_root=allow_outside_root)
+                        allow_outside_root=allow_outside_root, image_url_prefix=image_url_prefix)
     summary = result.summary
     if result.missing_images:
         reporter.warn(f"{len(result.missing_images)} of {summary['flagged_rows']} images not found or unreadable "
                       f"(first: {result.missing_images[0]}: {result.image_problems[0]}); their cards show a "
                       "placeholder. Pass --image-root DIR if they moved.")
     if summary["label_studio_images_outside_root"]:
-        reporter.warn(f"{summary['label_studio_images_outside_root']} images lie outside --label-studio-root "
-                      f"{summary['label_studio_root']}; their Label Studio URLs are relative to /")
+        where = (f"the image root {summary['image_root']}; their URLs append their absolute paths to --image-url-prefix"
+                 if summary["image_url_prefix"] else
+                 f"--label-studio-root {summary['label_studio_root']}; their Label Studio URLs are relative to /")
+        reporter.warn(f"{summary['label_studio_images_outside_root']} images lie outside {where}")
     reporter.info(f"wrote {output}/ with {summary['flagged_rows']} flagged rows: index.html, review.csv, "
                   f"label-studio.json (images resolved against {summary['image_root_source']})")
     if json_out:

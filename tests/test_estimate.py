@@ -21,3 +21,21 @@ def test_issue_summary_counts_disagreements_per_class_and_pair():
     assert summary["confused_pairs"] == [{"given": "cat", "suggested": "dog", "count": 2},
                                          {"given": "bird", "suggested": "dog", "count": 1},
                                          {"given": "dog", "suggested": "cat", "count": 1}]
+
+
+def test_issue_summaries_of_blocks_merge_into_the_whole_tables():
+    import numpy as np
+
+    from irank.core.estimate import issue_summary, merge_issue_summaries
+
+    generator = np.random.default_rng(0)
+    classes = ["a", "b", "c", "d"]
+    labels = generator.choice(classes[:3], 500).tolist()
+    predicted = generator.choice(classes, 500).tolist()
+    whole = issue_summary(labels, predicted, classes)
+    blocks = [issue_summary(labels[start:start + 64], predicted[start:start + 64]) for start in range(0, 500, 64)]
+    assert merge_issue_summaries(blocks, classes) == whole
+    assert merge_issue_summaries(blocks) == issue_summary(labels, predicted)
+    assert merge_issue_summaries([], classes)["per_class"]["d"] == {"rows": 0, "estimated_issues": 0}
+    outside = merge_issue_summaries([issue_summary(["z", "a"], ["a", "a"])], ["a"])
+    assert list(outside["per_class"]) == ["a", "z"] and outside["estimated_issues"] == 1

@@ -44,3 +44,27 @@ def issue_summary(labels: Sequence[str], predicted: Sequence[str], classes: Sequ
                 for (given, suggested), count in sorted(pairs.items(), key=lambda item: (-item[1], item[0]))]
     return {"rows": int(len(labels)), "estimated_issues": int(wrong.sum()),
             "share": float(wrong.mean()) if len(labels) else 0.0, "per_class": per_class, "confused_pairs": confused}
+
+
+def merge_issue_summaries(parts: Sequence[dict], classes: Sequence[str] | None = None) -> dict:
+    """One `issue_summary` of a table from the summaries of its blocks of rows (each made with or without a class
+    list): what `issue_summary` gives on the whole table, so that a reader need hold only one block of it.
+    `per_class` follows `classes` (default: sorted), then any other given label the rows hold, sorted."""
+    rows = sum(part["rows"] for part in parts)
+    issues = sum(part["estimated_issues"] for part in parts)
+    per_class: dict[str, dict] = {}
+    pairs: Counter = Counter()
+    for part in parts:
+        for name, counts in part["per_class"].items():
+            total = per_class.setdefault(name, {"rows": 0, "estimated_issues": 0})
+            total["rows"] += counts["rows"]
+            total["estimated_issues"] += counts["estimated_issues"]
+        pairs.update({(pair["given"], pair["suggested"]): pair["count"] for pair in part["confused_pairs"]})
+    names = [str(name) for name in classes] if classes is not None else []
+    listed = set(names)
+    names += sorted(name for name, counts in per_class.items() if name not in listed and counts["rows"])
+    ordered = {name: per_class.get(name, {"rows": 0, "estimated_issues": 0}) for name in names}
+    confused = [{"given": given, "suggested": suggested, "count": count}
+                for (given, suggested), count in sorted(pairs.items(), key=lambda item: (-item[1], item[0]))]
+    return {"rows": rows, "estimated_issues": issues, "share": issues / rows if rows else 0.0,
+            "per_class": ordered, "confused_pairs": confused}

@@ -5,6 +5,7 @@ as a spreadsheet saved it, or a Label Studio export), and a pack is replaceable 
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import os
@@ -29,7 +30,7 @@ from irank.formats.manifest import (
     table_input,
 )
 from irank.formats.sheet import column_places, mark_table, read_sheet, unmark
-from irank.runtime.errors import ManifestError
+from irank.runtime.errors import ManifestError, UsageError
 
 REVIEW_COLUMNS = ("decision", "new_label")
 DECISIONS = ("keep", "relabel", "remove")
@@ -106,14 +107,48 @@ def label_studio_url(image_path: Path, document_root: Path) -> str | None:
     return "/data/local-files/?d=" + quote(relative.as_posix())
 
 
-def label_studio_tasks(flagged: pd.DataFrame, image_paths: list[Path], document_root: Path) -> tuple[list[dict], int]:
-    """Image-classification tasks with irank's suggestion as a prediction; also how many images lie outside the root."""
+def check_url_prefix(prefix: str) -> str:
+    """An --image-url-prefix as given, once it is a URL a browser can fetch images by: http://, https:// or /,
+    with no space or control character. UsageError otherwise."""
+    if not prefix.lower().startswith(("http://", "https://", "/")):
+        raise UsageError(f"--image-url-prefix {prefix!r}: must start with http://, https:// or / "
+                         "(an image's path under the image folder is appended to it)")
+    if any(character.isspace() or ord(character) < 32 or ord(character) == 127 for character in prefix):
+        raise UsageError(f"--image-url-prefix {prefix!r}: holds a space or control character; URL-encode it")
+    return prefix
+
+
+def prefixed_url(image_path: Path, image_root: Path, prefix: str) -> str | None:
+    """prefix + the image's path under the image folder, each segment URL-quoted (the path as the manifest
+    names it, symlinks not followed, else as resolved); None when it lies outside."""
+    for path, root in ((Path(os.path.abspath(image_path)), Path(os.path.abspath(image_root))),
+                       (image_path.resolve(), image_root.resolve())):
+        relative = os.path.relpath(path, root)
+        if relative != os.pardir and not relative.startswith(os.pardir + os.sep) and not os.path.isabs(relative):
+            return prefix + "/".join(quote(part, safe="") for part in Path(relative).parts)
+    return None
+
+
+def task_image_url(image_path: Path, root: Path, prefix: str | None) -> tuple[str, bool]:
+    """A task's image URL, and whether the image lies outside `root` (then its URL holds its absolute path)."""
+    url = label_studio_url(image_path, root) if prefix is None else prefixed_url(image_path, root, prefix)
+    if url is not None:
+        return url, False
+    segments = image_path.resolve().as_posix().lstrip("/")
+    if prefix is None:
+        return "/data/local-files/?d=" + quote(segments), True
+    return prefix + "/".join(quote(part, safe="") for part in segments.split("/")), True
+
+
+def label_studio_tasks(flagged: pd.DataFrame, image_paths: list[Path], document_root: Path,
+                       url_prefix: str | None = None) -> tuple[list[dict], int]:
+    """Image-classification tasks with irank's suggestion as a prediction; also how many images lie outside the
+    root. Image URLs: Label Studio's local-files URLs under `document_root`, or with `url_prefix` that prefix and
+    the image's path under `document_root` (the image folder)."""
     tasks, outside = [], 0
     for (_, row), image_path in zip(flagged.iterrows(), image_paths):
-        url = label_studio_url(image_path, document_root)
-        if url is None:
-            outside += 1
-            url = "/data/local-files/?d=" + quote(image_path.resolve().as_posix().lstrip("/"))
+        url, out = task_image_url(image_path, document_root, url_prefix)
+        outside += out
         tasks.append({
             "data": {
                 "image": url, "irank_id": str(row["id"]), "given_label": str(row["label"]),
@@ -240,16 +275,58 @@ def pack_changes(folder: Path) -> str | None:
 def review_csv_text(reviewed: pd.DataFrame) -> str:
     """review.csv: every text cell marked where a spreadsheet would run it (`sheet.mark`), every field quoted
     when a value holds a carriage return (which a reader would otherwise take for the end of the row)."""
+    return marked_csv(reviewed)[0]
+
+
+def marked_csv(reviewed: pd.DataFrame) -> tuple[str, int]:
+    """review.csv's text (see `review_csv_text`) and the csv module's quoting it was written with."""
     marked = mark_table(reviewed)
-    return marked.to_csv(index=False, quoting=csv_quoting(marked))
+    quoting = csv_quoting(marked)
+    return marked.to_csv(index=False, quoting=quoting), quoting
+
+
+def sheet_field(value: str, quote_all: bool, alone: bool = False) -> str:
+    """A cell as the csv module writes it with minimal quoting (or every field quoted), as the review page's
+    script writes it too: quoted when it holds a comma, a quote, a carriage return or a line feed, or is a row's
+    only field and empty."""
+    if quote_all or any(character in value for character in ',"\r\n') or (alone and value == ""):
+        return '"' + value.replace('"', '""') + '"'
+    return value
+
+
+def sheet_text(header: list[str], rows: list[list[str]], quote_all: bool, newline: str) -> str:
+    """A CSV text from cells, written as `sheet_field` writes each (the page's export, in Python)."""
+    return "".join(",".join(sheet_field(value, quote_all, len(fields) == 1) for value in fields) + newline
+                   for fields in [header, *rows])
+
+
+def review_sheet(flagged: pd.DataFrame) -> tuple[str, dict]:
+    """review.csv's text, and what the review page needs to write it again with decisions filled in: `header` and
+    `rows` as cells (as written: marked), `decision_at` (the decision column; new_label follows), `quote_all`,
+    `newline`, and `exact`: whether these give back the text byte for byte (the page offers no export if not)."""
+    table = review_table(flagged)
+    text, quoting = marked_csv(table)
+    quote_all = quoting == csv.QUOTE_ALL
+    newline = "\r\n" if text.endswith("\r\n") else "\n"
+    try:
+        records = list(csv.reader(io.StringIO(text, newline="")))
+    except csv.Error:  # a cell over the csv module's field size limit: the page then sends people to review.csv
+        records = [[]]
+    header, rows = records[0], records[1:]
+    exact = sheet_text(header, rows, quote_all, newline) == text
+    if not exact:
+        header, rows = [], []
+    return text, {"header": header, "rows": rows, "decision_at": list(table.columns).index("decision"),
+                  "quote_all": quote_all, "newline": newline, "exact": exact}
 
 
 def pack_contents(flagged: pd.DataFrame, page: str, tasks: list[dict], classes: list[str],
-                  summary: dict) -> dict[str, bytes]:
-    """Every file of the pack, by name; review.json records the sha256 of the others and of itself."""
+                  summary: dict, sheet: str | None = None) -> dict[str, bytes]:
+    """Every file of the pack, by name (`sheet`: review.csv's text, when already written by `review_sheet`);
+    review.json records the sha256 of the others and of itself."""
     contents = {
         "index.html": page.encode("utf-8"),
-        "review.csv": review_csv_text(review_table(flagged)).encode("utf-8"),
+        "review.csv": (review_csv_text(review_table(flagged)) if sheet is None else sheet).encode("utf-8"),
         "label-studio.json": (json.dumps(tasks, indent=2, ensure_ascii=False) + "\n").encode("utf-8"),
         "label-studio.xml": label_studio_config(classes).encode("utf-8"),
     }

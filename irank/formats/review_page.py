@@ -1,13 +1,24 @@
-"""The review page: one self-contained HTML file (inline CSS, SVG and script; thumbnails as data URIs)."""
+"""The review page: one self-contained HTML file (inline CSS, SVG and script; pictures as data URIs) on which
+annotators decide (keep, relabel, remove) and download review.csv with their decisions.
+
+Every text from the data is HTML-escaped where it is written into the page; the script's data is JSON in a
+`<script type="application/json">` element with `<`, `>`, `&`, U+2028 and U+2029 written as escapes, so no
+value can end the element or run as markup.
+"""
 
 from __future__ import annotations
 
 import base64
+import json
 import math
+from dataclasses import dataclass
 from html import escape
 
 import numpy as np
 import pandas as pd
+
+from irank.formats.review_page_assets import SCRIPT, STYLE
+from irank.formats.sheet import mark
 
 MAX_BAR_CLASSES = 30
 HISTOGRAM_BINS = 40
@@ -40,95 +51,6 @@ def tensor_placeholder(row: pd.Series) -> str:
     return "data:image/svg+xml;base64," + base64.b64encode(svg.encode("utf-8")).decode("ascii")
 
 
-STYLE = """
-body { font: 14px/1.4 system-ui, sans-serif; margin: 0 1.5em 2em; color: #222; background: #fafafa; }
-h1 { margin: .6em 0 .2em; font-size: 1.5em; } h2 { font-size: 1.05em; margin: .2em 0 .4em; }
-.lead { color: #555; margin: 0 0 1em; }
-.summary { display: flex; flex-wrap: wrap; gap: 1.5em; align-items: flex-start; margin-bottom: 1em; }
-.panel { background: #fff; border: 1px solid #ddd; border-radius: 6px; padding: .6em .9em; }
-table.classes { border-collapse: collapse; } table.classes td, table.classes th { padding: .15em .6em; text-align: right; }
-table.classes td:first-child, table.classes th:first-child { text-align: left; }
-table.classes tbody tr:nth-child(odd) { background: #f4f4f4; }
-svg text { font: 11px system-ui, sans-serif; fill: #333; }
-svg .bar { fill: #d9534f; cursor: pointer; } svg .bar:hover { fill: #b52b27; }
-svg .rest { fill: #bbb; } svg .flag { fill: #d9534f; } svg .cut { stroke: #222; stroke-width: 1.5; stroke-dasharray: 4 3; }
-.controls { position: sticky; top: 0; background: #fafafa; padding: .5em 0; border-bottom: 1px solid #ddd;
-            display: flex; gap: 1.2em; flex-wrap: wrap; align-items: center; z-index: 1; }
-#cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(300px, 1fr)); gap: .8em; margin-top: .8em; }
-.card { display: flex; gap: .7em; background: #fff; border: 1px solid #ddd; border-radius: 6px; padding: .6em; }
-.card[hidden] { display: none; }
-.card img { width: 128px; height: 128px; object-fit: contain; background: #eee; flex: none; }
-.card img.pixelated { image-rendering: pixelated; }
-.card.missing { border-color: #c00; }
-.meta { min-width: 0; } .meta div { overflow-wrap: anywhere; }
-.rank { font-weight: 600; } .given b { color: #b52b27; } .suggested b { color: #1a7f37; }
-.candidates, .id { color: #666; font-size: .92em; }
-"""
-
-SCRIPT = """
-window.addEventListener("error", function () { document.body.setAttribute("data-error", "1"); });
-(function () {
-  "use strict";
-  var container = document.getElementById("cards");
-  var cards = Array.prototype.slice.call(container.querySelectorAll(".card"));
-  var classFilter = document.getElementById("class-filter");
-  var classField = document.getElementById("class-field");
-  var sortKey = document.getElementById("sort-key");
-  var shown = document.getElementById("shown");
-  var numeric = { rank: 1, classRank: 1, labelProb: 1 };
-  function compare(key) {
-    return function (a, b) {
-      var order;
-      if (key in numeric) {
-        order = numeric[key] * (parseFloat(a.dataset[key]) - parseFloat(b.dataset[key]));
-      } else {
-        order = a.dataset[key].localeCompare(b.dataset[key]);
-      }
-      return order || (parseInt(a.dataset.rank, 10) - parseInt(b.dataset.rank, 10));
-    };
-  }
-  function update() {
-    var wanted = classFilter.value, field = classField.value, visible = 0;
-    cards.slice().sort(compare(sortKey.value)).forEach(function (card) {
-      var show = wanted === "" || card.dataset[field] === wanted;
-      card.hidden = !show;
-      if (show) { visible += 1; }
-      container.appendChild(card);
-    });
-    shown.textContent = visible + " of " + cards.length + " cards shown";
-  }
-  [classFilter, classField, sortKey].forEach(function (control) { control.addEventListener("change", update); });
-  Array.prototype.forEach.call(document.querySelectorAll("[data-filter-class]"), function (bar) {
-    bar.addEventListener("click", function () {
-      classField.value = "label";
-      classFilter.value = bar.getAttribute("data-filter-class");
-      update();
-    });
-  });
-  cards.forEach(function (card) {
-    var image = card.querySelector("img");
-    function sharpen() { if (image.naturalWidth && image.naturalWidth < 96) { image.classList.add("pixelated"); } }
-    if (image.complete) { sharpen(); } else { image.addEventListener("load", sharpen); }
-  });
-  // A link can preselect the view: index.html#class=cat&by=predicted&sort=labelProb
-  var asked = {};
-  location.hash.replace(/^#/, "").split("&").forEach(function (pair) {
-    var at = pair.indexOf("=");
-    if (at > 0) { asked[decodeURIComponent(pair.slice(0, at))] = decodeURIComponent(pair.slice(at + 1)); }
-  });
-  function choose(select, value) {
-    var known = Array.prototype.some.call(select.options, function (option) { return option.value === value; });
-    if (value !== undefined && known) { select.value = value; }
-  }
-  choose(classFilter, asked["class"]);
-  choose(classField, asked.by);
-  choose(sortKey, asked.sort);
-  update();
-  document.body.setAttribute("data-ready", "1");
-}());
-"""
-
-
 def number(value: float, digits: int = 4) -> str:
     return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}g}"
 
@@ -138,45 +60,72 @@ def percent(value: float) -> str:
 
 
 def candidates_text(row: pd.Series) -> str:
+    """The runners-up after the suggested class, less the given label (its line shows it already)."""
     parts = []
     for place in (2, 3):
         name, prob = row.get(f"candidate_{place}"), row.get(f"candidate_{place}_prob")
-        if isinstance(name, str) and name:
+        if isinstance(name, str) and name and name != str(row["label"]):
             parts.append(f"{escape(name)} {percent(prob)}")
     return ", ".join(parts) if parts else "—"
 
 
-def card_html(row: pd.Series, thumbnail: str | None, problem: str | None = None) -> str:
+def decide_html(first_choice: str, first_index: int) -> str:
+    """A card's decision buttons, its class choice (the suggested class; the script adds the others when it is
+    opened) and the line that says what was decided."""
+    return (
+        '<div class="decide">'
+        '<button type="button" data-decision="keep" aria-pressed="false" title="keep the given label (k)">keep</button>'
+        '<button type="button" data-decision="relabel" aria-pressed="false" title="relabel as the class chosen '
+        'beside (1-9: the class of that number)">relabel</button>'
+        f'<select class="new-label" aria-label="new label"><option value="{first_index}">1 · {escape(first_choice)}'
+        '</option></select>'
+        '<button type="button" data-decision="remove" aria-pressed="false" title="remove from the data set (r)">remove</button>'
+        '</div><div class="status" aria-live="polite"></div>'
+    )
+
+
+def card_html(place: int, row: pd.Series, picture: str | None, full: str | None, problem: str | None,
+              classes: list[str], measure: str) -> str:
+    """The card of review.csv's row `place`: the picture (`full`: a larger one for the full-size view), what the
+    scores say of the row, and its decision controls. `measure`: the score's short name."""
     label, predicted = str(row["label"]), str(row["predicted"])
     label_prob = row.get("label_prob", float("nan"))
     attributes = {
-        "data-id": str(row["id"]), "data-label": label, "data-predicted": predicted, "data-rank": str(int(row["rank"])),
-        "data-class-rank": str(int(row["class_rank"])), "data-score": repr(float(row["score"])),
+        "data-row": str(place), "data-id": str(row["id"]), "data-label": label, "data-predicted": predicted,
+        "data-rank": str(int(row["rank"])), "data-class-rank": str(int(row["class_rank"])),
+        "data-score": repr(float(row["score"])),
         "data-label-prob": repr(float(label_prob)) if not pd.isna(label_prob) else "0",
+        "data-decision": "", "data-new-label": "",
     }
     attribute_text = " ".join(f'{name}="{escape(value)}"' for name, value in attributes.items())
-    missing = thumbnail is None
+    missing = picture is None
+    first = classes.index(predicted) if predicted in classes else 0
+    full_attribute = f' data-full="{full}"' if full else ""
     return (
-        f'<article class="card{" missing" if missing else ""}" {attribute_text}>'
-        f'<img src="{thumbnail or PLACEHOLDER}" alt="{escape(str(row["id"]))}" title="{escape(str(row["path"]))}">'
+        f'<article class="card{" missing" if missing else ""}" tabindex="-1" aria-selected="false" {attribute_text}>'
+        f'<img src="{picture or PLACEHOLDER}"{full_attribute} alt="{escape(str(row["id"]))}" title="{escape(str(row["path"]))}">'
         '<div class="meta">'
-        f'<div class="rank">#{int(row["rank"])} · influence {number(float(row["score"]))}'
+        f'<div class="rank">#{int(row["rank"])} · {escape(measure)} {number(float(row["score"]))}'
         f' · #{int(row["class_rank"])} in class</div>'
         f'<div class="given">given: <b>{escape(label)}</b> ({percent(label_prob)})</div>'
         f'<div class="suggested">suggested: <b>{escape(predicted)}</b> {percent(row["predicted_prob"])}</div>'
         f'<div class="candidates">next: {candidates_text(row)}</div>'
         f'<div class="id">{escape(str(row["id"]))}{" — image not shown: " + escape(problem or "not found") if missing else ""}</div>'
+        f'{decide_html(classes[first] if classes else predicted, first)}'
         "</div></article>"
     )
 
 
-def per_class_counts(samples: pd.Series, flagged: pd.DataFrame) -> pd.DataFrame:
-    """Per class: `samples` (every scored row's count, indexed by label), the flagged rows, and those of them the
-    model predicts another class for."""
+def per_class_counts(samples: pd.Series, flagged: pd.DataFrame, issues: dict | None = None) -> pd.DataFrame:
+    """Per class: `samples` (every scored row's count, indexed by label), the flagged rows, those of them the
+    model predicts another class for, and (from `issues`, `estimate.issue_summary` of every row) the estimated
+    issues among all its rows."""
     labels = flagged["label"].astype(str)
     counts = pd.DataFrame({"samples": samples, "flagged": labels.value_counts()}).fillna(0).astype(int)
     disagree = labels != flagged["predicted"].astype(str)
     counts["suggested_other"] = labels[disagree].value_counts().reindex(counts.index).fillna(0).astype(int)
+    per_class = (issues or {}).get("per_class", {})
+    counts["issues"] = [per_class.get(str(name), {}).get("estimated_issues", 0) for name in counts.index]
     return counts.sort_index()
 
 
@@ -205,7 +154,8 @@ def bar_chart_svg(counts: pd.DataFrame) -> str:
     return "".join(parts) + note
 
 
-def histogram_svg(scores: np.ndarray, mask: np.ndarray, cut_score: float | None, cut_label: str) -> str:
+def histogram_svg(scores: np.ndarray, mask: np.ndarray, cut_score: float | None, cut_label: str,
+                  measure: str = "score") -> str:
     """Histogram of all scores, flagged rows stacked in red, the cut as a dashed line; log10 axis for wide positive ranges."""
     scores = np.asarray(scores, dtype=np.float64)
     finite = np.isfinite(scores)
@@ -224,7 +174,7 @@ def histogram_svg(scores: np.ndarray, mask: np.ndarray, cut_score: float | None,
     plot_height = height - bottom - 8
     peak = max(1, int(all_counts.max()))
     bin_width = (width - left - 6) / HISTOGRAM_BINS
-    parts = [f'<svg role="img" aria-label="histogram of influence scores" width="{width}" height="{height}">']
+    parts = [f'<svg role="img" aria-label="histogram of the scores ({escape(measure)})" width="{width}" height="{height}">']
     for index, (total, flagged) in enumerate(zip(all_counts, flagged_counts)):
         x = left + index * bin_width
         for count, base, css in ((total - flagged, 0, "rest"), (flagged, total - flagged, "flag")):
@@ -239,7 +189,7 @@ def histogram_svg(scores: np.ndarray, mask: np.ndarray, cut_score: float | None,
         f'<line x1="{left}" y1="{axis_y}" x2="{width - 6}" y2="{axis_y}" stroke="#666"/>'
         f'<text x="{left}" y="{axis_y + 14}">{number(shown_low, 3)}</text>'
         f'<text x="{width - 6}" y="{axis_y + 14}" text-anchor="end">{number(shown_high, 3)}</text>'
-        f'<text x="{(left + width) / 2}" y="{axis_y + 26}" text-anchor="middle">influence score{" (log scale)" if use_log else ""}</text>'
+        f'<text x="{(left + width) / 2}" y="{axis_y + 26}" text-anchor="middle">{escape(measure)}{" (log scale)" if use_log else ""}</text>'
         f'<text x="{left - 4}" y="16" text-anchor="end">{peak}</text><text x="{left - 4}" y="{axis_y}" text-anchor="end">0</text>'
     )
     if cut_score is not None and np.isfinite(cut_score) and (cut_score > 0 or not use_log):
@@ -254,64 +204,239 @@ def histogram_svg(scores: np.ndarray, mask: np.ndarray, cut_score: float | None,
 def class_table_html(counts: pd.DataFrame) -> str:
     rows = "".join(
         f"<tr><td>{escape(name)}</td><td>{row['samples']}</td><td>{row['flagged']}</td>"
-        f"<td>{row['flagged'] / row['samples']:.0%}</td><td>{row['suggested_other']}</td></tr>"
+        f"<td>{percent(row['flagged'] / row['samples']) if row['samples'] else '—'}</td>"
+        f"<td>{row['suggested_other']}</td><td>{row['issues']}</td></tr>"
         for name, row in counts.iterrows()
     )
     return ('<table class="classes"><thead><tr><th>given label</th><th>samples</th><th>flagged</th><th>share</th>'
-            f'<th>model suggests another</th></tr></thead><tbody>{rows}</tbody></table>')
+            '<th>flagged, model suggests another</th><th>estimated issues (all samples)</th></tr></thead>'
+            f'<tbody>{rows}</tbody></table>')
 
 
 def options_html(values: list[str]) -> str:
     return "".join(f'<option value="{escape(value)}">{escape(value)}</option>' for value in values)
 
 
-def render_page(flagged: pd.DataFrame, samples: pd.Series, scores: np.ndarray, thumbnails: list[str | None], *,
-                mask: np.ndarray, classes: list[str], summary: dict, problems: list[str | None] | None = None) -> str:
-    """The whole page as one string; `samples`: every scored row's count per label, `scores`: every scored row's
-    score, `mask` marks the flagged ones."""
-    counts = per_class_counts(samples, flagged)
+
+
+METHOD_NAMES = {"influence": "influence", "loss": "loss", "margin": "negative margin", "gradnorm": "gradient norm"}
+MAX_MATRIX_CLASSES = 12
+MAX_PAIRS = 10
+
+
+@dataclass
+class Measure:
+    """What the scores measure, as the page names it: `short` on the cards and the histogram's axis, `text` in
+    sentences ("the probe's loss at layer features.2")."""
+
+    short: str = "score"
+    text: str = "score"
+
+
+def describe_measure(method: str | None, boundary: str | None, influence_measure: str | None,
+                     layer: str | None) -> Measure:
+    """The measure the scores' sidecar records (`method`, `parameters.boundary`, `parameters.influence_measure`,
+    `parameters.layer`); "score" when there is no sidecar to say."""
+    if not method:
+        return Measure()
+    short = METHOD_NAMES.get(method, method)
+    if method == "influence":
+        where = {"head": " on the checkpoint's head", "refit": " on the probe"}.get(boundary or "", "")
+        at = f" at layer {layer}" if boundary == "refit" and layer else ""
+        return Measure(short, f"influence ({influence_measure or 'self-influence'}){where}{at}")
+    if boundary == "refit":
+        return Measure(short, f"the probe's {short}" + (f" at layer {layer}" if layer else ""))
+    return Measure(short, f"the {short}" + (" on the checkpoint's head" if boundary == "head" else ""))
+
+
+def script_json(value) -> str:
+    """JSON to put inside a <script> element: `<`, `>` and `&` (which only strings hold) and U+2028/2029 escaped,
+    so that no value can close the element, open a comment or end a line of script."""
+    text = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    for character, escaped in (("&", "\\u0026"), ("<", "\\u003c"), (">", "\\u003e"), ("\u2028", "\\u2028"),
+                               ("\u2029", "\\u2029")):
+        text = text.replace(character, escaped)
+    return text
+
+
+def matrix_classes(issues: dict, limit: int = MAX_MATRIX_CLASSES) -> list[str]:
+    """The classes of the given × suggested matrix: those in the most confused rows (as given or suggested),
+    at most `limit`, in the class list's order."""
+    involved: dict[str, int] = {}
+    for pair in issues["confused_pairs"]:
+        for name in (pair["given"], pair["suggested"]):
+            involved[name] = involved.get(name, 0) + pair["count"]
+    chosen = set(sorted(involved, key=lambda name: (-involved[name], name))[:limit])
+    listed = [name for name in issues["per_class"] if name in chosen]
+    return listed + sorted(chosen - set(listed))
+
+
+def matrix_html(issues: dict) -> str:
+    """Rows whose given label (row) differs from the model's prediction (column), counted over every scored row."""
+    names = matrix_classes(issues)
+    if not names:
+        return ""
+    counts = {(pair["given"], pair["suggested"]): pair["count"] for pair in issues["confused_pairs"]}
+    peak = max(counts.values())
+    head = "".join(f'<th scope="col">{escape(name)}</th>' for name in names)
+    rows = []
+    for given in names:
+        cells = []
+        for suggested in names:
+            count = counts.get((given, suggested), 0)
+            if given == suggested:
+                cells.append('<td class="same">·</td>')
+                continue
+            shade = f' style="background: rgba(217, 83, 79, {0.1 + 0.6 * count / peak:.2f})"' if count else ""
+            cells.append(f'<td{shade} title="given {escape(given)}, suggested {escape(suggested)}: {count}">'
+                         f'{count or ""}</td>')
+        own = issues["per_class"].get(given, {"rows": 0, "estimated_issues": 0})
+        rows.append(f'<tr><th scope="row">{escape(given)}</th>{"".join(cells)}'
+                    f'<td>{own["estimated_issues"]} of {own["rows"]}</td></tr>')
+    hidden = len({name for pair in issues["confused_pairs"] for name in (pair["given"], pair["suggested"])}) - len(names)
+    more = f'<p class="caption">and {hidden} more classes (review.json: summary)</p>' if hidden > 0 else ""
+    return (f'<table class="matrix"><thead><tr><th>given ↓ suggested →</th>{head}<th>issues of rows</th></tr></thead>'
+            f'<tbody>{"".join(rows)}</tbody></table>{more}')
+
+
+def issues_html(issues: dict) -> str:
+    """"How bad is my data?": the estimated issues overall, the given × suggested matrix and the top confused pairs."""
+    pairs = "".join(f"<li>given <b>{escape(pair['given'])}</b> → suggested <b>{escape(pair['suggested'])}</b>: "
+                    f"{pair['count']}</li>" for pair in issues["confused_pairs"][:MAX_PAIRS])
+    return (
+        '<div class="panel" id="issues"><h2>How bad is the data?</h2>'
+        f'<p><b>{issues["estimated_issues"]}</b> of {issues["rows"]} samples ({percent(issues["share"])}) have a '
+        "given label the model does not predict: an estimate of the wrong labels, and a lower bound where the "
+        "model learned some of them by heart.</p>"
+        f'{matrix_html(issues)}'
+        + (f'<h3>Most confused</h3><ol class="pairs">{pairs}</ol>' if pairs else "<p>No sample's label differs from "
+           "the model's prediction.</p>")
+        + "</div>"
+    )
+
+
+@dataclass
+class PageData:
+    """What the page shows. `samples`: every scored row's count per label; `scores`: every scored row's score,
+    `mask` marks the flagged ones; `pictures` (None: not shown, `problems` says why) and `fulls` (a larger
+    picture for the full-size view, None: the card's own) per flagged row; `sheet`: `review_pack.review_sheet`'s
+    description of review.csv; `key`: unique to the pack (review.csv's sha256), the browser's storage key;
+    `issues`: `estimate.issue_summary` of every scored row."""
+
+    flagged: pd.DataFrame
+    samples: pd.Series
+    scores: np.ndarray
+    mask: np.ndarray
+    classes: list[str]
+    summary: dict
+    pictures: list[str | None]
+    sheet: dict
+    key: str
+    issues: dict
+    fulls: list[str | None] | None = None
+    problems: list[str | None] | None = None
+    measure: Measure | None = None
+
+
+def selection_rule(summary: dict, flagged: pd.DataFrame) -> str:
     parameters = summary["parameters"]
     if parameters["fraction"] is not None:
         rule = f"the first {parameters['fraction']:.0%} in the rank"
     else:
         rule = f"the first {parameters['top'] or len(flagged)} in the rank"
-    rule += " of each class" if parameters["per_class"] else ""
-    cut_label = "lowest flagged" if parameters["per_class"] else "cut"
-    filter_classes = sorted(set(classes) | set(flagged["label"].astype(str)) | set(flagged["predicted"].astype(str)))
+    return rule + (" of each class" if parameters["per_class"] else "")
+
+
+def lead_html(page: PageData, measure: Measure) -> str:
+    summary = page.summary
     missing = summary["missing_images"]
-    problems = problems or [None] * len(thumbnails)
-    cards = "\n".join(card_html(row, thumbnail, problem)
-                      for (_, row), thumbnail, problem in zip(flagged.iterrows(), thumbnails, problems))
+    return (
+        f'<p class="lead">{len(page.flagged)} of {summary["scored_rows"]} samples flagged '
+        f'({escape(selection_rule(summary, page.flagged))}), ranked by {escape(measure.text)}, rank 1 (the most '
+        "suspect) first.</p>"
+        '<p class="lead help">Decide on each card: <b>keep</b>, <b>relabel</b> (the suggested class first) or '
+        "<b>remove</b>. Click a card, then <kbd>k</kbd> keeps, <kbd>r</kbd> removes, <kbd>1</kbd>–<kbd>9</kbd> "
+        "relabels as that class of its list, <kbd>u</kbd> undoes; <kbd>←</kbd> <kbd>→</kbd> <kbd>↑</kbd> "
+        "<kbd>↓</kbd> or <kbd>j</kbd> <kbd>l</kbd> move, <kbd>Enter</kbd> (or a click on the picture) shows it full "
+        "size. Decisions are kept in this browser; <b>Download review.csv</b> and run "
+        "<code>irank apply review.csv MANIFEST -o FIXED.csv</code>."
+        + (f' <strong>{missing} images were not found or could not be shown</strong> (under '
+           f'{escape(summary["image_root"])}).' if missing else "")
+        + "</p>"
+    )
+
+
+def summary_html(page: PageData, measure: Measure) -> str:
+    counts = per_class_counts(page.samples, page.flagged, page.issues)
+    cut_label = "lowest flagged" if page.summary["parameters"]["per_class"] else "cut"
+    histogram = histogram_svg(page.scores, page.mask, page.summary["cut_score"], cut_label, measure.short)
+    caption = (f"score: {measure.text}" if measure.text != "score"
+               else "score: not named (no sidecar SCORES.json beside the scores says what was computed)")
+    return (
+        '<section class="summary">'
+        f'{issues_html(page.issues)}'
+        f'<div class="panel"><h2>Flagged per class</h2>{bar_chart_svg(counts)}</div>'
+        f'<div class="panel" id="scores"><h2>Scores: all samples, flagged in red</h2>'
+        f'<p class="caption">{escape(caption)}</p>{histogram}</div>'
+        f'<div class="panel"><h2>Per class</h2>{class_table_html(counts)}</div>'
+        "</section>"
+    )
+
+
+def controls_html(page: PageData) -> str:
+    names = sorted(set(page.classes) | set(page.flagged["label"].astype(str)) | set(page.flagged["predicted"].astype(str)))
+    return (
+        '<section class="controls">'
+        f'<label>Show class <select id="class-filter"><option value="">all classes</option>{options_html(names)}</select></label>'
+        '<label>by <select id="class-field"><option value="label">given label</option>'
+        '<option value="predicted">suggested label</option></select></label>'
+        '<label>decided <select id="decision-filter"><option value="all">any</option><option value="undecided">not yet'
+        '</option><option value="keep">keep</option><option value="relabel">relabel</option>'
+        '<option value="remove">remove</option></select></label>'
+        '<label>Sort by <select id="sort-key"><option value="rank">rank (most suspect first)</option>'
+        '<option value="classRank">rank within class</option><option value="labelProb">given label\'s probability '
+        '(lowest first)</option><option value="label">given label</option><option value="predicted">suggested label'
+        "</option></select></label>"
+        f'<span id="shown">{len(page.flagged)} cards</span>'
+        f'<span id="decided">0 of {len(page.flagged)} decided</span>'
+        '<button type="button" id="download">Download review.csv</button><span id="note" class="note"></span>'
+        "</section>"
+    )
+
+
+def page_script_data(page: PageData) -> str:
+    """The script's data as JSON for a <script type="application/json"> element (see `script_json`)."""
+    return script_json({"key": page.key, "classes": page.classes, "marked_classes": [mark(name) for name in page.classes],
+                        "sheet": page.sheet})
+
+
+def render_page(page: PageData) -> str:
+    """The whole page as one string."""
+    measure = page.measure or Measure()
+    count = len(page.flagged)
+    fulls = page.fulls or [None] * count
+    problems = page.problems or [None] * count
+    cards = "\n".join(card_html(place, row, picture, full, problem, page.classes, measure.short)
+                      for place, ((_, row), picture, full, problem)
+                      in enumerate(zip(page.flagged.iterrows(), page.pictures, fulls, problems)))
     return f"""<!doctype html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<title>irank review: {len(flagged)} flagged samples</title>
+<title>irank review: {count} flagged samples</title>
 <style>{STYLE}</style>
 </head>
 <body data-ready="0">
 <h1>irank review</h1>
-<p class="lead">{len(flagged)} of {summary['scored_rows']} samples flagged ({escape(rule)}), rank 1 (the most suspect) first.
-Write your decision for each in <code>review.csv</code> (<code>keep</code>, <code>relabel</code> with a
-<code>new_label</code>, or <code>remove</code>), then run <code>irank apply review.csv MANIFEST -o FIXED.csv</code>.
-{f'<strong>{missing} images were not found or could not be shown</strong> (under {escape(summary["image_root"])}).' if missing else ''}</p>
-<section class="summary">
-<div class="panel"><h2>Flagged per class</h2>{bar_chart_svg(counts)}</div>
-<div class="panel"><h2>Influence scores: all samples, flagged in red</h2>{histogram_svg(scores, mask, summary["cut_score"], cut_label)}</div>
-<div class="panel"><h2>Per class</h2>{class_table_html(counts)}</div>
-</section>
-<section class="controls">
-<label>Show class <select id="class-filter"><option value="">all classes</option>{options_html(filter_classes)}</select></label>
-<label>by <select id="class-field"><option value="label">given label</option><option value="predicted">suggested label</option></select></label>
-<label>Sort by <select id="sort-key"><option value="rank">rank (most suspect first)</option>
-<option value="classRank">rank within class</option><option value="labelProb">given label's probability (lowest first)</option>
-<option value="label">given label</option><option value="predicted">suggested label</option></select></label>
-<span id="shown">{len(flagged)} cards</span>
-</section>
+{lead_html(page, measure)}
+{summary_html(page, measure)}
+{controls_html(page)}
 <main id="cards">
 {cards}
 </main>
+<div id="viewer" hidden role="dialog" aria-label="full-size picture"><img id="viewer-image" alt=""><p id="viewer-caption"></p></div>
+<script type="application/json" id="irank-data">{page_script_data(page)}</script>
 <script>{SCRIPT}</script>
 </body>
 </html>

@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -284,14 +284,18 @@ def _score_blocks(path: str, columns: tuple[str, ...] | None,
         start += len(chunk)
 
 
-def flagged_rows(path: str, source: TableSource, mask: np.ndarray) -> tuple[pd.DataFrame, set[str]]:
+def flagged_rows(path: str, source: TableSource, mask: np.ndarray,
+                 each_block: Callable[[pd.DataFrame], None] | None = None) -> tuple[pd.DataFrame, set[str]]:
     """The rows of a scores table where `mask` is true, every column, in the file's order (`review` shows them
-    all), read a block at a time so that only they are kept; and every name in its `predicted` column."""
+    all), read a block at a time so that only they are kept; and every name in its `predicted` column.
+    `each_block` is handed every block as it is read (review sums what the whole table says from them)."""
     parts, predicted = [], set()
     start = 0
     for chunk in _score_blocks(path, None, source):
         if start + len(chunk) > len(mask):
             raise ManifestError(f"scores {path}: changed while irank read it (more than {len(mask)} rows now)")
+        if each_block is not None:
+            each_block(chunk)
         if "predicted" in chunk.columns:
             predicted.update(chunk["predicted"].astype(str).unique().tolist())
         parts.append(chunk[mask[start:start + len(chunk)]])

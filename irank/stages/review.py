@@ -1,9 +1,10 @@
 """`irank review`: a scores table → a review pack for annotators (HTML page, review.csv, Label Studio tasks).
 
-The pack is a folder: `index.html` (self-contained: thumbnails embedded as data URIs, no network),
-`review.csv` (the flagged rows with empty `decision` and `new_label` columns), `label-studio.json`
-(image-classification tasks with irank's suggestion as a pre-annotation) plus the matching
-`label-studio.xml` labeling config, and `review.json` (provenance and the class list `irank apply` reads).
+The pack is a folder: `index.html` (self-contained: pictures embedded as data URIs, no network; annotators
+decide on it and download review.csv with their decisions), `review.csv` (the flagged rows with empty
+`decision` and `new_label` columns), `label-studio.json` (image-classification tasks with irank's suggestion
+as a pre-annotation) plus the matching `label-studio.xml` labeling config, and `review.json` (provenance, the
+class list `irank apply` reads, and the estimated issues of every scored row).
 It is built in a temporary sibling folder and renamed into place, so it appears whole or not at all.
 """
 
@@ -21,27 +22,31 @@ import numpy as np
 import pandas as pd
 
 from irank._version import __version__
+from irank.core.estimate import issue_summary, merge_issue_summaries
 from irank.core.selection import removal_mask
-from irank.formats.files import is_stdio, output_set
+from irank.formats.files import is_stdio, output_set, sha256_bytes
 from irank.formats.images import ImageRefused, decode_error, open_image
 from irank.formats.jsontext import kind
 from irank.formats.manifest import TableSource, first_outside
 from irank.formats.review_pack import (
+    check_url_prefix,
     class_names,
     json_field,
     label_studio_tasks,
     pack_changes,
     pack_contents,
     read_json_file,
+    review_sheet,
     review_table,
 )
-from irank.formats.review_page import render_page, tensor_placeholder
+from irank.formats.review_page import Measure, PageData, describe_measure, render_page, tensor_placeholder
 from irank.formats.scores_table import ScoreColumns, flagged_rows, read_score_columns
 from irank.formats.tensor_rows import is_tensor_path
 from irank.runtime.errors import ManifestError, UsageError
 
 DEFAULT_TOP = 100
 THUMBNAIL_SIZE = 160
+FULL_SIZE = 512  # the full-size view's picture: the image, shrunk to at most this many pixels a side
 
 
 @dataclass
@@ -113,20 +118,30 @@ def resolve_image(path: str, root: Path) -> Path:
     return Path(path) if os.path.isabs(path) else root / path
 
 
-def thumbnail(image_path: Path, size: int = THUMBNAIL_SIZE) -> tuple[str | None, str | None]:
-    """A small PNG (or JPEG for large photos) of the image as a data URI, opened under the rule every command
-    follows (`images.open_image`); else (None, why not)."""
+def pictures_of(image_path: Path, size: int = THUMBNAIL_SIZE,
+                full_size: int = FULL_SIZE) -> tuple[str | None, str | None, str | None]:
+    """The card's picture (at most `size` pixels a side), the full-size view's (at most `full_size`; None when the
+    image is no larger than the card's), as data URIs, from one opening of the image under the rule every
+    command follows (`images.open_image`); else (None, None, why not)."""
     from PIL import Image
 
     try:
         with open_image(image_path) as image:
-            image.thumbnail((size, size))
+            image.thumbnail((full_size, full_size))
             has_alpha = image.mode in ("RGBA", "LA", "P")
-            picture = image.convert("RGBA" if has_alpha else "RGB")
+            large = image.convert("RGBA" if has_alpha else "RGB")
     except ImageRefused as exc:
-        return None, exc.reason
+        return None, None, exc.reason
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        return None, decode_error(exc)
+        return None, None, decode_error(exc)
+    small = large.copy()
+    small.thumbnail((size, size))
+    full = data_uri(large, has_alpha) if max(large.size) > max(small.size) else None
+    return data_uri(small, has_alpha), full, None
+
+
+def data_uri(picture, has_alpha: bool) -> str:
+    """A PIL image as a data URI: PNG for small pictures and those with transparency, else JPEG."""
     buffer = io.BytesIO()
     small = picture.width * picture.height <= 64 * 64
     if small or has_alpha:
@@ -135,7 +150,7 @@ def thumbnail(image_path: Path, size: int = THUMBNAIL_SIZE) -> tuple[str | None,
     else:
         picture.save(buffer, format="JPEG", quality=85)
         mime = "image/jpeg"
-    return f"data:{mime};base64,{base64.b64encode(buffer.getvalue()).decode('ascii')}", None
+    return f"data:{mime};base64,{base64.b64encode(buffer.getvalue()).decode('ascii')}"
 
 
 def check_images_inside(scores: str, paths: list[str], is_tensor_row: list[bool], ranks: list[int], root: Path,
@@ -197,40 +212,71 @@ def class_list(labels: list[str], predicted: set[str], sidecar: dict) -> tuple[l
     return sorted(set(labels) | predicted), "the labels and predictions in the scores"
 
 
-def read_flagged(scores: str, top: int | None, fraction: float | None,
-                 per_class: bool) -> tuple[ScoreColumns, np.ndarray, pd.DataFrame, set[str], str | None]:
-    """The scores' compact columns, which rows are flagged, those rows whole (sorted by rank), every predicted
-    class name, and the scores' sha256 (None from stdin). Two passes over the scores, so that only the id, label, rank, class rank and score
-    of every row are held (compactly, as prune holds them), and the flagged rows whole (every column of every
-    row in pandas took about 680 bytes a row)."""
+@dataclass
+class Flagged:
+    """What review reads of the scores: `columns` (compact: every row's label, rank, class rank and score), `mask`
+    (the flagged rows), `rows` (those rows whole, sorted by rank), `predicted` (every predicted class name),
+    `digest` (the scores' sha256; None from stdin) and `issues` (`estimate.issue_summary` of every row, per class
+    in the class list's order once `review` knows it)."""
+
+    columns: ScoreColumns
+    mask: np.ndarray
+    rows: pd.DataFrame
+    predicted: set[str]
+    digest: str | None
+    issues: list[dict]  # one summary per block of rows, merged by `review`
+
+
+def read_flagged(scores: str, top: int | None, fraction: float | None, per_class: bool) -> Flagged:
+    """The scores, read in two passes, so that only the id, label, rank, class rank and score of every row are held
+    (compactly, as prune holds them), and the flagged rows whole (every column of every row in pandas took about
+    680 bytes a row); the second pass also sums up every row's given and predicted labels a block at a time."""
     source = TableSource(scores, "scores")
     columns = read_score_columns(scores, source)
     mask = flagged_mask(columns, top=top, fraction=fraction, per_class=per_class)
-    flagged, predicted = flagged_rows(scores, source, mask)
+    issues: list[dict] = []
+
+    def summed(block: pd.DataFrame) -> None:
+        if "predicted" in block.columns:
+            issues.append(issue_summary(block["label"].astype(str), block["predicted"].astype(str)))
+
+    flagged, predicted = flagged_rows(scores, source, mask, each_block=summed)
     if "predicted" not in flagged.columns or "predicted_prob" not in flagged.columns:
         raise ManifestError(f"scores {scores}: missing column predicted or predicted_prob; is this the output of irank score?")
     for column in ("predicted_prob", "label_prob", "candidate_2_prob", "candidate_3_prob"):
         if column in flagged.columns:
             flagged[column] = pd.to_numeric(flagged[column], errors="coerce")
     digest = None if is_stdio(scores) else source.sha256()
-    return columns, mask, flagged.sort_values("rank", kind="mergesort").reset_index(drop=True), predicted, digest
+    return Flagged(columns, mask, flagged.sort_values("rank", kind="mergesort").reset_index(drop=True), predicted,
+                   digest, issues)
 
 
-def pack_images(scores: str, flagged: pd.DataFrame, root: Path, root_reason: str,
-                allow_outside_root: bool) -> tuple[list[Path], list[str | None], list[str | None], list[bool]]:
-    """Each flagged row's image path, card picture (None: not shown), why it is not shown, and whether it is a
-    tensor row (a card with its file and index, nothing read)."""
+@dataclass
+class PackImages:
+    """Each flagged row's image path, card picture (None: not shown), full-size picture (None: the card's), why it
+    is not shown, and whether it is a tensor row (a card with its file and index, nothing read)."""
+
+    paths: list[Path]
+    pictures: list[str | None]
+    fulls: list[str | None]
+    problems: list[str | None]
+    is_tensor_row: list[bool]
+
+
+def pack_images(scores: str, flagged: pd.DataFrame, root: Path, root_reason: str, allow_outside_root: bool) -> PackImages:
+    """The flagged rows' images (see `PackImages`), each image opened once; refused outside `root` unless allowed."""
     written = [str(p) for p in flagged["path"]]
     paths = [resolve_image(p, root) for p in written]
     is_tensor_row = [is_tensor_path(p) for p in written]
     if not allow_outside_root:
         check_images_inside(scores, written, is_tensor_row, flagged["rank"].astype(int).tolist(), root, root_reason)
-    pictures, problems = [], []
+    images = PackImages(paths, [], [], [], is_tensor_row)
     for (_, row), path, tensor_row in zip(flagged.iterrows(), paths, is_tensor_row):
-        picture, problem = (tensor_placeholder(row), None) if tensor_row else thumbnail(path)
-        pictures.append(picture)
-        problems.append(problem)
-    return paths, pictures, problems, is_tensor_row
+        picture, full, problem = (tensor_placeholder(row), None, None) if tensor_row else pictures_of(path)
+        images.pictures.append(picture)
+        images.fulls.append(full)
+        images.problems.append(problem)
+    return images
 
 
 def review_inputs(scores: str, output: str, overwrite: bool) -> tuple[Path, dict, str | None]:
@@ -245,6 +291,39 @@ def review_inputs(scores: str, output: str, overwrite: bool) -> tuple[Path, dict
     return out_dir, sidecar, manifest_path
 
 
+def scores_measure(sidecar: dict) -> Measure:
+    """What the scores measure, from their sidecar (see `review_page.describe_measure`); "score" without one."""
+    where = "scores sidecar"
+    layer = json_field(sidecar, ("parameters", "layer"), (str, int), where)
+    return describe_measure(json_field(sidecar, ("method",), (str,), where),
+                            json_field(sidecar, ("parameters", "boundary"), (str,), where),
+                            json_field(sidecar, ("parameters", "influence_measure"), (str,), where),
+                            None if layer is None else str(layer))
+
+
+def check_url_options(label_studio_root: str | None, image_url_prefix: str | None) -> None:
+    if image_url_prefix is None:
+        return
+    check_url_prefix(image_url_prefix)
+    if label_studio_root is not None:
+        raise UsageError("--label-studio-root applies to Label Studio's local-files URLs; with --image-url-prefix "
+                         "the URLs are the prefix and the path under the image folder (--image-root)")
+
+
+def write_pack(out_dir: Path, overwrite: bool, read: Flagged, images: PackImages, tasks: list[dict],
+               summary: dict, measure: Measure) -> None:
+    """The pack's files, built in a temporary sibling folder and published whole (see `building_folder`)."""
+    flagged, classes = read.rows, summary["classes"]
+    sheet_text, sheet = review_sheet(flagged)
+    page = render_page(PageData(
+        flagged, rows_per_class(read.columns), read.columns.score, read.mask, classes, summary, images.pictures,
+        sheet=sheet, key=sha256_bytes(sheet_text.encode("utf-8")), issues=summary["summary"], fulls=images.fulls,
+        problems=images.problems, measure=measure))
+    with building_folder(out_dir, overwrite) as folder:
+        for name, data in pack_contents(flagged, page, tasks, classes, summary, sheet_text).items():
+            (folder / name).write_bytes(data)
+
+
 def review(
     scores: str,
     *,
@@ -256,6 +335,7 @@ def review(
     label_studio_root: str | None = None,
     overwrite: bool = False,
     allow_outside_root: bool = False,
+    image_url_prefix: str | None = None,
 ) -> ReviewResult:
     """Write the review pack for the rows ranked first in `scores` into the folder `output`.
 
@@ -263,40 +343,45 @@ def review(
     `per_class`. Relative image paths resolve against `image_root_dir`, else the scored manifest's
     folder (from the scores' sidecar), else the scores file's folder; an image outside that folder is
     refused unless `allow_outside_root`. Label Studio URLs are relative to `label_studio_root` (default:
-    that same image folder), which is the LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT to serve them from.
+    that same image folder), which is the LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT to serve them from; with
+    `image_url_prefix` (http://, https:// or /) they are that prefix and the image's path under the image
+    folder, each segment URL-quoted, for a server of your own.
     """
     validate_selection(top, fraction)
+    check_url_options(label_studio_root, image_url_prefix)
     out_dir, sidecar, manifest_path = review_inputs(scores, output, overwrite)
-    columns, mask, flagged, predicted, digest = read_flagged(scores, top, fraction, per_class)
+    measure = scores_measure(sidecar)
+    read = read_flagged(scores, top, fraction, per_class)
+    flagged = read.rows
     root, root_reason = image_root(scores, sidecar, image_root_dir)
     ls_root = Path(label_studio_root).resolve() if label_studio_root else root
-    classes, class_source = class_list(list(columns.labels.values), predicted, sidecar)
-    paths, pictures, problems, is_tensor_row = pack_images(scores, flagged, root, root_reason, allow_outside_root)
-    unshown = [place for place, picture in enumerate(pictures) if picture is None]
-    tasks, outside_root = label_studio_tasks(flagged, paths, ls_root)
+    classes, class_source = class_list(list(read.columns.labels.values), read.predicted, sidecar)
+    images = pack_images(scores, flagged, root, root_reason, allow_outside_root)
+    unshown = [place for place, picture in enumerate(images.pictures) if picture is None]
+    tasks, outside_root = label_studio_tasks(flagged, images.paths, ls_root, image_url_prefix)
     summary = {
         "irank_version": __version__,
         "command": "review",
         "parameters": {"top": top if fraction is None else None, "fraction": fraction, "per_class": per_class},
         "classes": classes,
         "class_source": class_source,
-        "scored_rows": len(columns),
+        "scored_rows": len(read.columns),
+        "score_measure": measure.text,
         "flagged_rows": len(flagged),
         "flagged_per_class": {str(k): int(v) for k, v in flagged["label"].value_counts().sort_index().items()},
         "cut_score": float(flagged["score"].min()) if len(flagged) else None,
         "image_root": str(root),
         "image_root_source": root_reason,
         "label_studio_root": str(ls_root),
+        "image_url_prefix": image_url_prefix,
         "label_studio_images_outside_root": outside_root,
         "missing_images": len(unshown),
-        "tensor_rows": int(sum(is_tensor_row)),
-        "inputs": {"scores": {"path": scores, "sha256": digest},
+        "tensor_rows": int(sum(images.is_tensor_row)),
+        "summary": merge_issue_summaries(read.issues, classes),
+        "inputs": {"scores": {"path": scores, "sha256": read.digest},
                    "manifest": {"path": manifest_path} if manifest_path else None},
     }
-    page = render_page(flagged, rows_per_class(columns), columns.score, pictures, mask=mask, classes=classes,
-                       summary=summary, problems=problems)
-    with building_folder(out_dir, overwrite) as folder:
-        for name, data in pack_contents(flagged, page, tasks, classes, summary).items():
-            (folder / name).write_bytes(data)
-    return ReviewResult(flagged=review_table(flagged), summary=summary, missing_images=[str(paths[p]) for p in unshown],
-                        image_problems=[problems[p] for p in unshown])
+    write_pack(out_dir, overwrite, read, images, tasks, summary, measure)
+    return ReviewResult(flagged=review_table(flagged), summary=summary,
+                        missing_images=[str(images.paths[p]) for p in unshown],
+                        image_problems=[images.problems[p] for p in unshown])
