@@ -72,8 +72,9 @@ def irank_eval(checkpoint: Path, manifest: Path) -> float:
     """Test accuracy as irank computes it (its own JPEG decoding and preprocessing from the metadata)."""
     import json
 
-    done = subprocess.run(["irank", "eval", str(checkpoint), str(manifest), "--json"], check=True,
-                          capture_output=True, text=True)
+    done = subprocess.run(["irank", "eval", str(checkpoint), str(manifest), "--json"], capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"irank eval {checkpoint} failed ({done.returncode}): {done.stderr[-2000:]}")
     return float(json.loads(done.stdout)["accuracy"])
 
 
