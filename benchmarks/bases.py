@@ -120,6 +120,7 @@ def train_base(name: str) -> dict:
 
 
 def main(argv: list[str]) -> None:
+    """List the bases, or train each one named that is not trained yet."""
     if argv == ["--names"]:
         print(" ".join(NAMES))
         return

@@ -40,6 +40,7 @@ SEED = 0
 
 
 def unpack() -> None:
+    """Unpack the shared archives once (about 100 MB of JPEG files)."""
     for split in ("train", "test"):
         if not (DATA / split).is_dir():
             DATA.mkdir(parents=True, exist_ok=True)
@@ -75,6 +76,7 @@ def images(split: str, paths: list[str] | None = None) -> torch.Tensor:
 
 
 def labels_of(table: pd.DataFrame, column: str = "true_label") -> torch.Tensor:
+    """A manifest's class names in `column` as class indices."""
     return torch.tensor([CLASSES.index(name) for name in table[column]])
 
 

@@ -82,6 +82,7 @@ def ranked_scores(base: Base, scores_csv: Path) -> np.ndarray:
 
 
 def irank_score(base: Base, flags: list[str], output: Path) -> tuple[np.ndarray, float]:
+    """`irank score` on the base's train rows with the given flags: (suspicion per row, seconds)."""
     seconds = irank("score", str(base.checkpoint), str(base.manifest), "-o", str(output), *flags)
     return ranked_scores(base, output), seconds
 
@@ -175,6 +176,7 @@ def cleanlab_group(folds: int):
 
 
 def aum_group(base: Base) -> dict:
+    """The group of AUM over a fine-tune (trained_peers.py does the training)."""
     scores, seconds, facts = aum_ranking(base)
     return {"aum-finetune": ranking(base, scores, seconds, **facts)}
 
@@ -209,6 +211,7 @@ def run_groups(name: str, groups: list[str], redo: list[str]) -> dict:
 
 
 def main() -> None:
+    """Parse the command line, run the groups asked for, print every cached ranking of the base."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("base")
     parser.add_argument("--only", default=",".join(GROUPS), help="comma-separated groups")

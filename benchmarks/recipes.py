@@ -123,6 +123,7 @@ def batch_loss(model, images, labels, recipe: Recipe, generator) -> tuple[torch.
 
 
 def make_schedule(optimizer, recipe: Recipe, steps: int):
+    """The recipe's learning-rate schedule, stepped once a batch: one-cycle, or cosine to zero."""
     if recipe.schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=recipe.lr, total_steps=steps)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)))

@@ -34,6 +34,7 @@ PEERS_COMMAND = "python benchmarks/peers.py BASE   # per base; benchmarks/queue.
 
 
 def fmt(value, digits: int = 3) -> str:
+    """A number for a table cell; — for a missing one."""
     return "—" if value is None else f"{value:.{digits}f}"
 
 
@@ -52,6 +53,7 @@ def dates(results: dict, keys) -> str:
 
 
 def bases_table(facts: dict) -> list[str]:
+    """One row a trained base: its recipe, noise, fit to its own labels, test accuracy and training time."""
     lines = ["## The bases", "", "`python benchmarks/data.py && python benchmarks/bases.py NAME` (benchmarks/README.md "
              "describes the recipes and the noise); 10,000 training rows, 10,000 test images.", "",
              "| base | recipe | noise | wrong labels | fit to its labels: all / wrong ones | test accuracy "
@@ -114,6 +116,7 @@ def post_train_row(name: str, facts: dict, runs: dict) -> tuple[str, float | Non
 
 
 def post_train_table(facts: dict, results: dict) -> list[str]:
+    """irank post-train's outcome on every base (noisy or clean), with the mean and worst gain and recovery."""
     lines = ["## Post-training: test accuracy, recovery, estimated budget", "",
              f"`{PEERS_COMMAND.replace('BASE', 'BASE --only post-train,oracle')}`; runs of "
              f"{dates(results, ['irank-post-train', 'oracle'])}. Default `irank post-train` on each base; oracle: "
@@ -148,6 +151,7 @@ def cost_table(results: dict) -> list[str]:
 
 
 def render() -> str:
+    """The whole page: the bases, then one matrix per measure, then the post-training table and the costs."""
     facts, results = load()
     noisy = [name for name in facts if facts[name]["wrong"]]
     parts = [["# Benchmark suite (issue #24)", "",
