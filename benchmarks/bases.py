@@ -135,7 +135,8 @@ def main(argv: list[str]) -> None:
             print(f"{name}: done already")
             continue
         result = train_base(name)
-        print(f"{name}: noise {result['noise_rate']:.3f}, fit {result['fit']:.3f} (wrong labels {result['fit_wrong']}), "
+        fit_wrong = "—" if result["fit_wrong"] is None else f"{result['fit_wrong']:.3f}"
+        print(f"{name}: noise {result['noise_rate']:.3f}, fit {result['fit']:.3f} (wrong labels {fit_wrong}), "
               f"test {result['test_accuracy']:.4f} (irank eval {result['irank_test_accuracy']:.4f}), "
               f"{result['train_seconds'] / 60:.1f} min")
 
