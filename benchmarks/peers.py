@@ -1,0 +1,234 @@
+"""Every ranking of the suite on one base, cached in $IRANK_BENCH/results/BASE.json.
+
+    python benchmarks/peers.py BASE                       # every group not cached yet
+    python benchmarks/peers.py BASE --only one-shot,aum   # some groups (the queue runs them in its order)
+    python benchmarks/peers.py BASE --redo cleanlab-k2    # compute a group again
+
+Each group's runs are merged into results/BASE.json under "runs" (rankings, and the oracle's test accuracy).
+
+Groups (each ranking: AUROC and precision at k against the true labels, and its cost in seconds):
+  one-shot     irank's default `irank score`; the paper's head influence (`--boundary head --method
+               influence`); the head's loss and margin (irank's `--method loss|margin` on the head); kNN label
+               disagreement (k=20, cosine, at the head's input); AUM of the base's own training (a reference:
+               a user has it only if the training loop logged every margin)
+  cleanlab-k2, cleanlab-k5   cleanlab 2.x as documented: out-of-sample probabilities from K-fold training
+               of the base's recipe from scratch, then get_label_quality_scores and find_label_issues
+  aum          area under the margin over the epochs of a fine-tune of the base on every row (Pleiss 2020)
+  post-train   irank's default `irank post-train`: its ranking, its estimated budget, its model's test accuracy
+  oracle       post-train's fine-tune recipe (`irank refine`) on exactly the clean rows: the recovery's ceiling
+irank runs through its CLI with no flags beyond the files, as a user would run it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bases import irank_eval, parse  # noqa: E402
+from common import BASES, DATA, OUTPUTS, RESULTS, detection, read_json, threads, write_json  # noqa: E402
+from data import images, labels_of  # noqa: E402
+from recipes import load_base, normalize  # noqa: E402
+from trained_peers import aum_ranking, cleanlab_ranking  # noqa: E402
+
+KNN_K = 20
+# `irank score` runs: ranking name → the flags beyond checkpoint, manifest and output
+SCORE_RUNS = {
+    "irank-score": [],
+    "irank-head-influence": ["--boundary", "head", "--method", "influence"],
+    "head-loss": ["--boundary", "head", "--method", "loss"],
+    "head-margin": ["--boundary", "head", "--method", "margin"],
+}
+# post-train's default fine-tune (irank/posttrain.py RECIPES["unlearn"]), for the oracle
+UNLEARN_FLAGS = ["--scope", "full", "--epochs", "30", "--lr", "0.1", "--augment", "auto", "--loss", "gce"]
+
+
+class Base:
+    """One base's files and labels, as every ranking needs them."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.recipe_name, self.noise = parse(name)
+        self.checkpoint = BASES / f"{name}.safetensors"
+        self.manifest = DATA / f"train-{self.noise}.csv"
+        table = pd.read_csv(self.manifest)
+        self.paths = table.path.to_numpy()
+        self.given = labels_of(table, "label").numpy()
+        self.wrong = self.given != labels_of(table, "true_label").numpy()
+        self.out = OUTPUTS / name
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.facts = read_json(BASES / f"{name}.json")
+
+
+def irank(*args: str) -> float:
+    """Run the irank CLI (its progress goes to this log); the wall-clock seconds it took."""
+    started = time.perf_counter()
+    subprocess.run(["irank", *args], check=True, stdout=sys.stderr)
+    return time.perf_counter() - started
+
+
+def ranked_scores(base: Base, scores_csv: Path) -> np.ndarray:
+    """An irank scores table as one suspicion value per manifest row (higher = ranked earlier)."""
+    table = pd.read_csv(scores_csv, usecols=["rank", "id"])  # id: the manifest's path (no id column given)
+    position = pd.Series(-table["rank"].to_numpy(float), index=table["id"])
+    return position.reindex(base.paths).to_numpy()
+
+
+def irank_score(base: Base, flags: list[str], output: Path) -> tuple[np.ndarray, float]:
+    """`irank score` on the base's train rows with the given flags: (suspicion per row, seconds)."""
+    seconds = irank("score", str(base.checkpoint), str(base.manifest), "-o", str(output), *flags)
+    return ranked_scores(base, output), seconds
+
+
+def head_features(base: Base) -> np.ndarray:
+    """What flows into the head `fc` for every train row (eval mode, no augmentation)."""
+    model, _ = load_base(base.checkpoint)
+    captured = []
+    hook = model.fc.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0].detach()))
+    train = images("train")
+    with torch.no_grad():
+        for start in range(0, len(train), 500):
+            model(normalize(train[start:start + 500]))
+    hook.remove()
+    return torch.cat(captured).numpy()
+
+
+def knn_disagreement(features: np.ndarray, given: np.ndarray, k: int = KNN_K) -> np.ndarray:
+    """Similarity-weighted share of a row's k nearest neighbours (cosine, itself excluded) whose given label
+    differs from its own: a label its neighbourhood does not share is suspect."""
+    unit = torch.nn.functional.normalize(torch.from_numpy(features).float(), dim=1)
+    labels = torch.from_numpy(given)
+    scores = np.empty(len(unit), np.float32)
+    for start in range(0, len(unit), 1000):
+        similarity = unit[start:start + 1000] @ unit.T
+        similarity[torch.arange(len(similarity)), torch.arange(start, start + len(similarity))] = -2
+        values, neighbours = similarity.topk(k, dim=1)
+        weights = values.clamp_min(0) + 1e-12
+        differs = (labels[neighbours] != labels[start:start + len(similarity)].view(-1, 1)).float()
+        scores[start:start + len(similarity)] = ((weights * differs).sum(1) / weights.sum(1)).numpy()
+    return scores
+
+
+def ranking(base: Base, scores: np.ndarray, seconds: float, **extra) -> dict:
+    """One ranking's entry in the results: its detection measures, its cost, anything else it reports."""
+    return {**detection(scores, base.wrong), "seconds": seconds, **extra}
+
+
+def one_shot(base: Base) -> dict:
+    """The rankings that need no training: irank's scores, kNN at the head's input, AUM of the training."""
+    rankings = {}
+    for name, flags in SCORE_RUNS.items():
+        scores, seconds = irank_score(base, flags, base.out / f"{name}.csv")
+        rankings[name] = ranking(base, scores, seconds)
+    started = time.perf_counter()
+    knn = knn_disagreement(head_features(base), base.given)
+    np.save(base.out / "knn-disagreement.npy", knn)
+    rankings["knn"] = ranking(base, knn, time.perf_counter() - started)
+    margins = np.load(base.out / "base-train-margins.npy").astype(np.float32)
+    rankings["aum-training"] = ranking(base, -margins.mean(0), 0.0)
+    return rankings
+
+
+def removal_facts(base: Base, removed_paths) -> dict:
+    """How many rows a removal took, and how many of them had a wrong label."""
+    removed = np.isin(base.paths, np.asarray(removed_paths))
+    wrong = int((removed & base.wrong).sum())
+    return {"removed": int(removed.sum()), "budget": float(removed.mean()),
+            "removed_precision": float(wrong / removed.sum()) if removed.any() else None,
+            "removed_recall": float(wrong / base.wrong.sum()) if base.wrong.any() else None}
+
+
+def post_train(base: Base) -> dict:
+    """irank's default post-train: its final ranking of every row, what its estimated budget removed, and the
+    test accuracy of its model; a rerun of the same command resumes an interrupted fine-tune."""
+    out = base.out / "post-train"
+    seconds = irank("post-train", str(base.checkpoint), str(base.manifest), "--out-dir", str(out))
+    removed = pd.read_csv(out / "removed.csv")["id"]
+    facts = {**removal_facts(base, removed), "test_accuracy": irank_eval(out / "final.safetensors", DATA / "test.csv"),
+             "judgement": read_json(out / "summary.json").get("judgement")}
+    return {"irank-post-train": ranking(base, ranked_scores(base, out / "scores.csv"), seconds, **facts)}
+
+
+def oracle(base: Base) -> dict:
+    """post-train's fine-tune on exactly the clean rows: the test accuracy a perfect removal would reach."""
+    manifest = DATA / f"clean-rows-{base.noise}.csv"
+    if not manifest.exists():
+        table = pd.read_csv(base.manifest)
+        table[table.label == table.true_label].to_csv(manifest, index=False)
+    output = base.out / "oracle.safetensors"
+    seconds = irank("refine", str(base.checkpoint), str(manifest), "-o", str(output), "--overwrite", *UNLEARN_FLAGS)
+    return {"oracle": {"test_accuracy": irank_eval(output, DATA / "test.csv"), "seconds": seconds, "rows": int((~base.wrong).sum())}}
+
+
+def cleanlab_group(folds: int):
+    """The group of cleanlab at K folds (trained_peers.py does the training)."""
+    def run(base: Base) -> dict:
+        scores, seconds, facts = cleanlab_ranking(base, folds)
+        return {f"cleanlab-k{folds}": ranking(base, scores, seconds, **facts)}
+    return run
+
+
+def aum_group(base: Base) -> dict:
+    """The group of AUM over a fine-tune (trained_peers.py does the training)."""
+    scores, seconds, facts = aum_ranking(base)
+    return {"aum-finetune": ranking(base, scores, seconds, **facts)}
+
+
+GROUPS = {
+    "one-shot": (one_shot, ["irank-score", "irank-head-influence", "head-loss", "head-margin", "knn", "aum-training"]),
+    "cleanlab-k2": (cleanlab_group(2), ["cleanlab-k2"]),
+    "cleanlab-k5": (cleanlab_group(5), ["cleanlab-k5"]),
+    "aum": (aum_group, ["aum-finetune"]),
+    "post-train": (post_train, ["irank-post-train"]),
+    "oracle": (oracle, ["oracle"]),
+}
+
+
+def run_groups(name: str, groups: list[str], redo: list[str]) -> dict:
+    """Compute the groups not cached yet (or named in `redo`) and merge them into results/NAME.json."""
+    path = RESULTS / f"{name}.json"
+    base = Base(name)
+    for group in groups:
+        results = read_json(path) or {"base": name}
+        compute, keys = GROUPS[group]
+        if group not in redo and all(key in results.get("runs", {}) for key in keys):
+            continue
+        print(f"{name}: {group}", file=sys.stderr)
+        runs = compute(base)
+        for run in runs.values():
+            run["date"] = time.strftime("%Y-%m-%d")
+        results.setdefault("runs", {}).update(runs)
+        results.update(noise_rate=float(base.wrong.mean()), wrong=int(base.wrong.sum()))
+        write_json(path, results)
+    return read_json(path)
+
+
+def main() -> None:
+    """Parse the command line, run the groups asked for, print every cached ranking of the base."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("base")
+    parser.add_argument("--only", default=",".join(GROUPS), help="comma-separated groups")
+    parser.add_argument("--redo", default="", help="comma-separated groups to compute again")
+    args = parser.parse_args()
+    groups, redo = args.only.split(","), [g for g in args.redo.split(",") if g]
+    unknown = [g for g in groups + redo if g not in GROUPS]
+    if unknown:
+        raise SystemExit(f"unknown groups {unknown} (known: {', '.join(GROUPS)})")
+    if not (BASES / f"{args.base}.json").exists():
+        raise SystemExit(f"{args.base}: no base yet (python benchmarks/bases.py {args.base})")
+    torch.set_num_threads(threads())
+    results = run_groups(args.base, sorted(set(groups + redo), key=list(GROUPS).index), redo)
+    for key, row in results.get("runs", {}).items():
+        measures = ", ".join(f"{k} {v:.3f}" for k, v in row.items() if isinstance(v, float))
+        print(f"{args.base} {key}: {measures}")
+
+
+if __name__ == "__main__":
+    main()

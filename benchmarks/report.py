@@ -1,0 +1,181 @@
+"""The suite's matrices, from the runs cached in $IRANK_BENCH: docs/benchmarks/suite.md.
+
+    python benchmarks/report.py              # writes docs/benchmarks/suite.md
+    python benchmarks/report.py --print      # prints it instead
+
+One table per measure: rows are the bases, columns the rankings, then the mean and the worst case of each
+ranking over the bases it ran on (a column with fewer bases says so in its row `bases`). Only runs that
+finished are shown ("—": not run yet, or undefined, e.g. AUROC on clean labels).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bases import NAMES  # noqa: E402
+from common import BASES, RESULTS, read_json  # noqa: E402
+
+OUTPUT = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "suite.md"
+RANKINGS = {  # results key → column title
+    "irank-score": "irank score (default)",
+    "irank-head-influence": "head influence (paper)",
+    "head-loss": "head loss",
+    "head-margin": "head margin",
+    "knn": "kNN disagreement",
+    "cleanlab-k2": "cleanlab K=2",
+    "cleanlab-k5": "cleanlab K=5",
+    "aum-finetune": "AUM (fine-tune)",
+    "irank-post-train": "irank post-train (default)",
+    "aum-training": "AUM of the base's training (reference)",
+}
+REFERENCES = {"aum-training"}  # shown, never bold: a user's checkpoint does not come with them
+PEERS_COMMAND = "python benchmarks/peers.py BASE   # per base; benchmarks/queue.sh runs every step in order"
+
+
+def fmt(value, digits: int = 3) -> str:
+    """A number for a table cell; — for a missing one."""
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def load() -> tuple[dict, dict]:
+    """(facts of each trained base, results of each base) in the suite's order."""
+    facts = {name: read_json(BASES / f"{name}.json") for name in NAMES}
+    facts = {name: value for name, value in facts.items() if value}
+    return facts, {name: read_json(RESULTS / f"{name}.json") for name in facts}
+
+
+def dates(results: dict, keys) -> str:
+    """The dates of the runs a table shows, as one day or a span."""
+    days = sorted({run["date"] for result in results.values() for key, run in result.get("runs", {}).items()
+                   if key in keys and "date" in run})
+    span = days[0] if len(days) == 1 else f"{days[0]} to {days[-1]}" if days else None
+    return f"runs of {span}" if span else "no runs yet"
+
+
+def bases_table(facts: dict) -> list[str]:
+    """One row a trained base: its recipe, noise, fit to its own labels, test accuracy and training time."""
+    lines = ["## The bases", "", "`python benchmarks/data.py && python benchmarks/bases.py NAME` (benchmarks/README.md "
+             "describes the recipes and the noise); 10,000 training rows, 10,000 test images.", "",
+             "| base | recipe | noise | wrong labels | fit to its labels: all / wrong ones | test accuracy "
+             "(this loop / `irank eval`) | minutes |", "|---|---|---|---|---|---|---|"]
+    for name, f in facts.items():
+        lines.append(f"| `{name}` | {f['recipe_name']} | {f['noise']} | {f['wrong']:,} ({f['noise_rate']:.1%}) | "
+                     f"{f['fit']:.3f} / {fmt(f['fit_wrong'])} | {f['test_accuracy']:.4f} / "
+                     f"{f['irank_test_accuracy']:.4f} | {f['train_seconds'] / 60:.1f} |")
+    return lines
+
+
+def summary_rows(columns: dict[str, list[float]], worst) -> list[str]:
+    """The mean, worst case and number of bases of each column."""
+    cells = {"mean": [], "worst": [], "bases": []}
+    for values in columns.values():
+        cells["mean"].append(fmt(sum(values) / len(values)) if values else "—")
+        cells["worst"].append(fmt(worst(values)) if values else "—")
+        cells["bases"].append(str(len(values)))
+    return [f"| **{label}** | " + " | ".join(row) + " |" for label, row in cells.items()]
+
+
+def measure_table(title: str, measure: str, results: dict, noisy: list[str]) -> list[str]:
+    """One matrix: a row per noisy base, a column per ranking, the best of each row (references excepted) in bold."""
+    keys = [key for key in RANKINGS if any(key in results[name].get("runs", {}) for name in noisy)]
+    lines = [f"## {title}", "", f"`{PEERS_COMMAND}`, then `python benchmarks/report.py`; {dates(results, keys)}.", "",
+             "| base | " + " | ".join(RANKINGS[key] for key in keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    columns = {key: [] for key in keys}
+    for name in noisy:
+        runs = results[name].get("runs", {})
+        values = [runs.get(key, {}).get(measure) for key in keys]
+        best = max((v for k, v in zip(keys, values) if v is not None and k not in REFERENCES), default=None)
+        cells = [f"**{fmt(v)}**" if v is not None and v == best else fmt(v) for v in values]
+        lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
+        for key, value in zip(keys, values):
+            if value is not None:
+                columns[key].append(value)
+    return lines + summary_rows(columns, min)
+
+
+def recovery(base_accuracy: float, after: float | None, oracle: float | None) -> float | None:
+    """Share of the gap between the base and the oracle (the same fine-tune on exactly the clean rows) closed."""
+    if after is None or oracle is None or abs(oracle - base_accuracy) < 1e-9:
+        return None
+    return (after - base_accuracy) / (oracle - base_accuracy)
+
+
+def post_train_row(name: str, facts: dict, runs: dict) -> tuple[str, float | None, float | None]:
+    """One base's post-train row, with its gain in test accuracy and its recovery."""
+    post, oracle = runs.get("irank-post-train", {}), runs.get("oracle", {})
+    after = post.get("test_accuracy")
+    gain = None if after is None else after - facts["test_accuracy"]
+    ratio = recovery(facts["test_accuracy"], after, oracle.get("test_accuracy"))
+    flagged = [runs.get(key, {}).get("flagged") for key in ("cleanlab-k2", "cleanlab-k5")]
+    flagged = " / ".join("—" if f is None else f"{f / facts['rows']:.1%}" for f in flagged)
+    removal = "—" if not post else (f"{post['budget']:.1%} (precision {fmt(post['removed_precision'])}, "
+                                    f"recall {fmt(post['removed_recall'])})")
+    row = (f"| `{name}` | {facts['noise_rate']:.1%} | {facts['test_accuracy']:.3f} | {fmt(after)} | "
+           f"{fmt(oracle.get('test_accuracy'))} | {fmt(gain)} | {fmt(ratio, 2)} | {removal} | {flagged} |")
+    return row, gain, ratio
+
+
+def post_train_table(facts: dict, results: dict) -> list[str]:
+    """irank post-train's outcome on every base (noisy or clean), with the mean and worst gain and recovery."""
+    lines = ["## Post-training: test accuracy, recovery, estimated budget", "",
+             f"`{PEERS_COMMAND.replace('BASE', 'BASE --only post-train,oracle')}`; "
+             f"{dates(results, ['irank-post-train', 'oracle'])}. Default `irank post-train` on each base; oracle: "
+             "its fine-tune (`irank refine --scope full --epochs 30 --lr 0.1 --augment auto --loss gce`) on exactly "
+             "the clean rows; recovery = (post-train − base) / (oracle − base). Estimated budget: the share "
+             "post-train removed (precision and recall of that removal against the wrong labels), beside the share "
+             "cleanlab's `find_label_issues` flags at K=2 / K=5.", "",
+             "| base | wrong labels | test accuracy: base | post-train | oracle | gain | recovery | post-train removed "
+             "| cleanlab flags K=2 / K=5 |", "|---|---|---|---|---|---|---|---|---|"]
+    gains, ratios = [], []
+    for name, f in facts.items():
+        row, gain, ratio = post_train_row(name, f, results[name].get("runs", {}))
+        lines.append(row)
+        gains += [gain] if gain is not None else []
+        ratios += [ratio] if ratio is not None else []
+    for label, pick in (("mean", lambda v: sum(v) / len(v)), ("worst", min)):
+        lines.append(f"| **{label}** | | | | | {fmt(pick(gains)) if gains else '—'} | "
+                     f"{fmt(pick(ratios), 2) if ratios else '—'} | | |")
+    return lines
+
+
+def cost_table(results: dict) -> list[str]:
+    """Mean wall-clock seconds of each ranking on this machine (2 shared CPU cores, one torch thread)."""
+    keys = [key for key in RANKINGS if any(key in r.get("runs", {}) for r in results.values())]
+    lines = ["## Cost", "", "Mean wall-clock seconds of each ranking per base (CPU, one torch thread, a machine "
+             "shared with other work: expect ±30%); trainings count in full (cleanlab: every fold).", "",
+             "| ranking | seconds | bases |", "|---|---|---|"]
+    for key in keys:
+        seconds = [r["runs"][key]["seconds"] for r in results.values() if key in r.get("runs", {})]
+        lines.append(f"| {RANKINGS[key]} | {sum(seconds) / len(seconds):,.0f} | {len(seconds)} |")
+    return lines
+
+
+def render() -> str:
+    """The whole page: the bases, then one matrix per measure, then the post-training table and the costs."""
+    facts, results = load()
+    noisy = [name for name in facts if facts[name]["wrong"]]
+    parts = [["# Benchmark suite (issue #24)", "",
+              "Generated by `python benchmarks/report.py` from the runs in $IRANK_BENCH; how to run them: "
+              "benchmarks/README.md. AUROC and precision at k (k = the number of wrong labels) of each ranking "
+              "against the true labels; the best of each row in bold (the reference column excepted: it needs the "
+              "margins logged during the base's own training, which a checkpoint does not carry).",
+              "", f"Generated {time.strftime('%Y-%m-%d %H:%M')}, from {len(facts)} of the {len(NAMES)} bases "
+              "(the queue trains them in the order below; a column's `bases` row says on how many it ran)."],
+             bases_table(facts),
+             measure_table("AUROC", "auroc", results, noisy),
+             measure_table("Precision at k", "precision_at_k", results, noisy),
+             post_train_table(facts, results), cost_table(results)]
+    return "\n\n".join("\n".join(part) for part in parts) + "\n"
+
+
+if __name__ == "__main__":
+    text = render()
+    if sys.argv[1:] == ["--print"]:
+        print(text)
+    else:
+        OUTPUT.parent.mkdir(parents=True, exist_ok=True)
+        OUTPUT.write_text(text)
+        print(f"wrote {OUTPUT}")
