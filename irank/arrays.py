@@ -2,6 +2,7 @@
 
     import irank
     scores = irank.label_issue_scores(labels, features=embeddings)   # an L2 probe refit on them: its loss
+    scores = irank.label_issue_scores(labels, features=embeddings, logits=logits)  # the joint loss (irank's default)
     scores = irank.label_issue_scores(labels, logits=logits, head_inputs=penultimate)  # the head's influence
     issues = irank.find_label_issues(scores, labels, fraction=0.1)   # a boolean mask: the top 10% by rank
     scores = irank.score_model(model, dataset)                        # an nn.Module and a Dataset of (x, y)
@@ -10,8 +11,10 @@ Higher scores are more suspect. These run the same math as `irank score` (the fi
 manifest's rows, a block at a time, over processes and past a memory budget): on the same features and labels
 they give the same scores. Which to use:
 
-- `features=`: embeddings or a layer's activations you already have. irank's default: a probe that cannot bend
-  around memorized labels ranks wrong labels far better than a memorizing network's own head (docs, "How it works").
+- `features=`: embeddings or a layer's activations you already have. A probe that cannot bend around memorized
+  labels ranks wrong labels far better than a memorizing network's own head (docs, "How it works").
+- `features=` and `logits=`: irank's default, the joint loss: the probe's loss and the head's, their ranks
+  averaged (`irank.core.joint`); it held on every base of the benchmark suite, where each loss alone failed on some.
 - `logits=` (and `head_inputs=`): the checkpoint's own head, the paper's score: influence needs the head's inputs;
   with logits alone the score is the loss.
 - `score_model`: a model and a dataset; it reads the layer `--layer auto` would choose (or the one you name) and
@@ -26,6 +29,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from irank.core.head_scores import method_scores
+from irank.core.influence import cross_entropy
+from irank.core.joint import joint_loss
 from irank.core.layer_choice import choose_layer
 from irank.core.probe import refit_scores
 from irank.core.ranking import class_ranks_in_order, rank_order
@@ -55,20 +60,18 @@ def label_issue_scores(labels, *, features=None, logits=None, head_inputs=None, 
 
     Give `features` (n × D) to refit an L2 probe on them (`l2`, default 0.1, on standardized features): `method`
     auto ranks by the probe's loss, `influence` by its influence (`measure` self-influence or boundary-shift),
-    `margin`, `gradnorm`. Or give `logits` (n × C) of the checkpoint's own head: auto is influence when
-    `head_inputs` (n × D, what flows into the head) are given, the loss otherwise. `num_classes`: C, when the
-    labels do not show every class.
+    `margin`, `gradnorm`. Give `logits` (n × C) of the checkpoint's own head beside them for the joint loss (auto,
+    or `joint-loss`): the probe's loss and the head's, their ranks averaged, a share in (0, 1]. Or give `logits`
+    alone: the head's own scores, auto is influence when `head_inputs` (n × D, what flows into the head) are
+    given, the loss otherwise. `num_classes`: C, when the labels do not show every class.
     """
     labels = _labels(labels)
-    if (features is None) == (logits is None):
-        raise ValueError("give features= (a probe is refit on them) or logits= (the model's own head), not both")
+    if features is None and logits is None:
+        raise ValueError("give features= (a probe is refit on them), logits= (the model's own head), or both")
     if features is not None:
-        features = _floats("features", features, len(labels))
-        classes = num_classes or int(labels.max()) + 1
-        ranking = resolve_ranking(method, "refit", measure=measure)
-        scores, _ = refit_scores(features, labels, classes, method=ranking.method, measure=ranking.measure,
-                                 l2=BoundaryOptions(l2=l2).resolved().l2)
-        return scores.numpy()
+        return _probe_scores(labels, _floats("features", features, len(labels)),
+                             None if logits is None else _floats("logits", logits, len(labels)),
+                             method=method, measure=measure, l2=l2, num_classes=num_classes)
     logits = _floats("logits", logits, len(labels))
     if method == "auto" and head_inputs is None:
         method = "loss"  # influence needs what flows into the head
@@ -79,6 +82,22 @@ def label_issue_scores(labels, *, features=None, logits=None, head_inputs=None, 
     scores, _ = method_scores(ranking.method, logits, inputs, labels, damping=ranking.damping,
                               measure=ranking.measure, curvature=ranking.curvature)
     return scores.numpy()
+
+
+def _probe_scores(labels: torch.Tensor, features: torch.Tensor, logits: torch.Tensor | None, *, method: str,
+                  measure: str | None, l2: float | None, num_classes: int | None) -> np.ndarray:
+    """label_issue_scores on a probe refit on `features`; with the head's `logits`, the joint loss."""
+    classes = num_classes or int(labels.max()) + 1
+    if method == "auto" and logits is None and measure is None:
+        method = "loss"  # the joint loss needs the head's logits
+    ranking = resolve_ranking(method, "refit", measure=measure)
+    if (ranking.method == "joint-loss") != (logits is not None):
+        raise ValueError("the joint loss needs logits= beside features=" if logits is None else
+                         f"logits= beside features= are read by the joint loss only, not by {ranking.method}")
+    joint = ranking.method == "joint-loss"
+    scores, _ = refit_scores(features, labels, classes, method="loss" if joint else ranking.method,
+                             measure=ranking.measure, l2=BoundaryOptions(l2=l2).resolved().l2)
+    return (joint_loss(scores, cross_entropy(logits, labels)) if joint else scores).numpy()
 
 
 def rank(scores, labels=None) -> tuple[np.ndarray, np.ndarray]:
@@ -169,4 +188,5 @@ def score_model(model: nn.Module, dataset: Dataset, *, labels=None, layer: str |
         features = candidates.get(layer)
         if features is None:
             features = layer_features(model, layer, loader, num_rows=len(labels), device=where)
-    return label_issue_scores(labels, features=features, method=method, num_classes=head.out_features)
+    return label_issue_scores(labels, features=features, logits=outputs.logits if method in ("auto", "joint-loss") else None,
+                              method=method, num_classes=head.out_features)

@@ -56,6 +56,7 @@ class Method(str, Enum):
     loss = "loss"
     margin = "margin"
     gradnorm = "gradnorm"
+    joint_loss = "joint-loss"
 
 
 class Measure(str, Enum):
@@ -230,7 +231,7 @@ def score(
     allow_outside_root: AllowOutsideOpt = False, on_bad_image: BadImageOpt = "fail",
     boundary: Annotated[Boundary, typer.Option(help="refit (default): an L2-regularized linear probe refit on --layer's pooled features, a boundary that cannot bend around memorized labels; head: the checkpoint's own head, the paper's boundary.", rich_help_panel=RANKING)] = Boundary.refit,
     layer: Annotated[str, typer.Option(help="With --boundary refit: auto (the deepest block whose probe did not memorize the given labels; docs/how-it-works.md), head-input, or a module name from `irank layers`.", rich_help_panel=RANKING)] = "auto",
-    method: Annotated[Method, typer.Option(help="What ranks the rows. auto (default): the probe's loss on a refit probe (it ranked wrong labels better there; docs/how-it-works.md), influence on the head; influence: the sample's influence on the boundary; loss, margin, gradnorm: read off the same boundary.", rich_help_panel=RANKING)] = Method.auto,
+    method: Annotated[Method, typer.Option(help="What ranks the rows. auto (default): on a refit probe the joint loss, influence on the head. joint-loss: the probe's loss and the head's, their ranks averaged (a share in (0, 1]; it held best over the benchmark suite: docs/how-it-works.md); influence: the sample's influence on the boundary; loss, margin, gradnorm: read off the same boundary.", rich_help_panel=RANKING)] = Method.auto,
     influence_measure: Annotated[Optional[Measure], typer.Option(help="The influence measure: self-influence (default; rise of its own loss "
                                                        "if left out), boundary-shift (mean squared change of all logits) "
                                                        "or parameter-shift (‖Δθ‖). Giving it with --method auto ranks by influence on a refit "
@@ -249,12 +250,12 @@ def score(
         help="CI gate: after writing the scores, exit with code 4 if the estimated share of mislabeled samples "
         "(given label ≠ prediction) exceeds this share (0..1).", rich_help_panel=GATE)] = None,
     fail_score: Annotated[Optional[float], typer.Option(
-        help="With --fail-over: gate on the share of samples whose score is at least this value instead.",
+        help="With --fail-over: gate on the share of samples whose score is at least this value instead (a value with units: --method auto then ranks by the probe's loss, not the joint loss).",
         rich_help_panel=GATE)] = None,
 ) -> None:
     """Rank every sample by how likely its label is wrong (rank 1 = the first to suspect), and say how bad the data is.
 
-    By default each sample is ranked by its loss on an L2 probe refit at the deepest layer that did not memorize the given labels (docs/how-it-works.md); --boundary head --method influence ranks by the paper's influence on the checkpoint's own head. One forward pass over the manifest; the CSV is sorted by rank with the columns rank, id, path, label, predicted, label_prob, predicted_prob, loss, score, class_rank, candidate_2, candidate_2_prob, candidate_3, candidate_3_prob and then the manifest's own columns. A sidecar SCORES.json records what was computed, the sha256 of the inputs and a summary: the estimated wrong labels overall and per class, and the class pairs they confuse (also on screen, and under "summary" with --json).
+    By default each sample is ranked by the joint loss: its loss on an L2 probe refit at the deepest layer that did not memorize the given labels, and its loss on the checkpoint's own head, their ranks averaged (docs/how-it-works.md); --boundary head --method influence ranks by the paper's influence on the checkpoint's own head. One forward pass over the manifest; the CSV is sorted by rank with the columns rank, id, path, label, predicted, label_prob, predicted_prob, loss, score, class_rank, candidate_2, candidate_2_prob, candidate_3, candidate_3_prob and then the manifest's own columns. A sidecar SCORES.json records what was computed, the sha256 of the inputs and a summary: the estimated wrong labels overall and per class, and the class pairs they confuse (also on screen, and under "summary" with --json).
 
     With --fail-over the command is a CI gate: exit code 4 and a one-line reason on stderr when the share is over it; the scores are written either way.
 
@@ -280,7 +281,7 @@ def score(
                                  val=str(val) if val else None),
         model_options=model_options(arch, head, classes, preprocess, image_size, resize, mean, std, allow_outside_root, on_bad_image),
         run_options=run_options(device, batch_size, num_workers, channels_last, precision, memory_budget),
-        reporter=reporter, overwrite=overwrite,
+        reporter=reporter, overwrite=overwrite, with_units=fail_score is not None,
     )
     if not is_stdio(output):
         reporter.info(f"wrote {output} ({len(result.ranked)} rows) and {output}.json")

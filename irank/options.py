@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields, replace
 
-from irank.core.methods import CURVATURES, MEASURES, PROBE_MEASURES, resolve_method
+from irank.core.methods import CURVATURES, MEASURES, PROBE_MEASURES, REFIT_ONLY, resolve_method
 from irank.runtime.errors import UsageError
 from irank.runtime.sizes import DEFAULT_MEMORY_BUDGET, parse_size
 
@@ -105,7 +105,7 @@ class BoundaryOptions:
         return self.layer or HEAD_INPUT
 
 
-METHODS = ("auto", "influence", "loss", "margin", "gradnorm")
+METHODS = ("auto", "influence", "loss", "margin", "gradnorm", "joint-loss")
 DEFAULT_MEASURE = "self-influence"
 DEFAULT_CURVATURE = "auto"
 DEFAULT_DAMPING = 0.01
@@ -139,8 +139,23 @@ class Ranking:
 def _chosen_method(method: str, boundary: str, measure: str | None) -> tuple[str, str]:
     if method == "auto" and measure is not None and boundary == "refit":
         return "influence", (f"--influence-measure {measure} given: ranking by influence (--method auto alone ranks "
-                             "by the probe's loss here)")
+                             "by the joint loss here)")
+    if method in REFIT_ONLY and boundary != "refit":
+        raise UsageError(f"--method {method} ranks by a refit probe's loss beside the head's: it needs --boundary "
+                         "refit (on the head alone, use --method loss)")
     return resolve_method(method, boundary)
+
+
+def units_needed(ranking: "Ranking") -> "Ranking":
+    """The ranking a threshold on score values (--fail-score) can use: auto's joint loss is a share of rows, with
+    no units, so there auto ranks by the probe's loss; a joint loss asked for by name is refused."""
+    if ranking.method not in REFIT_ONLY:
+        return ranking
+    if ranking.how == "given":
+        raise UsageError(f"--fail-score gates on score values; --method {ranking.method} scores are shares of rows "
+                         "(no units): use --method loss, or --fail-over alone on --boundary head")
+    return replace(ranking, method="loss", how="auto: the probe's loss (--fail-score needs a score with units; "
+                                                "auto alone ranks by the joint loss here)")
 
 
 def acting_flags(method: str, boundary: str, *, measure: str | None = None, curvature: str | None = None,
@@ -413,8 +428,12 @@ class LoopOptions:
     def round_method(self, number: int) -> str:
         """The method of round `number`. On a refined model's own head `auto` is its loss: measured on the round-3
         models of ce-sym40, ce-sym20 and ce-asym40 the loss ranked better than the head's self-influence (AUROC
-        0.941 / 0.956 / 0.782 against 0.934 / 0.954 / 0.765), as on every head that did not memorize its labels."""
-        return "loss" if self.method == "auto" and self._on_refined_head(number) else self.method
+        0.941 / 0.956 / 0.782 against 0.934 / 0.954 / 0.765), as on every head that did not memorize its labels.
+        On a refit probe `auto` is the probe's loss, as measured for post-train's rounds (score's auto, the joint
+        loss, was chosen on base checkpoints, not on the rounds' refined models)."""
+        if self.method != "auto":
+            return self.method
+        return "loss" if self._on_refined_head(number) or self.boundary == "refit" else "auto"
 
     def _on_refined_head(self, number: int) -> bool:
         """Whether round `number` ranks on a refined model's own head: --rejudge's rounds 2 on, and unlearn's

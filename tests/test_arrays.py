@@ -14,17 +14,34 @@ import irank
 from irank.model.checkpoint import read_checkpoint
 
 
-def test_probe_scores_from_features_equal_irank_score(cli, embeddings, mlp_model, tmp_path):  # noqa: F811
+def _model_of(checkpoint_path):
+    from irank.model.checkpoint import build_model, load_weights
+
+    checkpoint = read_checkpoint(str(checkpoint_path))
+    model = build_model(checkpoint.metadata["arch"], len(checkpoint.metadata["classes"]))
+    load_weights(model, checkpoint, checkpoint.metadata["arch"])
+    return model.eval(), checkpoint.metadata["classes"]
+
+
+@pytest.mark.parametrize("method", ["loss", "auto"])
+def test_probe_scores_from_features_equal_irank_score(cli, embeddings, mlp_model, tmp_path, method):  # noqa: F811
+    """The probe's loss from features alone, and the default (the joint loss) from features and the head's logits:
+    the scores irank score writes, row for row."""
     out = tmp_path / "s.csv"
-    code, _, err = cli("score", mlp_model, embeddings["train"], "-o", out, "--layer", "input", "--device", "cpu", "-q")
+    code, _, err = cli("score", mlp_model, embeddings["train"], "-o", out, "--layer", "input", "--device", "cpu", "-q",
+                       "--method", method)
     assert code == 0, err
     table = pd.read_csv(out)
     manifest = pd.read_csv(embeddings["train"])
-    classes = read_checkpoint(str(mlp_model)).metadata["classes"]
+    model, classes = _model_of(mlp_model)
     labels = manifest["label"].map(classes.index).to_numpy()
-    scores = irank.label_issue_scores(labels, features=embeddings["values"][manifest["index"].to_numpy()])
+    features = embeddings["values"][manifest["index"].to_numpy()]
+    with torch.no_grad():
+        logits = model(torch.from_numpy(features)).numpy() if method == "auto" else None
+    scores = irank.label_issue_scores(labels, features=features, logits=logits)
     expected = table.set_index("index").loc[manifest["index"], "score"].to_numpy()  # in the manifest's order
     assert np.allclose(scores, expected, rtol=1e-9, atol=0)
+    assert pd.read_json(str(out) + ".json", typ="series")["method"] == ("joint-loss" if method == "auto" else "loss")
 
 
 def test_score_model_equals_the_default_score(cli, embeddings, mlp_model, tmp_path):  # noqa: F811
@@ -68,7 +85,10 @@ def test_find_label_issues_is_prunes_rule():
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda: irank.label_issue_scores([0, 1], features=np.zeros((2, 3)), logits=np.zeros((2, 2))), "not both"),
+    (lambda: irank.label_issue_scores([0, 1]), "give features="),
+    (lambda: irank.label_issue_scores([0, 1], features=np.zeros((2, 3)), method="joint-loss"), "needs logits="),
+    (lambda: irank.label_issue_scores([0, 1], features=np.zeros((2, 3)), logits=np.zeros((2, 2)), method="margin"),
+     "joint loss only"),
     (lambda: irank.label_issue_scores([0.5, 1.0], features=np.zeros((2, 3))), "class indices"),
     (lambda: irank.label_issue_scores([0, 1, 1], features=np.zeros((2, 3))), "one row per label"),
     (lambda: irank.label_issue_scores([0, 1], logits=np.zeros((2, 2)), method="influence"), "needs head_inputs"),

@@ -24,6 +24,7 @@ class Shard(Protocol):
     """This process's rows out of `total` over every process, and sums and gathers over all of them."""
 
     total: int
+    start: int | None  # the first row of this process's contiguous block (None for a subset of rows)
 
     @property
     def leads(self) -> bool:

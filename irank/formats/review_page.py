@@ -219,7 +219,8 @@ def options_html(values: list[str]) -> str:
 
 
 
-METHOD_NAMES = {"influence": "influence", "loss": "loss", "margin": "negative margin", "gradnorm": "gradient norm"}
+METHOD_NAMES = {"influence": "influence", "loss": "loss", "margin": "negative margin", "gradnorm": "gradient norm",
+                "joint-loss": "joint loss"}
 MAX_MATRIX_CLASSES = 12
 MAX_PAIRS = 10
 
@@ -244,6 +245,9 @@ def describe_measure(method: str | None, boundary: str | None, influence_measure
         where = {"head": " on the checkpoint's head", "refit": " on the probe"}.get(boundary or "", "")
         at = f" at layer {layer}" if boundary == "refit" and layer else ""
         return Measure(short, f"influence ({influence_measure or 'self-influence'}){where}{at}")
+    if method == "joint-loss":
+        at = f" at layer {layer}" if layer else ""
+        return Measure(short, f"the joint loss (the probe's loss{at} and the head's, ranks averaged)")
     if boundary == "refit":
         return Measure(short, f"the probe's {short}" + (f" at layer {layer}" if layer else ""))
     return Measure(short, f"the {short}" + (" on the checkpoint's head" if boundary == "head" else ""))

@@ -79,7 +79,7 @@ def layer_features(
     reporter: Reporter | None = None,
     row_order: "np.ndarray | list[int] | range | None" = None,
     first_row: int = 0,
-    out: torch.Tensor | None = None,
+    out: torch.Tensor | dict[str, torch.Tensor] | None = None,
     budget: MemoryBudget | None = None,
 ) -> dict[str, torch.Tensor] | torch.Tensor:
     """Pooled features of each named layer for every row of the loader (float32, CPU), in one pass.
@@ -88,8 +88,8 @@ def layer_features(
     result is manifest row i, or, with `row_order` (the manifest rows the loader covers), row_order[i]; a
     `range` of rows (this process's block) is read without a table of each row's position.
     `first_row`: the manifest row of the loader's row 0, for messages (a process's shard under torchrun).
-    `out` (one layer only): a tensor to fill in place of a new one; rows the loader does not cover keep
-    their values. `budget`: where new per-sample arrays go (default: memory). `device`: a device, or a
+    `out`: a tensor to fill in place of a new one (one layer), or a dict name → tensor (any of the layers);
+    rows the loader does not cover keep their values. `budget`: where new per-sample arrays go (default: memory). `device`: a device, or a
     `Placement` (memory format and precision too).
     """
     budget = budget or MemoryBudget()
@@ -115,7 +115,8 @@ def layer_features(
             writes = []
             for name, pooled in run_until(model, layers, place.inputs(images)).items():
                 if name not in features:
-                    features[name] = out if out is not None else budget.array(num_rows, pooled.shape[1])
+                    given = out.get(name) if isinstance(out, dict) else out
+                    features[name] = given if given is not None else budget.array(num_rows, pooled.shape[1])
                 writes.append((features[name], where, pooled))
             host.put(writes)
             advance(1)

@@ -1,12 +1,15 @@
 """The features a refit probe is fitted on: one layer's (or the head's input), or the layer `--layer auto` chooses.
 
 --layer auto reads every candidate layer on a seeded random sample of rows, chooses there (irank.core.layer_choice),
-then runs the other rows only up to the chosen layer: less than one forward pass. Under torchrun the sample's
+then runs the other rows only up to the chosen layer: less than one forward pass (one, when the head's logits are
+read too: the joint loss ranks by the probe's loss and the head's). Under torchrun the sample's
 features are gathered between the two reads, so the choice is made on the same rows as by one process.
 Row lists are numpy arrays here: at a million rows, Python lists of ints cost tens of MiB each.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -26,15 +29,27 @@ from irank.runtime.progress import Reporter
 HEAD_LOGITS = "(the head's logits)"  # beside the candidate layers' features of the choice sample
 
 
+@dataclass
+class ProbeInputs:
+    """What a refit probe is fitted on, for the rows this process holds."""
+
+    features: torch.Tensor | DiskRows  # at the probe's layer
+    choice: LayerChoice  # how that layer was chosen
+    head_logits: torch.Tensor | None = None  # the checkpoint's own head's outputs, when asked for
+
+
 def probe_features(prepared: Prepared, boundary: BoundaryOptions, model_options: ModelOptions, run: RunOptions,
-                   reporter: Reporter, shard: Shard | None, budget: MemoryBudget) -> tuple[torch.Tensor, LayerChoice]:
-    """(the features of every row this process holds at the probe's layer, how that layer was chosen)."""
+                   reporter: Reporter, shard: Shard | None, budget: MemoryBudget, *,
+                   with_head: bool = False) -> ProbeInputs:
+    """The features of every row this process holds at the probe's layer, how that layer was chosen, and with
+    `with_head` the head's logits of the same rows, read in the same pass."""
     layer = refit_layer(prepared, boundary)
     if boundary.val and layer != "auto":
         reporter.info(f"--val: no layer to choose ({prepared.arch} is probed at {layer}); not used")
     if layer != "auto":
         with all_or_none():
-            return read_layer(prepared, layer, run, reporter, shard, budget), LayerChoice(layer, "given")
+            features, logits = read_layer(prepared, layer, run, reporter, shard, budget, with_head=with_head)
+        return ProbeInputs(features, LayerChoice(layer, "given"), logits)
     with all_or_none():
         held_out = read_val(prepared, boundary.val, model_options, run, reporter) if boundary.val else None
         sample_rows, candidates = read_choice_sample(prepared, boundary.choice_rows, run, reporter, shard)
@@ -44,7 +59,9 @@ def probe_features(prepared: Prepared, boundary: BoundaryOptions, model_options:
                               held_out)
     del held_out
     with all_or_none():
-        return read_rest(prepared, choice.layer, sample_rows, candidates, run, reporter, shard, budget), choice
+        features, logits = read_rest(prepared, choice.layer, sample_rows, candidates, run, reporter, shard, budget,
+                                     with_head=with_head)
+    return ProbeInputs(features, choice, logits)
 
 
 def refit_layer(prepared: Prepared, boundary: BoundaryOptions) -> str:
@@ -57,14 +74,19 @@ def refit_layer(prepared: Prepared, boundary: BoundaryOptions) -> str:
     return layer
 
 
-def read_layer(prepared: Prepared, layer: str, run: RunOptions, reporter: Reporter,
-               shard: Shard | None = None, budget: MemoryBudget | None = None) -> torch.Tensor | DiskRows:
-    """Features at a named layer (or the head's input) of every row, or of this process's block of rows."""
+def read_layer(prepared: Prepared, layer: str, run: RunOptions, reporter: Reporter, shard: Shard | None = None,
+               budget: MemoryBudget | None = None, *,
+               with_head: bool = False) -> tuple[torch.Tensor | DiskRows, torch.Tensor | None]:
+    """(features at a named layer or the head's input, with `with_head` the head's logits; else None) of every row,
+    or of this process's block of rows."""
     if layer == HEAD_INPUT:
-        return run_forward(prepared, run, reporter, shard, budget).head_inputs
+        outputs = run_forward(prepared, run, reporter, shard, budget)
+        return outputs.head_inputs, outputs.logits if with_head else None
     loader, num_rows, first_row = shard_loader(prepared, run, shard)
-    return layer_features(prepared.model, layer, loader, num_rows=num_rows, device=placement_for(run, prepared.model),
+    names = [layer, prepared.head_name] if with_head else [layer]
+    read = layer_features(prepared.model, names, loader, num_rows=num_rows, device=placement_for(run, prepared.model),
                           reporter=reporter, first_row=first_row, budget=budget)
+    return read[layer], read.get(prepared.head_name)
 
 
 def block_rows(num_rows: int, shard: Shard | None) -> range:
@@ -122,7 +144,8 @@ def choose_on_sample(sample_rows: np.ndarray, candidates: dict[str, torch.Tensor
         parts = [part for part in gather_objects(candidates) if part]
         candidates = {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
     sample_labels = labels[torch.from_numpy(sample_rows)]
-    head_logits = candidates.pop(HEAD_LOGITS)
+    head_logits = candidates[HEAD_LOGITS]
+    candidates = {name: features for name, features in candidates.items() if name != HEAD_LOGITS}
     if held_out is not None:
         choice = choose_layer_by_accuracy(candidates, sample_labels, *held_out, num_classes, l2=l2, log=reporter.info)
     else:
@@ -138,10 +161,11 @@ def choose_on_sample(sample_rows: np.ndarray, candidates: dict[str, torch.Tensor
 
 
 def read_rest(prepared: Prepared, layer: str, sample_rows: np.ndarray, candidates: dict[str, torch.Tensor],
-              run: RunOptions, reporter: Reporter, shard: Shard | None = None,
-              budget: MemoryBudget | None = None) -> torch.Tensor | DiskRows:
-    """Features at the chosen layer of every row this process holds: the sample's already read, the others
-    read now, each forward pass stopping at the layer."""
+              run: RunOptions, reporter: Reporter, shard: Shard | None = None, budget: MemoryBudget | None = None, *,
+              with_head: bool = False) -> tuple[torch.Tensor | DiskRows, torch.Tensor | None]:
+    """(features at the chosen layer, with `with_head` the head's logits; else None) of every row this process
+    holds: the sample's already read, the others read now, each forward pass stopping at the layer (or, with the
+    head, running through)."""
     block = block_rows(len(prepared.labels), shard)
     mine = sample_rows[(sample_rows >= block.start) & (sample_rows < block.stop)]
     outside = np.ones(len(block), dtype=bool)  # a byte a row, where setdiff1d's temporaries took ~25
@@ -149,16 +173,20 @@ def read_rest(prepared: Prepared, layer: str, sample_rows: np.ndarray, candidate
     rest = np.flatnonzero(outside)
     rest += block.start
     del outside
+    wanted = {layer: layer, **({HEAD_LOGITS: prepared.head_name} if with_head else {})}  # key → module
     if len(rest) == 0:
-        return candidates[layer]
+        return candidates[layer], candidates.get(HEAD_LOGITS) if with_head else None
     if len(mine):
-        width = candidates[layer].shape[1]
-    else:  # this process holds none of the sample (a tiny shard): learn the width from its first row
-        width = layer_features(prepared.model, layer, rows_loader(prepared, run, rest[:1]), num_rows=1,
-                               device=placement_for(run, prepared.model), row_order=rest[:1]).shape[1]
-    features = (budget or MemoryBudget()).array(len(block), width)
+        widths = {key: candidates[key].shape[1] for key in wanted}
+    else:  # this process holds none of the sample (a tiny shard): learn the widths from its first row
+        first = layer_features(prepared.model, list(wanted.values()), rows_loader(prepared, run, rest[:1]), num_rows=1,
+                               device=placement_for(run, prepared.model), row_order=rest[:1])
+        widths = {key: first[module].shape[1] for key, module in wanted.items()}
+    out = {module: (budget or MemoryBudget()).array(len(block), widths[key]) for key, module in wanted.items()}
     if len(mine):
-        features.index_copy_(0, torch.from_numpy(mine - block.start), candidates[layer])
+        for key, module in wanted.items():
+            out[module].index_copy_(0, torch.from_numpy(mine - block.start), candidates[key])
     # written in place, row i of this process's block at i: no second copy of the rows' features
-    return layer_features(prepared.model, layer, rows_loader(prepared, run, rest), num_rows=len(block), device=placement_for(run, prepared.model),
-                          reporter=reporter, row_order=block, out=features)
+    read = layer_features(prepared.model, list(wanted.values()), rows_loader(prepared, run, rest), num_rows=len(block),
+                          device=placement_for(run, prepared.model), reporter=reporter, row_order=block, out=out)
+    return read[layer], read.get(prepared.head_name) if with_head else None

@@ -10,6 +10,8 @@ import torch
 from irank._version import __version__
 from irank.core.estimate import issue_summary
 from irank.core.head_scores import method_scores
+from irank.core.influence import cross_entropy
+from irank.core.joint import joint_loss
 from irank.core.layer_choice import LayerChoice
 from irank.core.probe import probe_curvature, refit_scores
 from irank.formats.columns import compact_codes
@@ -27,7 +29,7 @@ from irank.model.forward import run_forward
 from irank.model.placement import Placement, placement_for
 from irank.model.prepare import Prepared, prepare
 from irank.model.probe_features import probe_features
-from irank.options import BoundaryOptions, ModelOptions, Ranking, RunOptions, resolve_ranking
+from irank.options import BoundaryOptions, ModelOptions, Ranking, RunOptions, resolve_ranking, units_needed
 from irank.runtime.distributed import (
     Shard,
     all_or_none,
@@ -120,13 +122,18 @@ def _head_scores(prepared: Prepared, ranking: Ranking, run: RunOptions, reporter
 def _probe_scores(prepared: Prepared, boundary: BoundaryOptions, ranking: Ranking, model_options: ModelOptions,
                   run: RunOptions, reporter: Reporter, shard: Shard | None,
                   budget: MemoryBudget) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """(scores, logits, what the sidecar says) on an L2 probe refit at the boundary's layer."""
-    features, choice = probe_features(prepared, boundary, model_options, run, reporter, shard, budget)
+    """(scores, logits, what the sidecar says) on an L2 probe refit at the boundary's layer; with the joint loss,
+    the probe's loss and the head's, their ranks averaged (the head's logits read in the same pass)."""
+    joint = ranking.method == "joint-loss"
+    read = probe_features(prepared, boundary, model_options, run, reporter, shard, budget, with_head=joint)
     labels = torch.from_numpy(prepared.labels)
-    scores, logits = refit_scores(features, local_rows(labels, shard), len(prepared.classes), method=ranking.method,
+    mine = local_rows(labels, shard)
+    scores, logits = refit_scores(read.features, mine, len(prepared.classes), method="loss" if joint else ranking.method,
                                   measure=ranking.measure, l2=boundary.l2, shard=shard, budget=budget)
-    return scores, logits, refit_details(choice, boundary, ranking, len(labels), len(prepared.classes),
-                                         features.shape[1])
+    if joint:
+        scores = joint_loss(scores, cross_entropy(read.head_logits, mine), shard)
+    return scores, logits, refit_details(read.choice, boundary, ranking, len(labels), len(prepared.classes),
+                                         read.features.shape[1])
 
 
 def _ranked(prepared: Prepared, scores: torch.Tensor, logits, shard: Shard | None, budget: MemoryBudget) -> RankedScores:
@@ -190,10 +197,13 @@ def score(
     run_options: RunOptions | None = None,
     reporter: Reporter | None = None,
     overwrite: bool = False,
+    with_units: bool = False,
 ) -> ScoreResult:
     """Score and rank every sample of `manifest` under `checkpoint`; write the table to `output` if given.
 
-    `method` auto: influence on the head, the probe's loss on a refit probe (see `irank.core.methods`).
+    `method` auto: influence on the head; on a refit probe the joint loss, the probe's loss and the head's with
+    their ranks averaged (`irank.core.joint`, `irank.core.methods`). `with_units`: the scores will be gated on by
+    value (`--fail-score`), so auto ranks by the probe's loss there and the joint loss by name is refused.
     `influence_measure` (default self-influence), `curvature` (auto) and `damping` (0.01) act on influence, the
     last two on the head only; given where they would do nothing, they are refused (see `resolve_ranking`).
     The table is sorted by rank (1 = the highest score, the first to suspect of a wrong label) and
@@ -207,6 +217,7 @@ def score(
         boundary = (boundary or BoundaryOptions()).resolved()
         ranking = resolve_ranking(method, boundary.kind, measure=influence_measure, curvature=curvature,
                                   damping=damping)
+        ranking = units_needed(ranking) if with_units else ranking
         _check_request(checkpoint, manifest, output, boundary, model_options, overwrite)
     with all_or_none():
         prepared = prepare(checkpoint, manifest, model_options)
