@@ -55,11 +55,13 @@ def assert_same_scores(single: pd.DataFrame, sharded: pd.DataFrame) -> None:
             assert abs(single.loc[first, "score"] - single.loc[second, "score"]) <= SCORE_TOLERANCE * scale
 
 
-@pytest.mark.parametrize("method, used, budget", [("auto", "loss", "1GiB"), ("influence", "influence", "0")])
+@pytest.mark.parametrize("method, used, budget", [("auto", "joint-loss", "0"), ("loss", "loss", "1GiB"),
+                                                  ("influence", "influence", "0")])
 def test_score_equals_one_process(tiny_data, tiny_model, tmp_path, method, used, budget):
     """The default refit boundary: layer choice by 3-fold held-out loss on a sample of rows that spans both
-    processes' blocks (gathered), the other rows read up to the chosen layer, probe fit, and the probe's
-    loss (the default) or its influence (whose curvature is summed over the processes) on it; with
+    processes' blocks (gathered), the other rows read up to the chosen layer (through the head for the joint
+    loss, the default, whose ranks are among every process's rows), probe fit, and the probe's loss or its
+    influence (whose curvature is summed over the processes) on it; with
     `--memory-budget 0` every per-sample array, the gathered predictions included, on disk.
     (`--boundary head` is compared in the post-train test, whose rounds score on the head.)"""
     single = irank.score(tiny_model, tiny_data["train"], run_options=irank.RunOptions(device="cpu", batch_size=32),
