@@ -4,10 +4,12 @@
     python benchmarks/peers.py BASE --only one-shot,aum   # some groups (the queue runs them in its order)
     python benchmarks/peers.py BASE --redo cleanlab-k2    # compute a group again
 
-Each group's runs are merged into results/BASE.json under "runs" (rankings, and the oracle's test accuracy).
+Each group's runs are merged into results/BASE.json under "runs" (rankings, and the oracle's test accuracy); a
+one-shot ranking already there is not computed again (--redo one-shot computes them all).
 
 Groups (each ranking: AUROC and precision at k against the true labels, and its cost in seconds):
-  one-shot     irank's default `irank score`; the paper's head influence (`--boundary head --method
+  one-shot     irank's default `irank score` (the joint loss) and the probe's loss alone (`--method loss`, the
+               default before); the paper's head influence (`--boundary head --method
                influence`); the head's loss and margin (irank's `--method loss|margin` on the head); kNN label
                disagreement (k=20, cosine, at the head's input); AUM of the base's own training (a reference:
                a user has it only if the training loop logged every margin)
@@ -42,6 +44,7 @@ KNN_K = 20
 # `irank score` runs: ranking name → the flags beyond checkpoint, manifest and output
 SCORE_RUNS = {
     "irank-score": [],
+    "probe-loss": ["--method", "loss"],  # the default before the joint loss
     "irank-head-influence": ["--boundary", "head", "--method", "influence"],
     "head-loss": ["--boundary", "head", "--method", "loss"],
     "head-margin": ["--boundary", "head", "--method", "margin"],
@@ -121,16 +124,19 @@ def ranking(base: Base, scores: np.ndarray, seconds: float, **extra) -> dict:
     return {**detection(scores, base.wrong), "seconds": seconds, **extra}
 
 
-def one_shot(base: Base) -> dict:
-    """The rankings that need no training: irank's scores, kNN at the head's input, AUM of the training."""
+def one_shot(base: Base, cached: set[str]) -> dict:
+    """The rankings that need no training and are not `cached` yet: irank's scores, kNN at the head's input, AUM
+    of the training."""
     rankings = {}
     for name, flags in SCORE_RUNS.items():
-        scores, seconds = irank_score(base, flags, base.out / f"{name}.csv")
-        rankings[name] = ranking(base, scores, seconds)
-    started = time.perf_counter()
-    knn = knn_disagreement(head_features(base), base.given)
-    np.save(base.out / "knn-disagreement.npy", knn)
-    rankings["knn"] = ranking(base, knn, time.perf_counter() - started)
+        if name not in cached:
+            scores, seconds = irank_score(base, flags, base.out / f"{name}.csv")
+            rankings[name] = ranking(base, scores, seconds)
+    if "knn" not in cached:
+        started = time.perf_counter()
+        knn = knn_disagreement(head_features(base), base.given)
+        np.save(base.out / "knn-disagreement.npy", knn)
+        rankings["knn"] = ranking(base, knn, time.perf_counter() - started)
     margins = np.load(base.out / "base-train-margins.npy").astype(np.float32)
     rankings["aum-training"] = ranking(base, -margins.mean(0), 0.0)
     return rankings
@@ -145,7 +151,7 @@ def removal_facts(base: Base, removed_paths) -> dict:
             "removed_recall": float(wrong / base.wrong.sum()) if base.wrong.any() else None}
 
 
-def post_train(base: Base) -> dict:
+def post_train(base: Base, cached: set[str]) -> dict:
     """irank's default post-train: its final ranking of every row, what its estimated budget removed, and the
     test accuracy of its model; a rerun of the same command resumes an interrupted fine-tune."""
     out = base.out / "post-train"
@@ -156,7 +162,7 @@ def post_train(base: Base) -> dict:
     return {"irank-post-train": ranking(base, ranked_scores(base, out / "scores.csv"), seconds, **facts)}
 
 
-def oracle(base: Base) -> dict:
+def oracle(base: Base, cached: set[str]) -> dict:
     """post-train's fine-tune on exactly the clean rows: the test accuracy a perfect removal would reach."""
     manifest = DATA / f"clean-rows-{base.noise}.csv"
     if not manifest.exists():
@@ -169,20 +175,20 @@ def oracle(base: Base) -> dict:
 
 def cleanlab_group(folds: int):
     """The group of cleanlab at K folds (trained_peers.py does the training)."""
-    def run(base: Base) -> dict:
+    def run(base: Base, cached: set[str]) -> dict:
         scores, seconds, facts = cleanlab_ranking(base, folds)
         return {f"cleanlab-k{folds}": ranking(base, scores, seconds, **facts)}
     return run
 
 
-def aum_group(base: Base) -> dict:
+def aum_group(base: Base, cached: set[str]) -> dict:
     """The group of AUM over a fine-tune (trained_peers.py does the training)."""
     scores, seconds, facts = aum_ranking(base)
     return {"aum-finetune": ranking(base, scores, seconds, **facts)}
 
 
 GROUPS = {
-    "one-shot": (one_shot, ["irank-score", "irank-head-influence", "head-loss", "head-margin", "knn", "aum-training"]),
+    "one-shot": (one_shot, [*SCORE_RUNS, "knn", "aum-training"]),
     "cleanlab-k2": (cleanlab_group(2), ["cleanlab-k2"]),
     "cleanlab-k5": (cleanlab_group(5), ["cleanlab-k5"]),
     "aum": (aum_group, ["aum-finetune"]),
@@ -201,7 +207,7 @@ def run_groups(name: str, groups: list[str], redo: list[str]) -> dict:
         if group not in redo and all(key in results.get("runs", {}) for key in keys):
             continue
         print(f"{name}: {group}", file=sys.stderr)
-        runs = compute(base)
+        runs = compute(base, set() if group in redo else set(results.get("runs", {})))
         for run in runs.values():
             run["date"] = time.strftime("%Y-%m-%d")
         results.setdefault("runs", {}).update(runs)

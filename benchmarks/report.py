@@ -20,7 +20,8 @@ from common import BASES, RESULTS, read_json  # noqa: E402
 
 OUTPUT = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "suite.md"
 RANKINGS = {  # results key → column title
-    "irank-score": "irank score (default)",
+    "irank-score": "irank score (default: joint loss)",
+    "probe-loss": "probe loss (default before)",
     "irank-head-influence": "head influence (paper)",
     "head-loss": "head loss",
     "head-margin": "head margin",
