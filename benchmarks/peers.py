@@ -210,6 +210,7 @@ def run_groups(name: str, groups: list[str], redo: list[str]) -> dict:
         runs = compute(base, set() if group in redo else set(results.get("runs", {})))
         for run in runs.values():
             run["date"] = time.strftime("%Y-%m-%d")
+        results = read_json(path) or {"base": name}  # read again: another step may have written meanwhile
         results.setdefault("runs", {}).update(runs)
         results.update(noise_rate=float(base.wrong.mean()), wrong=int(base.wrong.sum()))
         write_json(path, results)
