@@ -43,7 +43,7 @@ def test_score_cli_writes_ranked_table_and_sidecar(cli, tiny_data, tiny_model, t
         assert sorted(group["class_rank"]) == list(range(1, len(group) + 1))
         assert (np.diff(group.sort_values("class_rank")["score"].to_numpy()) <= 0).all()
     sidecar = json.loads((tmp_path / "scores.csv.json").read_text())
-    assert sidecar["method"] == "loss"  # --method auto on the default refit probe
+    assert sidecar["method"] == "joint-loss"  # --method auto on the default refit probe
     assert sidecar["classes"] == CLASSES
     assert len(sidecar["inputs"]["checkpoint"]["sha256"]) == 64
     assert sidecar["num_samples"] == len(table) == 240

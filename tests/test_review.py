@@ -287,7 +287,10 @@ def test_gate_fails_over_the_threshold_but_keeps_the_scores(cli, tiny_data, tiny
 
 
 def test_gate_on_the_share_of_high_scores(cli, scored, tiny_data, tiny_model, tmp_path):
-    threshold = float(pd.read_csv(scored)["score"].iloc[11])  # 12 of 240 rows (5%) score at least this
+    """--fail-score gates on score values: auto ranks by the probe's loss there (the joint loss is a share of rows)."""
+    losses = tmp_path / "loss.csv"
+    assert cli("score", tiny_model, tiny_data["train"], "-o", losses, "--device", "cpu", "-q", "--method", "loss")[0] == 0
+    threshold = float(pd.read_csv(losses)["score"].iloc[11])  # 12 of 240 rows (5%) score at least this
     output = tmp_path / "s.csv"
     base = ["score", tiny_model, tiny_data["train"], "-o", output, "--device", "cpu", "-q", "--fail-score", repr(threshold)]
     code, out, err = cli(*base, "--fail-over", "0.04", "--json")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from html import escape as html_escape
 from pathlib import Path
 
 import numpy as np
@@ -132,13 +133,15 @@ def test_review_json_summarizes_every_scored_row_and_the_page_shows_it(scored, t
 
 def test_the_page_says_which_measure_ranked_the_rows(scored, tmp_path):
     sidecar = json.loads(Path(scored + ".json").read_text())
-    assert sidecar["method"] == "loss" and sidecar["parameters"]["boundary"] == "refit"
+    assert sidecar["method"] == "joint-loss" and sidecar["parameters"]["boundary"] == "refit"
     irank.review(scored, output=str(tmp_path / "r"), top=5)
     html = (tmp_path / "r" / "index.html").read_text()
     layer = sidecar["parameters"]["layer"]
-    assert f"ranked by the probe&#x27;s loss at layer {layer}" in html and f"score: the probe&#x27;s loss at layer {layer}" in html
+    text = f"the joint loss (the probe's loss at layer {layer} and the head's, ranks averaged)"
+    assert f"ranked by {html_escape(text)}" in html and f"score: {html_escape(text)}" in html
     assert "influence" not in html.lower()  # no card, heading or axis calls the loss influence
-    assert json.loads((tmp_path / "r" / "review.json").read_text())["score_measure"] == f"the probe's loss at layer {layer}"
+    assert json.loads((tmp_path / "r" / "review.json").read_text())["score_measure"] == text
+    assert describe_measure("loss", "refit", None, layer).text == f"the probe's loss at layer {layer}"
     bare = tmp_path / "bare" / "scores.csv"  # no sidecar: the page cannot say, and says "score"
     bare.parent.mkdir()
     shutil.copyfile(scored, bare)
