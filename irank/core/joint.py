@@ -22,18 +22,28 @@ import torch
 from irank.core.protocols import Shard
 
 
-def rank_shares(values: torch.Tensor) -> torch.Tensor:
+def rank_shares(values: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Each value's rank among all of them from the lowest (1) up, divided by their number: a share in (0, 1]
-    (float64). Equal values share their mean rank, so the result does not depend on their order."""
+    (float64). Equal values share their mean rank, so the result does not depend on their order. `out`: a float64
+    tensor of the same length to add the shares to (in place), instead of a new one."""
     values = values.reshape(-1)
-    if len(values) == 0:
-        return torch.zeros(0, dtype=torch.float64)
-    ordered, order = torch.sort(values.double(), stable=True)
+    count = len(values)
+    shares = torch.zeros(count, dtype=torch.float64) if out is None else out
+    if count == 0:
+        return shares
+    ordered, order = torch.sort(values.double())
     _, counts = torch.unique_consecutive(ordered, return_counts=True)
-    ends = torch.cumsum(counts, 0).double()  # the 1-based rank of each group's last member
-    mean_rank = ends - (counts.double() - 1) / 2
-    shares = torch.empty(len(values), dtype=torch.float64)
-    shares[order] = torch.repeat_interleave(mean_rank, counts) / len(values)
+    del ordered  # a row's place in `order` is all that is needed now
+    if len(counts) == count:  # no ties: the row at place i has rank i + 1
+        in_order = torch.arange(1, count + 1, dtype=torch.float64)
+    else:  # a group's mean rank: its last member's rank less half of the rest
+        group_ends = torch.cumsum(counts, 0).double()
+        group_ends -= (counts.double() - 1) / 2
+        in_order = torch.repeat_interleave(group_ends, counts)
+        del group_ends
+    del counts
+    in_order /= count
+    shares.index_add_(0, order, in_order)
     return shares
 
 
@@ -41,13 +51,16 @@ def joint_loss(probe_loss: torch.Tensor, head_loss: torch.Tensor, shard: Shard |
     """The mean of the two losses' rank shares, row by row (higher = more suspect; float64).
 
     With a `shard` (torchrun) the losses given are this process's rows of a contiguous block; the ranks are
-    among every process's rows, and this process's rows are returned.
+    among every process's rows, and this process's rows are returned. About 40 bytes a row of every row beside
+    the two losses (docs/benchmarks/memory.md).
     """
     if probe_loss.shape != head_loss.shape:
         raise ValueError(f"the two losses differ in shape: {tuple(probe_loss.shape)} and {tuple(head_loss.shape)}")
     if shard is None:
-        return (rank_shares(probe_loss) + rank_shares(head_loss)) / 2
+        joint = rank_shares(probe_loss)
+        return rank_shares(head_loss, out=joint).div_(2)
     start = shard.start
     assert start is not None, "the joint loss needs a contiguous block of rows"
-    every = (rank_shares(shard.gather(probe_loss.double())) + rank_shares(shard.gather(head_loss.double()))) / 2
-    return every[start:start + len(probe_loss)].clone()
+    joint = rank_shares(shard.gather(probe_loss.double()))
+    joint = rank_shares(shard.gather(head_loss.double()), out=joint).div_(2)
+    return joint[start:start + len(probe_loss)].clone()
