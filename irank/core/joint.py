@@ -6,8 +6,8 @@ head; but where the noise imitates human mistakes, the earlier layers find the s
 head's loss, even memorized, can rank better than the probe. Averaging the two rankings held on every base of the
 benchmark suite (docs/benchmarks/suite.md): AUROC mean 0.824 and worst 0.783 over five bases, against 0.822 and
 0.740 for the probe's loss alone and 0.792 and 0.689 for the head's loss alone, and never below the head's loss
-there. Of four bases held out from the choice it stayed ahead of the head's loss on three and fell 0.010 behind
-it on the fourth (40% pair flips); over all nine: mean 0.821, worst 0.781 (probe 0.814 / 0.740, head 0.800 /
+there. Of five bases held out from the choice it stayed ahead of the head's loss on four and fell 0.010 behind
+it on the fifth (pair flips); over all ten: mean 0.833, worst 0.781 (probe 0.826 / 0.740, head 0.813 /
 0.689).
 
 Ranks, not values: a memorizing head's losses are all near zero and a probe's are not, so a sum of the losses
