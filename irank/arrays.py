@@ -29,8 +29,6 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from irank.core.head_scores import method_scores
-from irank.core.influence import cross_entropy
-from irank.core.joint import joint_loss
 from irank.core.layer_choice import choose_layer
 from irank.core.probe import refit_scores
 from irank.core.ranking import class_ranks_in_order, rank_order
@@ -94,10 +92,9 @@ def _probe_scores(labels: torch.Tensor, features: torch.Tensor, logits: torch.Te
     if (ranking.method == "joint-loss") != (logits is not None):
         raise ValueError("the joint loss needs logits= beside features=" if logits is None else
                          f"logits= beside features= are read by the joint loss only, not by {ranking.method}")
-    joint = ranking.method == "joint-loss"
-    scores, _ = refit_scores(features, labels, classes, method="loss" if joint else ranking.method,
-                             measure=ranking.measure, l2=BoundaryOptions(l2=l2).resolved().l2)
-    return (joint_loss(scores, cross_entropy(logits, labels)) if joint else scores).numpy()
+    scores, _ = refit_scores(features, labels, classes, method=ranking.method, measure=ranking.measure,
+                             l2=BoundaryOptions(l2=l2).resolved().l2, head_logits=logits)
+    return scores.numpy()
 
 
 def rank(scores, labels=None) -> tuple[np.ndarray, np.ndarray]:

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from irank.core import influence
+from irank.core.joint import joint_loss
 from irank.core.linear import fit_standardized, fit_with_scaling, standardize
 from irank.core.methods import PROBE_MEASURES
 from irank.core.protocols import IN_MEMORY, Budget, Shard
@@ -96,10 +97,18 @@ def heldout_probe_loss(features: torch.Tensor, labels: torch.Tensor, num_classes
 
 def refit_scores(features: torch.Tensor, labels: torch.Tensor, num_classes: int, *, method: str, measure: str,
                  l2: float, shard: Shard | None = None, budget: Budget | None = None,
-                 device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 device: torch.device | None = None,
+                 head_logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(scores, probe logits) of every sample on an L2 probe refit on `features` (this process's rows, with a
     `shard`, on the probe fitted to every process's rows); the logits go to disk past the `budget`. `device`:
-    where the probe's fit may run (`linear.fit_device`)."""
+    where the probe's fit may run (`linear.fit_device`). `joint-loss` needs the checkpoint's own `head_logits` of
+    the same rows: the probe's loss and the head's, their ranks averaged (`irank.core.joint`)."""
+    if method == "joint-loss":
+        if head_logits is None:
+            raise ValueError("the joint loss needs the head's logits")
+        scores, logits = refit_scores(features, labels, num_classes, method="loss", measure=measure, l2=l2,
+                                      shard=shard, budget=budget, device=device)
+        return joint_loss(scores, influence.cross_entropy(head_logits, labels), shard), logits
     if method == "influence":
         scores, logits, _ = probe_scores(features, labels, num_classes, l2=l2, measure=measure, shard=shard,
                                          budget=budget, device=device)

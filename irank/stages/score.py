@@ -10,8 +10,6 @@ import torch
 from irank._version import __version__
 from irank.core.estimate import issue_summary
 from irank.core.head_scores import method_scores
-from irank.core.influence import cross_entropy
-from irank.core.joint import joint_loss
 from irank.core.layer_choice import LayerChoice
 from irank.core.probe import probe_curvature, refit_scores
 from irank.formats.columns import compact_codes
@@ -124,14 +122,12 @@ def _probe_scores(prepared: Prepared, boundary: BoundaryOptions, ranking: Rankin
                   budget: MemoryBudget) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """(scores, logits, what the sidecar says) on an L2 probe refit at the boundary's layer; with the joint loss,
     the probe's loss and the head's, their ranks averaged (the head's logits read in the same pass)."""
-    joint = ranking.method == "joint-loss"
-    read = probe_features(prepared, boundary, model_options, run, reporter, shard, budget, with_head=joint)
+    read = probe_features(prepared, boundary, model_options, run, reporter, shard, budget,
+                          with_head=ranking.method == "joint-loss")
     labels = torch.from_numpy(prepared.labels)
-    mine = local_rows(labels, shard)
-    scores, logits = refit_scores(read.features, mine, len(prepared.classes), method="loss" if joint else ranking.method,
-                                  measure=ranking.measure, l2=boundary.l2, shard=shard, budget=budget)
-    if joint:
-        scores = joint_loss(scores, cross_entropy(read.head_logits, mine), shard)
+    scores, logits = refit_scores(read.features, local_rows(labels, shard), len(prepared.classes),
+                                  method=ranking.method, measure=ranking.measure, l2=boundary.l2, shard=shard,
+                                  budget=budget, head_logits=read.head_logits)
     return scores, logits, refit_details(read.choice, boundary, ranking, len(labels), len(prepared.classes),
                                          read.features.shape[1])
 
