@@ -17,7 +17,11 @@ Groups (each ranking: AUROC and precision at k against the true labels, and its 
                of the base's recipe from scratch, then get_label_quality_scores and find_label_issues
   aum          area under the margin over the epochs of a fine-tune of the base on every row (Pleiss 2020)
   post-train   irank's default `irank post-train`: its ranking, its estimated budget, its model's test accuracy
+  post-train-third  the same with --epochs 10: what a third of its cost buys
   oracle       post-train's fine-tune recipe (`irank refine`) on exactly the clean rows: the recovery's ceiling
+  crossfit     a candidate for post-train: its fine-tune cross-fitted on two halves, each ranking the other half
+               out of sample; the out-of-sample disagreement as budget; a refine on the rows kept (crossfit.py);
+               and crossfit-both: each row's rank shares of its loss in and out of sample, averaged
 irank runs through its CLI with no flags beyond the files, as a user would run it.
 """
 
@@ -36,6 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bases import irank_eval, parse  # noqa: E402
 from common import BASES, DATA, OUTPUTS, RESULTS, detection, read_json, threads, write_json  # noqa: E402
+from crossfit import crossfit_ranking  # noqa: E402
 from data import images, labels_of  # noqa: E402
 from recipes import load_base, normalize  # noqa: E402
 from trained_peers import aum_ranking, cleanlab_ranking  # noqa: E402
@@ -151,15 +156,18 @@ def removal_facts(base: Base, removed_paths) -> dict:
             "removed_recall": float(wrong / base.wrong.sum()) if base.wrong.any() else None}
 
 
-def post_train(base: Base, cached: set[str]) -> dict:
+def post_train(base: Base, cached: set[str], epochs: int | None = None) -> dict:
     """irank's default post-train: its final ranking of every row, what its estimated budget removed, and the
-    test accuracy of its model; a rerun of the same command resumes an interrupted fine-tune."""
-    out = base.out / "post-train"
-    seconds = irank("post-train", str(base.checkpoint), str(base.manifest), "--out-dir", str(out))
+    test accuracy of its model; a rerun of the same command resumes an interrupted fine-tune. With `epochs`, the
+    same with `--epochs` (post-train-third: a third of the default's 30, and of its cost)."""
+    out = base.out / ("post-train" if epochs is None else f"post-train-e{epochs}")
+    flags = [] if epochs is None else ["--epochs", str(epochs)]
+    seconds = irank("post-train", str(base.checkpoint), str(base.manifest), "--out-dir", str(out), *flags)
     removed = pd.read_csv(out / "removed.csv")["id"]
     facts = {**removal_facts(base, removed), "test_accuracy": irank_eval(out / "final.safetensors", DATA / "test.csv"),
              "judgement": read_json(out / "summary.json").get("judgement")}
-    return {"irank-post-train": ranking(base, ranked_scores(base, out / "scores.csv"), seconds, **facts)}
+    key = "irank-post-train" if epochs is None else f"irank-post-train-e{epochs}"
+    return {key: ranking(base, ranked_scores(base, out / "scores.csv"), seconds, **facts)}
 
 
 def oracle(base: Base, cached: set[str]) -> dict:
@@ -171,6 +179,14 @@ def oracle(base: Base, cached: set[str]) -> dict:
     output = base.out / "oracle.safetensors"
     seconds = irank("refine", str(base.checkpoint), str(manifest), "-o", str(output), "--overwrite", *UNLEARN_FLAGS)
     return {"oracle": {"test_accuracy": irank_eval(output, DATA / "test.csv"), "seconds": seconds, "rows": int((~base.wrong).sum())}}
+
+
+def crossfit(base: Base, cached: set[str]) -> dict:
+    """A candidate for post-train: the unlearn fine-tune cross-fitted on two halves (crossfit.py)."""
+    out_of_sample, in_sample, seconds, facts = crossfit_ranking(base, irank, irank_eval, removal_facts, UNLEARN_FLAGS)
+    both = pd.Series(out_of_sample).rank().to_numpy() + pd.Series(in_sample).rank().to_numpy()
+    return {"crossfit": ranking(base, out_of_sample, seconds, **facts),
+            "crossfit-both": ranking(base, both, facts["ranking_seconds"])}
 
 
 def cleanlab_group(folds: int):
@@ -193,7 +209,9 @@ GROUPS = {
     "cleanlab-k5": (cleanlab_group(5), ["cleanlab-k5"]),
     "aum": (aum_group, ["aum-finetune"]),
     "post-train": (post_train, ["irank-post-train"]),
+    "post-train-third": (lambda base, cached: post_train(base, cached, epochs=10), ["irank-post-train-e10"]),
     "oracle": (oracle, ["oracle"]),
+    "crossfit": (crossfit, ["crossfit", "crossfit-both"]),
 }
 
 

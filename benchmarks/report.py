@@ -30,6 +30,9 @@ RANKINGS = {  # results key → column title
     "cleanlab-k5": "cleanlab K=5",
     "aum-finetune": "AUM (fine-tune)",
     "irank-post-train": "irank post-train (default)",
+    "irank-post-train-e10": "post-train --epochs 10 (a third)",
+    "crossfit": "cross-fitted unlearn (candidate)",
+    "crossfit-both": "cross-fitted, in + out of sample (candidate)",
     "aum-training": "AUM of the base's training (reference)",
 }
 REFERENCES = {"aum-training"}  # shown, never bold: a user's checkpoint does not come with them
@@ -104,9 +107,9 @@ def recovery(base_accuracy: float, after: float | None, oracle: float | None) ->
     return (after - base_accuracy) / (oracle - base_accuracy)
 
 
-def post_train_row(name: str, facts: dict, runs: dict) -> tuple[str, float | None, float | None]:
-    """One base's post-train row, with its gain in test accuracy and its recovery."""
-    post, oracle = runs.get("irank-post-train", {}), runs.get("oracle", {})
+def post_train_row(name: str, facts: dict, runs: dict, key: str) -> tuple[str, float | None, float | None]:
+    """One base's row for the post-training run `key`, with its gain in test accuracy and its recovery."""
+    post, oracle = runs.get(key, {}), runs.get("oracle", {})
     after = post.get("test_accuracy")
     gain = None if after is None else after - facts["test_accuracy"]
     ratio = recovery(facts["test_accuracy"], after, oracle.get("test_accuracy"))
@@ -119,20 +122,31 @@ def post_train_row(name: str, facts: dict, runs: dict) -> tuple[str, float | Non
     return row, gain, ratio
 
 
-def post_train_table(facts: dict, results: dict) -> list[str]:
-    """irank post-train's outcome on every base (noisy or clean), with the mean and worst gain and recovery."""
-    lines = ["## Post-training: test accuracy, recovery, estimated budget", "",
-             f"`{PEERS_COMMAND.replace('BASE', 'BASE --only post-train,oracle')}`; "
-             f"{dates(results, ['irank-post-train', 'oracle'])}. Default `irank post-train` on each base; oracle: "
+CANDIDATE_NOTE = ("The candidate (benchmarks/crossfit.py): post-train's fine-tune run once on each half of the rows, "
+                  "each model ranking the other half by its loss (out of sample); the budget is the share of rows "
+                  "whose label differs from their out-of-sample prediction; the same fine-tune then refines the "
+                  "checkpoint on the rows kept. Its cost counts all three fine-tunes.")
+
+
+def post_train_table(facts: dict, results: dict, key: str = "irank-post-train") -> list[str]:
+    """A post-training run's outcome on every base (noisy or clean), with the mean and worst gain and recovery."""
+    group = "post-train" if key == "irank-post-train" else key
+    title = "Post-training" if key == "irank-post-train" else f"{RANKINGS[key].capitalize()}"
+    names = [name for name in facts if key in results[name].get("runs", {})] if key != "irank-post-train" else facts
+    lines = [f"## {title}: test accuracy, recovery, estimated budget", "",
+             *([CANDIDATE_NOTE, ""] if key != "irank-post-train" else []),
+             f"`{PEERS_COMMAND.replace('BASE', f'BASE --only {group},oracle')}`; "
+             f"{dates(results, [key, 'oracle'])}. {'Default `irank post-train`' if key == 'irank-post-train' else 'The candidate'} "
+             "on each base; oracle: "
              "its fine-tune (`irank refine --scope full --epochs 30 --lr 0.1 --augment auto --loss gce`) on exactly "
-             "the clean rows; recovery = (post-train − base) / (oracle − base). Estimated budget: the share "
-             "post-train removed (precision and recall of that removal against the wrong labels), beside the share "
+             "the clean rows; recovery = (after − base) / (oracle − base). Estimated budget: the share "
+             "it removed (precision and recall of that removal against the wrong labels), beside the share "
              "cleanlab's `find_label_issues` flags at K=2 / K=5.", "",
-             "| base | wrong labels | test accuracy: base | post-train | oracle | gain | recovery | post-train removed "
+             "| base | wrong labels | test accuracy: base | after | oracle | gain | recovery | removed "
              "| cleanlab flags K=2 / K=5 |", "|---|---|---|---|---|---|---|---|---|"]
     gains, ratios = [], []
-    for name, f in facts.items():
-        row, gain, ratio = post_train_row(name, f, results[name].get("runs", {}))
+    for name in names:
+        row, gain, ratio = post_train_row(name, facts[name], results[name].get("runs", {}), key)
         lines.append(row)
         gains += [gain] if gain is not None else []
         ratios += [ratio] if ratio is not None else []
@@ -168,7 +182,7 @@ def render() -> str:
              bases_table(facts),
              measure_table("AUROC", "auroc", results, noisy),
              measure_table("Precision at k", "precision_at_k", results, noisy),
-             post_train_table(facts, results), cost_table(results)]
+             post_train_table(facts, results), post_train_table(facts, results, "crossfit"), cost_table(results)]
     return "\n\n".join("\n".join(part) for part in parts) + "\n"
 
 
