@@ -20,13 +20,15 @@ import pandas as pd
 import torch
 from common import DATA, read_json, write_json
 from data import images, labels_of
-from recipes import load_base, normalize
+from recipes import load_base, predict
 
 EPOCHS = "30"
 
 
 def halves(given: np.ndarray) -> np.ndarray:
-    """Each row's half (0 or 1): within every given label, a seeded shuffle alternates the halves."""
+    """Each row's half (0 or 1): within every given label, a seeded shuffle alternates the halves. (Not
+    trained_peers.fold_assignment's split, which cleanlab K=2 uses: the runs measured so far were made with this
+    one, and their models are cached under it.)"""
     rng = np.random.default_rng(0)
     half = np.zeros(len(given), int)
     for label in np.unique(given):
@@ -38,10 +40,8 @@ def halves(given: np.ndarray) -> np.ndarray:
 
 def probabilities(checkpoint, split: str) -> np.ndarray:
     """The model's softmax on every image of `split` (eval mode, no augmentation)."""
-    model, _ = load_base(checkpoint)
-    pixels = images(split)
     with torch.no_grad():
-        return torch.cat([model(normalize(pixels[s:s + 500])).softmax(1) for s in range(0, len(pixels), 500)]).numpy()
+        return torch.softmax(predict(load_base(checkpoint)[0], images(split)), 1).numpy()
 
 
 def crossfit_ranking(base, irank, irank_eval, removal_facts, flags: list[str]) -> tuple[np.ndarray, np.ndarray,
