@@ -122,22 +122,25 @@ def post_train_row(name: str, facts: dict, runs: dict, key: str) -> tuple[str, f
     return row, gain, ratio
 
 
-CANDIDATE_NOTE = ("The candidate (benchmarks/crossfit.py): post-train's fine-tune run once on each half of the rows, "
-                  "each model ranking the other half by its loss (out of sample); the budget is the share of rows "
-                  "whose label differs from their out-of-sample prediction; the same fine-tune then refines the "
-                  "checkpoint on the rows kept. Its cost counts all three fine-tunes.")
+# post-training runs with a model: results key → (peers.py group, table title, the run in words, a note)
+POST_TRAININGS = {
+    "irank-post-train": ("post-train", "Post-training", "Default `irank post-train`", None),
+    "crossfit": ("crossfit", "Cross-fitted unlearn (candidate)", "The candidate",
+                 "The candidate (benchmarks/crossfit.py): post-train's fine-tune run once on each half of the rows, "
+                 "each model ranking the other half by its loss (out of sample); the budget is the share of rows "
+                 "whose label differs from their out-of-sample prediction; the same fine-tune then refines the "
+                 "checkpoint on the rows kept. Its cost counts all three fine-tunes."),
+}
 
 
-def post_train_table(facts: dict, results: dict, key: str = "irank-post-train") -> list[str]:
-    """A post-training run's outcome on every base (noisy or clean), with the mean and worst gain and recovery."""
-    group = "post-train" if key == "irank-post-train" else key
-    title = "Post-training" if key == "irank-post-train" else f"{RANKINGS[key].capitalize()}"
-    names = [name for name in facts if key in results[name].get("runs", {})] if key != "irank-post-train" else facts
-    lines = [f"## {title}: test accuracy, recovery, estimated budget", "",
-             *([CANDIDATE_NOTE, ""] if key != "irank-post-train" else []),
+def post_train_table(facts: dict, results: dict, key: str) -> list[str]:
+    """A post-training run's outcome on every base it ran on (noisy or clean), with the mean and worst gain and
+    recovery."""
+    group, title, what, note = POST_TRAININGS[key]
+    names = [name for name in facts if key in results[name].get("runs", {})]
+    lines = [f"## {title}: test accuracy, recovery, estimated budget", "", *([note, ""] if note else []),
              f"`{PEERS_COMMAND.replace('BASE', f'BASE --only {group},oracle')}`; "
-             f"{dates(results, [key, 'oracle'])}. {'Default `irank post-train`' if key == 'irank-post-train' else 'The candidate'} "
-             "on each base; oracle: "
+             f"{dates(results, [key, 'oracle'])}. {what} on each base; oracle: "
              "its fine-tune (`irank refine --scope full --epochs 30 --lr 0.1 --augment auto --loss gce`) on exactly "
              "the clean rows; recovery = (after − base) / (oracle − base). Estimated budget: the share "
              "it removed (precision and recall of that removal against the wrong labels), beside the share "
@@ -182,7 +185,7 @@ def render() -> str:
              bases_table(facts),
              measure_table("AUROC", "auroc", results, noisy),
              measure_table("Precision at k", "precision_at_k", results, noisy),
-             post_train_table(facts, results), post_train_table(facts, results, "crossfit"), cost_table(results)]
+             *(post_train_table(facts, results, key) for key in POST_TRAININGS), cost_table(results)]
     return "\n\n".join("\n".join(part) for part in parts) + "\n"
 
 
