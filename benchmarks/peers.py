@@ -45,6 +45,8 @@ from data import images, labels_of  # noqa: E402
 from recipes import load_base, normalize  # noqa: E402
 from trained_peers import aum_ranking, cleanlab_ranking  # noqa: E402
 
+from irank.core.joint import rank_shares  # noqa: E402  (irank's joint loss: rank shares added, ties sharing)
+
 KNN_K = 20
 # `irank score` runs: ranking name → the flags beyond checkpoint, manifest and output
 SCORE_RUNS = {
@@ -184,7 +186,7 @@ def oracle(base: Base, cached: set[str]) -> dict:
 def crossfit(base: Base, cached: set[str]) -> dict:
     """A candidate for post-train: the unlearn fine-tune cross-fitted on two halves (crossfit.py)."""
     out_of_sample, in_sample, seconds, facts = crossfit_ranking(base, irank, irank_eval, removal_facts, UNLEARN_FLAGS)
-    both = pd.Series(out_of_sample).rank().to_numpy() + pd.Series(in_sample).rank().to_numpy()
+    both = rank_shares(torch.from_numpy(in_sample), rank_shares(torch.from_numpy(out_of_sample))).numpy()
     return {"crossfit": ranking(base, out_of_sample, seconds, **facts),
             "crossfit-both": ranking(base, both, facts["ranking_seconds"])}
 
