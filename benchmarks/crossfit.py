@@ -22,8 +22,6 @@ from common import DATA, read_json, write_json
 from data import images, labels_of
 from recipes import load_base, predict
 
-EPOCHS = "30"
-
 
 def halves(given: np.ndarray) -> np.ndarray:
     """Each row's half (0 or 1): within every given label, a seeded shuffle alternates the halves. (Not
@@ -38,6 +36,11 @@ def halves(given: np.ndarray) -> np.ndarray:
     return half
 
 
+def label_loss(probabilities: np.ndarray, given: np.ndarray) -> np.ndarray:
+    """Each row's cross-entropy on its given label."""
+    return -np.log(probabilities[np.arange(len(given)), given] + 1e-12)
+
+
 def probabilities(checkpoint, split: str) -> np.ndarray:
     """The model's softmax on every image of `split` (eval mode, no augmentation)."""
     with torch.no_grad():
@@ -48,7 +51,7 @@ def crossfit_ranking(base, irank, irank_eval, removal_facts, flags: list[str]) -
                                                                                      float, dict]:
     """(out-of-sample loss per row, in-sample loss per row (under the half's model that trained on it), seconds
     of the two fine-tunes and the final refine, facts: budget, removal, test accuracies)."""
-    out = base.out / f"xfit-e{EPOCHS}"
+    out = base.out / f"xfit-e{flags[flags.index('--epochs') + 1]}"  # the fine-tune's length names the folder
     out.mkdir(exist_ok=True)
     record = read_json(out / "record.json")
     table = pd.read_csv(base.manifest)
@@ -69,7 +72,7 @@ def crossfit_ranking(base, irank, irank_eval, removal_facts, flags: list[str]) -
     np.save(out / "oos-probs.npy", oos)
     np.save(out / "in-probs.npy", insample)
     rows = np.arange(len(table))
-    loss = -np.log(oos[rows, base.given] + 1e-12)
+    loss = label_loss(oos, base.given)
     budget = float((oos.argmax(1) != base.given).mean())
     order = np.lexsort((rows, -loss))
     removed = np.zeros(len(table), bool)
@@ -85,5 +88,4 @@ def crossfit_ranking(base, irank, irank_eval, removal_facts, flags: list[str]) -
              "fold_test_accuracy": (record["ft0_test"] + record["ft1_test"]) / 2,
              "ranking_seconds": record["ft0_seconds"] + record["ft1_seconds"]}
     print(f"{base.name}: cross-fit budget {budget:.3f}, test accuracy {facts['test_accuracy']:.4f}", file=sys.stderr)
-    in_loss = -np.log(insample[rows, base.given] + 1e-12)
-    return loss, in_loss, facts["ranking_seconds"] + record["final_seconds"], facts
+    return loss, label_loss(insample, base.given), facts["ranking_seconds"] + record["final_seconds"], facts
