@@ -18,6 +18,7 @@ Groups (each ranking: AUROC and precision at k against the true labels, and its 
   aum          area under the margin over the epochs of a fine-tune of the base on every row (Pleiss 2020)
   post-train   irank's default `irank post-train`: its ranking, its estimated budget, its model's test accuracy
   post-train-third  the same with --epochs 10: what a third of its cost buys
+  post-train-crossfit  `irank post-train --strategy crossfit`: the cross-fitted strategy as shipped
   oracle       post-train's fine-tune recipe (`irank refine`) on exactly the clean rows: the recovery's ceiling
   crossfit     a candidate for post-train: its fine-tune cross-fitted on two halves, each ranking the other half
                out of sample; the out-of-sample disagreement as budget; a refine on the rows kept (crossfit.py);
@@ -158,18 +159,19 @@ def removal_facts(base: Base, removed_paths) -> dict:
             "removed_recall": float(wrong / base.wrong.sum()) if base.wrong.any() else None}
 
 
-def post_train(base: Base, cached: set[str], epochs: int | None = None) -> dict:
+def post_train(base: Base, cached: set[str], epochs: int | None = None, strategy: str | None = None) -> dict:
     """irank's default post-train: its final ranking of every row, what its estimated budget removed, and the
     test accuracy of its model; a rerun of the same command resumes an interrupted fine-tune. With `epochs`, the
-    same with `--epochs` (post-train-third: a third of the default's 30, and of its cost)."""
-    out = base.out / ("post-train" if epochs is None else f"post-train-e{epochs}")
-    flags = [] if epochs is None else ["--epochs", str(epochs)]
+    same with `--epochs` (post-train-third: a third of the default's 30, and of its cost); with `strategy`, the
+    same with `--strategy` (post-train-crossfit)."""
+    suffix = (f"-e{epochs}" if epochs is not None else "") + (f"-{strategy}" if strategy else "")
+    out = base.out / f"post-train{suffix}"
+    flags = ([] if epochs is None else ["--epochs", str(epochs)]) + ([] if strategy is None else ["--strategy", strategy])
     seconds = irank("post-train", str(base.checkpoint), str(base.manifest), "--out-dir", str(out), *flags)
     removed = pd.read_csv(out / "removed.csv")["id"]
     facts = {**removal_facts(base, removed), "test_accuracy": irank_eval(out / "final.safetensors", DATA / "test.csv"),
              "judgement": read_json(out / "summary.json").get("judgement")}
-    key = "irank-post-train" if epochs is None else f"irank-post-train-e{epochs}"
-    return {key: ranking(base, ranked_scores(base, out / "scores.csv"), seconds, **facts)}
+    return {f"irank-post-train{suffix}": ranking(base, ranked_scores(base, out / "scores.csv"), seconds, **facts)}
 
 
 def oracle(base: Base, cached: set[str]) -> dict:
@@ -212,6 +214,8 @@ GROUPS = {
     "aum": (aum_group, ["aum-finetune"]),
     "post-train": (post_train, ["irank-post-train"]),
     "post-train-third": (lambda base, cached: post_train(base, cached, epochs=10), ["irank-post-train-e10"]),
+    "post-train-crossfit": (lambda base, cached: post_train(base, cached, strategy="crossfit"),
+                            ["irank-post-train-crossfit"]),
     "oracle": (oracle, ["oracle"]),
     "crossfit": (crossfit, ["crossfit", "crossfit-both"]),
 }

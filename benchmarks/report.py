@@ -31,6 +31,7 @@ RANKINGS = {  # results key → column title
     "aum-finetune": "AUM (fine-tune)",
     "irank-post-train": "irank post-train (default)",
     "irank-post-train-e10": "post-train --epochs 10 (a third)",
+    "irank-post-train-crossfit": "post-train --strategy crossfit",
     "crossfit": "cross-fitted unlearn (candidate)",
     "crossfit-both": "cross-fitted, in + out of sample (candidate)",
     "aum-training": "AUM of the base's training (reference)",
@@ -125,6 +126,13 @@ def post_train_row(name: str, facts: dict, runs: dict, key: str) -> tuple[str, f
 # post-training runs with a model: results key → (peers.py group, table title, the run in words, a note)
 POST_TRAININGS = {
     "irank-post-train": ("post-train", "Post-training", "Default `irank post-train`", None),
+    "irank-post-train-crossfit": ("post-train-crossfit", "Post-training with --strategy crossfit",
+                                  "`irank post-train --strategy crossfit`",
+                                  "The cross-fitted strategy as shipped: post-train's fine-tune once on each half of "
+                                  "the rows (its own stratified halves), every row ranked by the mean of its loss's "
+                                  "rank share in and out of sample, the budget estimated in sample (the share of "
+                                  "rows whose label the model that trained on them disagrees with), then the same "
+                                  "fine-tune on the rows kept. Its cost counts all three fine-tunes."),
     "crossfit": ("crossfit", "Cross-fitted unlearn (candidate)", "The candidate",
                  "The candidate (benchmarks/crossfit.py): post-train's fine-tune run once on each half of the rows, "
                  "each model ranking the other half by its loss (out of sample); the budget is the share of rows "

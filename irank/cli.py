@@ -83,6 +83,7 @@ class RejudgeBoundary(str, Enum):
 
 class Strategy(str, Enum):
     unlearn = "unlearn"
+    crossfit = "crossfit"
     rejudge = "rejudge"
     gradual = "gradual"
 
@@ -503,7 +504,7 @@ def post_train(
     arch: ArchOpt = None, head: HeadOpt = None, classes: ClassesOpt = None, preprocess: PresetOpt = None,
     image_size: ImageSizeOpt = None, resize: ResizeOpt = None, mean: MeanOpt = None, std: StdOpt = None,
     allow_outside_root: AllowOutsideOpt = False, on_bad_image: BadImageOpt = "fail",
-    strategy: Annotated[Optional[Strategy], typer.Option(help="unlearn (the default): fine-tune the whole network once on every row with the noise-robust GCE loss, then rank every row by the fine-tuned model's own loss; it ranked and generalized best on the benchmark (docs/benchmarks/posttrain-default.md). rejudge: rounds of rank every row, remove the top --budget, fine-tune on the rest (= --rejudge). gradual: the paper's loop, removing --step per round (the default when --rounds or --step is given).", show_default=False)] = None,
+    strategy: Annotated[Optional[Strategy], typer.Option(help="unlearn (the default): fine-tune the whole network once on every row with the noise-robust GCE loss, then rank every row by the fine-tuned model's own loss; it ranked and generalized best on checkpoints that memorized their labels (docs/benchmarks/posttrain-default.md). crossfit: that fine-tune once on each half of the rows, every row ranked by its loss under the model that trained on it and under the one that did not, then the fine-tune on the rows kept; twice the training, and the best ranking measured on every base with human-like noise, memorizing or not. rejudge: rounds of rank every row, remove the top --budget, fine-tune on the rest (= --rejudge). gradual: the paper's loop, removing --step per round (the default when --rounds or --step is given).", show_default=False)] = None,
     rounds: Annotated[Optional[int], typer.Option(help=f"gradual and rejudge: number of rounds (gradual: default {5} when only a budget is known; rejudge: 3).")] = None,
     step: Annotated[Optional[float], typer.Option(help="gradual: share of the ORIGINAL size removed per round.")] = None,
     budget: Annotated[Optional[float], typer.Option(help="Share of the rows to remove (gradual: over all rounds). Default: estimated as the share whose label the model disagrees with (unlearn: the fine-tuned model; gradual: the input); rejudge needs it.")] = None,
@@ -536,6 +537,8 @@ def post_train(
     """Post-train: refine a model trained on noisy labels, rank every row under the refined model, remove the top.
 
     Default (--strategy unlearn): fine-tune the whole network once on every row for 30 epochs with the noise-robust GCE loss, random crops and flips and learning rate 0.1, which unlearns the labels it memorized; then rank every row by the fine-tuned model's own loss and remove the top --budget (without one: the share whose label the fine-tuned model disagrees with). It ranked best and gave the best model on checkpoints that memorized their labels; on checkpoints trained with augmentation `score` ranked better and the model gained nothing (docs/benchmarks/posttrain-default.md): run `score` first. Writes DIR/final.safetensors (the fine-tuned model), DIR/scores.csv (every row ranked), DIR/kept.csv, DIR/removed.csv and DIR/summary.json. The same command run again resumes after the fine-tune's last finished epoch.
+
+    --strategy crossfit: the same fine-tune once on each half of the rows (DIR/fold0.csv, DIR/fold1.csv), every row ranked by its loss under the model that trained on it and under the one that did not (their rank shares averaged), the top --budget removed (without one: the share whose label the model that trained on it disagrees with), then the checkpoint fine-tuned on the rows kept into DIR/final.safetensors: twice the training of the default, and the better ranking on checkpoints with human-like noise, whether or not they memorized it (docs/benchmarks/posttrain-default.md). Each fine-tune resumes from its last finished epoch. One process only.
 
     --rejudge: rounds that each rank every input row under the last round's model, remove the top --budget and refine on the rest; then every row is ranked once more under the final model and its top --budget is the answer (the same DIR files, and DIR/round-NN/). --strategy gradual (the default when --rounds or --step is given), the paper's loop: round by round, score the kept samples under the current model, remove the top --step share (of the original size), refine on the rest; DIR/removed.csv holds every removed row with its round and rank, DIR/final.safetensors the best round with --val, else the last. Both resume after the last finished round.
 
@@ -583,9 +586,10 @@ def post_train(
     if json_out:
         print_json(summary)
         return
-    if chosen == "unlearn":
+    if chosen in ("unlearn", "crossfit"):
         judgement = summary["judgement"]
-        reporter.info(f"final model: {result.final_model} (fine-tuned on every row); ranked every row by its "
+        reporter.info(f"final model: {result.final_model} (fine-tuned on "
+                      f"{'every row' if chosen == 'unlearn' else 'the rows kept'}); ranked every row by its "
                       f"{judgement['method']} into {out_dir / 'scores.csv'}; removed {judgement['removed']} "
                       f"({judgement['budget']:.1%}, {summary['plan']['budget_source']}) into {out_dir / 'removed.csv'}, "
                       f"kept {judgement['kept']} in {out_dir / 'kept.csv'}")

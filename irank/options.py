@@ -269,7 +269,7 @@ TRAIN = replace(REFINE, scope="full", epochs=20, lr=0.05)
 DEFAULT_ROUNDS = 5
 DEFAULT_REJUDGE_ROUNDS = 3  # with --rejudge each round is a whole fine-tune; ce-sym40 gained little after 3
 REJUDGE_BOUNDARIES = ("head", "same")
-STRATEGIES = ("unlearn", "rejudge", "gradual")
+STRATEGIES = ("unlearn", "crossfit", "rejudge", "gradual")
 
 
 @dataclass(frozen=True)
@@ -286,6 +286,8 @@ class Recipe:
 # 0.946 / 0.850 and 0.681; the gradual loop (head influence, refit head) 0.757 / 0.638 and 0.508.
 RECIPES = {
     "unlearn": Recipe(replace(REFINE, scope="full", epochs=30, lr=0.1, augment="auto", loss="gce"), boundary="head"),
+    # crossfit: unlearn's fine-tune on each half, then on the rows kept (docs/benchmarks/posttrain-default.md)
+    "crossfit": Recipe(replace(REFINE, scope="full", epochs=30, lr=0.1, augment="auto", loss="gce"), boundary="head"),
     "rejudge": Recipe(replace(REFINE, scope="full", epochs=10, lr=0.1, augment="auto", loss="gce"), boundary="refit",
                       layer="auto"),
     "gradual": Recipe(replace(REFINE, scope="refit", epochs=2, lr=0.01), boundary="head"),
@@ -318,7 +320,8 @@ class LoopOptions:
     boundary: str | None = None  # head, or refit: an L2 probe refit each round at `layer`
     layer: str | None = None  # with boundary refit: a module name, "auto" (chosen in round 1), or the head's input
     probe_l2: float | None = None  # with boundary refit: the scoring probe's L2 (None: boundary.DEFAULT_L2)
-    # unlearn, rejudge or gradual (see post_train); None: gradual when rounds or step are given, else unlearn.
+    # unlearn, crossfit, rejudge or gradual (see post_train); None: gradual when rounds or step are given, else
+    # unlearn.
     # A boundary left None is the strategy's (RECIPES), and so is its layer.
     strategy: str | None = None
     # With rejudge, the boundary of rounds 2 on: "head", the refined model's own head (trained without the last
@@ -333,6 +336,15 @@ class LoopOptions:
     def unlearn(self) -> bool:
         return self.strategy == "unlearn"
 
+    @property
+    def crossfit(self) -> bool:
+        return self.strategy == "crossfit"
+
+    @property
+    def once(self) -> bool:
+        """A strategy without rounds: unlearn or crossfit (fine-tunes, then one judgement of every row)."""
+        return self.unlearn or self.crossfit
+
     def resolved(self, val: str | None = None) -> "LoopOptions":
         """These options with the strategy, and what was left out, filled in: a boundary and its layer from the
         strategy's recipe (RECIPES), `patience` 1, `rejudge_boundary` head. `val`: the --val manifest, without
@@ -342,9 +354,9 @@ class LoopOptions:
             raise UsageError(f"--strategy {strategy}: choose from {', '.join(STRATEGIES)}")
         if self.rejudge_boundary is not None and strategy != "rejudge":
             raise UsageError("--rejudge-boundary applies with --rejudge only")
-        if self.patience is not None and strategy == "unlearn":
-            raise UsageError("--patience applies to --strategy gradual or rejudge; unlearn has no rounds (with --val "
-                             "its fine-tune keeps its best epoch)")
+        if self.patience is not None and strategy in ("unlearn", "crossfit"):
+            raise UsageError(f"--patience applies to --strategy gradual or rejudge; {strategy} has no rounds (with "
+                             "--val its fine-tunes keep their best epoch)")
         if self.patience is not None and val is None:
             raise UsageError("--patience does nothing here: it counts rounds without a gain on --val")
         filled = replace(self, strategy=strategy, patience=1 if self.patience is None else self.patience,
@@ -355,11 +367,14 @@ class LoopOptions:
         return replace(filled, boundary=recipe.boundary, layer=self.layer or recipe.layer)
 
     def validate(self) -> None:
-        if self.unlearn:
+        if self.once:
             for name, value in (("--rounds", self.rounds), ("--step", self.step)):
                 if value is not None:
-                    raise UsageError(f"{name} applies to --strategy gradual or rejudge; --strategy unlearn fine-tunes "
-                                     "once on every row")
+                    raise UsageError(f"{name} applies to --strategy gradual or rejudge; --strategy {self.strategy} "
+                                     "has no rounds")
+        if self.crossfit and self.boundary != "head":
+            raise UsageError("--boundary refit does not apply to --strategy crossfit: it ranks every row on the heads "
+                             "of the two models fine-tuned on its halves")
         for name, value in (("--step", self.step), ("--budget", self.budget)):
             if value is not None and not 0 < value < 1:
                 raise UsageError(f"{name} {value}: must be between 0 and 1 (exclusive)")
@@ -380,7 +395,7 @@ class LoopOptions:
             raise UsageError(
                 ("--rejudge needs --budget, the share to remove in each round (on --boundary head, its budget can be "
                  "estimated instead)" if self.rejudge else "--boundary refit needs --budget"
-                 + ("" if self.unlearn else " (or --step with --rounds)"))
+                 + ("" if self.once else " (or --step with --rounds)"))
                 + ": the budget estimate reads where the "
                 "model disagrees with the labels, and a refit probe disagrees with many clean labels (27% of "
                 "clean CIFAR-10, where post-train then cost 12 points of test accuracy)"
@@ -403,7 +418,7 @@ class LoopOptions:
     def _ranked_rounds(self) -> list[int]:
         """Round numbers whose rankings stand for all: unlearn ranks once; rejudge's rounds 2 on (and its judgement)
         may rank otherwise than round 1; gradual's rounds all rank alike."""
-        return [1] if self.unlearn else [1, 2]
+        return [1] if self.once else [1, 2]
 
     def round_flags(self, number: int) -> dict:
         """The influence settings given that act on round `number`'s ranking, as `score`'s keywords."""
@@ -437,7 +452,7 @@ class LoopOptions:
 
     def _on_refined_head(self, number: int) -> bool:
         """Whether round `number` ranks on a refined model's own head: --rejudge's rounds 2 on, and unlearn's
-        judgement (on --boundary head)."""
-        if self.unlearn:
+        judgement (on --boundary head), and crossfit's."""
+        if self.once:
             return self.boundary == "head"
         return self.rejudge and number > 1 and self.rejudge_boundary == "head"

@@ -65,7 +65,9 @@ class Summary:
     finished: bool | None = None
     input_val_accuracy: float | None = None  # with --val
     unlearned: dict | None = None  # unlearn: model, epochs, best_epoch, seconds (and val_accuracy)
-    judgement: dict | None = None  # unlearn and rejudge: the final ranking of every row
+    folds: list | None = None  # crossfit: one record per finished half fine-tune (rows, manifest, model, ...)
+    judgement: dict | None = None  # unlearn, crossfit and rejudge: the final ranking of every row
+    refined: dict | None = None  # crossfit: the fine-tune on the rows kept (model, epochs, best_epoch, seconds)
     rounds: list[RoundRecord] | None = None  # gradual and rejudge
     method: str | None = None  # what --method auto ranked the rounds by
     final_round: int | None = None

@@ -149,17 +149,30 @@ def _summary(scores: str, scores_sha256: str | None, manifest: str, rule: dict, 
     }
 
 
+def _write_kept(outputs, result: PruneResult, output: str) -> None:
+    """The kept manifest and its sidecar (`result.summary`), into the open output set `outputs`."""
+    samples, keep = result.samples, result.keep
+    rebase = path_rebaser(samples.paths_at(keep), samples.root, output)
+    write_blocks(result.kept_blocks(rebase), output, quoting=blocks_quoting(result.kept_blocks, samples, keep))
+    if not is_stdio(output):
+        if rebase is not None:  # written elsewhere: its rows point back into the data's folder
+            result.summary.update(seal_written(outputs, output, containment_root(samples)))
+        write_json_atomic(output + ".json", result.summary)
+
+
+def write_rows(samples: Manifest, keep: np.ndarray, output: str, summary: dict) -> None:
+    """The rows of `samples` where `keep`, in its order and with its columns, to `output` (new or replaced), with
+    `summary` as its sidecar: a manifest of part of the rows, readable wherever it is written (as prune's -o)."""
+    with output_set(overwrite=True) as outputs:
+        _write_kept(outputs, PruneResult(samples, keep, np.flatnonzero(~keep), {}, summary), output)
+
+
 def _write(result: PruneResult, output: str | None, removed_output: str | None, overwrite: bool) -> None:
     """The kept manifest, its sidecar and the removed rows, as one set of outputs."""
     samples, keep = result.samples, result.keep
     with output_set(overwrite) as outputs:
         if output is not None:
-            rebase = path_rebaser(samples.paths_at(keep), samples.root, output)
-            write_blocks(result.kept_blocks(rebase), output, quoting=blocks_quoting(result.kept_blocks, samples, keep))
-            if not is_stdio(output):
-                if rebase is not None:  # written elsewhere: its rows point back into the data's folder
-                    result.summary.update(seal_written(outputs, output, containment_root(samples)))
-                write_json_atomic(output + ".json", result.summary)
+            _write_kept(outputs, result, output)
         if removed_output is not None:
             rebase = path_rebaser(samples.paths_at(~keep), samples.root, removed_output)
             write_blocks(result.removed_blocks(rebase), removed_output,

@@ -1,7 +1,8 @@
 """`irank post-train`: refine a model trained on noisy labels and rank its rows under the refined model.
 
-Three strategies (see `post_train`): unlearn (the default: one noise-robust fine-tune on every row, then every
-row ranked under the fine-tuned model: `unlearn.py`), rejudge (rounds of rank all rows, remove the top budget,
+Four strategies (see `post_train`): unlearn (the default: one noise-robust fine-tune on every row, then every
+row ranked under the fine-tuned model: `unlearn.py`), crossfit (that fine-tune on each half of the rows, every
+row ranked in and out of sample, then a fine-tune on the rows kept: `crossfit.py`), rejudge (rounds of rank all rows, remove the top budget,
 fine-tune on the rest) and gradual (the paper's loop: score, remove the rows ranked first, refine, round by
 round): `rounds.py`. The --out-dir and resuming: `run_dir.py`; a ranking and the final judgement: `ranking.py`;
 torchrun's private folders: `sharing.py`; the record of a run, summary.json: `irank.formats.summary`.
@@ -15,9 +16,10 @@ from pathlib import Path
 from typing import Callable
 
 from irank.options import RECIPES, LoopOptions, ModelOptions, RunOptions, TrainOptions
-from irank.runtime.distributed import all_or_none, local_outputs, writes_here
+from irank.runtime.distributed import active, all_or_none, local_outputs, writes_here
 from irank.runtime.errors import UsageError
 from irank.runtime.progress import Reporter
+from irank.workflows.post_train.crossfit import crossfit
 from irank.workflows.post_train.rounds import plan_rounds, run_rounds
 from irank.workflows.post_train.run_dir import run_config, start, undone_unless_started
 from irank.workflows.post_train.unlearn import unlearn
@@ -54,6 +56,12 @@ def post_train(
     DIR/final.safetensors, DIR/scores.csv, DIR/kept.csv, DIR/removed.csv and DIR/summary.json; with `val` the
     fine-tune keeps its best epoch. Nothing is removed before the fine-tune, so it needs no budget to train.
 
+    crossfit: the same fine-tune once on each half of the rows (DIR/fold0.csv, DIR/fold1.csv, stratified by label),
+    every row ranked by the mean of its loss's rank share under the model that trained on it and under the one
+    that did not (`irank.core.crossfit`), the top `budget` removed (without one: the share whose label the model
+    that trained on it disagrees with), then the checkpoint fine-tuned on the rows kept into final.safetensors.
+    Twice unlearn's training; one process only.
+
     gradual, the paper's loop: round r scores the samples kept so far under the model of round r−1, removes the top `step` share
     (of the original size), and refines on the rest. With `val`, the loop stops once validation
     accuracy has not improved for `patience` rounds, and the best round becomes `final.safetensors`;
@@ -81,6 +89,9 @@ def post_train(
         loop = (loop or LoopOptions()).resolved(val)
         train_options = (train_options or TrainOptions()).resolved(RECIPES[loop.strategy].training)
         loop.validate()
+        if loop.crossfit and active():
+            raise UsageError("--strategy crossfit runs in one process: under torchrun choose unlearn, rejudge or "
+                             "gradual")
         if loop.rejudge and loop.boundary == "refit" and train_options.scope == "refit":
             raise UsageError("--rejudge with --boundary refit needs --scope full or head: a probe refit on the input's "
                              "unchanged features would rank every row the same in every round")
@@ -104,6 +115,9 @@ def _run(out: Path, checkpoint: str, manifest: str, loop: LoopOptions, train_opt
     if loop.unlearn:
         state = unlearn(checkpoint, manifest, out, loop, train_options, val, model_options, run, reporter, state,
                         original_rows)
+    elif loop.crossfit:
+        state = crossfit(checkpoint, manifest, out, loop, train_options, val, model_options, run, reporter, state,
+                         original_rows)
     else:
         state = run_rounds(checkpoint, manifest, out, loop, train_options, val, model_options, run, reporter, state,
                            original_rows, on_round)

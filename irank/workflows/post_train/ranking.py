@@ -13,7 +13,7 @@ from irank.options import LoopOptions, ModelOptions, RunOptions
 from irank.runtime.distributed import all_or_none
 from irank.runtime.progress import Reporter
 from irank.stages.prune import prune
-from irank.stages.score import score
+from irank.stages.score import ScoreResult, score
 from irank.workflows.post_train.run_dir import building
 
 JUDGEMENT_FILES = ("scores.csv", "scores.csv.json", "kept.csv", "kept.csv.json", "removed.csv")
@@ -58,30 +58,35 @@ def ranked_by(sidecar: dict) -> dict:
 
 def judge(out: Path, manifest: str, loop: LoopOptions, number: int, budget: float | None, original_rows: int,
           model_options: ModelOptions, run: RunOptions, reporter: Reporter,
-          publish_with: Callable[[dict], None]) -> dict:
+          publish_with: Callable[[dict], None], rank: Callable[[Path], ScoreResult] | None = None,
+          judged_by: str = "final.safetensors") -> dict:
     """The answer of --rejudge and unlearn: every input row ranked under final.safetensors, on the boundary a round
     `number` would use, and the top `budget` of them removed (without one, the share estimated from this ranking:
     the rows whose label the final model disagrees with): DIR/scores.csv, DIR/kept.csv and DIR/removed.csv. Under
     --rejudge the final model is the best (on ce-sym40 its ranking beat the last round's, made under the model
-    before it). `publish_with(judgement)` writes what goes out with the judgement's files (summary.json), as one set."""
+    before it). `publish_with(judgement)` writes what goes out with the judgement's files (summary.json), as one set.
+    `rank(path)`: another ranking of every row, written to `path` (crossfit's, by the models `judged_by`)."""
     started = time.perf_counter()
     # built beside DIR, at its depth (relative paths stay valid), then published with summary.json as one set
     folder = out.parent / f".{out.name}.judgement.tmp"
     remove_path(folder)
     with building(folder):
-        table = score_round(loop, number, str(out / "final.safetensors"), manifest, folder / "scores.csv",
-                            model_options, run, reporter, overwrite=True)
+        if rank is None:
+            table = score_round(loop, number, str(out / "final.safetensors"), manifest, folder / "scores.csv",
+                                model_options, run, reporter, overwrite=True)
+        else:
+            table = rank(folder / "scores.csv")
         estimate = None
         if budget is None:
             estimate = estimate_noise_share(table.table)
             budget = estimate["share"]
-            reporter.info(f"budget: remove {budget:.1%}, estimated as the {estimate['reason']} (the fine-tuned model's)")
+            reporter.info(f"budget: remove {budget:.1%}, estimated as the {estimate['reason']} ({judged_by})")
             warn_of_a_large_budget(budget, reporter)
         pruned = prune_round(loop, folder / "scores.csv", manifest, folder, removal_count(budget, original_rows),
                              len(table.table))
-        reporter.info(f"final judgement under final.safetensors: removed {pruned.summary['removed_rows']}, "
+        reporter.info(f"final judgement under {judged_by}: removed {pruned.summary['removed_rows']}, "
                       f"kept {pruned.summary['kept_rows']}")
-        judgement = {"model": "final.safetensors", **ranked_by(table.sidecar), "budget": budget,
+        judgement = {"model": judged_by, **ranked_by(table.sidecar), "budget": budget,
                      **({"estimate": estimate} if estimate else {}),
                      "removed": pruned.summary["removed_rows"], "kept": pruned.summary["kept_rows"],
                      "removed_per_class": pruned.summary["removed_per_class"], "seconds": time.perf_counter() - started}

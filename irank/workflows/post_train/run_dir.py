@@ -22,7 +22,9 @@ from irank.runtime.errors import UsageError
 
 OWN_FILES = ("summary.json", "final.safetensors", "removed.csv", "scores.csv", "scores.csv.json", "kept.csv",
              "kept.csv.json",  # these four: the final judgement of --rejudge and unlearn
-             "final.safetensors.resume")  # unlearn's fine-tune, after each epoch
+             "final.safetensors.resume",  # unlearn's fine-tune, after each epoch
+             *(f"fold{k}{suffix}" for k in (0, 1)  # crossfit's halves and their fine-tunes
+               for suffix in (".csv", ".csv.json", ".safetensors", ".safetensors.resume")))
 
 
 def own_entries(out_dir: Path) -> list[Path]:
@@ -32,13 +34,15 @@ def own_entries(out_dir: Path) -> list[Path]:
 
 
 def started(out_dir: Path) -> bool:
-    """Whether a run in `out_dir` has work to resume: a finished round, or an epoch of unlearn's fine-tune."""
+    """Whether a run in `out_dir` has work to resume: a finished round, or an epoch of a fine-tune (unlearn's,
+    or one of crossfit's)."""
     try:
         state = json.loads((out_dir / "summary.json").read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError):
         state = {}
-    finished = isinstance(state, dict) and (state.get("rounds") or "unlearned" in state)
-    return bool(finished) or (out_dir / "final.safetensors.resume").exists()
+    finished = isinstance(state, dict) and (state.get("rounds") or state.get("folds") or "unlearned" in state)
+    resumable = ("final.safetensors.resume", "fold0.safetensors.resume", "fold1.safetensors.resume")
+    return bool(finished) or any((out_dir / name).exists() for name in resumable)
 
 
 @contextlib.contextmanager

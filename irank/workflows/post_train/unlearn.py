@@ -19,17 +19,18 @@ from irank.workflows.post_train.sharing import share_file
 
 
 def fine_tune(checkpoint: str, manifest: str, out: Path, train_options: TrainOptions, val: str | None,
-              model_options: ModelOptions, run: RunOptions, reporter: Reporter, original_rows: int) -> dict:
-    """The fine-tune into DIR/final.safetensors; it saves its state after every epoch (not under torchrun), so the
-    same command run again continues it. Returns its record (`unlearned` in summary.json)."""
+              model_options: ModelOptions, run: RunOptions, reporter: Reporter, rows: int,
+              model: str = "final.safetensors", what: str = "unlearning") -> dict:
+    """The fine-tune of `checkpoint` on `manifest` (`rows` rows) into DIR/`model`; it saves its state after every
+    epoch (not under torchrun), so the same command run again continues it. Returns its record (`unlearned` in
+    summary.json)."""
     started = time.perf_counter()
-    reporter.info(f"unlearning: fine-tuning {train_options.scope} for {train_options.epochs} epochs on all "
-                  f"{original_rows} rows ({train_options.loss} loss, learning rate {train_options.lr}, "
-                  f"augment {train_options.augment})")
-    refined = refine(checkpoint, manifest, output=str(out / "final.safetensors"), defaults=train_options, val=val,
+    reporter.info(f"{what}: fine-tuning {train_options.scope} for {train_options.epochs} epochs on {rows} rows "
+                  f"({train_options.loss} loss, learning rate {train_options.lr}, augment {train_options.augment})")
+    refined = refine(checkpoint, manifest, output=str(out / model), defaults=train_options, val=val,
                      model_options=model_options, run_options=run, reporter=reporter, overwrite=True,
                      resume="auto" if not active() else False)
-    record = {"model": "final.safetensors", "epochs": train_options.epochs, "best_epoch": refined.best_epoch,
+    record = {"model": model, "epochs": train_options.epochs, "best_epoch": refined.best_epoch,
               "seconds": time.perf_counter() - started}
     if val:
         record["val_accuracy"] = max(r["val_accuracy"] for r in refined.history)
