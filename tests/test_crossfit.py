@@ -146,3 +146,14 @@ def test_crossfit_interrupted_resumes_where_it_stopped(tiny_data, tiny_model, tm
     result = posttrain.post_train(tiny_model, tiny_data["train"], **run)
     assert refined == ["fold0.safetensors", "fold1.safetensors", "final.safetensors"]  # the halves not again
     assert result.summary["judgement"]["removed"] == 24 and result.summary["finished"]
+
+
+def test_crossfit_is_refused_under_torchrun(tiny_data, tiny_model, tmp_path, monkeypatch):
+    from irank.runtime.errors import UsageError
+    from irank.workflows import post_train as posttrain
+
+    monkeypatch.setattr(posttrain, "active", lambda: True)
+    with pytest.raises(UsageError, match="--strategy crossfit runs in one process"):
+        posttrain.post_train(tiny_model, tiny_data["train"], out_dir=str(tmp_path / "post"),
+                             loop=LoopOptions(strategy="crossfit"))
+    assert not (tmp_path / "post").exists()
