@@ -590,7 +590,7 @@ def post_train(
         judgement = summary["judgement"]
         reporter.info(f"final model: {result.final_model} (fine-tuned on "
                       f"{'every row' if chosen == 'unlearn' else 'the rows kept'}); ranked every row by its "
-                      f"{judgement['method']} into {out_dir / 'scores.csv'}; removed {judgement['removed']} "
+                      f"{judgement['method']}{'' if chosen == 'unlearn' else ' in and out of sample'} into {out_dir / 'scores.csv'}; removed {judgement['removed']} "
                       f"({judgement['budget']:.1%}, {summary['plan']['budget_source']}) into {out_dir / 'removed.csv'}, "
                       f"kept {judgement['kept']} in {out_dir / 'kept.csv'}")
         return

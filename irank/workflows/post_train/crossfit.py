@@ -110,7 +110,8 @@ def crossfit(checkpoint: str, manifest: str, out: Path, loop: LoopOptions, train
 
         judge(out, manifest, loop, 1, loop.budget, original_rows, inside, run, reporter, publish,
               rank=lambda path: rank_in_and_out(out, manifest, loop, half, inside, run, reporter, path),
-              judged_by="fold0.safetensors and fold1.safetensors")
+              judged_by="fold0.safetensors and fold1.safetensors",
+              estimated_by="each row's under the half model that trained on it")
     if state.refined is None:
         save_state(out, state)
         state.refined = fine_tune(checkpoint, str(out / "kept.csv"), out, train_options, val, inside, run, reporter,

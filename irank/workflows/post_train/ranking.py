@@ -59,13 +59,14 @@ def ranked_by(sidecar: dict) -> dict:
 def judge(out: Path, manifest: str, loop: LoopOptions, number: int, budget: float | None, original_rows: int,
           model_options: ModelOptions, run: RunOptions, reporter: Reporter,
           publish_with: Callable[[dict], None], rank: Callable[[Path], ScoreResult] | None = None,
-          judged_by: str = "final.safetensors") -> dict:
+          judged_by: str = "final.safetensors", estimated_by: str = "the fine-tuned model's") -> dict:
     """The answer of --rejudge and unlearn: every input row ranked under final.safetensors, on the boundary a round
     `number` would use, and the top `budget` of them removed (without one, the share estimated from this ranking:
     the rows whose label the final model disagrees with): DIR/scores.csv, DIR/kept.csv and DIR/removed.csv. Under
     --rejudge the final model is the best (on ce-sym40 its ranking beat the last round's, made under the model
     before it). `publish_with(judgement)` writes what goes out with the judgement's files (summary.json), as one set.
-    `rank(path)`: another ranking of every row, written to `path` (crossfit's, by the models `judged_by`)."""
+    `rank(path)`: another ranking of every row, written to `path` (crossfit's, by the models `judged_by`, whose
+    predictions `estimated_by` names)."""
     started = time.perf_counter()
     # built beside DIR, at its depth (relative paths stay valid), then published with summary.json as one set
     folder = out.parent / f".{out.name}.judgement.tmp"
@@ -80,7 +81,7 @@ def judge(out: Path, manifest: str, loop: LoopOptions, number: int, budget: floa
         if budget is None:
             estimate = estimate_noise_share(table.table)
             budget = estimate["share"]
-            reporter.info(f"budget: remove {budget:.1%}, estimated as the {estimate['reason']} ({judged_by})")
+            reporter.info(f"budget: remove {budget:.1%}, estimated as the {estimate['reason']} ({estimated_by})")
             warn_of_a_large_budget(budget, reporter)
         pruned = prune_round(loop, folder / "scores.csv", manifest, folder, removal_count(budget, original_rows),
                              len(table.table))
