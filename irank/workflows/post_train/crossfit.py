@@ -29,7 +29,7 @@ from irank.stages.prune import write_rows
 from irank.stages.score import ScoreResult, score
 from irank.workflows.post_train.ranking import judge
 from irank.workflows.post_train.run_dir import save_state
-from irank.workflows.post_train.unlearn import fine_tune
+from irank.workflows.post_train.unlearn import fine_tune, warn_unless_better
 
 SEED = 0  # the halves' shuffle: fixed, so that a resumed run fine-tunes on the same halves
 
@@ -118,4 +118,5 @@ def crossfit(checkpoint: str, manifest: str, out: Path, loop: LoopOptions, train
                                   state.judgement["kept"], what="refining on the rows kept")
         state.finished = True
         save_state(out, state)
+    warn_unless_better(state.refined, state, reporter)
     return state

@@ -60,7 +60,12 @@ def unlearn(checkpoint: str, manifest: str, out: Path, loop: LoopOptions, train_
 
         judge(out, manifest, loop, 1, loop.budget, original_rows, replace(model_options, allow_outside_root=True),
               run, reporter, finish)
-    if val and state.unlearned["val_accuracy"] < state.input_val_accuracy:
-        reporter.warn(f"the fine-tuned model ({state.unlearned['val_accuracy']:.4f} on --val) did not beat the "
-                      f"input checkpoint ({state.input_val_accuracy:.4f}); final.safetensors is its best epoch")
+    warn_unless_better(state.unlearned, state, reporter)
     return state
+
+
+def warn_unless_better(record: dict, state: Summary, reporter: Reporter) -> None:
+    """Say so when the fine-tune that made final.safetensors (`record`) validated below the input (with --val)."""
+    if "val_accuracy" in record and record["val_accuracy"] < state.input_val_accuracy:
+        reporter.warn(f"the fine-tuned model ({record['val_accuracy']:.4f} on --val) did not beat the input "
+                      f"checkpoint ({state.input_val_accuracy:.4f}); final.safetensors is its best epoch")
