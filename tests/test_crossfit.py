@@ -188,3 +188,20 @@ def test_crossfit_with_val_keeps_each_fine_tunes_best_epoch_and_warns_when_the_m
     assert [fold["val_accuracy"] for fold in summary["folds"]] == [0.0, 0.0] and summary["refined"]["val_accuracy"] == 0
     assert 0 < summary["input_val_accuracy"] <= 1
     assert len(warnings) == 1 and "did not beat the input checkpoint" in warnings[0]
+
+
+def test_crossfit_with_unreadable_images_skipped_ranks_the_rows_it_read(cli, tiny_data, tiny_model, tmp_path):
+    table = pd.read_csv(tiny_data["train"]).head(40)
+    folder = Path(tiny_data["folder"])
+    (folder / "images" / "broken-crossfit.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    table.loc[3, "path"] = "images/broken-crossfit.png"
+    table.loc[30, "path"] = "images/missing-crossfit.png"
+    manifest = folder / "crossfit-skip.csv"
+    table.to_csv(manifest, index=False)
+    out = tmp_path / "post"
+    code, _, err = cli("post-train", tiny_model, manifest, "--out-dir", out, "--strategy", "crossfit", "--budget", "0.1",
+                       "--epochs", "1", "--scope", "head", "--on-bad-image", "skip", "--device", "cpu", "-q")
+    assert code == 0, err
+    scores = pd.read_csv(out / "scores.csv")
+    assert len(scores) == 38 and not scores.path.str.contains("crossfit").any()
+    assert len(pd.read_csv(out / "removed.csv")) == 4

@@ -63,7 +63,9 @@ def rank_in_and_out(out: Path, manifest: str, loop: LoopOptions, half: np.ndarra
                      boundary=loop.round_boundary(1), model_options=model_options, run_options=run, reporter=reporter)
                for k in range(HALVES)]
     first, second = (result.ranked for result in results)
-    split = torch.from_numpy(half)
+    scored = np.ones(len(half), dtype=bool)  # --on-bad-image skip leaves rows out of both tables alike
+    scored[[item["row"] - 1 for item in results[0].sidecar["skipped_rows"]]] = False
+    split = torch.from_numpy(half[scored])
     scores = in_and_out((torch.from_numpy(first.scores), torch.from_numpy(second.scores)), split)
     predictions = pick_rows((_whole(first.predictions), _whole(second.predictions)), split, in_sample=True)
     ranked = RankedScores(first.user_rows, ids=first.ids, paths=first.paths, labels=first.labels,
