@@ -544,6 +544,8 @@ def post_train(
 
     Example: irank post-train model.safetensors train.csv --out-dir post
 
+    Example: irank post-train model.safetensors train.csv --out-dir post --strategy crossfit
+
     Example: irank post-train model.safetensors train.csv --out-dir post --budget 0.3 --rejudge
 
     Example: irank post-train model.safetensors train.csv --out-dir post --budget 0.3 --rounds 6 --val val.csv
