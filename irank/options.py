@@ -284,10 +284,10 @@ class Recipe:
 # The benchmark behind each (docs/benchmarks): on ce-sym40 one 30-epoch GCE fine-tune of every row, ranked by
 # its own head's loss, reached AUROC 0.950 / precision at k 0.852 and test accuracy 0.689; --rejudge's rounds
 # 0.946 / 0.850 and 0.681; the gradual loop (head influence, refit head) 0.757 / 0.638 and 0.508.
+UNLEARN = Recipe(replace(REFINE, scope="full", epochs=30, lr=0.1, augment="auto", loss="gce"), boundary="head")
 RECIPES = {
-    "unlearn": Recipe(replace(REFINE, scope="full", epochs=30, lr=0.1, augment="auto", loss="gce"), boundary="head"),
-    # crossfit: unlearn's fine-tune on each half, then on the rows kept (docs/benchmarks/posttrain-default.md)
-    "crossfit": Recipe(replace(REFINE, scope="full", epochs=30, lr=0.1, augment="auto", loss="gce"), boundary="head"),
+    "unlearn": UNLEARN,
+    "crossfit": UNLEARN,  # unlearn's fine-tune on each half, then on the rows kept (docs/benchmarks/posttrain-default.md)
     "rejudge": Recipe(replace(REFINE, scope="full", epochs=10, lr=0.1, augment="auto", loss="gce"), boundary="refit",
                       layer="auto"),
     "gradual": Recipe(replace(REFINE, scope="refit", epochs=2, lr=0.01), boundary="head"),
