@@ -590,9 +590,9 @@ def post_train(
         return
     if chosen in ("unlearn", "crossfit"):
         judgement = summary["judgement"]
-        reporter.info(f"final model: {result.final_model} (fine-tuned on "
-                      f"{'every row' if chosen == 'unlearn' else 'the rows kept'}); ranked every row by its "
-                      f"{judgement['method']}{'' if chosen == 'unlearn' else ' in and out of sample'} into {out_dir / 'scores.csv'}; removed {judgement['removed']} "
+        trained_on, judged = ("every row", "") if chosen == "unlearn" else ("the rows kept", " in and out of sample")
+        reporter.info(f"final model: {result.final_model} (fine-tuned on {trained_on}); ranked every row by its "
+                      f"{judgement['method']}{judged} into {out_dir / 'scores.csv'}; removed {judgement['removed']} "
                       f"({judgement['budget']:.1%}, {summary['plan']['budget_source']}) into {out_dir / 'removed.csv'}, "
                       f"kept {judgement['kept']} in {out_dir / 'kept.csv'}")
         return

@@ -159,37 +159,6 @@ def test_crossfit_is_refused_under_torchrun(tiny_data, tiny_model, tmp_path, mon
     assert not (tmp_path / "post").exists()
 
 
-def test_crossfit_with_val_keeps_each_fine_tunes_best_epoch_and_warns_when_the_model_validates_below_the_input(
-        tiny_data, tiny_model, tmp_path, monkeypatch):
-    import importlib
-    from dataclasses import replace
-
-    from irank.runtime.progress import Reporter
-    from irank.stages.refine import refine as stage_refine
-    from irank.workflows import post_train as posttrain
-
-    real_refine, warnings = stage_refine, []
-
-    def refine_that_validates_at_zero(*args, **kwargs):
-        result = real_refine(*args, **kwargs)
-        return replace(result, history=[{**record, "val_accuracy": 0.0} for record in result.history])
-
-    class Recording(Reporter):
-        def warn(self, message: str) -> None:
-            warnings.append(message)
-
-    monkeypatch.setattr(importlib.import_module("irank.workflows.post_train.unlearn"), "refine",
-                        refine_that_validates_at_zero)
-    result = posttrain.post_train(tiny_model, tiny_data["train"], out_dir=str(tmp_path / "post"), val=tiny_data["test"],
-                                  loop=LoopOptions(strategy="crossfit", budget=0.1),
-                                  train_options=TrainOptions(scope="head", epochs=1),
-                                  run_options=RunOptions(device="cpu"), reporter=Recording())
-    summary = result.summary
-    assert [fold["val_accuracy"] for fold in summary["folds"]] == [0.0, 0.0] and summary["refined"]["val_accuracy"] == 0
-    assert 0 < summary["input_val_accuracy"] <= 1
-    assert len(warnings) == 1 and "did not beat the input checkpoint" in warnings[0]
-
-
 def test_crossfit_with_unreadable_images_skipped_ranks_the_rows_it_read(cli, tiny_data, tiny_model, tmp_path):
     table = pd.read_csv(tiny_data["train"]).head(40)
     folder = Path(tiny_data["folder"])

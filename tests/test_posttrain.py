@@ -313,7 +313,9 @@ def test_unlearn_with_a_budget_and_val(cli, tiny_data, tiny_model, tmp_path):
     assert 0 < summary["input_val_accuracy"] <= 1
 
 
-def test_unlearn_warns_when_the_fine_tune_validates_below_the_input(tiny_data, tiny_model, tmp_path, monkeypatch):
+@pytest.mark.parametrize("strategy", ["unlearn", "crossfit"])
+def test_unlearn_warns_when_the_fine_tune_validates_below_the_input(tiny_data, tiny_model, tmp_path, monkeypatch,
+                                                                    strategy):
     from dataclasses import replace
 
     from irank.options import RunOptions, TrainOptions
@@ -332,9 +334,14 @@ def test_unlearn_warns_when_the_fine_tune_validates_below_the_input(tiny_data, t
             warnings.append(message)
 
     in_post_train(monkeypatch, "refine", refine_that_validates_at_zero)
-    posttrain.post_train(tiny_model, tiny_data["train"], out_dir=str(tmp_path / "post"), val=tiny_data["test"],
-                         loop=LoopOptions(budget=0.1), train_options=TrainOptions(scope="head", epochs=1),
-                         run_options=RunOptions(device="cpu"), reporter=Recording())
+    result = posttrain.post_train(tiny_model, tiny_data["train"], out_dir=str(tmp_path / "post"), val=tiny_data["test"],
+                                  loop=LoopOptions(strategy=strategy, budget=0.1),
+                                  train_options=TrainOptions(scope="head", epochs=1),
+                                  run_options=RunOptions(device="cpu"), reporter=Recording())
+    summary = result.summary  # each fine-tune's record keeps its best epoch's accuracy on --val
+    fine_tunes = [summary["unlearned"]] if strategy == "unlearn" else [*summary["folds"], summary["refined"]]
+    assert [record["val_accuracy"] for record in fine_tunes] == [0.0] * len(fine_tunes)
+    assert 0 < summary["input_val_accuracy"] <= 1
     assert len(warnings) == 1 and "did not beat the input checkpoint" in warnings[0]
 
 

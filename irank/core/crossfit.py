@@ -4,9 +4,9 @@ A model fine-tuned on a row has seen its label and bends toward it, however robu
 on the other half has not. `post-train --strategy crossfit` fine-tunes the user's checkpoint once on each half
 (`halves`), scores every row under both models, and ranks by `in_and_out`: the mean of the row's rank share among
 all rows under the model that trained on it (in sample) and under the one that did not (out of sample). On the
-benchmark suite (docs/benchmarks/posttrain-default.md) the two together ranked better than either alone and than
-the default's one fine-tune on every row on every base with human-like noise (AUROC 0.870-0.879 against
-0.847-0.862), and 0.008 below it on symmetric noise. Pure tensor functions.
+benchmark suite (docs/benchmarks/posttrain-default.md) the two together ranked better than either alone, and than
+the default's one fine-tune on every row on every base with human-like noise (AUROC 0.871-0.877 against
+0.847-0.862); 0.008 below it on symmetric noise and 0.009 below on pair flips. Pure tensor functions.
 """
 
 from __future__ import annotations

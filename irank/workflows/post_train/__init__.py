@@ -2,10 +2,11 @@
 
 Four strategies (see `post_train`): unlearn (the default: one noise-robust fine-tune on every row, then every
 row ranked under the fine-tuned model: `unlearn.py`), crossfit (that fine-tune on each half of the rows, every
-row ranked in and out of sample, then a fine-tune on the rows kept: `crossfit.py`), rejudge (rounds of rank all rows, remove the top budget,
-fine-tune on the rest) and gradual (the paper's loop: score, remove the rows ranked first, refine, round by
-round): `rounds.py`. The --out-dir and resuming: `run_dir.py`; a ranking and the final judgement: `ranking.py`;
-torchrun's private folders: `sharing.py`; the record of a run, summary.json: `irank.formats.summary`.
+row ranked in and out of sample, then a fine-tune on the rows kept: `crossfit.py`), rejudge (rounds of rank all
+rows, remove the top budget, fine-tune on the rest) and gradual (the paper's loop: score, remove the rows ranked
+first, refine, round by round): `rounds.py`. The --out-dir and resuming: `run_dir.py`; a ranking and the final
+judgement: `ranking.py`; torchrun's private folders: `sharing.py`; the record of a run, summary.json:
+`irank.formats.summary`.
 """
 
 from __future__ import annotations
