@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from irank.core.margins import given_margins
 from irank.core.methods import CURVATURES, MEASURES
 from irank.core.protocols import Shard
 
@@ -279,9 +280,7 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def _negative_margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    given = logits.gather(1, labels[:, None]).squeeze(1)
-    others = logits.scatter(1, labels[:, None], float("-inf"))
-    return others.max(dim=1).values - given
+    return given_margins(logits, labels).neg_()
 
 
 def negative_margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

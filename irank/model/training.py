@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from irank.formats.resume import Resume, TrainingState, pack_optimizer, prefixed, unpack_optimizer, unprefixed
 from irank.model.forward import forward_pass
 from irank.model.inputs import ShardedShuffle, batches, make_loader, make_shard_loader, resolve_augment
+from irank.model.margin_log import MarginLog
 from irank.model.placement import Placement
 from irank.model.prepare import Prepared
 from irank.options import RunOptions, TrainOptions
@@ -78,7 +79,20 @@ def sum_gradients(parameters: list[torch.Tensor], loss: torch.Tensor) -> torch.T
     return summed[0]
 
 
-class CachedHead:
+class Source:
+    """What both batch sources share: a batch's given labels, and every step's margins logged where asked."""
+
+    labels: torch.Tensor
+    margins: MarginLog | None = None
+
+    def _labels(self, rows: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        labels = self.labels[rows].to(logits.device)
+        if self.margins is not None:
+            self.margins.add(rows, logits, labels)
+        return labels
+
+
+class CachedHead(Source):
     """The head trained on its inputs, computed once (--scope head, no augmentation)."""
 
     cached = True
@@ -103,11 +117,11 @@ class CachedHead:
     def loss(self, images, rows: torch.Tensor) -> torch.Tensor:
         if self.shard is None:
             logits = self.head(self.head_inputs[rows].to(self.device))
-            return training_loss(logits, self.labels[rows].to(self.device), self.loss_kind)
+            return training_loss(logits, self._labels(rows, logits), self.loss_kind)
         # this process's rows of the batch, their loss over the whole batch
         here = rows[(rows >= self.shard.start) & (rows < self.shard.stop)]
         logits = self.head(self.head_inputs[here - self.shard.start].to(self.device))
-        return training_loss(logits, self.labels[here].to(self.device), self.loss_kind, reduction="sum") / len(rows)
+        return training_loss(logits, self._labels(here, logits), self.loss_kind, reduction="sum") / len(rows)
 
     def after_backward(self, loss: torch.Tensor, trainable: list[torch.Tensor]) -> torch.Tensor:
         return loss if self.shard is None else sum_gradients(trainable, loss)
@@ -122,7 +136,7 @@ class CachedHead:
         return running, seen
 
 
-class Images:
+class Images(Source):
     """Batches read, and augmented, from the manifest through the network; DistributedDataParallel under torchrun."""
 
     cached = False
@@ -150,8 +164,8 @@ class Images:
 
     def loss(self, images, rows: torch.Tensor) -> torch.Tensor:
         with self.place.autocast():
-            logits = self.forward(self.place.inputs(images))
-        return training_loss(logits.float(), self.labels[rows].to(self.place.device), self.loss_kind)
+            logits = self.forward(self.place.inputs(images)).float()
+        return training_loss(logits, self._labels(rows, logits), self.loss_kind)
 
     def after_backward(self, loss: torch.Tensor, trainable: list[torch.Tensor]) -> torch.Tensor:
         return loss
@@ -189,6 +203,8 @@ def restore(saved: TrainingState, model, optimizer, generator: torch.Generator, 
     torch.set_rng_state(saved.tensors["rng.torch"])
     generator.set_state(saved.tensors["rng.order"])
     source.set_rng_state(saved.tensors)
+    if source.margins is not None:
+        source.margins.restore(saved.tensors)
     result.history, result.best_epoch = saved.info["history"], saved.info["best_epoch"]
     return Progress(step=saved.info["step"], best_accuracy=saved.info["best_accuracy"],
                     best_state=unprefixed("best", saved.tensors) or None, start_epoch=saved.info["epoch"] + 1)
@@ -197,7 +213,8 @@ def restore(saved: TrainingState, model, optimizer, generator: torch.Generator, 
 def save_state(resume: Resume, epoch: int, progress: Progress, model, optimizer, generator: torch.Generator, source,
                result: RefineResult) -> None:
     tensors = {**prefixed("model", model.state_dict()), **pack_optimizer(optimizer),
-               "rng.torch": torch.get_rng_state(), "rng.order": generator.get_state(), **source.rng_state()}
+               "rng.torch": torch.get_rng_state(), "rng.order": generator.get_state(), **source.rng_state(),
+               **(source.margins.state() if source.margins is not None else {})}
     if progress.best_state is not None:
         tensors.update(prefixed("best", progress.best_state))
     resume.save(TrainingState(tensors, {"epoch": epoch, "step": progress.step, "history": result.history,
@@ -249,11 +266,14 @@ def prepare_training(prepared: Prepared, options: TrainOptions, run: RunOptions,
 
 
 def train_epochs(prepared: Prepared, options: TrainOptions, run: RunOptions, device: "torch.device | Placement",
-                 reporter: Reporter, validation=None, resume: Resume | None = None) -> RefineResult:
+                 reporter: Reporter, validation=None, resume: Resume | None = None,
+                 margins: MarginLog | None = None) -> RefineResult:
     """Train for `options.epochs` by SGD with momentum on a cosine schedule; with `validation` (a
-    `ValidationSet`), score every epoch and keep the best. See the module's docstring for the batch sources."""
+    `ValidationSet`), score every epoch and keep the best; with `margins`, log every step's margins of its rows
+    there (saved and resumed with the state). See the module's docstring for the batch sources."""
     place = Placement.of(device)
     model, trainable, optimizer, generator, source = prepare_training(prepared, options, run, place, reporter)
+    source.margins = margins
     total_steps = options.epochs * source.steps_per_epoch
     # fp16 gradients underflow without loss scaling; bf16 and full precision need none (the scaler then passes through)
     scaler = torch.amp.GradScaler(place.device.type, enabled=place.autocast_dtype == torch.float16 and not source.cached)

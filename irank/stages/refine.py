@@ -14,6 +14,7 @@ from irank.formats.resume import (
     resume_path,
 )
 from irank.model.checkpoint import save_checkpoint
+from irank.model.margin_log import MarginLog
 from irank.model.placement import placement_for
 from irank.model.prepare import prepare
 from irank.model.refit import refit_head
@@ -73,12 +74,14 @@ def _resume_state(output: str, fingerprint: dict, resume: bool | str, reporter: 
 
 
 def _fit(prepared, options: TrainOptions, run: RunOptions, device, reporter: Reporter, validation,
-         state: Resume | None, output: str) -> RefineResult:
+         state: Resume | None, output: str, margins: MarginLog | None = None) -> RefineResult:
     """Train (or refit the head); an interrupt says where the last finished epoch is kept."""
     try:
         if options.scope == "refit":
+            if margins is not None:
+                raise ValueError("a refit head takes no steps: there are no margins to log")
             return refit_head(prepared, options, run, device, reporter, validation)
-        return train_epochs(prepared, options, run, device, reporter, validation, state)
+        return train_epochs(prepared, options, run, device, reporter, validation, state, margins)
     except KeyboardInterrupt as interrupt:
         if state is not None and state.path.exists():  # what the CLI's one line says
             interrupt.irank_note = (f"{output} was not written; {state.path} holds the last finished epoch: "
@@ -99,7 +102,8 @@ def _warn_if_diverged(result: RefineResult, options: TrainOptions, reporter: Rep
 
 def _fit_and_save(checkpoint: str | None, manifest: str, output: str, options: TrainOptions, defaults: TrainOptions,
                   val: str | None, model_options: ModelOptions, run: RunOptions, reporter: Reporter,
-                  provenance_key: str, overwrite: bool = False, resume: bool | str = False) -> RefineResult:
+                  provenance_key: str, overwrite: bool = False, resume: bool | str = False,
+                  margins: MarginLog | None = None) -> RefineResult:
     """Train (`options`, `defaults` filled in where it leaves a field None), then write the checkpoint with its
     provenance (inputs, options, history) in its irank metadata."""
     with all_or_none():  # under torchrun: every process stops here if any check failed, before any work
@@ -112,9 +116,10 @@ def _fit_and_save(checkpoint: str | None, manifest: str, output: str, options: T
     fingerprint = {"checkpoint": sha256_file(checkpoint) if checkpoint else None, "manifest": manifest_digest,
                    "val": manifest_sha256(val) if val else None, "options": dict(options.__dict__),
                    "model": dict(model_options.__dict__), "batch_size": run.batch_size,
-                   "precision": device.precision, "channels_last": device.channels_last}
+                   "precision": device.precision, "channels_last": device.channels_last,
+                   **({"margins": "logged"} if margins is not None else {})}  # a state without them cannot go on
     state = _resume_state(output, fingerprint, resume, reporter)
-    result = _fit(prepared, options, run, device, reporter, validation, state, output)
+    result = _fit(prepared, options, run, device, reporter, validation, state, output, margins)
     _warn_if_diverged(result, options, reporter)
     provenance = {
         "manifest": {"path": manifest, "sha256": manifest_digest, "rows": len(prepared.manifest)},
@@ -148,6 +153,7 @@ def refine(
     overwrite: bool = False,
     resume: bool | str = False,
     defaults: TrainOptions = REFINE,
+    margins: MarginLog | None = None,
 ) -> RefineResult:
     """Fine-tune `checkpoint` on `manifest` (the head only, or the whole network) and write `output`.
 
@@ -158,10 +164,11 @@ def refine(
     The state after every epoch is saved to `output + '.resume'`; with `resume` an interrupted run
     continues from it and ends with the weights an uninterrupted run would have written (`resume="auto"`:
     a state saved with other inputs or options is discarded instead of refused).
+    With `margins` (a `MarginLog` of the manifest's rows), every step's margins of its rows are logged there.
     """
     return _fit_and_save(checkpoint, manifest, output, train_options or TrainOptions(), defaults, val,
                          model_options or ModelOptions(), run_options or RunOptions(), reporter or Reporter(), "refined",
-                         overwrite=overwrite, resume=resume)
+                         overwrite=overwrite, resume=resume, margins=margins)
 
 
 def train(
