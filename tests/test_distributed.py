@@ -190,7 +190,7 @@ def test_post_train_unlearn_judges_like_one_process(tiny_data, tiny_model, tmp_p
     assert pd.read_csv(sharded / "removed.csv")["id"].tolist() == pd.read_csv(single / "removed.csv")["id"].tolist()
     assert_same_scores(pd.read_csv(single / "scores.csv"), pd.read_csv(sharded / "scores.csv"))
     judged = json.loads((sharded / "summary.json").read_text())["judgement"]
-    assert (judged["removed"], judged["boundary"], judged["method"]) == (24, "head", "loss")
+    assert (judged["removed"], judged["boundary"], judged["method"]) == (24, "head", "aum-loss")
     assert not list(private.glob("irank-post-train-*"))
 
 

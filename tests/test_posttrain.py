@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from irank.model.checkpoint import read_checkpoint
 from irank.options import LoopOptions
@@ -269,8 +270,8 @@ def test_rejudge_interrupted_in_its_judgement_resumes_without_refining_again(tin
     assert_top_rows_removed(out)
 
 
-UNLEARN_FILES = ["final.safetensors", "kept.csv", "kept.csv.json", "removed.csv", "scores.csv", "scores.csv.json",
-                 "summary.json"]
+UNLEARN_FILES = ["final.safetensors", "kept.csv", "kept.csv.json", "margins.safetensors", "removed.csv", "scores.csv",
+                 "scores.csv.json", "summary.json"]
 
 
 def test_post_train_defaults_to_unlearn_and_ranks_every_row_under_the_fine_tuned_model(cli, tiny_data, tiny_model, tmp_path):
@@ -288,9 +289,16 @@ def test_post_train_defaults_to_unlearn_and_ranks_every_row_under_the_fine_tuned
     assert [r["epoch"] for r in refined["history"]] == [1, 2, 3]
     sidecar = json.loads((out / "scores.csv.json").read_text())
     assert Path(sidecar["inputs"]["checkpoint"]["path"]) == out / "final.safetensors"
-    assert (sidecar["parameters"]["boundary"], sidecar["method"]) == ("head", "loss")  # --method auto: its own loss
+    # --method auto: the fine-tune's area under the margin and the final model's loss, their ranks averaged
+    assert (sidecar["parameters"]["boundary"], sidecar["method"]) == ("head", "aum-loss")
+    scores = pd.read_csv(out / "scores.csv").set_index("path")
+    area = pd.Series(load_file(str(out / "margins.safetensors"))["area_under_margin"].numpy(),
+                     index=pd.read_csv(tiny_data["train"])["path"])  # manifest order
+    assert area.std() > 0
+    expected = ((-area).rank() + scores["loss"].reindex(area.index).rank()) / 2 / len(area)
+    assert scores["score"].reindex(area.index).to_numpy() == pytest.approx(expected.to_numpy())
+    scores = scores.reset_index()
     # no budget: the share of rows whose label the fine-tuned model does not predict
-    scores = pd.read_csv(out / "scores.csv")
     share = float((scores["label"] != scores["predicted"]).mean())
     judgement = summary["judgement"]
     assert judgement["budget"] == pytest.approx(share) and summary["plan"]["budget_source"] == "estimated"
@@ -411,6 +419,40 @@ def test_unlearn_interrupted_in_its_judgement_resumes_without_fine_tuning_again(
     result = posttrain.post_train(tiny_model, tiny_data["train"], **run)
     assert len(refined) == 1 and result.summary["judgement"]["removed"] == 24
     assert_top_rows_removed(out)
+
+
+def test_unlearn_resuming_a_fine_tune_without_margins_judges_by_the_loss(tiny_data, tiny_model, tmp_path, monkeypatch):
+    from irank.options import RunOptions, TrainOptions
+    from irank.runtime.progress import Reporter
+    from irank.workflows import post_train as posttrain
+
+    class Warnings(Reporter):
+        def __init__(self):
+            super().__init__()
+            self.said = []
+
+        def warn(self, message: str) -> None:
+            self.said.append(message)
+
+    def interrupted_prune(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    in_post_train(monkeypatch, "prune", interrupted_prune)
+    out = tmp_path / "post"
+    run = dict(out_dir=str(out), loop=LoopOptions(budget=0.1), train_options=TrainOptions(scope="head", epochs=1),
+               run_options=RunOptions(device="cpu"))
+    with pytest.raises(KeyboardInterrupt):
+        posttrain.post_train(tiny_model, tiny_data["train"], **run)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["unlearned"]["margins"] == "margins.safetensors"
+    del summary["unlearned"]["margins"]  # as an irank before the margins left it
+    (out / "summary.json").write_text(json.dumps(summary))
+    (out / "margins.safetensors").unlink()
+    monkeypatch.undo()
+    reporter = Warnings()
+    result = posttrain.post_train(tiny_model, tiny_data["train"], reporter=reporter, **run)
+    assert result.summary["judgement"]["method"] == "loss" and result.summary["judgement"]["removed"] == 24
+    assert any("without its margins" in message for message in reporter.said)
 
 
 def test_unlearn_resumed_with_another_batch_size_starts_its_fine_tune_afresh(tiny_data, tiny_model, tmp_path, monkeypatch):

@@ -69,6 +69,8 @@ def test_script_data_cannot_close_its_element_and_reads_back_the_same():
      "influence (boundary-shift) on the probe at layer layer4"),
     (("margin", "head", None, None), "negative margin", "the negative margin on the checkpoint's head"),
     (("gradnorm", "refit", None, None), "gradient norm", "the probe's gradient norm"),
+    (("aum-loss", "head", None, None), "margin area and loss",  # post-train's judgement (unlearn)
+     "the fine-tune's area under the margin and the fine-tuned model's loss, ranks averaged"),
 ])
 def test_the_page_names_the_measure_the_sidecar_records(sidecar, short, text):
     measure = describe_measure(*sidecar)

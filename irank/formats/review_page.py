@@ -220,7 +220,7 @@ def options_html(values: list[str]) -> str:
 
 
 METHOD_NAMES = {"influence": "influence", "loss": "loss", "margin": "negative margin", "gradnorm": "gradient norm",
-                "joint-loss": "joint loss"}
+                "joint-loss": "joint loss", "aum-loss": "margin area and loss"}
 MAX_MATRIX_CLASSES = 12
 MAX_PAIRS = 10
 
@@ -248,6 +248,8 @@ def describe_measure(method: str | None, boundary: str | None, influence_measure
     if method == "joint-loss":
         at = f" at layer {layer}" if layer else ""
         return Measure(short, f"the joint loss (the probe's loss{at} and the head's, ranks averaged)")
+    if method == "aum-loss":
+        return Measure(short, "the fine-tune's area under the margin and the fine-tuned model's loss, ranks averaged")
     if boundary == "refit":
         return Measure(short, f"the probe's {short}" + (f" at layer {layer}" if layer else ""))
     return Measure(short, f"the {short}" + (" on the checkpoint's head" if boundary == "head" else ""))

@@ -130,6 +130,11 @@ class RankedScores:
     def __len__(self) -> int:
         return len(self.order)
 
+    def rescored(self, scores: np.ndarray) -> "RankedScores":
+        """The same rows and predictions, ranked by other `scores` (one a row, in manifest order)."""
+        return RankedScores(self.user_rows, ids=self.ids, paths=self.paths, labels=self.labels,
+                            classes=list(self.class_names), predictions=self.predictions, scores=scores)
+
     def _extra(self, chunk: pd.DataFrame) -> pd.DataFrame:
         """The manifest's own columns of a block of its rows (renamed where irank writes a column of that name)."""
         extra = chunk[list(self.extra_columns)]

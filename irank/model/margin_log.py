@@ -15,8 +15,8 @@ class MarginLog:
 
     KEYS = ("margins.sum", "margins.count")
 
-    def __init__(self, rows: int):
-        self.rows = rows
+    def __init__(self, rows: int | None = None):
+        self.rows = rows  # None: the training's, once it starts (the rows it reads, unreadable ones skipped)
         self.sums: torch.Tensor | None = None
         self.counts: torch.Tensor | None = None
 

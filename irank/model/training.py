@@ -274,6 +274,8 @@ def train_epochs(prepared: Prepared, options: TrainOptions, run: RunOptions, dev
     place = Placement.of(device)
     model, trainable, optimizer, generator, source = prepare_training(prepared, options, run, place, reporter)
     source.margins = margins
+    if margins is not None and margins.rows is None:
+        margins.rows = len(prepared.labels)
     total_steps = options.epochs * source.steps_per_epoch
     # fp16 gradients underflow without loss scaling; bf16 and full precision need none (the scaler then passes through)
     scaler = torch.amp.GradScaler(place.device.type, enabled=place.autocast_dtype == torch.float16 and not source.cached)

@@ -169,7 +169,7 @@ def _sidecar(checkpoint: str, manifest: str, prepared: Prepared, ranking: Rankin
     }
 
 
-def _write(ranked: RankedScores, sidecar: dict, output: str | None, overwrite: bool, reporter: Reporter) -> None:
+def write_scores(ranked: RankedScores, sidecar: dict, output: str | None, overwrite: bool, reporter: Reporter) -> None:
     """The table and its sidecar, as one set of outputs (rank 0 only; '-' streams the table to stdout)."""
     with all_or_none():  # a failed write on rank 0 fails every process
         if output is not None and writes_here():
@@ -238,7 +238,7 @@ def score(
     sidecar = _sidecar(checkpoint, manifest, prepared, ranking, details, boundary, run, len(ranked))
     sidecar["summary"] = issue_summary(verdicts["label"], verdicts["predicted"], prepared.classes)
     _warn_of_the_fit(checkpoint, details.get("head_label_fit"), sidecar["summary"], boundary.kind, reporter)
-    _write(ranked, sidecar, output, overwrite, reporter)
+    write_scores(ranked, sidecar, output, overwrite, reporter)
     return ScoreResult(ranked=ranked, sidecar=sidecar)
 
 

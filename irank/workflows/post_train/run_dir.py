@@ -23,6 +23,7 @@ from irank.runtime.errors import UsageError
 OWN_FILES = ("summary.json", "final.safetensors", "removed.csv", "scores.csv", "scores.csv.json", "kept.csv",
              "kept.csv.json",  # these four: the final judgement of --rejudge and unlearn
              "final.safetensors.resume",  # unlearn's fine-tune, after each epoch
+             "margins.safetensors",  # its margins
              *(f"fold{k}{suffix}" for k in (0, 1)  # crossfit's halves and their fine-tunes
                for suffix in (".csv", ".csv.json", ".safetensors", ".safetensors.resume")))
 
