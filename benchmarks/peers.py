@@ -16,7 +16,11 @@ Groups (each ranking: AUROC and precision at k against the true labels, and its 
   cleanlab-k2, cleanlab-k5   cleanlab 2.x as documented: out-of-sample probabilities from K-fold training
                of the base's recipe from scratch, then get_label_quality_scores and find_label_issues
   aum          area under the margin over the epochs of a fine-tune of the base on every row (Pleiss 2020)
-  post-train   irank's default `irank post-train`: its ranking, its estimated budget, its model's test accuracy
+  post-train   `irank post-train` before it judged by the fine-tune's margins (its runs are kept; run again, it
+               is post-train-aum's run under another folder)
+  post-train-aum  irank's default `irank post-train`: its ranking (the fine-tune's area under the margin and
+               the final model's loss), its estimated budget, its model's test accuracy; and the same run's
+               ranking by the final model's loss alone (post-train-loss: the default before)
   post-train-third  the same with --epochs 10: what a third of its cost buys
   post-train-crossfit  `irank post-train --strategy crossfit`: the cross-fitted strategy as shipped
   oracle       post-train's fine-tune recipe (`irank refine`) on exactly the clean rows: the recovery's ceiling
@@ -174,6 +178,19 @@ def post_train(base: Base, cached: set[str], epochs: int | None = None, strategy
     return {f"irank-post-train{suffix}": ranking(base, ranked_scores(base, out / "scores.csv"), seconds, **facts)}
 
 
+def post_train_aum(base: Base, cached: set[str]) -> dict:
+    """The default post-train since it judges by the fine-tune's margins (aum-loss), and the same run's judgement
+    by its final model's loss alone (the `loss` column of its scores.csv: the default before, on the same fine-tune)."""
+    out = base.out / "post-train-aum"
+    seconds = irank("post-train", str(base.checkpoint), str(base.manifest), "--out-dir", str(out))
+    removed = pd.read_csv(out / "removed.csv")["id"]
+    facts = {**removal_facts(base, removed), "test_accuracy": irank_eval(out / "final.safetensors", DATA / "test.csv"),
+             "judgement": read_json(out / "summary.json").get("judgement")}
+    table = pd.read_csv(out / "scores.csv", usecols=["id", "loss"]).set_index("id")["loss"]
+    return {"irank-post-train-aum": ranking(base, ranked_scores(base, out / "scores.csv"), seconds, **facts),
+            "irank-post-train-loss": ranking(base, table.reindex(base.paths).to_numpy(), seconds)}
+
+
 def oracle(base: Base, cached: set[str]) -> dict:
     """post-train's fine-tune on exactly the clean rows: the test accuracy a perfect removal would reach."""
     manifest = DATA / f"clean-rows-{base.noise}.csv"
@@ -216,6 +233,7 @@ GROUPS = {
     "post-train-third": (lambda base, cached: post_train(base, cached, epochs=10), ["irank-post-train-e10"]),
     "post-train-crossfit": (lambda base, cached: post_train(base, cached, strategy="crossfit"),
                             ["irank-post-train-crossfit"]),
+    "post-train-aum": (post_train_aum, ["irank-post-train-aum", "irank-post-train-loss"]),
     "oracle": (oracle, ["oracle"]),
     "crossfit": (crossfit, ["crossfit", "crossfit-both"]),
 }

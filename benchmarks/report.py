@@ -29,7 +29,9 @@ RANKINGS = {  # results key → column title
     "cleanlab-k2": "cleanlab K=2",
     "cleanlab-k5": "cleanlab K=5",
     "aum-finetune": "AUM (fine-tune)",
-    "irank-post-train": "irank post-train (default)",
+    "irank-post-train-aum": "irank post-train (default: margins + loss)",
+    "irank-post-train-loss": "post-train, its loss alone (default before)",
+    "irank-post-train": "post-train before (its run)",
     "irank-post-train-e10": "post-train --epochs 10 (a third)",
     "irank-post-train-crossfit": "post-train --strategy crossfit",
     "crossfit": "cross-fitted unlearn (candidate)",
@@ -125,7 +127,11 @@ def post_train_row(name: str, facts: dict, runs: dict, key: str) -> tuple[str, f
 
 # post-training runs with a model: results key → (peers.py group, table title, the run in words, a note)
 POST_TRAININGS = {
-    "irank-post-train": ("post-train", "Post-training", "Default `irank post-train`", None),
+    "irank-post-train-aum": ("post-train-aum", "Post-training", "Default `irank post-train`",
+                             "The default judges by the fine-tune's area under the margin and the final model's "
+                             "loss, their ranks averaged; its model is the fine-tune's, as before."),
+    "irank-post-train": ("post-train", "Post-training before the margins", "`irank post-train` before it judged by "
+                         "the margins", None),
     "irank-post-train-crossfit": ("post-train-crossfit", "Post-training with --strategy crossfit",
                                   "`irank post-train --strategy crossfit`",
                                   "The cross-fitted strategy as shipped: post-train's fine-tune once on each half of "
