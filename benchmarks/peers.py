@@ -182,10 +182,11 @@ def post_train_aum(base: Base, cached: set[str]) -> dict:
     """The default post-train since it judges by the fine-tune's margins (aum-loss), and the same run's judgement
     by its final model's loss alone (the `loss` column of its scores.csv: the default before, on the same fine-tune)."""
     out = base.out / "post-train-aum"
-    seconds = irank("post-train", str(base.checkpoint), str(base.manifest), "--out-dir", str(out))
-    removed = pd.read_csv(out / "removed.csv")["id"]
+    irank("post-train", str(base.checkpoint), str(base.manifest), "--out-dir", str(out))
+    removed, summary = pd.read_csv(out / "removed.csv")["id"], read_json(out / "summary.json")
     facts = {**removal_facts(base, removed), "test_accuracy": irank_eval(out / "final.safetensors", DATA / "test.csv"),
-             "judgement": read_json(out / "summary.json").get("judgement")}
+             "judgement": summary.get("judgement")}
+    seconds = summary["unlearned"]["seconds"] + summary["judgement"]["seconds"]  # a resumed run's, all told
     table = pd.read_csv(out / "scores.csv", usecols=["id", "loss"]).set_index("id")["loss"]
     return {"irank-post-train-aum": ranking(base, ranked_scores(base, out / "scores.csv"), seconds, **facts),
             "irank-post-train-loss": ranking(base, table.reindex(base.paths).to_numpy(), seconds)}
