@@ -32,6 +32,7 @@ from irank.runtime.sizes import DEFAULT_MEMORY_BUDGET, parse_size
 
 EXIT_INPUT_ERROR = 3
 EXIT_GATE_FAILED = 4
+MEASURE_NAMES = {"aum-loss": "area under the margin over the fine-tune and loss"}  # post-train's closing line
 
 app = typer.Typer(
     name="irank",
@@ -504,7 +505,7 @@ def post_train(
     arch: ArchOpt = None, head: HeadOpt = None, classes: ClassesOpt = None, preprocess: PresetOpt = None,
     image_size: ImageSizeOpt = None, resize: ResizeOpt = None, mean: MeanOpt = None, std: StdOpt = None,
     allow_outside_root: AllowOutsideOpt = False, on_bad_image: BadImageOpt = "fail",
-    strategy: Annotated[Optional[Strategy], typer.Option(help="unlearn (the default): fine-tune the whole network once on every row with the noise-robust GCE loss, then rank every row by the fine-tuned model's own loss; it ranked and generalized best on checkpoints that memorized their labels (docs/benchmarks/posttrain-default.md). crossfit: that fine-tune once on each half of the rows, every row ranked by its loss under the model that trained on it and under the one that did not, then the fine-tune on the rows kept; twice the training, and the best ranking measured on every base with human-like noise, memorizing or not (not on symmetric or pair-flip noise). rejudge: rounds of rank every row, remove the top --budget, fine-tune on the rest (= --rejudge). gradual: the paper's loop, removing --step per round (the default when --rounds or --step is given).", show_default=False)] = None,
+    strategy: Annotated[Optional[Strategy], typer.Option(help="unlearn (the default): fine-tune the whole network once on every row with the noise-robust GCE loss, then rank every row by how hard the fine-tune fought its label (its area under the margin) and by the fine-tuned model's own loss; the best ranking measured on the benchmark suite (docs/benchmarks/posttrain-default.md). crossfit: that fine-tune once on each half of the rows, every row ranked by its loss under the model that trained on it and under the one that did not, then the fine-tune on the rows kept; twice the training. rejudge: rounds of rank every row, remove the top --budget, fine-tune on the rest (= --rejudge). gradual: the paper's loop, removing --step per round (the default when --rounds or --step is given).", show_default=False)] = None,
     rounds: Annotated[Optional[int], typer.Option(help=f"gradual and rejudge: number of rounds (gradual: default {5} when only a budget is known; rejudge: 3).")] = None,
     step: Annotated[Optional[float], typer.Option(help="gradual: share of the ORIGINAL size removed per round.")] = None,
     budget: Annotated[Optional[float], typer.Option(help="Share of the rows to remove (gradual: over all rounds). Default: estimated as the share whose label the model disagrees with (unlearn: the fine-tuned model; gradual: the input); rejudge needs it.")] = None,
@@ -520,7 +521,7 @@ def post_train(
     loss: Annotated[Optional[Loss], typer.Option(help="Training loss of the fine-tunes (head and full scopes): ce (cross-entropy) or gce (generalized cross-entropy, q=0.7: a noise-robust loss). Default gce; gradual ce.", show_default=False)] = None,
     val: Annotated[Optional[Path], typer.Option(help="Clean labelled manifest: unlearn keeps the fine-tune's best epoch on it; gradual and rejudge stop when its accuracy stops improving and keep the best round (with --boundary refit --layer auto, round 1 also chooses the layer by the probes' accuracy on it).")] = None,
     patience: Annotated[Optional[int], typer.Option(help="gradual and rejudge, with --val: rounds without improvement before stopping (default 1).", show_default=False)] = None,
-    method: Annotated[Method, typer.Option(help="Score used to rank; auto (default): the loss on a fine-tuned model's own head (unlearn; rejudge's rounds 2 on) and on a refit probe, influence on the input's head (gradual).")] = Method.auto,
+    method: Annotated[Method, typer.Option(help="Score used to rank; auto (default): unlearn: the fine-tune's area under the margin and the fine-tuned model's loss, ranks averaged (aum-loss); the loss on a fine-tuned model's own head (crossfit; rejudge's rounds 2 on) and on a refit probe; influence on the input's head (gradual). Another method ranks by it alone.")] = Method.auto,
     influence_measure: Annotated[Optional[Measure], typer.Option(help="The influence measure (default self-influence); giving it with --method auto ranks by influence on a refit probe too.", show_default=False, rich_help_panel=EXPERT)] = None,
     curvature: Annotated[Optional[Curvature], typer.Option(help="With influence on a head: its curvature, exact, kfac or auto (the default).", show_default=False, rich_help_panel=EXPERT)] = None,
     damping: Annotated[Optional[float], typer.Option(help="With influence on a head: damping relative to the mean eigenvalue of the curvature (default 0.01).", show_default=False, rich_help_panel=EXPERT)] = None,
@@ -536,7 +537,7 @@ def post_train(
 ) -> None:
     """Post-train: refine a model trained on noisy labels, rank every row under the refined model, remove the top.
 
-    Default (--strategy unlearn): fine-tune the whole network once on every row for 30 epochs with the noise-robust GCE loss, random crops and flips and learning rate 0.1, which unlearns the labels it memorized; then rank every row by the fine-tuned model's own loss and remove the top --budget (without one: the share whose label the fine-tuned model disagrees with). It ranked best and gave the best model on checkpoints that memorized their labels; on checkpoints trained with augmentation `score` ranked better and the model gained nothing (docs/benchmarks/posttrain-default.md): run `score` first. Writes DIR/final.safetensors (the fine-tuned model), DIR/scores.csv (every row ranked), DIR/kept.csv, DIR/removed.csv and DIR/summary.json. The same command run again resumes after the fine-tune's last finished epoch.
+    Default (--strategy unlearn): fine-tune the whole network once on every row for 30 epochs with the noise-robust GCE loss, random crops and flips and learning rate 0.1, which unlearns the labels it memorized; then rank every row by its area under the margin over the fine-tune (how long the fine-tune kept preferring another class) and the fine-tuned model's own loss, their ranks averaged, and remove the top --budget (without one: the share whose label the fine-tuned model disagrees with). It ranked best on the benchmark suite and gave the best model on checkpoints that memorized their labels; on checkpoints trained with augmentation the model gained nothing (docs/benchmarks/posttrain-default.md). Writes DIR/final.safetensors (the fine-tuned model), DIR/scores.csv (every row ranked), DIR/margins.safetensors (each row's area under the margin), DIR/kept.csv, DIR/removed.csv and DIR/summary.json. The same command run again resumes after the fine-tune's last finished epoch.
 
     --strategy crossfit: the same fine-tune once on each half of the rows (DIR/fold0.csv, DIR/fold1.csv), every row ranked by its loss under the model that trained on it and under the one that did not (their rank shares averaged), the top --budget removed (without one: the share whose label the model that trained on it disagrees with), then the checkpoint fine-tuned on the rows kept into DIR/final.safetensors: twice the training of the default, and the better ranking on checkpoints with human-like (instance-dependent) noise, whether or not they memorized it; on symmetric and pair-flip noise the default ranked better (docs/benchmarks/posttrain-default.md). Each fine-tune resumes from its last finished epoch. One process only.
 
@@ -591,8 +592,9 @@ def post_train(
     if chosen in ("unlearn", "crossfit"):
         judgement = summary["judgement"]
         trained_on, judged = ("every row", "") if chosen == "unlearn" else ("the rows kept", " in and out of sample")
+        measure = MEASURE_NAMES.get(judgement["method"], judgement["method"])
         reporter.info(f"final model: {result.final_model} (fine-tuned on {trained_on}); ranked every row by its "
-                      f"{judgement['method']}{judged} into {out_dir / 'scores.csv'}; removed {judgement['removed']} "
+                      f"{measure}{judged} into {out_dir / 'scores.csv'}; removed {judgement['removed']} "
                       f"({judgement['budget']:.1%}, {summary['plan']['budget_source']}) into {out_dir / 'removed.csv'}, "
                       f"kept {judgement['kept']} in {out_dir / 'kept.csv'}")
         return
