@@ -31,7 +31,6 @@ RANKINGS = {  # results key → column title
     "aum-finetune": "AUM (fine-tune)",
     "irank-post-train-aum": "irank post-train (default: margins + loss)",
     "irank-post-train-loss": "post-train, its loss alone (default before)",
-    "irank-post-train": "post-train before (its run)",
     "irank-post-train-e10": "post-train --epochs 10 (a third)",
     "irank-post-train-crossfit": "post-train --strategy crossfit",
     "crossfit": "cross-fitted unlearn (candidate)",
@@ -130,8 +129,6 @@ POST_TRAININGS = {
     "irank-post-train-aum": ("post-train-aum", "Post-training", "Default `irank post-train`",
                              "The default judges by the fine-tune's area under the margin and the final model's "
                              "loss, their ranks averaged; its model is the fine-tune's, as before."),
-    "irank-post-train": ("post-train", "Post-training before the margins", "`irank post-train` before it judged by "
-                         "the margins", None),
     "irank-post-train-crossfit": ("post-train-crossfit", "Post-training with --strategy crossfit",
                                   "`irank post-train --strategy crossfit`",
                                   "The cross-fitted strategy as shipped: post-train's fine-tune once on each half of "

@@ -5,8 +5,9 @@ on the other half has not. `post-train --strategy crossfit` fine-tunes the user'
 (`halves`), scores every row under both models, and ranks by `in_and_out`: the mean of the row's rank share among
 all rows under the model that trained on it (in sample) and under the one that did not (out of sample). On the
 benchmark suite (docs/benchmarks/posttrain-default.md) the two together ranked better than either alone, and than
-the default's one fine-tune on every row on every base with human-like noise (AUROC 0.871-0.877 against
-0.847-0.862); 0.008 below it on symmetric noise and 0.009 below on pair flips. Pure tensor functions.
+the loss of unlearn's one fine-tune on every row on every base with human-like noise (AUROC 0.871-0.877 against
+0.847-0.862), but below unlearn's default judgement, which adds that fine-tune's margins (0.884-0.888).
+Pure tensor functions.
 """
 
 from __future__ import annotations
