@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import irank
-from irank.core.margins import area_under_margin, given_margins, lost_share
+from irank.core.margins import area_under_margin, given_margins
 from irank.model.margin_log import MarginLog
 from irank.runtime.progress import Reporter
 
@@ -22,7 +22,6 @@ def test_area_under_margin_is_the_mean_over_the_steps_that_saw_each_row():
     assert area_under_margin(sums, counts).tolist() == [1.0, -1.0, 0.5]
     with pytest.raises(ValueError, match="1 rows were never seen"):
         area_under_margin(sums, torch.tensor([3.0, 0.0, 1.0]))
-    assert lost_share(torch.tensor([1.0, -1.0, 0.0, -0.1])) == 0.5 and lost_share(torch.zeros(0)) == 0.0
 
 
 def test_the_log_sums_each_rows_margins_over_the_batches_that_held_it():

@@ -467,3 +467,13 @@ def test_unlearn_resumed_with_another_batch_size_starts_its_fine_tune_afresh(tin
     result = posttrain.post_train(tiny_model, tiny_data["train"], run_options=RunOptions(device="cpu", batch_size=32), **run)
     assert epochs_done == [1, 1, 2]  # the state saved with batches of 64 does not continue a run with 32
     assert result.summary["judgement"]["removed"] == 24 and not (out / "final.safetensors.resume").exists()
+
+
+def test_unlearn_with_a_refit_head_has_no_margins_and_judges_by_the_loss(cli, tiny_data, tiny_model, tmp_path):
+    out = tmp_path / "post"
+    code, text, err = cli("post-train", tiny_model, tiny_data["train"], "--out-dir", out, "--scope", "refit",
+                          "--budget", "0.1", "--device", "cpu", "--json")
+    assert code == 0, err
+    summary = json.loads(text)
+    assert summary["judgement"]["method"] == "loss" and "margins" not in summary["unlearned"]
+    assert not (out / "margins.safetensors").exists() and "without its margins" not in err

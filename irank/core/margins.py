@@ -24,9 +24,3 @@ def area_under_margin(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     if bool((counts <= 0).any()):
         raise ValueError(f"{int((counts <= 0).sum())} rows were never seen by the training")
     return sums.double() / counts.double()
-
-
-def lost_share(aum: torch.Tensor) -> float:
-    """The share of rows whose label lost on average over the run (AUM below zero): the rows the training
-    preferred another class for most of the time it saw them."""
-    return float((aum < 0).double().mean()) if len(aum) else 0.0

@@ -63,8 +63,9 @@ def unlearn(checkpoint: str, manifest: str, out: Path, loop: LoopOptions, train_
         state.input_val_accuracy = evaluate(checkpoint, val, model_options=model_options, run_options=run)["accuracy"]
     if state.unlearned is None:
         save_state(out, state)  # before the fine-tune: a run stopped in it resumes from its last epoch
+        steps = train_options.scope != "refit"  # a head refit from scratch takes no steps: no margins
         state.unlearned = fine_tune(checkpoint, manifest, out, train_options, val, model_options, run, reporter,
-                                    original_rows, margins=MarginLog())
+                                    original_rows, margins=MarginLog() if steps else None)
         save_state(out, state)
     elif active():
         share_file(out, "final.safetensors")
@@ -80,7 +81,7 @@ def unlearn(checkpoint: str, manifest: str, out: Path, loop: LoopOptions, train_
 
         inside = replace(model_options, allow_outside_root=True)
         by_margins = judged_by_margins(loop) and "margins" in state.unlearned
-        if judged_by_margins(loop) and not by_margins:
+        if judged_by_margins(loop) and not by_margins and train_options.scope != "refit":
             reporter.warn(f"{out} holds a fine-tune of an earlier irank, without its margins: judging by the "
                           "fine-tuned model's loss alone (--overwrite starts afresh)")
         judge(out, manifest, loop, 1, loop.budget, original_rows, inside, run, reporter, finish,
@@ -91,7 +92,8 @@ def unlearn(checkpoint: str, manifest: str, out: Path, loop: LoopOptions, train_
 
 def judged_by_margins(loop: LoopOptions) -> bool:
     """Whether unlearn's judgement ranks by AUM_LOSS: under --method auto on the fine-tuned model's head (the
-    default); another --method, or --boundary refit, ranks by that alone."""
+    default), after a fine-tune that logged its margins; another --method, or --boundary refit, ranks by that
+    alone, as does a fine-tune with --scope refit (no steps, no margins)."""
     return loop.method == "auto" and loop.round_boundary(1).kind == "head"
 
 
