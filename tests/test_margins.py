@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_resume import StopAfterEpoch
 
 import irank
 from irank.core.margins import area_under_margin, given_margins
 from irank.model.margin_log import MarginLog
-from irank.runtime.progress import Reporter
 
 
 def test_given_margins_are_the_given_logit_minus_the_best_other():
@@ -34,15 +34,6 @@ def test_the_log_sums_each_rows_margins_over_the_batches_that_held_it():
     restored.restore(log.state())
     restored.add(torch.tensor([1]), torch.tensor([[0.0, 2.0]]), torch.tensor([0]))  # margin -2, counted on
     assert restored.area_under_margin().tolist() == [0.5, -3.0, -0.5]
-
-
-class StopAfterEpoch(Reporter):
-    def __init__(self, epoch: int):
-        self.epoch = epoch
-
-    def info(self, message: str) -> None:
-        if message.startswith(f"epoch {self.epoch} "):
-            raise KeyboardInterrupt
 
 
 def refine(tiny_data, tiny_model, output, **kwargs):

@@ -392,37 +392,45 @@ def test_unlearn_interrupted_in_its_fine_tune_resumes_from_the_last_epoch(tiny_d
     assert (out / "removed.csv").read_bytes() == (tmp_path / "whole" / "removed.csv").read_bytes()
 
 
-def test_unlearn_interrupted_in_its_judgement_resumes_without_fine_tuning_again(tiny_data, tiny_model, tmp_path, monkeypatch):
+def stop_unlearn_in_its_judgement(monkeypatch, model, manifest: str, out) -> dict:
+    """Run unlearn (the head fine-tuned one epoch, --budget 0.1) into `out` until its judgement prunes, stopped
+    there as Ctrl-C would; prune is restored and the keywords that run it again returned."""
     from irank.options import RunOptions, TrainOptions
-    from irank.stages.prune import prune as stage_prune
+    from irank.stages.prune import prune as real_prune
+    from irank.workflows import post_train as posttrain
+
+    def interrupted_prune(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    in_post_train(monkeypatch, "prune", interrupted_prune)
+    run = dict(out_dir=str(out), loop=LoopOptions(budget=0.1), train_options=TrainOptions(scope="head", epochs=1),
+               run_options=RunOptions(device="cpu"))
+    with pytest.raises(KeyboardInterrupt):
+        posttrain.post_train(model, manifest, **run)
+    in_post_train(monkeypatch, "prune", real_prune)
+    return run
+
+
+def test_unlearn_interrupted_in_its_judgement_resumes_without_fine_tuning_again(tiny_data, tiny_model, tmp_path, monkeypatch):
     from irank.stages.refine import refine as stage_refine
     from irank.workflows import post_train as posttrain
 
-    real_refine, real_prune, refined = stage_refine, stage_prune, []
+    real_refine, refined = stage_refine, []
 
     def counting_refine(*args, **kwargs):
         refined.append(1)
         return real_refine(*args, **kwargs)
 
-    def interrupted_prune(*args, **kwargs):
-        raise KeyboardInterrupt
-
     in_post_train(monkeypatch, "refine", counting_refine)
-    in_post_train(monkeypatch, "prune", interrupted_prune)
     out = tmp_path / "post"
-    run = dict(out_dir=str(out), loop=LoopOptions(budget=0.1), train_options=TrainOptions(scope="head", epochs=1),
-               run_options=RunOptions(device="cpu"))
-    with pytest.raises(KeyboardInterrupt):
-        posttrain.post_train(tiny_model, tiny_data["train"], **run)
+    run = stop_unlearn_in_its_judgement(monkeypatch, tiny_model, tiny_data["train"], out)
     assert "unlearned" in json.loads((out / "summary.json").read_text()) and len(refined) == 1
-    in_post_train(monkeypatch, "prune", real_prune)
     result = posttrain.post_train(tiny_model, tiny_data["train"], **run)
     assert len(refined) == 1 and result.summary["judgement"]["removed"] == 24
     assert_top_rows_removed(out)
 
 
 def test_unlearn_resuming_a_fine_tune_without_margins_judges_by_the_loss(tiny_data, tiny_model, tmp_path, monkeypatch):
-    from irank.options import RunOptions, TrainOptions
     from irank.runtime.progress import Reporter
     from irank.workflows import post_train as posttrain
 
@@ -434,21 +442,13 @@ def test_unlearn_resuming_a_fine_tune_without_margins_judges_by_the_loss(tiny_da
         def warn(self, message: str) -> None:
             self.said.append(message)
 
-    def interrupted_prune(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    in_post_train(monkeypatch, "prune", interrupted_prune)
     out = tmp_path / "post"
-    run = dict(out_dir=str(out), loop=LoopOptions(budget=0.1), train_options=TrainOptions(scope="head", epochs=1),
-               run_options=RunOptions(device="cpu"))
-    with pytest.raises(KeyboardInterrupt):
-        posttrain.post_train(tiny_model, tiny_data["train"], **run)
+    run = stop_unlearn_in_its_judgement(monkeypatch, tiny_model, tiny_data["train"], out)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["unlearned"]["margins"] == "margins.safetensors"
     del summary["unlearned"]["margins"]  # as an irank before the margins left it
     (out / "summary.json").write_text(json.dumps(summary))
     (out / "margins.safetensors").unlink()
-    monkeypatch.undo()
     reporter = Warnings()
     result = posttrain.post_train(tiny_model, tiny_data["train"], reporter=reporter, **run)
     assert result.summary["judgement"]["method"] == "loss" and result.summary["judgement"]["removed"] == 24
