@@ -80,8 +80,9 @@ def unlearn(checkpoint: str, manifest: str, out: Path, loop: LoopOptions, train_
             save_state(out, state)
 
         inside = replace(model_options, allow_outside_root=True)
-        by_margins = judged_by_margins(loop) and "margins" in state.unlearned
-        if judged_by_margins(loop) and not by_margins and train_options.scope != "refit":
+        wanted = judged_by_margins(loop, train_options)
+        by_margins = wanted and "margins" in state.unlearned
+        if wanted and not by_margins:
             reporter.warn(f"{out} holds a fine-tune of an earlier irank, without its margins: judging by the "
                           "fine-tuned model's loss alone (--overwrite starts afresh)")
         judge(out, manifest, loop, 1, loop.budget, original_rows, inside, run, reporter, finish,
@@ -90,11 +91,11 @@ def unlearn(checkpoint: str, manifest: str, out: Path, loop: LoopOptions, train_
     return state
 
 
-def judged_by_margins(loop: LoopOptions) -> bool:
+def judged_by_margins(loop: LoopOptions, train_options: TrainOptions) -> bool:
     """Whether unlearn's judgement ranks by AUM_LOSS: under --method auto on the fine-tuned model's head (the
-    default), after a fine-tune that logged its margins; another --method, or --boundary refit, ranks by that
-    alone, as does a fine-tune with --scope refit (no steps, no margins)."""
-    return loop.method == "auto" and loop.round_boundary(1).kind == "head"
+    default), after a fine-tune that takes steps; another --method, or --boundary refit, ranks by that alone, as
+    does a fine-tune with --scope refit (no steps, no margins)."""
+    return loop.method == "auto" and loop.round_boundary(1).kind == "head" and train_options.scope != "refit"
 
 
 def rank_by_margins(out: Path, manifest: str, loop: LoopOptions, model_options: ModelOptions, run: RunOptions,
