@@ -206,6 +206,20 @@ def oracle(base: Base, cached: set[str]) -> dict:
     return {"oracle": {"test_accuracy": irank_eval(output, DATA / "test.csv"), "seconds": seconds, "rows": int((~base.wrong).sum())}}
 
 
+def known_budget(base: Base, cached: set[str]) -> dict:
+    """What knowing the noise rate buys: the top (true rate) of the default's ranking (post-train-aum) removed and
+    the checkpoint refined on the rest with the oracle's recipe; its test accuracy beside the oracle's."""
+    scores = pd.read_csv(base.out / "post-train-aum" / "scores.csv", usecols=["rank", "id"]).sort_values("rank")
+    removed = scores["id"].head(int(round(base.wrong.mean() * len(scores))))
+    table = pd.read_csv(base.manifest)
+    manifest = DATA / f"known-budget-{base.name}.csv"  # beside the images its paths name
+    table[~table.path.isin(set(removed))].to_csv(manifest, index=False)
+    output = base.out / "known-budget.safetensors"
+    seconds = irank("refine", str(base.checkpoint), str(manifest), "-o", str(output), "--overwrite", *UNLEARN_FLAGS)
+    return {"known-budget": {**removal_facts(base, removed), "seconds": seconds,
+                             "test_accuracy": irank_eval(output, DATA / "test.csv")}}
+
+
 def crossfit(base: Base, cached: set[str]) -> dict:
     """A candidate for post-train: the unlearn fine-tune cross-fitted on two halves (crossfit.py)."""
     out_of_sample, in_sample, seconds, facts = crossfit_ranking(base, irank, irank_eval, removal_facts, UNLEARN_FLAGS)
@@ -241,6 +255,7 @@ GROUPS = {
     "post-train-aum-third": (lambda base, cached: post_train_aum(base, cached, epochs=10),
                              ["irank-post-train-aum-e10", "irank-post-train-loss-e10"]),
     "oracle": (oracle, ["oracle"]),
+    "known-budget": (known_budget, ["known-budget"]),
     "crossfit": (crossfit, ["crossfit", "crossfit-both"]),
 }
 
