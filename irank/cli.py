@@ -33,6 +33,10 @@ from irank.runtime.sizes import DEFAULT_MEMORY_BUDGET, parse_size
 EXIT_INPUT_ERROR = 3
 EXIT_GATE_FAILED = 4
 MEASURE_NAMES = {"aum-loss": "area under the margin over the fine-tune and loss"}  # post-train's closing line
+ESTIMATED_BUDGET = ("the budget was estimated: the share of rows whose label the model does not predict, which "
+                    "under-shoots labels wrong the way people get them wrong (measured: "
+                    "docs/benchmarks/posttrain-default.md#the-budget-on-human-like-noise); give --budget if you know "
+                    "your noise rate")
 
 app = typer.Typer(
     name="irank",
@@ -597,6 +601,8 @@ def post_train(
                       f"{measure}{judged} into {out_dir / 'scores.csv'}; removed {judgement['removed']} "
                       f"({judgement['budget']:.1%}, {summary['plan']['budget_source']}) into {out_dir / 'removed.csv'}, "
                       f"kept {judgement['kept']} in {out_dir / 'kept.csv'}")
+        if summary["plan"]["budget_source"] == "estimated":
+            reporter.info(ESTIMATED_BUDGET)
         return
     if not quiet and reporter.speaks:
         Console(stderr=True).print(table)

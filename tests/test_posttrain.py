@@ -321,6 +321,16 @@ def test_unlearn_with_a_budget_and_val(cli, tiny_data, tiny_model, tmp_path):
     assert 0 < summary["input_val_accuracy"] <= 1
 
 
+@pytest.mark.parametrize("budget", [[], ["--budget", "0.1"]])
+def test_unlearn_says_when_its_budget_was_estimated(cli, tiny_data, tiny_model, tmp_path, budget):
+    code, _, err = cli("post-train", tiny_model, tiny_data["train"], "--out-dir", tmp_path / "post", "--epochs", "1",
+                       "--device", "cpu", *budget)
+    assert code == 0, err
+    said = " ".join(err.split())  # the terminal's line breaks undone
+    assert ("removed 24 (10.0%, --budget) into" if budget else "estimated) into") in said
+    assert ("give --budget if you know your noise rate" in said) == (not budget)
+
+
 @pytest.mark.parametrize("strategy", ["unlearn", "crossfit"])
 def test_unlearn_warns_when_the_fine_tune_validates_below_the_input(tiny_data, tiny_model, tmp_path, monkeypatch,
                                                                     strategy):
