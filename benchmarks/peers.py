@@ -172,10 +172,15 @@ def post_train(base: Base, cached: set[str], epochs: int | None = None, strategy
     out = base.out / f"post-train{suffix}"
     flags = ([] if epochs is None else ["--epochs", str(epochs)]) + ([] if strategy is None else ["--strategy", strategy])
     seconds = irank("post-train", str(base.checkpoint), str(base.manifest), "--out-dir", str(out), *flags)
-    removed = pd.read_csv(out / "removed.csv")["id"]
-    facts = {**removal_facts(base, removed), "test_accuracy": irank_eval(out / "final.safetensors", DATA / "test.csv"),
-             "judgement": read_json(out / "summary.json").get("judgement")}
-    return {f"irank-post-train{suffix}": ranking(base, ranked_scores(base, out / "scores.csv"), seconds, **facts)}
+    return {f"irank-post-train{suffix}": ranking(base, ranked_scores(base, out / "scores.csv"), seconds,
+                                                  **post_train_facts(base, out))}
+
+
+def post_train_facts(base: Base, out: Path) -> dict:
+    """What a finished post-train run in `out` removed, the test accuracy of its model and its judgement."""
+    return {**removal_facts(base, pd.read_csv(out / "removed.csv")["id"]),
+            "test_accuracy": irank_eval(out / "final.safetensors", DATA / "test.csv"),
+            "judgement": read_json(out / "summary.json").get("judgement")}
 
 
 def post_train_aum(base: Base, cached: set[str], epochs: int | None = None) -> dict:
@@ -186,12 +191,11 @@ def post_train_aum(base: Base, cached: set[str], epochs: int | None = None) -> d
     out = base.out / f"post-train-aum{suffix}"
     irank("post-train", str(base.checkpoint), str(base.manifest), "--out-dir", str(out),
           *([] if epochs is None else ["--epochs", str(epochs)]))
-    removed, summary = pd.read_csv(out / "removed.csv")["id"], read_json(out / "summary.json")
-    facts = {**removal_facts(base, removed), "test_accuracy": irank_eval(out / "final.safetensors", DATA / "test.csv"),
-             "judgement": summary.get("judgement")}
+    summary = read_json(out / "summary.json")
     seconds = summary["unlearned"]["seconds"] + summary["judgement"]["seconds"]  # a resumed run's, all told
     table = pd.read_csv(out / "scores.csv", usecols=["id", "loss"]).set_index("id")["loss"]
-    return {f"irank-post-train-aum{suffix}": ranking(base, ranked_scores(base, out / "scores.csv"), seconds, **facts),
+    return {f"irank-post-train-aum{suffix}": ranking(base, ranked_scores(base, out / "scores.csv"), seconds,
+                                                     **post_train_facts(base, out)),
             f"irank-post-train-loss{suffix}": ranking(base, table.reindex(base.paths).to_numpy(), seconds)}
 
 
