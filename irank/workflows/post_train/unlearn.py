@@ -63,9 +63,8 @@ def unlearn(checkpoint: str, manifest: str, out: Path, loop: LoopOptions, train_
         state.input_val_accuracy = evaluate(checkpoint, val, model_options=model_options, run_options=run)["accuracy"]
     if state.unlearned is None:
         save_state(out, state)  # before the fine-tune: a run stopped in it resumes from its last epoch
-        steps = train_options.scope != "refit"  # a head refit from scratch takes no steps: no margins
         state.unlearned = fine_tune(checkpoint, manifest, out, train_options, val, model_options, run, reporter,
-                                    original_rows, margins=MarginLog() if steps else None)
+                                    original_rows, margins=MarginLog() if logs_margins(train_options) else None)
         save_state(out, state)
     elif active():
         share_file(out, "final.safetensors")
@@ -95,7 +94,12 @@ def judged_by_margins(loop: LoopOptions, train_options: TrainOptions) -> bool:
     """Whether unlearn's judgement ranks by AUM_LOSS: under --method auto on the fine-tuned model's head (the
     default), after a fine-tune that takes steps; another --method, or --boundary refit, ranks by that alone, as
     does a fine-tune with --scope refit (no steps, no margins)."""
-    return loop.method == "auto" and loop.round_boundary(1).kind == "head" and train_options.scope != "refit"
+    return loop.method == "auto" and loop.round_boundary(1).kind == "head" and logs_margins(train_options)
+
+
+def logs_margins(train_options: TrainOptions) -> bool:
+    """Whether the fine-tune logs margins: every scope but refit (a head refit from scratch takes no steps)."""
+    return train_options.scope != "refit"
 
 
 def rank_by_margins(out: Path, manifest: str, loop: LoopOptions, model_options: ModelOptions, run: RunOptions,
