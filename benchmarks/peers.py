@@ -21,12 +21,18 @@ Groups (each ranking: AUROC and precision at k against the true labels, and its 
   post-train-aum  irank's default `irank post-train`: its ranking (the fine-tune's area under the margin and
                the final model's loss), its estimated budget, its model's test accuracy; and the same run's
                ranking by the final model's loss alone (post-train-loss: the default before)
-  post-train-third  the same with --epochs 10: what a third of its cost buys
+  post-train-third  the same with --epochs 10: what a third of its cost buys (before the margins)
+  post-train-aum-third  the default with --epochs 10: what a third of its cost buys
   post-train-crossfit  `irank post-train --strategy crossfit`: the cross-fitted strategy as shipped
   oracle       post-train's fine-tune recipe (`irank refine`) on exactly the clean rows: the recovery's ceiling
   crossfit     a candidate for post-train: its fine-tune cross-fitted on two halves, each ranking the other half
                out of sample; the out-of-sample disagreement as budget; a refine on the rows kept (crossfit.py);
                and crossfit-both: each row's rank shares of its loss in and out of sample, averaged
+  known-budget the top (true noise rate) of post-train-aum's ranking removed, the checkpoint refined on the rest
+               with the oracle's recipe: what knowing the rate buys
+  ceiling      a reference, not a peer: the base's architecture trained from scratch on the 10,000 test images
+               with their true labels (once per architecture), each train row's given label's loss under it:
+               what clean supervision of the same size reaches, out of sample
 irank runs through its CLI with no flags beyond the files, as a user would run it.
 """
 
@@ -48,7 +54,7 @@ from common import BASES, DATA, OUTPUTS, RESULTS, detection, read_json, threads,
 from crossfit import crossfit_ranking  # noqa: E402
 from data import images, labels_of  # noqa: E402
 from recipes import load_base, normalize  # noqa: E402
-from trained_peers import aum_ranking, cleanlab_ranking  # noqa: E402
+from trained_peers import aum_ranking, ceiling_ranking, cleanlab_ranking  # noqa: E402
 
 from irank.core.joint import rank_shares  # noqa: E402  (irank's joint loss: rank shares added, ties sharing)
 
@@ -240,6 +246,12 @@ def cleanlab_group(folds: int):
     return run
 
 
+def ceiling(base: Base, cached: set[str]) -> dict:
+    """The reference of clean supervision (trained_peers.py trains it once per architecture)."""
+    scores, seconds, facts = ceiling_ranking(base)
+    return {"ceiling": ranking(base, scores, seconds, **facts)}
+
+
 def aum_group(base: Base, cached: set[str]) -> dict:
     """The group of AUM over a fine-tune (trained_peers.py does the training)."""
     scores, seconds, facts = aum_ranking(base)
@@ -261,6 +273,7 @@ GROUPS = {
     "oracle": (oracle, ["oracle"]),
     "known-budget": (known_budget, ["known-budget"]),
     "crossfit": (crossfit, ["crossfit", "crossfit-both"]),
+    "ceiling": (ceiling, ["ceiling"]),
 }
 
 

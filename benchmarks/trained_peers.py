@@ -1,4 +1,5 @@
-"""The peers that train: cleanlab's cross-validation and the fine-tune whose margins give AUM.
+"""The peers that train: cleanlab's cross-validation and the fine-tune whose margins give AUM; and the ceiling,
+a model trained on other images with their true labels.
 
 Called by peers.py; each function returns (suspicion per row, seconds, facts) and keeps what future method
 work needs in outputs/BASE/: the out-of-sample probabilities (cv-probs-kK.npy, one file per fold while it
@@ -14,7 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 from bases import MarginLog
-from common import DATA, read_json, write_json
+from common import DATA, OUTPUTS, read_json, write_json
 from data import images, labels_of
 from recipes import AUG, RECIPES, accuracy, fit, load_base, predict
 
@@ -99,3 +100,32 @@ def aum_ranking(base) -> tuple[np.ndarray, float, dict]:
     np.save(base.out / "aum-finetune-margins.npy", margins.margins.astype(np.float16))
     test, _ = evaluation_sets()
     return -margins.margins.mean(0), seconds, {"test_accuracy": accuracy(model, *test), "epochs": recipe.epochs}
+
+
+def ceiling_logits(arch: str) -> tuple[np.ndarray, dict]:
+    """The architecture trained from scratch (crops, flips, one-cycle: the suite's usual recipe) on the 10,000
+    test images with their true labels; its logits on the train rows (cached per architecture, so every base of
+    that architecture shares one training)."""
+    out = OUTPUTS / f"ceiling-{arch}"
+    if (out / "facts.json").exists():
+        return np.load(out / "train-logits.npy"), read_json(out / "facts.json")
+    started = time.perf_counter()
+    model, _ = fit(replace(AUG, arch=arch), images("test"), labels_of(pd.read_csv(DATA / "test.csv")), seed=1)
+    logits = predict(model, images("train")).numpy()
+    truth = labels_of(pd.read_csv(DATA / "train-clean.csv")).numpy()
+    facts = {"seconds": time.perf_counter() - started, "train_true_accuracy": float((logits.argmax(1) == truth).mean()),
+             "recipe": replace(AUG, arch=arch).to_dict()}
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / "train-logits.npy", logits)
+    write_json(out / "facts.json", facts)
+    return logits, facts
+
+
+def ceiling_ranking(base) -> tuple[np.ndarray, float, dict]:
+    """What clean supervision of the same size reaches: the loss of each row's given label under a model of the
+    base's architecture that never saw these images nor any wrong label. Not a peer (a user has no such model):
+    the distance from it is what a ranking from the noisy checkpoint leaves on the table."""
+    _, metadata = load_base(base.checkpoint)
+    logits, facts = ceiling_logits(metadata["arch"])
+    loss = -torch.log_softmax(torch.from_numpy(logits), 1)[np.arange(len(base.given)), base.given].numpy()
+    return loss, facts["seconds"], {"arch": metadata["arch"], "train_true_accuracy": facts["train_true_accuracy"]}
