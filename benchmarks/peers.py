@@ -22,7 +22,8 @@ Groups (each ranking: AUROC and precision at k against the true labels, and its 
                the final model's loss), its estimated budget, its model's test accuracy; and the same run's
                ranking by the final model's loss alone (post-train-loss: the default before)
   post-train-third  the same with --epochs 10: what a third of its cost buys (before the margins)
-  post-train-aum-third  the default with --epochs 10: what a third of its cost buys
+  post-train-aum-third, post-train-aum-two-thirds  the default with --epochs 10 and 20: what a third and two
+               thirds of its cost buy
   post-train-crossfit  `irank post-train --strategy crossfit`: the cross-fitted strategy as shipped
   oracle       post-train's fine-tune recipe (`irank refine`) on exactly the clean rows: the recovery's ceiling
   crossfit     a candidate for post-train: its fine-tune cross-fitted on two halves, each ranking the other half
@@ -192,7 +193,7 @@ def post_train_facts(base: Base, out: Path) -> dict:
 def post_train_aum(base: Base, cached: set[str], epochs: int | None = None) -> dict:
     """The default post-train since it judges by the fine-tune's margins (aum-loss), and the same run's judgement
     by its final model's loss alone (the `loss` column of its scores.csv: the default before, on the same fine-tune).
-    With `epochs`, the same with `--epochs` (post-train-aum-third: a third of the default's 30, and of its cost)."""
+    With `epochs`, the same with `--epochs` (post-train-aum-third and -two-thirds: 10 and 20 of the default's 30)."""
     suffix = f"-e{epochs}" if epochs is not None else ""
     out = base.out / f"post-train-aum{suffix}"
     irank("post-train", str(base.checkpoint), str(base.manifest), "--out-dir", str(out),
@@ -270,6 +271,8 @@ GROUPS = {
     "post-train-aum": (post_train_aum, ["irank-post-train-aum", "irank-post-train-loss"]),
     "post-train-aum-third": (lambda base, cached: post_train_aum(base, cached, epochs=10),
                              ["irank-post-train-aum-e10", "irank-post-train-loss-e10"]),
+    "post-train-aum-two-thirds": (lambda base, cached: post_train_aum(base, cached, epochs=20),
+                                  ["irank-post-train-aum-e20", "irank-post-train-loss-e20"]),
     "oracle": (oracle, ["oracle"]),
     "known-budget": (known_budget, ["known-budget"]),
     "crossfit": (crossfit, ["crossfit", "crossfit-both"]),
