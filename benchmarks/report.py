@@ -32,6 +32,7 @@ RANKINGS = {  # results key → column title
     "irank-post-train-aum": "irank post-train (default: margins + loss)",
     "irank-post-train-loss": "post-train, its loss alone (default before)",
     "irank-post-train-aum-e10": "post-train --epochs 10 (a third)",
+    "irank-post-train-aum-e20": "post-train --epochs 20 (two thirds)",
     "irank-post-train-crossfit": "post-train --strategy crossfit",
     "crossfit": "cross-fitted unlearn (candidate)",
     "crossfit-both": "cross-fitted, in + out of sample (candidate)",
@@ -133,6 +134,10 @@ POST_TRAININGS = {
     "irank-post-train-aum-e10": ("post-train-aum-third", "Post-training with --epochs 10",
                                  "`irank post-train --epochs 10`",
                                  "The default with a third of its fine-tune (and of its cost): the same judgement "
+                                 "by the margins and the loss, the same budget estimate."),
+    "irank-post-train-aum-e20": ("post-train-aum-two-thirds", "Post-training with --epochs 20",
+                                 "`irank post-train --epochs 20`",
+                                 "The default with two thirds of its fine-tune (and of its cost): the same judgement "
                                  "by the margins and the loss, the same budget estimate."),
     "irank-post-train-crossfit": ("post-train-crossfit", "Post-training with --strategy crossfit",
                                   "`irank post-train --strategy crossfit`",
