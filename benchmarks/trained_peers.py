@@ -14,6 +14,7 @@ from dataclasses import replace
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from bases import MarginLog
 from common import DATA, OUTPUTS, read_json, write_json
 from data import images, labels_of
@@ -125,7 +126,7 @@ def ceiling_ranking(base) -> tuple[np.ndarray, float, dict]:
     """What clean supervision of the same size reaches: the loss of each row's given label under a model of the
     base's architecture that never saw these images nor any wrong label. Not a peer (a user has no such model):
     the distance from it is what a ranking from the noisy checkpoint leaves on the table."""
-    _, metadata = load_base(base.checkpoint)
-    logits, facts = ceiling_logits(metadata["arch"])
-    loss = -torch.log_softmax(torch.from_numpy(logits), 1)[np.arange(len(base.given)), base.given].numpy()
-    return loss, facts["seconds"], {"arch": metadata["arch"], "train_true_accuracy": facts["train_true_accuracy"]}
+    arch = base.facts["recipe"]["arch"]
+    logits, facts = ceiling_logits(arch)
+    loss = F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(base.given), reduction="none").numpy()
+    return loss, facts["seconds"], {"arch": arch, "train_true_accuracy": facts["train_true_accuracy"]}
