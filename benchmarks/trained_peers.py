@@ -111,7 +111,8 @@ def ceiling_logits(arch: str) -> tuple[np.ndarray, dict]:
     if (out / "facts.json").exists():
         return np.load(out / "train-logits.npy"), read_json(out / "facts.json")
     recipe, started = replace(AUG, arch=arch), time.perf_counter()
-    model, _ = fit(recipe, images("test"), labels_of(pd.read_csv(DATA / "test.csv")), seed=1)
+    test, _ = evaluation_sets()
+    model, _ = fit(recipe, *test, seed=1)
     logits = predict(model, images("train")).numpy()
     truth = labels_of(pd.read_csv(DATA / "train-clean.csv")).numpy()
     facts = {"seconds": time.perf_counter() - started, "train_true_accuracy": float((logits.argmax(1) == truth).mean()),
